@@ -1,0 +1,5 @@
+import sys
+
+from chargepath.cli import main
+
+sys.exit(main())

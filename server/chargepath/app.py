@@ -1,0 +1,196 @@
+"""The one place that wires the gateway together: store, engine, telemetry, servicers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import subprocess
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from chargepath.core.plans import load_policy_file
+from chargepath.engine import Engine, EngineSettings
+from chargepath.settings import Settings
+from chargepath.store.base import StoreUnavailableError
+from chargepath.store.embedded import EmbeddedRedis
+from chargepath.store.redis_store import RedisStore
+from chargepath.telemetry import Telemetry
+from chargepath.transport.metering import MeteringServicer
+from chargepath.v1 import metering_pb2, metering_pb2_grpc
+
+log = logging.getLogger("chargepath")
+
+METERING = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
+
+
+class Gateway:
+    """A running gateway. ``await start()``, then ``await stop()`` (what SIGTERM does)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedRedis | None = None
+        self.draining = asyncio.Event()
+        self.health = HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._serving: bool | None = None
+        self.telemetry = Telemetry()
+
+    async def start(self) -> None:
+        s = self.settings
+        url = s.redis_url
+        if not url:
+            self.embedded = EmbeddedRedis(Path(s.data_dir) / "redis", fsync=s.redis_fsync)
+            await asyncio.to_thread(self.embedded.start)
+            version = _redis_version(self.embedded.binary)
+            log.info(
+                "embedded redis-server %s started on %s (binary %s); data and AOF in %s",
+                version, self.embedded.url, self.embedded.binary, self.embedded.data_dir,
+            )  # fmt: skip
+            url = self.embedded.url
+        else:
+            log.info("using Redis at %s", _redact(url))
+        self.store = RedisStore.from_url(
+            url,
+            cluster=s.redis_cluster,
+            connect_timeout=max(s.store_timeout_ms / 1000, 0.05),
+            dedup_window_ms=s.dedup_window_s * 1000,
+            session_ttl_ms=s.session_ttl_s * 1000,
+            clock_offset_ms=s.clock_offset_ms,
+        )
+        self.engine = Engine(
+            self.store,
+            EngineSettings(
+                store_timeout_s=s.store_timeout_ms / 1000,
+                breaker_failures=s.breaker_failures,
+                breaker_cooldown_s=s.breaker_cooldown_ms / 1000,
+            ),
+            self.telemetry,
+        )
+        await self._wait_for_store()
+        if s.plans:
+            document = load_policy_file(s.plans)
+            published = await self.store.publish_policy(document)
+            log.info(
+                "policy from %s is version %d (%s)",
+                s.plans, published.version, "published" if published.changed else "unchanged",
+            )  # fmt: skip
+        await self.engine.reload_policy()
+        if self.engine.policy.version == 0:
+            log.warning("no policy in the store: every usage is DENY NO_ENTITLEMENT until one is published")
+
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.so_reuseport", 1),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        )
+        metering_pb2_grpc.add_MeteringServiceServicer_to_server(
+            MeteringServicer(self.engine, self.draining), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (METERING, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            self.server,
+        )  # fmt: skip
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        await self.server.start()
+        await self._set_serving(True)
+        self._tasks = [
+            asyncio.create_task(self._probe_store(), name="probe-store"),
+            asyncio.create_task(self._poll_policy(), name="poll-policy"),
+        ]
+        log.info("serving chargepath.v1 on %s:%d (policy version %d)", s.host, self.port,
+                 self.engine.policy.version)  # fmt: skip
+
+    async def _wait_for_store(self, attempts: int = 100) -> None:
+        for i in range(attempts):
+            try:
+                await self.store.ping()
+                return
+            except StoreUnavailableError as exc:
+                if i == attempts - 1:
+                    raise
+                if i % 10 == 0:
+                    log.warning("waiting for the store: %s", exc)
+                await asyncio.sleep(0.1)
+
+    async def _set_serving(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", METERING):
+            await self.health.set(name, status)
+        log.log(logging.INFO if serving else logging.ERROR,
+                "health: %s", "SERVING" if serving else "NOT_SERVING (store unreachable)")  # fmt: skip
+
+    async def _probe_store(self) -> None:
+        period = self.settings.health_probe_ms / 1000
+        timeout = max(self.settings.store_timeout_ms / 1000, 0.2)
+        while not self.draining.is_set():
+            try:
+                await asyncio.wait_for(self.store.ping(), timeout)
+                ok = True
+            except (StoreUnavailableError, TimeoutError):
+                ok = False
+            if not self.draining.is_set():
+                await self._set_serving(ok)
+            await asyncio.sleep(period)
+
+    async def _poll_policy(self) -> None:
+        period = self.settings.policy_poll_ms / 1000
+        while not self.draining.is_set():
+            await asyncio.sleep(period)
+            with contextlib.suppress(StoreUnavailableError, TimeoutError):
+                version = await asyncio.wait_for(self.store.policy_version(), 1.0)
+                if version > self.engine.policy.version:
+                    await asyncio.wait_for(self.engine.reload_policy(version), 2.0)
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, streams end after the batch in hand, unary calls finish within
+        the grace period; then the store and the embedded Redis stop."""
+        log.info("draining (grace %.1fs)", self.settings.drain_grace_s)
+        self.draining.set()
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.settings.drain_grace_s)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if hasattr(self, "store"):
+            await self.store.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+            log.info("embedded redis-server stopped")
+        log.info("stopped")
+
+
+def _redis_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=5)
+        return next((w[2:] for w in out.stdout.split() if w.startswith("v=")), "?")
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def _redact(url: str) -> str:
+    """A URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

@@ -1,0 +1,195 @@
+"""The ``chargepath`` command: ``serve`` runs a gateway, ``check`` asks one for a verdict."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import uuid
+from typing import Any
+
+from chargepath import __version__
+from chargepath.settings import Settings
+
+log = logging.getLogger("chargepath")
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. Without --redis-url it starts an embedded redis-server "
+        "with its data and AOF under --data-dir. Flags override CHARGEPATH_* variables.",
+    )
+    p.add_argument("--plans", help="policy file (YAML) to publish at start")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 50051; 0 picks one)")
+    p.add_argument("--redis-url", help="use this Redis/Valkey instead of the embedded one")
+    p.add_argument("--redis-cluster", action="store_true", default=None,
+                   help="--redis-url is a Redis Cluster node")  # fmt: skip
+    p.add_argument("--data-dir", help="folder of the embedded Redis (default .chargepath)")
+    p.add_argument("--store-timeout-ms", type=int, help="bound on every store call (default 50)")
+    p.add_argument("--dedup-window-s", type=int, help="request id dedup window (default 600)")
+    p.add_argument("--redis-fsync", choices=["everysec", "always"], help="embedded AOF fsync")
+    p.add_argument("--log-format", choices=["json", "text"])
+    p.add_argument("--log-level")
+
+
+def _check_parser(sub: Any) -> None:
+    p = sub.add_parser("check", help="ask a running gateway for a verdict",
+                       description="Send one usage to a gateway and print its verdict.")  # fmt: skip
+    p.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--metric", required=True)
+    p.add_argument("--amount", type=int, default=1)
+    p.add_argument("--slice", default="")
+    p.add_argument("--key", default="")
+    p.add_argument("--report", action="store_true", help="MODE_REPORT (default MODE_ADMIT)")
+    p.add_argument("--request-id", help="default: a new UUID")
+    p.add_argument("--label", action="append", default=[], metavar="K=V")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chargepath", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"chargepath {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _check_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return check(args)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from chargepath.core.plans import PolicyError
+    from chargepath.logs import configure_logging
+    from chargepath.telemetry import configure as configure_telemetry
+
+    try:
+        settings = Settings.from_env(
+            plans=args.plans, host=args.host, port=args.port, redis_url=args.redis_url,
+            redis_cluster=args.redis_cluster, data_dir=args.data_dir,
+            store_timeout_ms=args.store_timeout_ms, dedup_window_s=args.dedup_window_s,
+            redis_fsync=args.redis_fsync, log_format=args.log_format, log_level=args.log_level,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"chargepath: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    configure_telemetry()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(_serve(settings))
+    except PolicyError as exc:
+        print(f"chargepath: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"chargepath: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _serve(settings: Settings) -> None:
+    from chargepath.app import Gateway
+
+    gateway = Gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+        await stop.wait()
+    finally:
+        await gateway.stop()
+
+
+def check(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+    from grpc_status import rpc_status
+
+    from chargepath.v1 import metering_pb2 as pb
+    from chargepath.v1 import metering_pb2_grpc as pb_grpc
+
+    labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+    usage = pb.Usage(
+        request_id=args.request_id or str(uuid.uuid4()),
+        subject=pb.Subject(tenant=args.tenant, slice=args.slice, key=args.key),
+        metric=args.metric,
+        amount=args.amount,
+        mode=pb.MODE_REPORT if args.report else pb.MODE_ADMIT,
+        labels=labels,
+    )
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.MeteringServiceStub(channel)
+        try:
+            response = stub.Check(pb.CheckRequest(usage=usage), timeout=args.timeout)
+        except grpc.RpcError as err:
+            code = err.code()  # type: ignore[attr-defined]
+            status = rpc_status.from_call(err)  # type: ignore[arg-type]
+            print(f"chargepath: {code.name}: {err.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            if status is not None and args.json:
+                print(json.dumps({"code": code.name, "message": status.message}))
+            return 1
+    v = response.verdict
+    if args.json:
+        print(json.dumps(MessageToDict(v, preserving_proto_field_name=True), indent=2))
+        return 0
+    _render(v)
+    return 0 if v.decision == pb.DECISION_ALLOW else 3
+
+
+def _render(v: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from chargepath.v1 import metering_pb2 as pb
+
+    def human(ms: int) -> str:
+        if ms < 10_000:
+            return f"{ms} ms"
+        secs = ms // 1000
+        parts = [(secs // 86400, "d"), (secs % 86400 // 3600, "h"), (secs % 3600 // 60, "m"),
+                 (secs % 60, "s")]  # fmt: skip
+        return " ".join(f"{n}{u}" for n, u in parts if n) or "0s"
+
+    colour = {pb.DECISION_ALLOW: "green", pb.DECISION_THROTTLE: "yellow"}.get(v.decision, "red")
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    decision = pb.Decision.Name(v.decision).removeprefix("DECISION_")
+    reason = pb.Reason.Name(v.reason).removeprefix("REASON_")
+    flags = [f for f in ("recorded", "degraded", "replayed") if getattr(v, f)]
+    console.print(f"[bold {colour}]{decision}[/] {reason}  " + " ".join(flags))
+    if v.HasField("retry_after"):
+        console.print(f"retry after {human(v.retry_after.ToMilliseconds())}")
+    if v.message:
+        console.print(v.message)
+    console.print(f"policy v{v.policy_version}  decision {v.decision_id}  trace {v.trace_id or '-'}")
+    if v.limits:
+        t = Table("limit", "kind", "scope", "remaining", "capacity", "reset after", "")
+        for lim in v.limits:
+            t.add_row(
+                lim.name,
+                pb.LimitKind.Name(lim.kind).removeprefix("LIMIT_KIND_").lower(),
+                pb.Scope.Name(lim.scope).removeprefix("SCOPE_").lower(),
+                str(lim.remaining),
+                str(lim.capacity),
+                human(lim.reset_after.ToMilliseconds()),
+                "[red]exceeded[/]" if lim.exceeded else ("soft" if lim.soft else ""),
+            )
+        console.print(t)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Domain types shared by the engine, the store and the transport.
+
+Enum values equal the numbers of the matching ``chargepath.v1`` protobuf enums so that the
+mapping module can convert by value, but nothing here depends on the generated code.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Mode(enum.IntEnum):
+    UNSPECIFIED = 0
+    ADMIT = 1
+    REPORT = 2
+
+
+class Decision(enum.IntEnum):
+    ALLOW = 1
+    THROTTLE = 2
+    DENY = 3
+
+
+class Reason(enum.IntEnum):
+    OK = 1
+    RATE_LIMITED = 2
+    QUOTA_EXHAUSTED = 3
+    NO_ENTITLEMENT = 4
+    AMOUNT_EXCEEDS_CAPACITY = 5
+    STORE_UNAVAILABLE = 6
+    INVALID_USAGE = 7
+    SUSPENDED = 8
+    SOFT_LIMIT_EXCEEDED = 9
+
+
+class LimitKind(enum.IntEnum):
+    RATE = 1
+    QUOTA = 2
+
+
+class Scope(enum.IntEnum):
+    TENANT = 1
+    SLICE = 2
+    KEY = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """What a usage is about. Scopes nest: tenant ⊃ slice ⊃ key; empty means "not given"."""
+
+    tenant: str
+    slice: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One request to meter ``amount`` whole units of ``metric`` for ``subject``.
+
+    ``session_id``/``sequence`` are set only for stream usages that use session dedup;
+    ``occurred_at_ms`` is milliseconds since the Unix epoch, 0 when the caller gave none.
+    """
+
+    request_id: str
+    subject: Subject
+    metric: str
+    amount: int
+    mode: Mode
+    labels: tuple[tuple[str, str], ...] = ()
+    occurred_at_ms: int = 0
+    session_id: str = ""
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """The state of one limit after a decision, in whole units and milliseconds."""
+
+    name: str
+    kind: LimitKind
+    scope: Scope
+    remaining: int
+    capacity: int
+    reset_after_ms: int
+    soft: bool
+    exceeded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The decision for one usage. ``retry_after_ms`` is 0 when there is nothing to wait for."""
+
+    request_id: str
+    decision: Decision
+    reason: Reason
+    decision_id: str
+    policy_version: int
+    retry_after_ms: int = 0
+    limits: tuple[LimitState, ...] = ()
+    recorded: bool = False
+    degraded: bool = False
+    replayed: bool = False
+    trace_id: str = ""
+    message: str = ""
+    decided_at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """Why a usage is invalid: the offending field (dotted path) and a reason for a human."""
+
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}"
+
+
+class InvalidUsageError(ValueError):
+    """Raised for a usage that breaks the contract; carries every violation found."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        super().__init__("; ".join(str(v) for v in violations))
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """Verdicts for a batch, in the order of its usages."""
+
+    verdicts: list[Verdict] = field(default_factory=list)

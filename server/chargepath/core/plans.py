@@ -1,0 +1,280 @@
+"""Plan files: the policy document (metrics, plans, tenants) and its validation.
+
+The same document is what ``chargepath serve --plans FILE`` publishes and what the admin API
+accepts. Validation errors name the field by its path and, for files, its line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from chargepath.core.model import LimitKind, Scope
+from chargepath.core.validation import METRIC_RE, TENANT_RE
+
+# Integers in Lua are doubles: every scaled amount must stay exact.
+MAX_EXACT = 2**53
+
+NAME_RE = r"^[A-Za-z0-9._-]{1,64}$"
+PATTERN_RE = re.compile(r"[a-z0-9_*]+(\.[a-z0-9_*]+)*")
+
+RATE_PERIOD_MS = {"second": 1_000, "minute": 60_000, "hour": 3_600_000}
+QUOTA_PERIODS = ("hour", "day", "month")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetricSpec(_Strict):
+    """A metric of the catalog: what is counted, in which whole unit."""
+
+    name: str
+    unit: str = "unit"
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check_name(self) -> MetricSpec:
+        if not METRIC_RE.fullmatch(self.name) or len(self.name) > 128:
+            raise ValueError("name: must be dot-separated [a-z0-9_] words, e.g. api.sms.send")
+        return self
+
+
+class RateSpec(_Strict):
+    """A token bucket: holds ``capacity`` units, refills ``refill`` units per ``per``."""
+
+    capacity: Annotated[int, Field(gt=0)]
+    refill: Annotated[int, Field(gt=0)]
+    per: Literal["second", "minute", "hour"] = "second"
+
+
+class QuotaSpec(_Strict):
+    """A budget of ``amount`` units per UTC hour, day or calendar month; no refill."""
+
+    amount: Annotated[int, Field(gt=0, lt=MAX_EXACT)]
+    per: Literal["hour", "day", "month"]
+
+
+class LimitSpec(_Strict):
+    """One limit of a plan: which metrics it counts (a pattern), at which scope, and how."""
+
+    name: Annotated[str, Field(pattern=NAME_RE)]
+    metric: str
+    scope: Literal["tenant", "slice", "key"] = "tenant"
+    rate: RateSpec | None = None
+    quota: QuotaSpec | None = None
+    soft: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> LimitSpec:
+        if (self.rate is None) == (self.quota is None):
+            raise ValueError("a limit has exactly one of 'rate' or 'quota'")
+        if not PATTERN_RE.fullmatch(self.metric):
+            raise ValueError(
+                "metric: must be a metric name or a pattern with '*', e.g. api.sms.* "
+                f"(got {self.metric!r})"
+            )
+        if self.rate is not None:
+            compiled = compile_rate(self.rate)
+            if compiled.capacity_scaled >= MAX_EXACT:
+                raise ValueError(
+                    f"rate: capacity {self.rate.capacity} with refill {self.rate.refill}/"
+                    f"{self.rate.per} is too large to count exactly; use a coarser unit"
+                )
+        return self
+
+
+class PlanSpec(_Strict):
+    """A named set of limits."""
+
+    name: Annotated[str, Field(pattern=NAME_RE)]
+    description: str = ""
+    limits: list[LimitSpec] = []
+
+    @model_validator(mode="after")
+    def _unique(self) -> PlanSpec:
+        _no_duplicates((lim.name for lim in self.limits), "limit")
+        return self
+
+
+class FailurePolicySpec(_Strict):
+    """What a decision does when the store is unreachable: ``deny`` (fail closed, the online
+    charging default) or ``allow`` (fail open within the plan's rate limits, counted locally)."""
+
+    mode: Literal["deny", "allow"] = "deny"
+
+
+class SliceSpec(_Strict):
+    """A slice of a tenant, optionally with a plan of its own (whose limits add to the
+    tenant's)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._~@+=/-]{1,128}$")]
+    plan: str | None = None
+
+
+class TenantSpec(_Strict):
+    """A tenant's entitlement: its plan, its slices, and its failure policy."""
+
+    name: str
+    plan: str | None = None
+    failure_policy: FailurePolicySpec = FailurePolicySpec()
+    slices: list[SliceSpec] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> TenantSpec:
+        if not TENANT_RE.fullmatch(self.name):
+            raise ValueError("name: must be 1 to 64 characters of [A-Za-z0-9._-]")
+        _no_duplicates((s.name for s in self.slices), "slice")
+        return self
+
+
+class PolicyDocument(_Strict):
+    """The whole policy: the metric catalog, the plans, and the tenants assigned to them."""
+
+    metrics: list[MetricSpec] = []
+    plans: list[PlanSpec] = []
+    tenants: list[TenantSpec] = []
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> PolicyDocument:
+        _no_duplicates((m.name for m in self.metrics), "metric")
+        _no_duplicates((p.name for p in self.plans), "plan")
+        _no_duplicates((t.name for t in self.tenants), "tenant")
+        metrics = [m.name for m in self.metrics]
+        plans = {p.name: p for p in self.plans}
+        for p in self.plans:
+            for lim in p.limits:
+                if not any(fnmatchcase(m, lim.metric) for m in metrics):
+                    raise ValueError(
+                        f"plan {p.name!r}, limit {lim.name!r}: metric {lim.metric!r} matches "
+                        "no metric of the catalog"
+                    )
+        for t in self.tenants:
+            if t.plan is not None and t.plan not in plans:
+                raise ValueError(f"tenant {t.name!r}: unknown plan {t.plan!r}")
+            tenant_limits = {lim.name for lim in plans[t.plan].limits} if t.plan else set()
+            for s in t.slices:
+                if s.plan is None:
+                    continue
+                if s.plan not in plans:
+                    raise ValueError(f"tenant {t.name!r}, slice {s.name!r}: unknown plan {s.plan!r}")
+                for lim in plans[s.plan].limits:
+                    if lim.scope == "tenant":
+                        raise ValueError(
+                            f"tenant {t.name!r}, slice {s.name!r}: plan {s.plan!r} has limit "
+                            f"{lim.name!r} with scope 'tenant'; a slice's plan counts at scope "
+                            "'slice' or 'key'"
+                        )
+                    if lim.name in tenant_limits:
+                        raise ValueError(
+                            f"tenant {t.name!r}, slice {s.name!r}: limit {lim.name!r} is in both "
+                            "the tenant's and the slice's plan; limit names must differ"
+                        )
+        return self
+
+    def canonical_json(self) -> str:
+        """A stable serialisation: equal documents give equal strings."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def _no_duplicates(names: Iterable[str], what: str) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"duplicate {what} name {n!r}")
+        seen.add(n)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRate:
+    """A rate limit in exact integers: a level of ``scale`` per unit, refilled by
+    ``refill_per_ms`` per millisecond. ``scale = period_ms / gcd(refill, period_ms)``."""
+
+    scale: int
+    refill_per_ms: int
+    capacity_scaled: int
+
+
+def compile_rate(rate: RateSpec) -> CompiledRate:
+    period_ms = RATE_PERIOD_MS[rate.per]
+    g = math.gcd(rate.refill, period_ms)
+    scale = period_ms // g
+    return CompiledRate(scale, rate.refill // g, rate.capacity * scale)
+
+
+class PolicyError(ValueError):
+    """A policy document that does not validate. ``errors`` are human-readable lines, each
+    naming the field (dotted path) and, when parsed from a file, its line."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("invalid policy:\n  " + "\n  ".join(errors))
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    node = root
+    line = None if node is None else node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            nxt = node.value[part] if part < len(node.value) else None
+        else:
+            nxt = None
+        if nxt is None:
+            break
+        node = nxt
+        line = node.start_mark.line + 1
+    return line
+
+
+def parse_policy(data: Any, *, source: str = "policy", yaml_root: yaml.Node | None = None) -> PolicyDocument:
+    """Validate a decoded document; raise :class:`PolicyError` naming every bad field."""
+    try:
+        return PolicyDocument.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            path = ".".join(str(p) for p in loc) or "(document)"
+            line = _line_of(yaml_root, loc) if yaml_root is not None else None
+            where = f"{source}:{line}: " if line else f"{source}: "
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}{path}: {msg}")
+        raise PolicyError(lines) from None
+
+
+def load_policy_text(text: str, *, source: str = "policy") -> PolicyDocument:
+    """Parse YAML (or JSON, a subset of YAML) text into a validated document."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError([f"{source}: not valid YAML: {exc}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PolicyError([f"{source}: the document must be a mapping with metrics, plans, tenants"])
+    return parse_policy(data, source=source, yaml_root=root)
+
+
+def load_policy_file(path: str | Path) -> PolicyDocument:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError([f"{p}: cannot read: {exc.strerror}"]) from None
+    return load_policy_text(text, source=str(p))
+
+
+SCOPES = {"tenant": Scope.TENANT, "slice": Scope.SLICE, "key": Scope.KEY}
+KINDS = {"rate": LimitKind.RATE, "quota": LimitKind.QUOTA}

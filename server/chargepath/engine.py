@@ -1,0 +1,228 @@
+"""The engine: turns usages into verdicts with a store, a versioned policy, and the tenant's
+failure policy when the store cannot answer.
+
+It knows nothing of gRPC or Redis: it speaks core types and the store contract
+(:class:`~chargepath.store.base.MeteringStore`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chargepath.core.allowance import LocalAllowance
+from chargepath.core.breaker import CircuitBreaker
+from chargepath.core.model import (
+    Decision,
+    FieldViolation,
+    InvalidUsageError,
+    Mode,
+    Reason,
+    Usage,
+    Verdict,
+)
+from chargepath.core.policy import Policy
+from chargepath.core.validation import validate_usage
+from chargepath.store.base import (
+    DecideItem,
+    MeteringStore,
+    StalePolicyError,
+    StoreUnavailableError,
+)
+from chargepath.telemetry import Telemetry
+
+log = logging.getLogger("chargepath.engine")
+
+STALE_RETRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """``store_timeout_s`` bounds every store call: past it the failure policy decides.
+    ``breaker_failures`` consecutive store failures open the breaker for
+    ``breaker_cooldown_s``."""
+
+    store_timeout_s: float = 0.05
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 1.0
+
+
+def monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def new_decision_id() -> str:
+    """32 hex characters: 48 bits of milliseconds (sortable) and 80 random bits."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+def fingerprint(u: Usage) -> str:
+    """What must match for a resend to be the same usage (the tenant is in the key)."""
+    raw = f"{u.subject.slice}\x1f{u.subject.key}\x1f{u.metric}\x1f{u.amount}\x1f{int(u.mode)}"
+    return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
+
+
+class Engine:
+    """Decides usages. One instance per process; safe for concurrent use from one loop."""
+
+    def __init__(
+        self,
+        store: MeteringStore,
+        settings: EngineSettings,
+        telemetry: Telemetry,
+        *,
+        clock_ms: Callable[[], int] = monotonic_ms,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.telemetry = telemetry
+        self.policy = Policy.empty()
+        self.breaker = CircuitBreaker(
+            clock_ms,
+            failures=settings.breaker_failures,
+            cooldown_ms=int(settings.breaker_cooldown_s * 1000),
+        )
+        self.allowance = LocalAllowance(clock_ms)
+        self._reload_lock = asyncio.Lock()
+
+    # -- policy -------------------------------------------------------------------------
+
+    async def reload_policy(self, min_version: int = 0) -> Policy:
+        """Load the live policy from the store if it is newer than the one in use."""
+        async with self._reload_lock:
+            if min_version and self.policy.version >= min_version:
+                return self.policy
+            published = await self.store.load_policy()
+            if published is not None and published.version > self.policy.version:
+                self.policy = Policy(published.document, published.version)
+                log.info("policy version %d loaded", published.version)
+            return self.policy
+
+    # -- deciding -----------------------------------------------------------------------
+
+    def violations(self, usage: Usage, policy: Policy, *, on_stream: bool) -> list[FieldViolation]:
+        out = validate_usage(usage, on_stream=on_stream)
+        if usage.metric and not any(v.field == "metric" for v in out) and usage.metric not in policy.metrics:
+            out.append(FieldViolation("metric", f"unknown metric {usage.metric!r}: not in the policy's catalog"))
+        return out
+
+    async def check(self, usage: Usage) -> Verdict:
+        """Decide one usage; raise :class:`InvalidUsageError` if it is invalid."""
+        bad = self.violations(usage, self.policy, on_stream=False)
+        if bad:
+            raise InvalidUsageError(bad)
+        with self.telemetry.decision_spans([usage]) as spans:
+            verdicts = await self._decide_tenant(usage.subject.tenant, [usage])
+            verdicts = spans.finish(verdicts)
+        v = verdicts[0]
+        if v.reason is Reason.INVALID_USAGE:
+            raise InvalidUsageError([FieldViolation(*v.message.split(": ", 1))])
+        return v
+
+    async def decide_batch(self, usages: list[Usage]) -> list[Verdict]:
+        """Decide a stream batch: invalid usages get an INVALID_USAGE verdict, the others are
+        decided in order, one atomic store call per tenant."""
+        policy = self.policy
+        out: list[Verdict | None] = [None] * len(usages)
+        groups: dict[str, list[int]] = {}
+        for i, u in enumerate(usages):
+            bad = self.violations(u, policy, on_stream=True)
+            if bad:
+                out[i] = Verdict(
+                    request_id=u.request_id[:128],
+                    decision=Decision.DENY,
+                    reason=Reason.INVALID_USAGE,
+                    decision_id=new_decision_id(),
+                    policy_version=policy.version,
+                    message="; ".join(str(v) for v in bad),
+                )
+                self.telemetry.count_invalid()
+            else:
+                groups.setdefault(u.subject.tenant, []).append(i)
+        valid = [usages[i] for idxs in groups.values() for i in idxs]
+        with self.telemetry.decision_spans(valid) as spans:
+            results = await asyncio.gather(
+                *(self._decide_tenant(t, [usages[i] for i in idxs]) for t, idxs in groups.items())
+            )
+            flat = spans.finish([v for vs in results for v in vs])
+        pos = 0
+        for idxs in groups.values():
+            for i in idxs:
+                out[i] = flat[pos]
+                pos += 1
+        return [v for v in out if v is not None]
+
+    async def _decide_tenant(self, tenant: str, usages: list[Usage]) -> list[Verdict]:
+        policy = self.policy
+        ids = [new_decision_id() for _ in usages]
+        for _ in range(STALE_RETRIES):
+            items = [
+                DecideItem(u, policy.resolve(u.subject, u.metric), did, fingerprint(u))
+                for u, did in zip(usages, ids, strict=True)
+            ]
+            if not self.breaker.allow():
+                return self._degraded(policy, items, "circuit breaker open")
+            started = time.perf_counter()
+            try:
+                verdicts = await asyncio.wait_for(
+                    self.store.decide(tenant, policy.version, items),
+                    self.settings.store_timeout_s,
+                )
+            except StalePolicyError as exc:
+                self.breaker.success()
+                try:
+                    policy = await self.reload_policy(exc.stamped_version)
+                except StoreUnavailableError:
+                    return self._degraded(policy, items, "policy reload failed")
+                continue
+            except (StoreUnavailableError, TimeoutError) as exc:
+                self.breaker.failure()
+                self.telemetry.store_error()
+                reason = str(exc) or "store timeout"
+                return self._degraded(policy, items, reason)
+            self.telemetry.store_latency(time.perf_counter() - started)
+            self.breaker.success()
+            return verdicts
+        log.error("tenant %s: policy still stale after %d reloads", tenant, STALE_RETRIES)
+        return self._degraded(policy, items, "policy reload did not converge")
+
+    def _degraded(self, policy: Policy, items: list[DecideItem], why: str) -> list[Verdict]:
+        """Verdicts by the tenant's failure policy; nothing is recorded."""
+        log.warning("store unavailable (%s): %d decision(s) by failure policy", why, len(items))
+        out = []
+        for item in items:
+            u, res = item.usage, item.resolution
+            decision, reason, retry = Decision.DENY, Reason.STORE_UNAVAILABLE, 0
+            if not res.entitled:
+                reason = Reason.NO_ENTITLEMENT
+            elif res.failure_mode == "allow":
+                if u.mode is Mode.REPORT:
+                    decision = Decision.ALLOW
+                else:
+                    wait = self.allowance.take(u.subject, res.limits, u.amount)
+                    if wait == 0:
+                        decision = Decision.ALLOW
+                    elif wait > 0:
+                        decision, retry = Decision.THROTTLE, wait
+                    else:
+                        reason = Reason.AMOUNT_EXCEEDS_CAPACITY
+            out.append(
+                Verdict(
+                    request_id=u.request_id,
+                    decision=decision,
+                    reason=reason,
+                    decision_id=item.decision_id,
+                    policy_version=policy.version,
+                    retry_after_ms=retry,
+                    recorded=False,
+                    degraded=True,
+                    message="store unavailable: decided by the tenant's failure policy "
+                    f"({res.failure_mode}); nothing recorded, resend reports with the same ids",
+                )
+            )
+        return out

@@ -1,0 +1,278 @@
+"""The Redis implementation of :class:`~chargepath.store.base.MeteringStore`.
+
+Key layout (every key of a tenant shares the hash tag ``{tenant}``, so a decision's keys are
+in one slot and the scripts run unchanged on Redis Cluster):
+
+=============================  ==========================================================
+``cp:policy``                  hash: ``v`` live version, ``sha`` digest, ``doc`` JSON
+``cp:{T}:ent``                 hash: ``v`` policy version stamped on the tenant
+``cp:{T}:ledger``              stream: one entry per recorded usage (billing reads it)
+``cp:{T}:d:<request_id>``      string: the first verdict of a request id, for the dedup window
+``cp:{T}:s:<session_id>``      string: a stream session's highest sequence + replay slots
+``cp:{T}:r:<limit>:<sl>:<k>``  hash: token bucket level (sub-units) and its time; deleted
+                               when full, expires when it would be full again
+``cp:{T}:q:<limit>:<sl>:<k>``  hash: quota period start, used units, granted units
+=============================  ==========================================================
+
+Scripts are package data (``store/scripts/*.lua``), registered once and run with EVALSHA;
+redis-py reloads them on NOSCRIPT (e.g. after a Redis restart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from chargepath.core.model import (
+    Decision,
+    LimitKind,
+    LimitState,
+    Mode,
+    Reason,
+    Verdict,
+)
+from chargepath.core.plans import PolicyDocument
+from chargepath.core.policy import Limit
+from chargepath.store.base import (
+    DecideItem,
+    PublishedPolicy,
+    StalePolicyError,
+    StoreUnavailableError,
+)
+
+POLICY_KEY = "cp:policy"
+
+FLAG_REPLAYED = 1
+FLAG_RECORDED = 2
+FLAG_CONFLICT = 4
+FLAG_WINDOW_MISS = 8
+
+
+def read_script(name: str) -> str:
+    return (resources.files("chargepath.store") / "scripts" / name).read_text(encoding="utf-8")
+
+
+def tenant_prefix(tenant: str) -> str:
+    return f"cp:{{{tenant}}}:"
+
+
+def ledger_key(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}ledger"
+
+
+def entitlement_key(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}ent"
+
+
+def limit_key(tenant: str, limit: Limit, slice_: str, key: str) -> str:
+    """The counter of ``limit`` for one scope instance: tenant, slice, or (slice, key)."""
+    from chargepath.core.model import Scope
+
+    kind = "r" if limit.kind is LimitKind.RATE else "q"
+    sl = slice_ if limit.scope in (Scope.SLICE, Scope.KEY) else ""
+    k = key if limit.scope is Scope.KEY else ""
+    return f"{tenant_prefix(tenant)}{kind}:{limit.name}:{sl}:{k}"
+
+
+RedisClient = aioredis.Redis | RedisCluster
+
+
+class RedisStore:
+    """Chargepath's store on Redis (or Valkey, or Redis Cluster) through redis.asyncio.
+
+    ``dedup_window_ms``: how long a request id's first verdict is kept (about 120 bytes per
+    request id, i.e. ~120 MB per million ids in the window). ``session_ttl_ms``: how long an
+    idle stream session is remembered. ``session_window``: how many recent verdicts a session
+    keeps for resends (65 bytes each). ``clock_offset_ms`` shifts Redis' clock and exists for
+    tests of period boundaries only.
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        dedup_window_ms: int = 600_000,
+        session_ttl_ms: int = 86_400_000,
+        session_window: int = 128,
+        clock_offset_ms: int = 0,
+    ) -> None:
+        self.client = client
+        self.dedup_window_ms = dedup_window_ms
+        self.session_ttl_ms = session_ttl_ms
+        self.session_window = session_window
+        self.clock_offset_ms = clock_offset_ms
+        self._decide = client.register_script(read_script("decide.lua"))
+        self._publish = client.register_script(read_script("publish.lua"))
+        self._stamp = client.register_script(read_script("stamp.lua"))
+
+    @classmethod
+    def from_url(cls, url: str, *, cluster: bool = False, connect_timeout: float = 0.05,
+                 **kwargs: Any) -> RedisStore:
+        client: RedisClient
+        if cluster:
+            client = RedisCluster.from_url(
+                url, decode_responses=True, socket_connect_timeout=connect_timeout
+            )
+        else:
+            client = aioredis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_connect_timeout=connect_timeout,
+                socket_keepalive=True,
+                max_connections=256,
+            )
+        return cls(client, **kwargs)
+
+    async def decide(
+        self, tenant: str, policy_version: int, items: list[DecideItem]
+    ) -> list[Verdict]:
+        prefix = tenant_prefix(tenant)
+        keys: list[str] = [prefix + "ent", prefix + "ledger"]
+        index: dict[str, int] = {}
+
+        def idx(k: str) -> int:
+            i = index.get(k)
+            if i is None:
+                keys.append(k)
+                i = index[k] = len(keys)
+            return i
+
+        args: list[Any] = [
+            policy_version,
+            self.clock_offset_ms,
+            self.dedup_window_ms,
+            self.session_ttl_ms,
+            self.session_window,
+            len(items),
+        ]
+        for item in items:
+            u = item.usage
+            limits = item.resolution.limits
+            flags = (1 if u.mode is Mode.REPORT else 0) | (2 if item.resolution.entitled else 0)
+            dedup = sess = 0
+            if u.session_id:
+                sess = idx(f"{prefix}s:{u.session_id}")
+            else:
+                dedup = idx(f"{prefix}d:{u.request_id}")
+            labels = json.dumps(dict(u.labels), separators=(",", ":")) if u.labels else ""
+            args += (
+                flags, u.amount, u.request_id, item.decision_id, item.fingerprint, dedup, sess,
+                u.sequence, u.subject.slice, u.subject.key, u.metric, labels, u.occurred_at_ms,
+                len(limits),
+            )  # fmt: skip
+            for lim in limits:
+                k = idx(limit_key(tenant, lim, u.subject.slice, u.subject.key))
+                if lim.kind is LimitKind.RATE:
+                    args += (k, 1, int(lim.soft), lim.capacity * lim.scale, lim.scale,
+                             lim.refill_per_ms)  # fmt: skip
+                else:
+                    args += (k, 2, int(lim.soft), lim.amount, int(lim.period), 0)
+        try:
+            reply = await self._decide(keys=keys, args=args)
+        except RedisError as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        except OSError as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        if reply[0] == 0:
+            raise StalePolicyError(int(reply[1]))
+        return self._verdicts(reply, items, policy_version)
+
+    @staticmethod
+    def _verdicts(reply: list[Any], items: list[DecideItem], version: int) -> list[Verdict]:
+        now = int(reply[1])
+        pos = 2
+        out: list[Verdict] = []
+        for item in items:
+            d, r, retry, flags, did, nl = reply[pos : pos + 6]
+            pos += 6
+            limits: list[LimitState] = []
+            for lim in item.resolution.limits[:nl]:
+                rem, cap, reset, exceeded = reply[pos : pos + 4]
+                pos += 4
+                limits.append(
+                    LimitState(
+                        name=lim.name,
+                        kind=lim.kind,
+                        scope=lim.scope,
+                        remaining=int(rem),
+                        capacity=int(cap),
+                        reset_after_ms=int(reset),
+                        soft=lim.soft,
+                        exceeded=bool(exceeded),
+                    )
+                )
+            flags = int(flags)
+            message = ""
+            if flags & FLAG_CONFLICT:
+                message = "request_id: was already used for a different usage within the dedup window"
+            elif flags & FLAG_WINDOW_MISS:
+                message = (
+                    "sequence: resend of a usage older than the session's replay window; "
+                    "it was recorded, its first verdict is no longer kept"
+                )
+            out.append(
+                Verdict(
+                    request_id=item.usage.request_id,
+                    decision=Decision(int(d)),
+                    reason=Reason(int(r)),
+                    decision_id=did or item.decision_id,
+                    policy_version=version,
+                    retry_after_ms=int(retry),
+                    limits=tuple(limits),
+                    recorded=bool(flags & FLAG_RECORDED),
+                    replayed=bool(flags & FLAG_REPLAYED),
+                    message=message,
+                    decided_at_ms=now,
+                )
+            )
+        return out
+
+    async def publish_policy(
+        self, document: PolicyDocument, *, force: bool = False
+    ) -> PublishedPolicy:
+        body = document.canonical_json()
+        sha = hashlib.sha256(body.encode()).hexdigest()
+        try:
+            previous = await self.load_policy()
+            version, changed = await self._publish(
+                keys=[POLICY_KEY], args=[body, sha, "1" if force else "0"]
+            )
+            tenants = {t.name for t in document.tenants}
+            if previous is not None:
+                tenants |= {t.name for t in previous.document.tenants}
+            for tenant in sorted(tenants):
+                await self._stamp(keys=[entitlement_key(tenant)], args=[version])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        return PublishedPolicy(int(version), document, bool(changed))
+
+    async def load_policy(self) -> PublishedPolicy | None:
+        try:
+            v, doc = await self.client.hmget(POLICY_KEY, ["v", "doc"])  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        if v is None or doc is None:
+            return None
+        return PublishedPolicy(int(v), PolicyDocument.model_validate_json(doc))
+
+    async def policy_version(self) -> int:
+        try:
+            v = await self.client.hget(POLICY_KEY, "v")  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        return int(v) if v else 0
+
+    async def ping(self) -> None:
+        try:
+            await self.client.ping()  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,1 @@
+"""The gRPC transport: servicers, and the one module that maps protobuf to core types."""

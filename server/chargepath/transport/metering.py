@@ -1,0 +1,95 @@
+"""The ``chargepath.v1.MeteringService`` servicer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from chargepath.core.model import Decision, InvalidUsageError, Reason, Verdict
+from chargepath.core.validation import MAX_BATCH
+from chargepath.engine import Engine, new_decision_id
+from chargepath.transport.errors import abort_invalid
+from chargepath.transport.mapping import usage_from_pb, verdict_to_pb
+from chargepath.v1 import metering_pb2 as pb
+from chargepath.v1 import metering_pb2_grpc as pb_grpc
+
+log = logging.getLogger("chargepath.transport")
+
+Context = grpc.aio.ServicerContext[object, object]
+
+
+class MeteringServicer(pb_grpc.MeteringServiceServicer):
+    """Check and StreamUsage. A THROTTLE or DENY is data; gRPC errors are for real failures.
+
+    ``draining`` is set on SIGTERM: open streams finish the batch in hand, then end with
+    UNAVAILABLE so that clients reconnect (to another gateway) and resend what is unanswered.
+    """
+
+    def __init__(self, engine: Engine, draining: asyncio.Event) -> None:
+        self.engine = engine
+        self.draining = draining
+
+    async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:  # noqa: N802
+        usage = usage_from_pb(request.usage)
+        try:
+            verdict = await self.engine.check(usage)
+        except InvalidUsageError as exc:
+            await abort_invalid(context, exc.violations)
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("Check failed (incident %s)", incident)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error, incident {incident}")
+        return pb.CheckResponse(verdict=verdict_to_pb(verdict))
+
+    async def StreamUsage(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.StreamUsageRequest], context: Context
+    ) -> AsyncIterator[pb.StreamUsageResponse]:
+        telemetry = self.engine.telemetry
+        telemetry.open_streams.add(1)
+        drain = asyncio.ensure_future(self.draining.wait())
+        try:
+            while True:
+                read = asyncio.ensure_future(context.read())
+                done, _ = await asyncio.wait({read, drain}, return_when=asyncio.FIRST_COMPLETED)
+                if read not in done:
+                    read.cancel()
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "gateway is draining: reconnect and resend unanswered usages",
+                    )
+                request = read.result()
+                if request is grpc.aio.EOF:
+                    return
+                assert isinstance(request, pb.StreamUsageRequest)
+                try:
+                    verdicts = await self._decide(request)
+                except Exception:
+                    incident = uuid.uuid4().hex[:12]
+                    log.exception("StreamUsage batch failed (incident %s)", incident)
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL, f"internal error, incident {incident}"
+                    )
+                yield pb.StreamUsageResponse(verdicts=[verdict_to_pb(v) for v in verdicts])
+        finally:
+            drain.cancel()
+            telemetry.open_streams.add(-1)
+
+    async def _decide(self, request: pb.StreamUsageRequest) -> list[Verdict]:
+        if len(request.usages) > MAX_BATCH:
+            msg = f"usages: at most {MAX_BATCH} per message, got {len(request.usages)}"
+            return [
+                Verdict(
+                    request_id=u.request_id[:128],
+                    decision=Decision.DENY,
+                    reason=Reason.INVALID_USAGE,
+                    decision_id=new_decision_id(),
+                    policy_version=self.engine.policy.version,
+                    message=msg,
+                )
+                for u in request.usages
+            ]
+        return await self.engine.decide_batch([usage_from_pb(u) for u in request.usages])

@@ -1,0 +1,120 @@
+from pathlib import Path
+
+import pytest
+
+from chargepath.core.model import LimitKind, Scope, Subject
+from chargepath.core.periods import Period
+from chargepath.core.plans import (
+    PolicyError,
+    RateSpec,
+    compile_rate,
+    load_policy_file,
+    load_policy_text,
+)
+from chargepath.core.policy import Policy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_policy_loads() -> None:
+    doc = load_policy_file(ROOT / "examples" / "plans.yaml")
+    assert {t.name for t in doc.tenants} == {"mvno-demo", "cpaas-demo"}
+
+
+def test_error_names_field_and_line() -> None:
+    text = """\
+metrics:
+  - name: api.sms.send
+plans:
+  - name: p
+    limits:
+      - name: burst
+        metric: api.sms.send
+        rate: { capacity: -3, refill: 1 }
+"""
+    with pytest.raises(PolicyError) as e:
+        load_policy_text(text, source="plans.yaml")
+    (line,) = e.value.errors
+    assert line.startswith("plans.yaml:8: plans.0.limits.0.rate.capacity:")
+    assert "greater than 0" in line
+
+
+@pytest.mark.parametrize(
+    ("snippet", "needle"),
+    [
+        ("tenants: [{name: t, plan: nope}]", "unknown plan 'nope'"),
+        ("plans: [{name: p, limits: [{name: l, metric: x.y, quota: {amount: 5, per: day}}]}]",
+         "matches no metric"),
+        ("plans: [{name: p, limits: [{name: l, metric: api.sms.send}]}]", "exactly one of"),
+        ("plans: [{name: p, limits: [{name: l, metric: api.sms.send, "
+         "quota: {amount: 5, per: week}}]}]", "plans.0.limits.0.quota.per"),
+        ("tenants: [{name: t}, {name: t}]", "duplicate tenant name 't'"),
+        ("colour: blue", "colour: Extra inputs are not permitted"),
+    ],
+)  # fmt: skip
+def test_invalid_documents_are_refused_with_the_reason(snippet: str, needle: str) -> None:
+    text = "metrics: [{name: api.sms.send}]\n" + snippet + "\n"
+    with pytest.raises(PolicyError) as e:
+        load_policy_text(text)
+    assert needle in str(e.value)
+
+
+def test_slice_plan_limits_must_not_be_tenant_scoped() -> None:
+    text = """
+metrics: [{name: slice.bytes}]
+plans: [{name: p, limits: [{name: l, metric: slice.bytes, scope: tenant,
+                            rate: {capacity: 5, refill: 1}}]}]
+tenants: [{name: t, slices: [{name: s1, plan: p}]}]
+"""
+    with pytest.raises(PolicyError, match="scope 'tenant'"):
+        load_policy_text(text)
+
+
+@pytest.mark.parametrize(
+    ("capacity", "refill", "per", "scale", "per_ms"),
+    [
+        (20, 10, "second", 100, 1),
+        (100, 100, "minute", 600, 1),
+        (60, 600, "hour", 6000, 1),
+        (2_000_000_000, 1_000_000_000, "second", 1, 1_000_000),
+        (10, 7, "second", 1000, 7),
+    ],
+)
+def test_rates_compile_to_exact_integers(
+    capacity: int, refill: int, per: str, scale: int, per_ms: int
+) -> None:
+    c = compile_rate(RateSpec(capacity=capacity, refill=refill, per=per))  # type: ignore[arg-type]
+    assert (c.scale, c.refill_per_ms, c.capacity_scaled) == (scale, per_ms, capacity * scale)
+    # one period of refill is exactly `refill` units
+    period_ms = {"second": 1000, "minute": 60_000, "hour": 3_600_000}[per]
+    assert c.refill_per_ms * period_ms == refill * c.scale
+
+
+def test_rate_too_large_to_count_exactly_is_refused() -> None:
+    text = """
+metrics: [{name: slice.bytes}]
+plans: [{name: p, limits: [{name: l, metric: slice.bytes,
+                            rate: {capacity: 9000000000000000, refill: 7, per: hour}}]}]
+"""
+    with pytest.raises(PolicyError, match="too large to count exactly"):
+        load_policy_text(text)
+
+
+def test_resolution_by_scope_and_pattern() -> None:
+    policy = Policy(load_policy_file(ROOT / "examples" / "plans.yaml"), 7)
+    r = policy.resolve(Subject("cpaas-demo", key="k1"), "api.sms.send")
+    assert r.entitled and [lim.name for lim in r.limits] == [
+        "sms-per-key", "sms-account", "sms-monthly"
+    ]  # fmt: skip
+    assert r.limits[0].scope is Scope.KEY and r.limits[2].kind is LimitKind.QUOTA
+    assert r.limits[2].period is Period.MONTH
+    # without a key the key-scoped limit does not apply
+    r = policy.resolve(Subject("cpaas-demo"), "api.sms.send")
+    assert [lim.name for lim in r.limits] == ["sms-account", "sms-monthly"]
+    # a slice's own plan adds to the tenant's
+    r = policy.resolve(Subject("mvno-demo", slice="1-000001"), "slice.bytes")
+    assert [lim.name for lim in r.limits] == [
+        "tenant-bytes-rate", "tenant-bytes-monthly", "slice-bytes-rate", "slice-bytes-monthly"
+    ]  # fmt: skip
+    assert not policy.resolve(Subject("cpaas-demo"), "slice.bytes").entitled
+    assert not policy.resolve(Subject("stranger"), "api.sms.send").entitled
