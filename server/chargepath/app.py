@@ -51,8 +51,11 @@ class Gateway:
             version = _redis_version(self.embedded.binary)
             log.info(
                 "embedded redis-server %s started on %s (binary %s); data and AOF in %s",
-                version, self.embedded.url, self.embedded.binary, self.embedded.data_dir,
-            )  # fmt: skip
+                version,
+                self.embedded.url,
+                self.embedded.binary,
+                self.embedded.data_dir,
+            )
             url = self.embedded.url
         else:
             log.info("using Redis at %s", _redact(url))
@@ -79,11 +82,15 @@ class Gateway:
             published = await self.store.publish_policy(document)
             log.info(
                 "policy from %s is version %d (%s)",
-                s.plans, published.version, "published" if published.changed else "unchanged",
-            )  # fmt: skip
+                s.plans,
+                published.version,
+                "published" if published.changed else "unchanged",
+            )
         await self.engine.reload_policy()
         if self.engine.policy.version == 0:
-            log.warning("no policy in the store: every usage is DENY NO_ENTITLEMENT until one is published")
+            log.warning(
+                "no policy in the store: every usage is DENY NO_ENTITLEMENT until one is published"
+            )
 
         self.server = grpc.aio.server(
             options=[
@@ -99,10 +106,13 @@ class Gateway:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (METERING, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                METERING,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
-        )  # fmt: skip
+        )
         self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
         await self.server.start()
         await self._set_serving(True)
@@ -110,8 +120,12 @@ class Gateway:
             asyncio.create_task(self._probe_store(), name="probe-store"),
             asyncio.create_task(self._poll_policy(), name="poll-policy"),
         ]
-        log.info("serving chargepath.v1 on %s:%d (policy version %d)", s.host, self.port,
-                 self.engine.policy.version)  # fmt: skip
+        log.info(
+            "serving chargepath.v1 on %s:%d (policy version %d)",
+            s.host,
+            self.port,
+            self.engine.policy.version,
+        )
 
     async def _wait_for_store(self, attempts: int = 100) -> None:
         for i in range(attempts):
@@ -136,8 +150,11 @@ class Gateway:
         )
         for name in ("", METERING):
             await self.health.set(name, status)
-        log.log(logging.INFO if serving else logging.ERROR,
-                "health: %s", "SERVING" if serving else "NOT_SERVING (store unreachable)")  # fmt: skip
+        log.log(
+            logging.INFO if serving else logging.ERROR,
+            "health: %s",
+            "SERVING" if serving else "NOT_SERVING (store unreachable)",
+        )
 
     async def _probe_store(self) -> None:
         period = self.settings.health_probe_ms / 1000

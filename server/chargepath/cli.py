@@ -28,8 +28,12 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 50051; 0 picks one)")
     p.add_argument("--redis-url", help="use this Redis/Valkey instead of the embedded one")
-    p.add_argument("--redis-cluster", action="store_true", default=None,
-                   help="--redis-url is a Redis Cluster node")  # fmt: skip
+    p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        default=None,
+        help="--redis-url is a Redis Cluster node",
+    )
     p.add_argument("--data-dir", help="folder of the embedded Redis (default .chargepath)")
     p.add_argument("--store-timeout-ms", type=int, help="bound on every store call (default 50)")
     p.add_argument("--dedup-window-s", type=int, help="request id dedup window (default 600)")
@@ -39,8 +43,11 @@ def _serve_parser(sub: Any) -> None:
 
 
 def _check_parser(sub: Any) -> None:
-    p = sub.add_parser("check", help="ask a running gateway for a verdict",
-                       description="Send one usage to a gateway and print its verdict.")  # fmt: skip
+    p = sub.add_parser(
+        "check",
+        help="ask a running gateway for a verdict",
+        description="Send one usage to a gateway and print its verdict.",
+    )
     p.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
     p.add_argument("--tenant", required=True)
     p.add_argument("--metric", required=True)
@@ -73,11 +80,18 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         settings = Settings.from_env(
-            plans=args.plans, host=args.host, port=args.port, redis_url=args.redis_url,
-            redis_cluster=args.redis_cluster, data_dir=args.data_dir,
-            store_timeout_ms=args.store_timeout_ms, dedup_window_s=args.dedup_window_s,
-            redis_fsync=args.redis_fsync, log_format=args.log_format, log_level=args.log_level,
-        )  # fmt: skip
+            plans=args.plans,
+            host=args.host,
+            port=args.port,
+            redis_url=args.redis_url,
+            redis_cluster=args.redis_cluster,
+            data_dir=args.data_dir,
+            store_timeout_ms=args.store_timeout_ms,
+            dedup_window_s=args.dedup_window_s,
+            redis_fsync=args.redis_fsync,
+            log_format=args.log_format,
+            log_level=args.log_level,
+        )
     except ValueError as exc:
         print(f"chargepath: {exc}", file=sys.stderr)
         return 2
@@ -137,9 +151,9 @@ def check(args: argparse.Namespace) -> int:
         try:
             response = stub.Check(pb.CheckRequest(usage=usage), timeout=args.timeout)
         except grpc.RpcError as err:
-            code = err.code()  # type: ignore[attr-defined]
-            status = rpc_status.from_call(err)  # type: ignore[arg-type]
-            print(f"chargepath: {code.name}: {err.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            code = err.code()
+            status = rpc_status.from_call(err)
+            print(f"chargepath: {code.name}: {err.details()}", file=sys.stderr)
             if status is not None and args.json:
                 print(json.dumps({"code": code.name, "message": status.message}))
             return 1
@@ -161,8 +175,12 @@ def _render(v: Any) -> None:
         if ms < 10_000:
             return f"{ms} ms"
         secs = ms // 1000
-        parts = [(secs // 86400, "d"), (secs % 86400 // 3600, "h"), (secs % 3600 // 60, "m"),
-                 (secs % 60, "s")]  # fmt: skip
+        parts = [
+            (secs // 86400, "d"),
+            (secs % 86400 // 3600, "h"),
+            (secs % 3600 // 60, "m"),
+            (secs % 60, "s"),
+        ]
         return " ".join(f"{n}{u}" for n, u in parts if n) or "0s"
 
     colour = {pb.DECISION_ALLOW: "green", pb.DECISION_THROTTLE: "yellow"}.get(v.decision, "red")
@@ -175,7 +193,9 @@ def _render(v: Any) -> None:
         console.print(f"retry after {human(v.retry_after.ToMilliseconds())}")
     if v.message:
         console.print(v.message)
-    console.print(f"policy v{v.policy_version}  decision {v.decision_id}  trace {v.trace_id or '-'}")
+    console.print(
+        f"policy v{v.policy_version}  decision {v.decision_id}  trace {v.trace_id or '-'}"
+    )
     if v.limits:
         t = Table("limit", "kind", "scope", "remaining", "capacity", "reset after", "")
         for lim in v.limits:

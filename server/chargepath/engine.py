@@ -107,8 +107,16 @@ class Engine:
 
     def violations(self, usage: Usage, policy: Policy, *, on_stream: bool) -> list[FieldViolation]:
         out = validate_usage(usage, on_stream=on_stream)
-        if usage.metric and not any(v.field == "metric" for v in out) and usage.metric not in policy.metrics:
-            out.append(FieldViolation("metric", f"unknown metric {usage.metric!r}: not in the policy's catalog"))
+        if (
+            usage.metric
+            and not any(v.field == "metric" for v in out)
+            and usage.metric not in policy.metrics
+        ):
+            out.append(
+                FieldViolation(
+                    "metric", f"unknown metric {usage.metric!r}: not in the policy's catalog"
+                )
+            )
         return out
 
     async def check(self, usage: Usage) -> Verdict:

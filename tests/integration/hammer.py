@@ -11,7 +11,9 @@ from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
 
 
-async def _hammer(url: str, worker: int, seconds: float, concurrency: int) -> tuple[int, int, int, int]:
+async def _hammer(
+    url: str, worker: int, seconds: float, concurrency: int
+) -> tuple[int, int, int, int]:
     store = RedisStore.from_url(url, connect_timeout=2.0)
     engine = Engine(store, EngineSettings(store_timeout_s=5.0), Telemetry())
     await engine.reload_policy()

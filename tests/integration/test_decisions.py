@@ -17,8 +17,16 @@ from tests.integration.policies import NESTED, OPEN, QUOTAS, REPORTING
 _n = 0
 
 
-def usage(tenant: str, metric: str, amount: int, mode: Mode = Mode.ADMIT, *, slice_: str = "",
-          key: str = "", rid: str | None = None) -> Usage:  # fmt: skip
+def usage(
+    tenant: str,
+    metric: str,
+    amount: int,
+    mode: Mode = Mode.ADMIT,
+    *,
+    slice_: str = "",
+    key: str = "",
+    rid: str | None = None,
+) -> Usage:
     global _n
     _n += 1
     return Usage(rid or f"r{_n}", Subject(tenant, slice_, key), metric, amount, mode)
@@ -129,7 +137,9 @@ async def test_leap_day_month_in_lua_matches_python(store: RedisStore) -> None:
     e = await _engine_at(store, QUOTAS, leap)
     v = await e.check(usage("mvno", "slice.bytes", 1, Mode.REPORT, slice_="s9"))
     monthly = next(lim for lim in v.limits if lim.name == "bytes-monthly")
-    assert monthly.reset_after_ms == period_bounds(v.decided_at_ms, Period.MONTH)[1] - v.decided_at_ms
+    assert (
+        monthly.reset_after_ms == period_bounds(v.decided_at_ms, Period.MONTH)[1] - v.decided_at_ms
+    )
 
 
 async def test_unknown_tenant_and_unentitled_metric_are_denied(store: RedisStore) -> None:

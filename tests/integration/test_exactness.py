@@ -30,8 +30,10 @@ async def test_eight_processes_never_exceed_capacity_plus_refill(
     first = min(r[2] for r in results)
     last = max(r[3] for r in results)
     bound = CAPACITY + REFILL_PER_S * (last - first) / 1000
-    print(f"{CLIENTS} clients, {decided} decisions, {allowed} allowed, bound {bound:.1f}, "
-          f"{(last - first) / 1000:.2f} s on Redis' clock")  # fmt: skip
+    print(
+        f"{CLIENTS} clients, {decided} decisions, {allowed} allowed, bound {bound:.1f}, "
+        f"{(last - first) / 1000:.2f} s on Redis' clock"
+    )
     # the clients asked for far more than the bucket gives, so it ran empty all along
     assert decided > 2 * bound
     assert allowed <= bound

@@ -41,7 +41,9 @@ async def test_one_request_id_ten_times_in_sequence_and_concurrently(
     assert len(entries) == 1 and entries[0]["a"] == "700"
 
 
-async def test_concurrent_first_attempts_decide_once(store: RedisStore, raw_redis: redis.Redis) -> None:
+async def test_concurrent_first_attempts_decide_once(
+    store: RedisStore, raw_redis: redis.Redis
+) -> None:
     e = await make_engine(store, OPEN)
     u = Usage("race", Subject("acme", key="k1"), "api.sms.send", 1, Mode.ADMIT)
     verdicts = await asyncio.gather(*(e.check(u) for _ in range(10)))
@@ -65,8 +67,15 @@ async def test_request_id_reused_for_another_usage_is_refused(store: RedisStore)
 
 
 def session_usage(seq: int, amount: int = 10, session: str = "sess-1") -> Usage:
-    return Usage(f"u{seq}", Subject("mvno", "s1"), "slice.bytes", amount, Mode.REPORT,
-                 session_id=session, sequence=seq)  # fmt: skip
+    return Usage(
+        f"u{seq}",
+        Subject("mvno", "s1"),
+        "slice.bytes",
+        amount,
+        Mode.REPORT,
+        session_id=session,
+        sequence=seq,
+    )
 
 
 async def test_stream_resent_from_sequence_zero_counts_nothing_twice(
@@ -108,11 +117,17 @@ async def test_ledger_holds_every_allowed_admit_and_every_report_once(
     usages = []
     for i in range(300):
         if rng.random() < 0.5:
-            u = Usage(f"a{i}", Subject("acme", key=f"k{rng.randrange(3)}"), "api.sms.send",
-                      rng.randint(1, 3), Mode.ADMIT)  # fmt: skip
+            u = Usage(
+                f"a{i}",
+                Subject("acme", key=f"k{rng.randrange(3)}"),
+                "api.sms.send",
+                rng.randint(1, 3),
+                Mode.ADMIT,
+            )
         else:
-            u = Usage(f"r{i}", Subject("acme", "s1"), "slice.bytes", rng.randint(1, 10**6),
-                      Mode.REPORT)  # fmt: skip
+            u = Usage(
+                f"r{i}", Subject("acme", "s1"), "slice.bytes", rng.randint(1, 10**6), Mode.REPORT
+            )
         usages.append(u)
     # a mix of unary calls, batches and retries
     for u in usages[:100]:

@@ -63,13 +63,15 @@ async def test_redis_killed_mid_run(tmp_path: Path) -> None:
         # Redis comes back on the same data folder (its AOF) and port
         server.start()
         for _ in range(100):
-            v = await engine.check(Usage("probe", Subject("mvno", "s1"), "slice.bytes", 1, Mode.REPORT))
+            v = await engine.check(
+                Usage("probe", Subject("mvno", "s1"), "slice.bytes", 1, Mode.REPORT)
+            )
             if not v.degraded:
                 break
             await asyncio.sleep(0.05)
         assert not v.degraded
         # the controller resends what was not recorded, with the same ids
-        for u, v, _ in during:
+        for u, _, _ in during:
             again = await engine.check(u)
             assert again.recorded and not again.degraded
         raw = redis.Redis.from_url(server.url, decode_responses=True)

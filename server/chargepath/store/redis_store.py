@@ -112,8 +112,9 @@ class RedisStore:
         self._stamp = client.register_script(read_script("stamp.lua"))
 
     @classmethod
-    def from_url(cls, url: str, *, cluster: bool = False, connect_timeout: float = 0.05,
-                 **kwargs: Any) -> RedisStore:
+    def from_url(
+        cls, url: str, *, cluster: bool = False, connect_timeout: float = 0.05, **kwargs: Any
+    ) -> RedisStore:
         client: RedisClient
         if cluster:
             client = RedisCluster.from_url(
@@ -162,15 +163,32 @@ class RedisStore:
                 dedup = idx(f"{prefix}d:{u.request_id}")
             labels = json.dumps(dict(u.labels), separators=(",", ":")) if u.labels else ""
             args += (
-                flags, u.amount, u.request_id, item.decision_id, item.fingerprint, dedup, sess,
-                u.sequence, u.subject.slice, u.subject.key, u.metric, labels, u.occurred_at_ms,
+                flags,
+                u.amount,
+                u.request_id,
+                item.decision_id,
+                item.fingerprint,
+                dedup,
+                sess,
+                u.sequence,
+                u.subject.slice,
+                u.subject.key,
+                u.metric,
+                labels,
+                u.occurred_at_ms,
                 len(limits),
-            )  # fmt: skip
+            )
             for lim in limits:
                 k = idx(limit_key(tenant, lim, u.subject.slice, u.subject.key))
                 if lim.kind is LimitKind.RATE:
-                    args += (k, 1, int(lim.soft), lim.capacity * lim.scale, lim.scale,
-                             lim.refill_per_ms)  # fmt: skip
+                    args += (
+                        k,
+                        1,
+                        int(lim.soft),
+                        lim.capacity * lim.scale,
+                        lim.scale,
+                        lim.refill_per_ms,
+                    )
                 else:
                     args += (k, 2, int(lim.soft), lim.amount, int(lim.period), 0)
         try:
@@ -210,7 +228,9 @@ class RedisStore:
             flags = int(flags)
             message = ""
             if flags & FLAG_CONFLICT:
-                message = "request_id: was already used for a different usage within the dedup window"
+                message = (
+                    "request_id: was already used for a different usage within the dedup window"
+                )
             elif flags & FLAG_WINDOW_MISS:
                 message = (
                     "sequence: resend of a usage older than the session's replay window; "
@@ -254,7 +274,7 @@ class RedisStore:
 
     async def load_policy(self) -> PublishedPolicy | None:
         try:
-            v, doc = await self.client.hmget(POLICY_KEY, ["v", "doc"])  # type: ignore[misc]
+            v, doc = await self.client.hmget(POLICY_KEY, ["v", "doc"])
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         if v is None or doc is None:
@@ -263,14 +283,14 @@ class RedisStore:
 
     async def policy_version(self) -> int:
         try:
-            v = await self.client.hget(POLICY_KEY, "v")  # type: ignore[misc]
+            v = await self.client.hget(POLICY_KEY, "v")
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         return int(v) if v else 0
 
     async def ping(self) -> None:
         try:
-            await self.client.ping()  # type: ignore[misc]
+            await self.client.ping()
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
 

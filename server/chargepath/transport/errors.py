@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
-import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -12,9 +11,7 @@ from grpc_status import rpc_status
 from chargepath.core.model import FieldViolation
 
 
-async def abort_invalid(
-    context: grpc.aio.ServicerContext[object, object], violations: list[FieldViolation]
-) -> NoReturn:
+async def abort_invalid(context: Any, violations: list[FieldViolation]) -> NoReturn:
     """INVALID_ARGUMENT naming every bad field, with a google.rpc.BadRequest detail."""
     detail = any_pb2.Any()
     detail.Pack(
@@ -31,3 +28,4 @@ async def abort_invalid(
         details=[detail],
     )
     await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("abort_with_status returned")

@@ -1,0 +1,192 @@
+"""The public contract over real gRPC: verdicts, health, reflection, and bad input."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+import redis
+from google.rpc import error_details_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from chargepath.v1 import metering_pb2 as pb
+from chargepath.v1 import metering_pb2_grpc as pb_grpc
+from tests.e2e.conftest import GatewayProcess
+
+
+def usage(**kw: object) -> pb.Usage:
+    base: dict[str, object] = dict(
+        request_id=str(uuid.uuid4()),
+        subject=pb.Subject(tenant="cpaas-demo", key="key-e2e"),
+        metric="api.sms.send",
+        amount=1,
+        mode=pb.MODE_ADMIT,
+    )
+    base.update(kw)
+    return pb.Usage(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def stub(gateway: GatewayProcess) -> pb_grpc.MeteringServiceStub:
+    channel = grpc.insecure_channel(
+        gateway.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    )
+    return pb_grpc.MeteringServiceStub(channel)
+
+
+def test_check_allows_and_records(
+    stub: pb_grpc.MeteringServiceStub, redis_client: redis.Redis
+) -> None:
+    u = usage()
+    v = stub.Check(pb.CheckRequest(usage=u), timeout=5).verdict
+    assert (v.decision, v.reason, v.recorded) == (pb.DECISION_ALLOW, pb.REASON_OK, True)
+    assert v.request_id == u.request_id and len(v.decision_id) == 32
+    assert v.policy_version >= 1 and len(v.trace_id) == 32
+    assert [lim.name for lim in v.limits] == ["sms-per-key", "sms-account", "sms-monthly"]
+    rids = [f["rid"] for _, f in redis_client.xrange("cp:{cpaas-demo}:ledger")]  # type: ignore[union-attr]
+    assert rids.count(u.request_id) == 1
+    again = stub.Check(pb.CheckRequest(usage=u), timeout=5).verdict
+    assert again.replayed and again.decision_id == v.decision_id
+
+
+def test_health_and_reflection(gateway: GatewayProcess) -> None:
+    assert gateway.health() == 1  # SERVING
+    with grpc.insecure_channel(gateway.address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"chargepath.v1.MeteringService", "grpc.health.v1.Health"} <= names
+
+
+def field_violations(err: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    out = []
+    for detail in status.details:
+        br = error_details_pb2.BadRequest()
+        assert detail.Unpack(br)
+        out += [f.field for f in br.field_violations]
+    return out
+
+
+BAD = [
+    ({"subject": pb.Subject(tenant="")}, "subject.tenant"),
+    ({"amount": 0}, "amount"),
+    ({"amount": -7}, "amount"),
+    ({"mode": 7}, "mode"),
+    ({"mode": pb.MODE_UNSPECIFIED}, "mode"),
+    ({"subject": pb.Subject(tenant="t" * 10_000)}, "subject.tenant"),
+    ({"request_id": "r" * 10_000}, "request_id"),
+    ({"metric": "m" * 10_000}, "metric"),
+    ({"subject": pb.Subject(tenant="cpaas-demo", key="k" * 10_000)}, "subject.key"),
+    ({"labels": {f"label{i}": "v" for i in range(5000)}}, "labels"),
+    ({"metric": "api.sms.unknown"}, "metric"),
+    ({"session_id": "s1", "sequence": 1}, "session_id"),
+]
+
+
+@pytest.mark.parametrize(("kw", "field"), BAD, ids=[f for _, f in BAD])
+def test_check_bad_input_is_invalid_argument_naming_the_field(
+    stub: pb_grpc.MeteringServiceStub, kw: dict[str, object], field: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Check(pb.CheckRequest(usage=usage(**kw)), timeout=5)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert field in field_violations(e.value)
+    details = e.value.details()  # type: ignore[attr-defined]
+    assert details.startswith(field) or f"; {field}" in details
+    assert len(details) < 500 and "Traceback" not in details
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def test_amount_beyond_int64_on_the_wire(gateway: GatewayProcess) -> None:
+    """A varint larger than int64 (a client sending uint64 max) is refused, not wrapped."""
+    inner = usage().SerializeToString() + b"\x20" + _varint(2**64 - 1)  # field 4 again: last wins
+    body = b"\x0a" + _varint(len(inner)) + inner
+    with grpc.insecure_channel(gateway.address) as ch:
+        call = ch.unary_unary("/chargepath.v1.MeteringService/Check")
+        with pytest.raises(grpc.RpcError) as e:
+            call(body, timeout=5)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "amount" in field_violations(e.value)
+
+
+def test_stream_bad_item_gets_invalid_usage_and_the_stream_goes_on(
+    stub: pb_grpc.MeteringServiceStub, redis_client: redis.Redis
+) -> None:
+    session = str(uuid.uuid4())
+
+    def report(seq: int, **kw: object) -> pb.Usage:
+        base: dict[str, object] = dict(
+            subject=pb.Subject(tenant="mvno-demo", slice="1-000001"),
+            metric="slice.bytes",
+            amount=1000,
+            mode=pb.MODE_REPORT,
+            session_id=session,
+            sequence=seq,
+        )
+        base.update(kw)
+        return usage(**base)
+
+    batches = [
+        pb.StreamUsageRequest(
+            usages=[
+                report(1),
+                report(2, amount=-1),
+                report(3),
+                report(4, subject=pb.Subject(tenant="")),
+            ]
+        ),
+        pb.StreamUsageRequest(
+            usages=[report(5, labels={str(i): "x" for i in range(3000)}), report(6)]
+        ),
+        pb.StreamUsageRequest(usages=[report(7 + i) for i in range(1001)]),
+        pb.StreamUsageRequest(usages=[report(2000)]),
+    ]
+    responses = list(stub.StreamUsage(iter(batches), timeout=10))
+    assert len(responses) == 4
+    first = responses[0].verdicts
+    assert [v.reason for v in first] == [
+        pb.REASON_OK,
+        pb.REASON_INVALID_USAGE,
+        pb.REASON_OK,
+        pb.REASON_INVALID_USAGE,
+    ]
+    assert first[1].message.startswith("amount:") and first[3].message.startswith("subject.tenant:")
+    assert [v.request_id for v in first] == [u.request_id for u in batches[0].usages]
+    assert [v.reason for v in responses[1].verdicts] == [pb.REASON_INVALID_USAGE, pb.REASON_OK]
+    assert all(v.reason == pb.REASON_INVALID_USAGE for v in responses[2].verdicts)
+    assert "at most 1000" in responses[2].verdicts[0].message
+    assert responses[3].verdicts[0].recorded
+    recorded = {v.request_id for r in responses for v in r.verdicts if v.recorded}
+    rids = [f["rid"] for _, f in redis_client.xrange("cp:{mvno-demo}:ledger")]  # type: ignore[union-attr]
+    assert recorded <= set(rids) and len(recorded) == 4
+    # the invalid ones were not recorded
+    assert batches[0].usages[1].request_id not in rids
+
+
+def test_bad_input_of_one_tenant_does_not_harm_another(stub: pb_grpc.MeteringServiceStub) -> None:
+    for _ in range(20):
+        with pytest.raises(grpc.RpcError):
+            stub.Check(
+                pb.CheckRequest(usage=usage(amount=-1, subject=pb.Subject(tenant="x" * 9999)))
+            )
+    v = stub.Check(
+        pb.CheckRequest(usage=usage(subject=pb.Subject(tenant="cpaas-demo", key="calm")))
+    )
+    assert v.verdict.decision == pb.DECISION_ALLOW
