@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from chargepath.core.plans import load_policy_file
 from chargepath.engine import Engine, EngineSettings
@@ -31,7 +32,7 @@ METERING = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
 class Gateway:
     """A running gateway. ``await start()``, then ``await stop()`` (what SIGTERM does)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
         self.embedded: EmbeddedRedis | None = None
         self.draining = asyncio.Event()
@@ -40,7 +41,7 @@ class Gateway:
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._serving: bool | None = None
-        self.telemetry = Telemetry()
+        self.telemetry = telemetry or Telemetry()
 
     async def start(self) -> None:
         s = self.settings
@@ -93,13 +94,14 @@ class Gateway:
             )
 
         self.server = grpc.aio.server(
+            interceptors=[aio_server_interceptor(tracer_provider=self.telemetry.tracer_provider)],
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.so_reuseport", 1),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.max_pings_without_data", 0),
-            ]
+            ],
         )
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(
             MeteringServicer(self.engine, self.draining), self.server

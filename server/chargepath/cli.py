@@ -9,10 +9,13 @@ import logging
 import signal
 import sys
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chargepath import __version__
 from chargepath.settings import Settings
+
+if TYPE_CHECKING:
+    from chargepath.telemetry import Telemetry
 
 log = logging.getLogger("chargepath")
 
@@ -38,6 +41,12 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--store-timeout-ms", type=int, help="bound on every store call (default 50)")
     p.add_argument("--dedup-window-s", type=int, help="request id dedup window (default 600)")
     p.add_argument("--redis-fsync", choices=["everysec", "always"], help="embedded AOF fsync")
+    p.add_argument(
+        "--otel",
+        choices=["none", "console", "otlp"],
+        help="trace and metric exporter when OTEL_TRACES_EXPORTER/OTEL_METRICS_EXPORTER are unset",
+    )
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--log-format", choices=["json", "text"])
     p.add_argument("--log-level")
 
@@ -74,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from chargepath import telemetry
     from chargepath.core.plans import PolicyError
     from chargepath.logs import configure_logging
-    from chargepath.telemetry import configure as configure_telemetry
 
     try:
         settings = Settings.from_env(
@@ -91,12 +100,16 @@ def serve(args: argparse.Namespace) -> int:
             redis_fsync=args.redis_fsync,
             log_format=args.log_format,
             log_level=args.log_level,
+            otel=args.otel,
+            metrics_port=args.metrics_port,
         )
     except ValueError as exc:
         print(f"chargepath: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
-    configure_telemetry()
+    otel = telemetry.setup(
+        otel=settings.otel, metrics_port=settings.metrics_port, metrics_host=settings.metrics_host
+    )
     try:
         import uvloop
 
@@ -104,20 +117,22 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, otel.telemetry))
     except PolicyError as exc:
         print(f"chargepath: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"chargepath: {exc}", file=sys.stderr)
         return 2
+    finally:
+        otel.shutdown()
     return 0
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, telemetry: Telemetry) -> None:
     from chargepath.app import Gateway
 
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, telemetry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -89,6 +89,8 @@ class Engine:
         )
         self.allowance = LocalAllowance(clock_ms)
         self._reload_lock = asyncio.Lock()
+        self._degraded_logged_at = 0.0
+        self._degraded_since_log = 0
 
     # -- policy -------------------------------------------------------------------------
 
@@ -177,10 +179,11 @@ class Engine:
                 return self._degraded(policy, items, "circuit breaker open")
             started = time.perf_counter()
             try:
-                verdicts = await asyncio.wait_for(
-                    self.store.decide(tenant, policy.version, items),
-                    self.settings.store_timeout_s,
-                )
+                with self.telemetry.store_span(tenant, len(items)):
+                    verdicts = await asyncio.wait_for(
+                        self.store.decide(tenant, policy.version, items),
+                        self.settings.store_timeout_s,
+                    )
             except StalePolicyError as exc:
                 self.breaker.success()
                 try:
@@ -201,7 +204,15 @@ class Engine:
 
     def _degraded(self, policy: Policy, items: list[DecideItem], why: str) -> list[Verdict]:
         """Verdicts by the tenant's failure policy; nothing is recorded."""
-        log.warning("store unavailable (%s): %d decision(s) by failure policy", why, len(items))
+        self._degraded_since_log += len(items)
+        now = time.monotonic()
+        if now - self._degraded_logged_at >= 1.0:  # at most one line a second in an outage
+            log.warning(
+                "store unavailable (%s): %d decision(s) by failure policy since the last report",
+                why,
+                self._degraded_since_log,
+            )
+            self._degraded_logged_at, self._degraded_since_log = now, 0
         out = []
         for item in items:
             u, res = item.usage, item.resolution

@@ -37,6 +37,11 @@ class Settings:
     #: How often the store's health is probed for the gRPC health service.
     health_probe_ms: int = 500
     max_message_bytes: int = 4 * 1024 * 1024
+    #: Shorthand for the OTEL_TRACES_EXPORTER/OTEL_METRICS_EXPORTER defaults: none, console, otlp.
+    otel: str = ""
+    #: Port of the Prometheus scrape endpoint (/metrics); 0: none.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     log_format: str = "json"
     log_level: str = "INFO"
     #: Testing only: shift the store clock (quota period tests).

@@ -1,32 +1,43 @@
 """OpenTelemetry for decisions: a span per decision, metrics by outcome, store latency.
 
-Only the API is used here; :func:`configure` installs the SDK providers from the standard
-``OTEL_*`` variables. Span attributes are low-cardinality and never carry a request body, a
-label value or a credential.
+:class:`Telemetry` holds the tracer and the instruments the engine and the servicers use; it
+takes its providers as arguments (tests pass in-memory ones). :func:`setup` builds the SDK
+providers from the standard ``OTEL_*`` variables, ``--otel`` and ``--metrics-port``.
+
+Span attributes are low-cardinality: tenant, slice, metric, mode, decision, reason, policy
+version, degraded, replayed, amount. Never a request body, a label value, a key (an API key may
+be a secret) or a credential.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, SpanKind
 
-from chargepath.core.model import Usage, Verdict
+from chargepath.core.model import Mode, Usage, Verdict
 
 log = logging.getLogger("chargepath.telemetry")
 
 
 class SpanBatch:
-    """Open decision spans for a batch; :meth:`finish` closes them with their verdicts."""
+    """Open decision spans for a batch; :meth:`finish` closes them with their verdicts.
+
+    For a single usage (``Check``) the decision span is made current, so that the store call
+    is its child span."""
 
     def __init__(self, telemetry: Telemetry, usages: Sequence[Usage]) -> None:
         self._t = telemetry
         self._started = time.perf_counter()
+        self._token: object | None = None
         tracer = telemetry.tracer
         self.spans: list[Span] = [
             tracer.start_span(
@@ -34,17 +45,20 @@ class SpanBatch:
                 kind=SpanKind.INTERNAL,
                 attributes={
                     "chargepath.tenant": u.subject.tenant,
-                    "chargepath.metric": u.metric,
-                    "chargepath.mode": "report" if u.mode == 2 else "admit",
-                    "chargepath.amount": u.amount,
                     "chargepath.slice": u.subject.slice,
+                    "chargepath.metric": u.metric,
+                    "chargepath.mode": "report" if u.mode is Mode.REPORT else "admit",
+                    "chargepath.amount": u.amount,
                 },
             )
             for u in usages
         ]
+        if len(self.spans) == 1:
+            self._token = otel_context.attach(trace.set_span_in_context(self.spans[0]))
 
     def finish(self, verdicts: list[Verdict]) -> list[Verdict]:
         elapsed = time.perf_counter() - self._started
+        self._detach()
         out = []
         for span, v in zip(self.spans, verdicts, strict=True):
             ctx = span.get_span_context()
@@ -59,35 +73,59 @@ class SpanBatch:
                     }
                 )
             span.end()
-            if ctx.is_valid:
+            if ctx.is_valid and ctx.trace_flags.sampled:
                 v = dataclasses.replace(v, trace_id=f"{ctx.trace_id:032x}")
             self._t.count_decision(v, elapsed)
             out.append(v)
         self.spans = []
         return out
 
+    def _detach(self) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+            self._token = None
+
     def abort(self) -> None:
+        self._detach()
         for span in self.spans:
             span.end()
+        self.spans = []
 
 
 class Telemetry:
     """The process's tracer and instruments."""
 
-    def __init__(self) -> None:
-        self.tracer = trace.get_tracer("chargepath")
-        meter = metrics.get_meter("chargepath")
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        self.tracer_provider = tracer_provider or trace.get_tracer_provider()
+        self.meter_provider = meter_provider or metrics.get_meter_provider()
+        self.tracer = self.tracer_provider.get_tracer("chargepath")
+        meter = self.meter_provider.get_meter("chargepath")
         self._decisions = meter.create_counter(
-            "chargepath.decisions", unit="{decision}", description="Decisions by outcome and reason"
+            "chargepath.decisions",
+            unit="{decision}",
+            description="Decisions by decision, reason and degraded",
+        )
+        self._degraded = meter.create_counter(
+            "chargepath.decisions.degraded",
+            unit="{decision}",
+            description="Decisions taken by the failure policy because the store was unavailable",
         )
         self._latency = meter.create_histogram(
-            "chargepath.decision.duration", unit="s", description="Time to decide a batch"
+            "chargepath.decision.duration",
+            unit="s",
+            description="Time from receiving a usage to its verdict",
         )
         self._store_latency = meter.create_histogram(
             "chargepath.store.duration", unit="s", description="Time of one store call"
         )
         self._store_errors = meter.create_counter(
-            "chargepath.store.errors", unit="{error}", description="Store calls that failed"
+            "chargepath.store.errors",
+            unit="{error}",
+            description="Store calls that failed or timed out",
         )
         self.open_streams = meter.create_up_down_counter(
             "chargepath.streams.open", unit="{stream}", description="Open StreamUsage streams"
@@ -101,15 +139,30 @@ class Telemetry:
         finally:
             batch.abort()
 
-    def count_decision(self, v: Verdict, elapsed_s: float) -> None:
-        self._decisions.add(
-            1,
-            {
-                "decision": v.decision.name,
-                "reason": v.reason.name,
-                "degraded": v.degraded,
+    @contextmanager
+    def store_span(self, tenant: str, size: int) -> Iterator[Span]:
+        """A client span around one store script call (child of the current span)."""
+        with self.tracer.start_as_current_span(
+            "chargepath.store.decide",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "db.system": "redis",
+                "db.operation": "EVALSHA",
+                "chargepath.tenant": tenant,
+                "chargepath.batch_size": size,
             },
-        )
+        ) as span:
+            yield span
+
+    def count_decision(self, v: Verdict, elapsed_s: float) -> None:
+        attrs: dict[str, str | bool] = {
+            "decision": v.decision.name,
+            "reason": v.reason.name,
+            "degraded": v.degraded,
+        }
+        self._decisions.add(1, attrs)
+        if v.degraded:
+            self._degraded.add(1, {"reason": v.reason.name})
         self._latency.record(elapsed_s)
 
     def count_invalid(self) -> None:
@@ -122,26 +175,86 @@ class Telemetry:
         self._store_errors.add(1)
 
 
-def configure(service_name: str = "chargepath") -> None:
-    """Install the SDK tracer and meter providers, configured by the standard ``OTEL_*``
-    variables. Without an exporter configured, decisions are still recorded as spans (so
-    verdicts carry trace ids) but nothing leaves the process."""
-    import os
+@dataclasses.dataclass
+class TelemetrySetup:
+    """What :func:`setup` built; :meth:`shutdown` flushes exporters on exit."""
 
+    telemetry: Telemetry
+    providers: list[Any]
+
+    def shutdown(self) -> None:
+        for p in self.providers:
+            try:
+                p.shutdown()
+            except Exception:  # an exporter failing at exit must not hide the real exit
+                log.exception("telemetry shutdown failed")
+
+
+def setup(
+    *, otel: str = "", metrics_port: int = 0, metrics_host: str = "127.0.0.1"
+) -> TelemetrySetup:
+    """SDK providers configured by ``OTEL_*`` variables.
+
+    ``otel`` (``none``, ``console``, ``otlp``) sets the traces and metrics exporters when the
+    ``OTEL_TRACES_EXPORTER``/``OTEL_METRICS_EXPORTER`` variables do not. The sampler is the
+    SDK's (``OTEL_TRACES_SAMPLER``, default parent-based always-on): every decision is
+    recorded, and nothing is exported unless an exporter is configured. ``metrics_port``
+    serves a Prometheus scrape endpoint.
+    """
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        ConsoleMetricExporter,
+        MetricReader,
+        PeriodicExportingMetricReader,
+    )
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource)
-    exporter_names = os.environ.get("OTEL_TRACES_EXPORTER", "none")
-    for name in (n.strip() for n in exporter_names.split(",")):
+    from chargepath import __version__
+
+    resource = Resource.create(
+        {
+            "service.name": os.environ.get("OTEL_SERVICE_NAME", "chargepath"),
+            "service.version": __version__,
+        }
+    )
+    tracer_provider = TracerProvider(resource=resource)
+    for name in _exporters("OTEL_TRACES_EXPORTER", otel):
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         elif name == "console":
-            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-        elif name not in ("none", ""):
-            log.warning("OTEL_TRACES_EXPORTER=%s is not supported; use otlp, console or none", name)
-    trace.set_tracer_provider(provider)
+            tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    readers: list[MetricReader] = []
+    for name in _exporters("OTEL_METRICS_EXPORTER", otel):
+        if name == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter,
+            )
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        elif name == "console":
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    if metrics_port:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=metrics_host)
+        readers.append(PrometheusMetricReader())
+        log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, metrics_port)
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(meter_provider)
+    return TelemetrySetup(
+        Telemetry(tracer_provider, meter_provider), [tracer_provider, meter_provider]
+    )
+
+
+def _exporters(variable: str, default: str) -> list[str]:
+    names = [n.strip() for n in os.environ.get(variable, default or "none").split(",")]
+    for n in names:
+        if n not in ("otlp", "console", "none", ""):
+            log.warning("%s=%s is not supported; use otlp, console or none", variable, n)
+    return [n for n in names if n in ("otlp", "console")]

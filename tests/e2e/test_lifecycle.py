@@ -80,6 +80,10 @@ def test_store_down_gives_bounded_degraded_verdicts_and_not_serving(tmp_path: Pa
             while gw.health() != NOT_SERVING and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert gw.health() == NOT_SERVING
+            # the log says why, with the trace id of a decision it concerns
+            lines = [json.loads(x) for x in gw.log().splitlines() if x.startswith("{")]
+            outage = [x for x in lines if x["msg"].startswith("store unavailable")]
+            assert outage and len(outage[0]["trace_id"]) == 32 and outage[0]["level"] == "WARNING"
             gw.redis.start()
             deadline = time.monotonic() + 10
             while gw.health() != SERVING and time.monotonic() < deadline:

@@ -67,7 +67,11 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                     return
                 assert isinstance(request, pb.StreamUsageRequest)
                 try:
-                    verdicts = await self._decide(request)
+                    with telemetry.tracer.start_as_current_span(
+                        "chargepath.StreamUsage.batch",
+                        attributes={"chargepath.batch_size": len(request.usages)},
+                    ):
+                        verdicts = await self._decide(request)
                 except Exception:
                     incident = uuid.uuid4().hex[:12]
                     log.exception("StreamUsage batch failed (incident %s)", incident)
