@@ -127,7 +127,7 @@ class Engine:
         if bad:
             raise InvalidUsageError(bad)
         with self.telemetry.decision_spans([usage]) as spans:
-            verdicts = await self._decide_tenant(usage.subject.tenant, [usage])
+            verdicts = await self._decide_tenant(usage.subject.tenant, [usage], spans.trace_ids)
             verdicts = spans.finish(verdicts)
         v = verdicts[0]
         if v.reason is Reason.INVALID_USAGE:
@@ -156,8 +156,12 @@ class Engine:
                 groups.setdefault(u.subject.tenant, []).append(i)
         valid = [usages[i] for idxs in groups.values() for i in idxs]
         with self.telemetry.decision_spans(valid) as spans:
+            traces = iter(spans.trace_ids)
             results = await asyncio.gather(
-                *(self._decide_tenant(t, [usages[i] for i in idxs]) for t, idxs in groups.items())
+                *(
+                    self._decide_tenant(t, [usages[i] for i in idxs], [next(traces) for _ in idxs])
+                    for t, idxs in groups.items()
+                )
             )
             flat = spans.finish([v for vs in results for v in vs])
         pos = 0
@@ -167,13 +171,22 @@ class Engine:
                 pos += 1
         return [v for v in out if v is not None]
 
-    async def _decide_tenant(self, tenant: str, usages: list[Usage]) -> list[Verdict]:
+    async def _decide_tenant(
+        self, tenant: str, usages: list[Usage], trace_ids: list[str]
+    ) -> list[Verdict]:
         policy = self.policy
         ids = [new_decision_id() for _ in usages]
         for _ in range(STALE_RETRIES):
             items = [
-                DecideItem(u, policy.resolve(u.subject, u.metric), did, fingerprint(u))
-                for u, did in zip(usages, ids, strict=True)
+                DecideItem(
+                    u,
+                    policy.resolve(u.subject, u.metric),
+                    did,
+                    fingerprint(u),
+                    trace_id,
+                    policy.suspension(u.subject) is not None,
+                )
+                for u, did, trace_id in zip(usages, ids, trace_ids, strict=True)
             ]
             if not self.breaker.allow():
                 return self._degraded(policy, items, "circuit breaker open")
@@ -219,6 +232,8 @@ class Engine:
             decision, reason, retry = Decision.DENY, Reason.STORE_UNAVAILABLE, 0
             if not res.entitled:
                 reason = Reason.NO_ENTITLEMENT
+            elif item.suspended:
+                reason = Reason.SUSPENDED
             elif res.failure_mode == "allow":
                 if u.mode is Mode.REPORT:
                     decision = Decision.ALLOW

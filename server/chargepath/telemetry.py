@@ -53,6 +53,10 @@ class SpanBatch:
             )
             for u in usages
         ]
+        self.trace_ids = [
+            f"{c.trace_id:032x}" if c.is_valid and c.trace_flags.sampled else ""
+            for c in (span.get_span_context() for span in self.spans)
+        ]
         if len(self.spans) == 1:
             self._token = otel_context.attach(trace.set_span_in_context(self.spans[0]))
 

@@ -25,6 +25,7 @@ from chargepath.core.validation import METRIC_RE, TENANT_RE
 MAX_EXACT = 2**53
 
 NAME_RE = r"^[A-Za-z0-9._-]{1,64}$"
+SUBJECT_PART = r"^[A-Za-z0-9._~@+=/-]{1,128}$"
 PATTERN_RE = re.compile(r"[a-z0-9_*]+(\.[a-z0-9_*]+)*")
 
 RATE_PERIOD_MS = {"second": 1_000, "minute": 60_000, "hour": 3_600_000}
@@ -93,12 +94,22 @@ class LimitSpec(_Strict):
         return self
 
 
+class LedgerSpec(_Strict):
+    """How allowed admits reach the ledger: one entry each (``entries``), or one entry per
+    (subject, metric) and interval (``aggregate``) for high-rate admits. Reports always get one
+    entry each. Either way the ledger's totals equal the units decided."""
+
+    mode: Literal["entries", "aggregate"] = "entries"
+    interval_s: Annotated[int, Field(ge=1, le=3600)] = 60
+
+
 class PlanSpec(_Strict):
     """A named set of limits."""
 
     name: Annotated[str, Field(pattern=NAME_RE)]
     description: str = ""
     limits: list[LimitSpec] = []
+    ledger: LedgerSpec = LedgerSpec()
 
     @model_validator(mode="after")
     def _unique(self) -> PlanSpec:
@@ -117,8 +128,19 @@ class SliceSpec(_Strict):
     """A slice of a tenant, optionally with a plan of its own (whose limits add to the
     tenant's)."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._~@+=/-]{1,128}$")]
+    name: Annotated[str, Field(pattern=SUBJECT_PART)]
     plan: str | None = None
+    #: Why the slice is suspended; None: not suspended.
+    suspended: Annotated[str, Field(max_length=256)] | None = None
+
+
+class KeySpec(_Strict):
+    """A key of a tenant with a state of its own (today: a suspension). ``slice`` narrows it
+    to one slice; empty means the key in any slice."""
+
+    name: Annotated[str, Field(pattern=SUBJECT_PART)]
+    slice: Annotated[str, Field(pattern=r"^[A-Za-z0-9._~@+=/-]{0,128}$")] = ""
+    suspended: Annotated[str, Field(max_length=256)] | None = None
 
 
 class TenantSpec(_Strict):
@@ -127,13 +149,17 @@ class TenantSpec(_Strict):
     name: str
     plan: str | None = None
     failure_policy: FailurePolicySpec = FailurePolicySpec()
+    #: Why the tenant is suspended; None: not suspended.
+    suspended: Annotated[str, Field(max_length=256)] | None = None
     slices: list[SliceSpec] = []
+    keys: list[KeySpec] = []
 
     @model_validator(mode="after")
     def _check(self) -> TenantSpec:
         if not TENANT_RE.fullmatch(self.name):
             raise ValueError("name: must be 1 to 64 characters of [A-Za-z0-9._-]")
         _no_duplicates((s.name for s in self.slices), "slice")
+        _no_duplicates((f"{k.slice}/{k.name}" for k in self.keys), "key")
         return self
 
 

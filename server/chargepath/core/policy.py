@@ -89,11 +89,14 @@ class Entitlement:
 
 @dataclass(frozen=True, slots=True)
 class Resolution:
-    """The limits a usage touches, and whether its tenant is entitled to the metric at all."""
+    """The limits a usage touches, and whether its tenant is entitled to the metric at all.
+
+    ``aggregate_ms`` > 0: allowed admits reach the ledger as per-interval aggregates."""
 
     entitled: bool
     limits: tuple[Limit, ...]
     failure_mode: str
+    aggregate_ms: int = 0
 
 
 class Policy:
@@ -105,6 +108,9 @@ class Policy:
         self.metrics = frozenset(m.name for m in document.metrics)
         plans = {p.name: p for p in document.plans}
         self.entitlements: dict[str, Entitlement] = {}
+        self.aggregate_ms: dict[str, int] = {}
+        #: (tenant, slice, key) -> reason; "" for "any" slice or no key.
+        self.suspensions: dict[tuple[str, str, str], str] = {}
         for t in document.tenants:
             base = (
                 tuple((lim.metric, Limit.from_spec(lim)) for lim in plans[t.plan].limits)
@@ -119,6 +125,20 @@ class Policy:
                 for s in t.slices
                 if s.plan
             }
+            involved = [plans[t.plan]] if t.plan else []
+            involved += [plans[s.plan] for s in t.slices if s.plan]
+            self.aggregate_ms[t.name] = min(
+                (p.ledger.interval_s * 1000 for p in involved if p.ledger.mode == "aggregate"),
+                default=0,
+            )
+            if t.suspended is not None:
+                self.suspensions[(t.name, "", "")] = t.suspended
+            for s in t.slices:
+                if s.suspended is not None:
+                    self.suspensions[(t.name, s.name, "")] = s.suspended
+            for k in t.keys:
+                if k.suspended is not None:
+                    self.suspensions[(t.name, k.slice, k.name)] = k.suspended
             self.entitlements[t.name] = Entitlement(
                 tenant=t.name,
                 plan=t.plan,
@@ -152,7 +172,25 @@ class Policy:
                 candidates.extend(ent.slice_limits.get(subject.slice, ()))
             matching = [lim for pattern, lim in candidates if fnmatchcase(metric, pattern)]
             limits = tuple(lim for lim in matching if lim.applies_to(subject))
-            res = Resolution(bool(matching), limits, ent.failure_mode)
+            res = Resolution(
+                bool(matching), limits, ent.failure_mode, self.aggregate_ms.get(subject.tenant, 0)
+            )
         if len(self._cache) < 100_000:
             self._cache[ck] = res
         return res
+
+    def suspension(self, subject: Subject) -> str | None:
+        """Why ``subject`` is suspended (tenant, slice, or key in that slice or any slice), or
+        None."""
+        if not self.suspensions:
+            return None
+        t = subject.tenant
+        for probe in (
+            (t, "", ""),
+            (t, subject.slice, "") if subject.slice else None,
+            (t, subject.slice, subject.key) if subject.key else None,
+            (t, "", subject.key) if subject.key and subject.slice else None,
+        ):
+            if probe is not None and probe in self.suspensions:
+                return self.suspensions[probe]
+        return None

@@ -47,6 +47,8 @@ class DecideItem:
     resolution: Resolution
     decision_id: str
     fingerprint: str
+    trace_id: str = ""
+    suspended: bool = False
 
 
 @dataclass(frozen=True, slots=True)

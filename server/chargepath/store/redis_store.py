@@ -35,6 +35,7 @@ from chargepath.core.model import (
     LimitState,
     Mode,
     Reason,
+    Scope,
     Verdict,
 )
 from chargepath.core.plans import PolicyDocument
@@ -70,14 +71,23 @@ def entitlement_key(tenant: str) -> str:
     return f"{tenant_prefix(tenant)}ent"
 
 
+def scope_instance(limit: Limit, slice_: str, key: str) -> tuple[str, str]:
+    """The (slice, key) a limit counts at: ("", "") for a tenant-scoped one."""
+    sl = slice_ if limit.scope in (Scope.SLICE, Scope.KEY) else ""
+    return sl, key if limit.scope is Scope.KEY else ""
+
+
 def limit_key(tenant: str, limit: Limit, slice_: str, key: str) -> str:
     """The counter of ``limit`` for one scope instance: tenant, slice, or (slice, key)."""
-    from chargepath.core.model import Scope
-
     kind = "r" if limit.kind is LimitKind.RATE else "q"
-    sl = slice_ if limit.scope in (Scope.SLICE, Scope.KEY) else ""
-    k = key if limit.scope is Scope.KEY else ""
+    sl, k = scope_instance(limit, slice_, key)
     return f"{tenant_prefix(tenant)}{kind}:{limit.name}:{sl}:{k}"
+
+
+def grants_key(tenant: str, limit: Limit, slice_: str, key: str) -> str:
+    """The grants of a quota counter: id -> "amount|period_start_ms|expires_ms"."""
+    sl, k = scope_instance(limit, slice_, key)
+    return f"{tenant_prefix(tenant)}g:{limit.name}:{sl}:{k}"
 
 
 RedisClient = aioredis.Redis | RedisCluster
@@ -100,12 +110,14 @@ class RedisStore:
         dedup_window_ms: int = 600_000,
         session_ttl_ms: int = 86_400_000,
         session_window: int = 128,
+        recent_length: int = 1000,
         clock_offset_ms: int = 0,
     ) -> None:
         self.client = client
         self.dedup_window_ms = dedup_window_ms
         self.session_ttl_ms = session_ttl_ms
         self.session_window = session_window
+        self.recent_length = recent_length
         self.clock_offset_ms = clock_offset_ms
         self._decide = client.register_script(read_script("decide.lua"))
         self._publish = client.register_script(read_script("publish.lua"))
@@ -134,7 +146,7 @@ class RedisStore:
         self, tenant: str, policy_version: int, items: list[DecideItem]
     ) -> list[Verdict]:
         prefix = tenant_prefix(tenant)
-        keys: list[str] = [prefix + "ent", prefix + "ledger"]
+        keys: list[str] = [prefix + "ent", prefix + "ledger", prefix + "recent", prefix + "agg"]
         index: dict[str, int] = {}
 
         def idx(k: str) -> int:
@@ -150,18 +162,24 @@ class RedisStore:
             self.dedup_window_ms,
             self.session_ttl_ms,
             self.session_window,
+            self.recent_length,
             len(items),
         ]
         for item in items:
             u = item.usage
             limits = item.resolution.limits
-            flags = (1 if u.mode is Mode.REPORT else 0) | (2 if item.resolution.entitled else 0)
+            flags = (
+                (1 if u.mode is Mode.REPORT else 0)
+                | (2 if item.resolution.entitled else 0)
+                | (4 if item.suspended else 0)
+            )
             dedup = sess = 0
             if u.session_id:
                 sess = idx(f"{prefix}s:{u.session_id}")
             else:
                 dedup = idx(f"{prefix}d:{u.request_id}")
             labels = json.dumps(dict(u.labels), separators=(",", ":")) if u.labels else ""
+            aggregate = item.resolution.aggregate_ms if u.mode is Mode.ADMIT else 0
             args += (
                 flags,
                 u.amount,
@@ -176,6 +194,8 @@ class RedisStore:
                 u.metric,
                 labels,
                 u.occurred_at_ms,
+                item.trace_id,
+                aggregate,
                 len(limits),
             )
             for lim in limits:
@@ -188,9 +208,12 @@ class RedisStore:
                         lim.capacity * lim.scale,
                         lim.scale,
                         lim.refill_per_ms,
+                        0,
+                        lim.name,
                     )
                 else:
-                    args += (k, 2, int(lim.soft), lim.amount, int(lim.period), 0)
+                    g = idx(grants_key(tenant, lim, u.subject.slice, u.subject.key))
+                    args += (k, 2, int(lim.soft), lim.amount, int(lim.period), 0, g, lim.name)
         try:
             reply = await self._decide(keys=keys, args=args)
         except RedisError as exc:
