@@ -21,12 +21,14 @@ from chargepath.store.base import StoreUnavailableError
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
+from chargepath.transport.admin import AdminServicer
 from chargepath.transport.metering import MeteringServicer
-from chargepath.v1 import metering_pb2, metering_pb2_grpc
+from chargepath.v1 import admin_pb2, admin_pb2_grpc, metering_pb2, metering_pb2_grpc
 
 log = logging.getLogger("chargepath")
 
 METERING = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 class Gateway:
@@ -106,10 +108,14 @@ class Gateway:
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(
             MeteringServicer(self.engine, self.draining), self.server
         )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.engine, self.store), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (
                 METERING,
+                ADMIN,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),

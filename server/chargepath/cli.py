@@ -76,9 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _check_parser(sub)
+    from chargepath.cli_admin import COMMANDS, add_admin_parsers, run_admin
+
+    add_admin_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command in COMMANDS:
+        return run_admin(args)
     return check(args)
 
 

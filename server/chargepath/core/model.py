@@ -7,7 +7,7 @@ mapping module can convert by value, but nothing here depends on the generated c
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class Mode(enum.IntEnum):
@@ -125,8 +125,44 @@ class InvalidUsageError(ValueError):
         super().__init__("; ".join(str(v) for v in violations))
 
 
-@dataclass(slots=True)
-class BatchResult:
-    """Verdicts for a batch, in the order of its usages."""
+@dataclass(frozen=True, slots=True)
+class LimitChange:
+    """One limit's remaining units before and after a decision (for explain)."""
 
-    verdicts: list[Verdict] = field(default_factory=list)
+    name: str
+    kind: LimitKind
+    remaining_before: int
+    remaining_after: int
+    capacity: int
+    exceeded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """A recent decision as the store keeps it for state, explain and watch."""
+
+    decision_id: str
+    request_id: str
+    subject: Subject
+    metric: str
+    amount: int
+    mode: Mode
+    decision: Decision
+    reason: Reason
+    policy_version: int
+    decided_at_ms: int
+    trace_id: str
+    retry_after_ms: int
+    limits: tuple[LimitChange, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ThresholdEvent:
+    """A quota counter crossed ``percent`` (80 or 100) of its capacity."""
+
+    subject: Subject
+    limit: str
+    percent: int
+    used: int
+    capacity: int
+    at_ms: int

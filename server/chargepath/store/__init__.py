@@ -4,6 +4,7 @@ implementation."""
 from chargepath.store.base import (
     DecideItem,
     MeteringStore,
+    PolicyConflictError,
     PublishedPolicy,
     StalePolicyError,
     StoreUnavailableError,
@@ -12,6 +13,7 @@ from chargepath.store.base import (
 __all__ = [
     "DecideItem",
     "MeteringStore",
+    "PolicyConflictError",
     "PublishedPolicy",
     "StalePolicyError",
     "StoreUnavailableError",

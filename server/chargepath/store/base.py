@@ -39,6 +39,14 @@ class StalePolicyError(Exception):
         super().__init__(f"policy version {stamped_version} is live")
 
 
+class PolicyConflictError(Exception):
+    """A policy change was computed from a version that is no longer live."""
+
+    def __init__(self, live_version: int) -> None:
+        self.live_version = live_version
+        super().__init__(f"policy version {live_version} is live")
+
+
 @dataclass(frozen=True, slots=True)
 class DecideItem:
     """One usage to decide, with the limits the policy resolved for it."""
@@ -68,10 +76,15 @@ class MeteringStore(Protocol):
         ...
 
     async def publish_policy(
-        self, document: PolicyDocument, *, force: bool = False
+        self,
+        document: PolicyDocument,
+        *,
+        force: bool = False,
+        expected_version: int | None = None,
     ) -> PublishedPolicy:
         """Make ``document`` live under the next version and stamp every tenant it names or
-        named. Returns only once every stamp is written (read-your-writes)."""
+        named. Returns only once every stamp is written (read-your-writes). With
+        ``expected_version``, raise :class:`PolicyConflictError` unless it is the live one."""
         ...
 
     async def load_policy(self) -> PublishedPolicy | None:

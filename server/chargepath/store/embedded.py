@@ -125,6 +125,8 @@ class EmbeddedRedis:
                 )
                 raise RuntimeError(f"redis-server exited at start: {err or log}")
             if self._answers():
+                # where operator tools (chargepath ledger ...) find the embedded Redis
+                (self.data_dir / "url").write_text(self.url + "\n")
                 return
             time.sleep(0.02)
         self.stop()

@@ -42,6 +42,7 @@ from chargepath.core.plans import PolicyDocument
 from chargepath.core.policy import Limit
 from chargepath.store.base import (
     DecideItem,
+    PolicyConflictError,
     PublishedPolicy,
     StalePolicyError,
     StoreUnavailableError,
@@ -277,15 +278,27 @@ class RedisStore:
         return out
 
     async def publish_policy(
-        self, document: PolicyDocument, *, force: bool = False
+        self,
+        document: PolicyDocument,
+        *,
+        force: bool = False,
+        expected_version: int | None = None,
     ) -> PublishedPolicy:
         body = document.canonical_json()
         sha = hashlib.sha256(body.encode()).hexdigest()
         try:
             previous = await self.load_policy()
             version, changed = await self._publish(
-                keys=[POLICY_KEY], args=[body, sha, "1" if force else "0"]
+                keys=[POLICY_KEY],
+                args=[
+                    body,
+                    sha,
+                    "1" if force else "0",
+                    "" if expected_version is None else expected_version,
+                ],
             )
+            if version == -1:
+                raise PolicyConflictError(int(changed))
             tenants = {t.name for t in document.tenants}
             if previous is not None:
                 tenants |= {t.name for t in previous.document.tenants}

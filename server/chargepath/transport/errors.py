@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
+import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -29,3 +30,9 @@ async def abort_invalid(context: Any, violations: list[FieldViolation]) -> NoRet
     )
     await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("abort_with_status returned")
+
+
+async def abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the call with ``code``; ``message`` must hold no exception text or secret."""
+    await context.abort(code, message)
+    raise AssertionError("abort returned")

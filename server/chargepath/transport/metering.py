@@ -13,7 +13,7 @@ import grpc
 from chargepath.core.model import Decision, InvalidUsageError, Reason, Verdict
 from chargepath.core.validation import MAX_BATCH
 from chargepath.engine import Engine, new_decision_id
-from chargepath.transport.errors import abort_invalid
+from chargepath.transport.errors import abort, abort_invalid
 from chargepath.transport.mapping import usage_from_pb, verdict_to_pb
 from chargepath.v1 import metering_pb2 as pb
 from chargepath.v1 import metering_pb2_grpc as pb_grpc
@@ -43,7 +43,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         except Exception:
             incident = uuid.uuid4().hex[:12]
             log.exception("Check failed (incident %s)", incident)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error, incident {incident}")
+            await abort(context, grpc.StatusCode.INTERNAL, f"internal error, incident {incident}")
         return pb.CheckResponse(verdict=verdict_to_pb(verdict))
 
     async def StreamUsage(
@@ -58,7 +58,8 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                 done, _ = await asyncio.wait({read, drain}, return_when=asyncio.FIRST_COMPLETED)
                 if read not in done:
                     read.cancel()
-                    await context.abort(
+                    await abort(
+                        context,
                         grpc.StatusCode.UNAVAILABLE,
                         "gateway is draining: reconnect and resend unanswered usages",
                     )
@@ -75,8 +76,8 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                 except Exception:
                     incident = uuid.uuid4().hex[:12]
                     log.exception("StreamUsage batch failed (incident %s)", incident)
-                    await context.abort(
-                        grpc.StatusCode.INTERNAL, f"internal error, incident {incident}"
+                    await abort(
+                        context, grpc.StatusCode.INTERNAL, f"internal error, incident {incident}"
                     )
                 yield pb.StreamUsageResponse(verdicts=[verdict_to_pb(v) for v in verdicts])
         finally:

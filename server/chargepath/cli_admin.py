@@ -1,0 +1,356 @@
+"""Admin commands of the ``chargepath`` CLI, over the gRPC AdminService of a running gateway:
+``plans apply|list|show``, ``assign``, ``grant``, ``suspend``, ``resume``, ``failure-policy``,
+``state``, ``explain`` and ``tail``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from chargepath.v1 import admin_pb2 as apb
+from chargepath.v1 import admin_pb2_grpc as apb_grpc
+from chargepath.v1 import metering_pb2 as pb
+
+COMMANDS = (
+    "plans",
+    "assign",
+    "grant",
+    "suspend",
+    "resume",
+    "failure-policy",
+    "state",
+    "explain",
+    "tail",
+)
+
+
+def add_admin_parsers(sub: Any) -> None:
+    def target(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
+        p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+        return p
+
+    plans = sub.add_parser("plans", help="apply, list or show plans")
+    psub = plans.add_subparsers(dest="plans_command", required=True)
+    p = target(psub.add_parser("apply", help="publish a policy file (shows the diff first)"))
+    p.add_argument("file")
+    p.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
+    target(psub.add_parser("list", help="list the plans"))
+    p = target(psub.add_parser("show", help="show one plan"))
+    p.add_argument("name")
+
+    p = target(sub.add_parser("assign", help="assign a plan to a tenant or a slice"))
+    p.add_argument("tenant")
+    p.add_argument("plan", help='plan name; "" removes the assignment')
+    p.add_argument("--slice", default="")
+
+    p = target(sub.add_parser("grant", help="top up a quota for its current period"))
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--slice", default="")
+    p.add_argument("--key", default="")
+    p.add_argument("--limit", required=True, help="name of a quota limit")
+    p.add_argument("--amount", type=int, required=True)
+    p.add_argument("--expires", help="ISO 8601 time, or a duration from now: 30m, 2h, 1d")
+    p.add_argument("--note", default="")
+
+    for name, what in (("suspend", "DENY SUSPENDED at once"), ("resume", "lift a suspension")):
+        p = target(sub.add_parser(name, help=f"{name} a tenant, slice or key: {what}"))
+        p.add_argument("tenant")
+        p.add_argument("--slice", default="")
+        p.add_argument("--key", default="")
+        if name == "suspend":
+            p.add_argument("--reason", default="")
+
+    p = target(sub.add_parser("failure-policy", help="set a tenant's failure policy"))
+    p.add_argument("tenant")
+    p.add_argument("mode", choices=["deny", "allow"])
+
+    p = target(sub.add_parser("state", help="what decides for a subject, right now"))
+    p.add_argument("tenant")
+    p.add_argument("--slice", default="")
+    p.add_argument("--key", default="")
+    p.add_argument("--recent", type=int, default=10, help="how many recent decisions")
+    p.add_argument("--watch", action="store_true", help="refresh every --interval seconds")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--json", action="store_true")
+
+    p = target(sub.add_parser("explain", help="explain a decision by its id"))
+    p.add_argument("decision_id")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = target(sub.add_parser("tail", help="follow a tenant's decisions and quota thresholds"))
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--decision", action="append", default=[], choices=["ALLOW", "THROTTLE", "DENY"])
+    p.add_argument("--reason", action="append", default=[], help="e.g. RATE_LIMITED")
+    p.add_argument("--json", action="store_true")
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    with grpc.insecure_channel(args.target) as channel:
+        stub = apb_grpc.AdminServiceStub(channel)
+        try:
+            return _dispatch(args, stub, console)
+        except grpc.RpcError as err:
+            print(f"chargepath: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+
+
+def _dispatch(args: argparse.Namespace, stub: Any, console: Console) -> int:
+    t = args.timeout
+    cmd = args.command
+    if cmd == "plans":
+        if args.plans_command == "apply":
+            text = Path(args.file).read_text(encoding="utf-8")
+            r = stub.ApplyPolicy(
+                apb.ApplyPolicyRequest(document=text, dry_run=args.dry_run), timeout=t
+            )
+            for line in r.diff:
+                colour = {"+": "green", "-": "red"}.get(line[:1], "yellow")
+                console.print(f"[{colour}]{line}[/]", highlight=False, markup=True)
+            if not r.diff:
+                console.print("no change")
+            if args.dry_run and r.diff:
+                console.print(f"dry run: live policy version {r.policy_version}, nothing changed")
+            else:
+                new = " (new)" if r.changed else ""
+                console.print(f"live policy version {r.policy_version}{new}")
+            return 0
+        if args.plans_command == "list":
+            lr = stub.ListPlans(apb.ListPlansRequest(), timeout=t)
+            table = Table("plan", "limits", "description", title=f"policy v{lr.policy_version}")
+            for plan in lr.plans:
+                table.add_row(
+                    plan.name, ", ".join(lim.name for lim in plan.limits), plan.description
+                )
+            console.print(table)
+            return 0
+        gp = stub.GetPlan(apb.GetPlanRequest(name=args.name), timeout=t)
+        data = MessageToDict(gp.plan, preserving_proto_field_name=True)
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+        return 0
+    if cmd == "assign":
+        a = stub.AssignPlan(
+            apb.AssignPlanRequest(tenant=args.tenant, slice=args.slice, plan=args.plan), timeout=t
+        )
+        console.print(f"policy version {a.policy_version}")
+        return 0
+    if cmd == "grant":
+        req = apb.GrantRequest(
+            subject=pb.Subject(tenant=args.tenant, slice=args.slice, key=args.key),
+            limit=args.limit,
+            amount=args.amount,
+            note=args.note,
+        )
+        if args.expires:
+            req.expires_at.CopyFrom(_parse_time(args.expires))
+        g = stub.Grant(req, timeout=t)
+        console.print(f"grant {g.grant_id}: capacity {g.capacity}, remaining {g.remaining}")
+        return 0
+    if cmd in ("suspend", "resume"):
+        subject = pb.Subject(tenant=args.tenant, slice=args.slice, key=args.key)
+        if cmd == "suspend":
+            r2 = stub.Suspend(apb.SuspendRequest(subject=subject, reason=args.reason), timeout=t)
+        else:
+            r2 = stub.Resume(apb.ResumeRequest(subject=subject), timeout=t)
+        console.print(f"policy version {r2.policy_version}")
+        return 0
+    if cmd == "failure-policy":
+        mode = apb.FAILURE_MODE_DENY if args.mode == "deny" else apb.FAILURE_MODE_ALLOW
+        f = stub.SetFailurePolicy(
+            apb.SetFailurePolicyRequest(tenant=args.tenant, mode=mode), timeout=t
+        )
+        console.print(f"policy version {f.policy_version}")
+        return 0
+    if cmd == "state":
+        req_s = apb.GetStateRequest(
+            subject=pb.Subject(tenant=args.tenant, slice=args.slice, key=args.key),
+            recent=args.recent,
+        )
+        if args.json:
+            s = stub.GetState(req_s, timeout=t)
+            print(json.dumps(MessageToDict(s, preserving_proto_field_name=True), indent=2))
+            return 0
+        if not args.watch:
+            console.print(render_state(stub.GetState(req_s, timeout=t)))
+            return 0
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                live.update(render_state(stub.GetState(req_s, timeout=t)), refresh=True)
+                time.sleep(args.interval)
+    if cmd == "explain":
+        e = stub.ExplainDecision(
+            apb.ExplainDecisionRequest(tenant=args.tenant, decision_id=args.decision_id), timeout=t
+        )
+        if args.json:
+            print(json.dumps(MessageToDict(e.decision, preserving_proto_field_name=True), indent=2))
+        else:
+            console.print(render_explain(e.decision))
+        return 0
+    # tail
+    req_w = apb.WatchDecisionsRequest(
+        tenant=args.tenant,
+        decisions=[f"DECISION_{d}" for d in args.decision],
+        reasons=[f"REASON_{r.upper().removeprefix('REASON_')}" for r in args.reason],
+    )
+    for event in stub.WatchDecisions(req_w):
+        if args.json:
+            print(json.dumps(MessageToDict(event, preserving_proto_field_name=True)), flush=True)
+        elif event.HasField("threshold"):
+            th = event.threshold
+            console.print(
+                f"[bold magenta]quota {th.limit} at {th.percent}%[/] ({th.used}/{th.capacity}) "
+                f"{_who(th.subject)}"
+            )
+        else:
+            console.print(_decision_line(event.decision))
+    return 0
+
+
+def _parse_time(text: str) -> Timestamp:
+    m = re.fullmatch(r"(\d+)([smhd])", text)
+    if m:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        when = datetime.now(UTC) + timedelta(**{unit: int(m.group(1))})
+    else:
+        when = datetime.fromisoformat(text)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+    ts = Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def human_ms(ms: int) -> str:
+    if ms < 10_000:
+        return f"{ms} ms"
+    secs = ms // 1000
+    parts = [
+        (secs // 86400, "d"),
+        (secs % 86400 // 3600, "h"),
+        (secs % 3600 // 60, "m"),
+        (secs % 60, "s"),
+    ]
+    return " ".join(f"{n}{u}" for n, u in parts if n) or "0s"
+
+
+def _name(enum: Any, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix)
+
+
+def _who(s: pb.Subject) -> str:
+    return "/".join(x for x in (s.tenant, s.slice, s.key) if x)
+
+
+def _decision_line(d: apb.DecisionRecord) -> str:
+    decision = _name(pb.Decision, d.decision, "DECISION_")
+    colour = {"ALLOW": "green", "THROTTLE": "yellow"}.get(decision, "red")
+    at = d.decided_at.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+    return (
+        f"{at} [bold {colour}]{decision:8}[/] {_name(pb.Reason, d.reason, 'REASON_'):24} "
+        f"{_who(d.subject):32} {d.metric} {d.amount} ({_name(pb.Mode, d.mode, 'MODE_').lower()}) "
+        f"v{d.policy_version} {d.decision_id}"
+    )
+
+
+def render_state(s: apb.GetStateResponse) -> Any:
+    from rich.console import Group
+    from rich.text import Text
+
+    head = Text(
+        f"policy v{s.policy_version}  plan {s.plan or '-'}"
+        + (f"  slice plan {s.slice_plan}" if s.slice_plan else "")
+        + f"  failure policy {_name(apb.FailureMode, s.failure_mode, 'FAILURE_MODE_').lower()}"
+        + f"  read at {s.read_at.ToDatetime().isoformat()}Z"
+    )
+    parts: list[Any] = [head]
+    for sus in s.suspensions:
+        parts.append(Text(f"SUSPENDED {_who(sus.subject)}: {sus.reason}", style="bold red"))
+    limits = Table(
+        "limit",
+        "plan",
+        "kind",
+        "scope",
+        "metric",
+        "remaining",
+        "capacity",
+        "refill",
+        "used",
+        "granted",
+        "resets in",
+        title="limits",
+    )
+    for lim in s.limits:
+        kind = _name(pb.LimitKind, lim.kind, "LIMIT_KIND_").lower()
+        limits.add_row(
+            lim.name + (" (soft)" if lim.soft else ""),
+            lim.plan,
+            kind,
+            _name(pb.Scope, lim.scope, "SCOPE_").lower(),
+            lim.metric,
+            str(lim.remaining),
+            str(lim.capacity),
+            f"{lim.refill}/{lim.per}" if kind == "rate" else f"per {lim.per}",
+            str(lim.used) if kind == "quota" else "",
+            str(lim.granted) if kind == "quota" else "",
+            human_ms(lim.reset_after.ToMilliseconds()),
+        )
+    parts.append(limits)
+    if s.grants:
+        grants = Table("grant", "limit", "amount", "expires", "note", title="grants")
+        for g in s.grants:
+            expires = (
+                g.expires_at.ToDatetime().isoformat() if g.HasField("expires_at") else "period end"
+            )
+            grants.add_row(g.grant_id, g.limit, str(g.amount), expires, g.note)
+        parts.append(grants)
+    if s.recent:
+        parts.append(Text("recent decisions", style="bold"))
+        parts.extend(Text.from_markup(_decision_line(d)) for d in s.recent)
+    return Group(*parts)
+
+
+def render_explain(d: apb.DecisionRecord) -> Any:
+    from rich.console import Group
+    from rich.text import Text
+
+    lines: list[Any] = [
+        Text.from_markup(_decision_line(d)),
+        Text(
+            f"request {d.request_id}  trace {d.trace_id or '-'}  at {d.decided_at.ToJsonString()}"
+            + (
+                f"  retry after {human_ms(d.retry_after.ToMilliseconds())}"
+                if d.retry_after.ToMilliseconds()
+                else ""
+            )
+        ),
+    ]
+    table = Table("limit", "kind", "remaining before", "remaining after", "capacity", "")
+    for c in d.limits:
+        table.add_row(
+            c.name,
+            _name(pb.LimitKind, c.kind, "LIMIT_KIND_").lower(),
+            str(c.remaining_before),
+            str(c.remaining_after),
+            str(c.capacity),
+            "[red]exceeded[/]" if c.exceeded else "",
+        )
+    lines.append(table)
+    return Group(*lines)

@@ -1,0 +1,244 @@
+"""The admin side of the Redis store: grants, live state, and the recent-decisions trail.
+
+The trail is a capped Redis Stream per tenant (``cp:{T}:recent``, written by decide.lua in the
+same step as each decision): entries ``e=d`` are decisions with every limit's remaining units
+before and after, entries ``e=th`` are quota threshold crossings (80% and 100%). It serves
+``GetState`` (the last decisions), ``ExplainDecision`` (a scan for the decision id) and
+``WatchDecisions`` (a blocking read of new entries).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from chargepath.core.model import (
+    Decision,
+    DecisionRecord,
+    LimitChange,
+    LimitKind,
+    Mode,
+    Reason,
+    Subject,
+    ThresholdEvent,
+)
+from chargepath.core.periods import period_bounds
+from chargepath.core.policy import Limit
+from chargepath.store.base import StoreUnavailableError
+from chargepath.store.redis_store import (
+    RedisStore,
+    grants_key,
+    limit_key,
+    read_script,
+    tenant_prefix,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitReading:
+    """A limit's live counter: in whole units and milliseconds, on the store's clock."""
+
+    limit: Limit
+    remaining: int
+    capacity: int
+    used: int
+    granted: int
+    reset_after_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class GrantReading:
+    grant_id: str
+    limit: str
+    amount: int
+    expires_at_ms: int
+    note: str
+
+
+def recent_key(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}recent"
+
+
+class AdminStore:
+    """Reads and writes for the admin API, on the client of a :class:`RedisStore`."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.client = store.client
+        self._grant = self.client.register_script(read_script("grant.lua"))
+
+    async def grant(
+        self, subject: Subject, limit: Limit, amount: int, expires_at_ms: int, note: str
+    ) -> tuple[str, int, int] | None:
+        """Add a grant; (grant id, capacity, remaining) after it, or None if the expiry is
+        already past on the store's clock."""
+        grant_id = os.urandom(8).hex()
+        t = subject.tenant
+        try:
+            reply = await self._grant(
+                keys=[
+                    grants_key(t, limit, subject.slice, subject.key),
+                    limit_key(t, limit, subject.slice, subject.key),
+                ],
+                args=[
+                    grant_id,
+                    amount,
+                    expires_at_ms,
+                    int(limit.period),
+                    self.store.clock_offset_ms,
+                    limit.amount,
+                ],
+            )
+            if reply[0] == -1:
+                return None
+            if note:
+                notes = f"{tenant_prefix(t)}gnotes"
+                await self.client.hset(notes, grant_id, note)
+                await self.client.pexpire(notes, 40 * 86_400_000)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        return grant_id, int(reply[0]), int(reply[1])
+
+    async def read_limits(
+        self, subject: Subject, limits: tuple[Limit, ...]
+    ) -> tuple[int, list[LimitReading], list[GrantReading]]:
+        """Every limit's live counter for ``subject``, read in one transaction with the
+        store's clock: (now_ms, readings, live grants)."""
+        t = subject.tenant
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.time()
+                for lim in limits:
+                    pipe.hmget(limit_key(t, lim, subject.slice, subject.key), ["l", "t", "p", "u"])
+                    pipe.hgetall(grants_key(t, lim, subject.slice, subject.key))
+                pipe.hgetall(f"{tenant_prefix(t)}gnotes")
+                raw = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        sec, usec = raw[0]
+        now = int(sec) * 1000 + int(usec) // 1000 + self.store.clock_offset_ms
+        notes: dict[str, str] = raw[-1]
+        readings: list[LimitReading] = []
+        grants: list[GrantReading] = []
+        for i, lim in enumerate(limits):
+            (level, at, period, used), grant_map = raw[1 + 2 * i], raw[2 + 2 * i]
+            if lim.kind is LimitKind.RATE:
+                cap = lim.capacity * lim.scale
+                lvl = cap
+                if level is not None:
+                    lvl = min(cap, int(level) + max(0, now - int(at)) * lim.refill_per_ms)
+                reset = 0 if lvl >= cap else -(-(cap - lvl) // lim.refill_per_ms)
+                readings.append(LimitReading(lim, lvl // lim.scale, lim.capacity, 0, 0, reset))
+                continue
+            start, end = period_bounds(now, lim.period)
+            used_now = int(used) if period is not None and int(period) == start else 0
+            granted = 0
+            for gid, value in grant_map.items():
+                amount, g_start, g_exp = (int(x) for x in value.split("|"))
+                if g_start == start and (g_exp == 0 or g_exp > now):
+                    granted += amount
+                    grants.append(GrantReading(gid, lim.name, amount, g_exp, notes.get(gid, "")))
+            capacity = lim.amount + granted
+            readings.append(
+                LimitReading(lim, capacity - used_now, capacity, used_now, granted, end - now)
+            )
+        return now, readings, grants
+
+    async def recent(
+        self, tenant: str, *, subject: Subject | None = None, count: int = 10, scan: int = 1000
+    ) -> list[DecisionRecord]:
+        """The newest decisions of the tenant (narrowed to a slice/key if given), newest
+        first."""
+        out: list[DecisionRecord] = []
+        try:
+            entries: Any = await self.client.xrevrange(recent_key(tenant), count=scan)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        for _, fields in entries:
+            if fields.get("e") != "d":
+                continue
+            rec = parse_decision(tenant, fields)
+            if subject is not None and (
+                (subject.slice and rec.subject.slice != subject.slice)
+                or (subject.key and rec.subject.key != subject.key)
+            ):
+                continue
+            out.append(rec)
+            if len(out) >= count:
+                break
+        return out
+
+    async def find_decision(self, tenant: str, decision_id: str) -> DecisionRecord | None:
+        """The decision with this id, if it is still in the tenant's trail."""
+        try:
+            entries: Any = await self.client.xrevrange(recent_key(tenant))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        for _, fields in entries:
+            if fields.get("e") == "d" and fields.get("did") == decision_id:
+                return parse_decision(tenant, fields)
+        return None
+
+    async def watch(
+        self, tenant: str, block_ms: int = 1000
+    ) -> AsyncIterator[DecisionRecord | ThresholdEvent | None]:
+        """New trail entries as they are written; yields None every ``block_ms`` without one
+        (so a caller can notice a closed stream)."""
+        key = recent_key(tenant)
+        last = "$"
+        while True:
+            try:
+                reply: Any = await self.client.xread({key: last}, block=block_ms, count=500)
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+            if not reply:
+                yield None
+                continue
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    if fields.get("e") == "th":
+                        yield parse_threshold(tenant, fields)
+                    elif fields.get("e") == "d":
+                        yield parse_decision(tenant, fields)
+
+
+def parse_decision(tenant: str, f: dict[str, str]) -> DecisionRecord:
+    limits = []
+    for packed in filter(None, f.get("lm", "").split(";")):
+        name, kind, before, after, cap, exceeded = packed.rsplit(",", 5)
+        limits.append(
+            LimitChange(
+                name, LimitKind(int(kind)), int(before), int(after), int(cap), exceeded == "1"
+            )
+        )
+    return DecisionRecord(
+        decision_id=f["did"],
+        request_id=f["rid"],
+        subject=Subject(tenant, f.get("sl", ""), f.get("k", "")),
+        metric=f["m"],
+        amount=int(f["a"]),
+        mode=Mode.REPORT if f["mo"] == "report" else Mode.ADMIT,
+        decision=Decision(int(f["d"])),
+        reason=Reason(int(f["r"])),
+        policy_version=int(f["v"]),
+        decided_at_ms=int(f["ts"]),
+        trace_id=f.get("tr", ""),
+        retry_after_ms=int(f.get("ra", "0")),
+        limits=tuple(limits),
+    )
+
+
+def parse_threshold(tenant: str, f: dict[str, str]) -> ThresholdEvent:
+    return ThresholdEvent(
+        subject=Subject(tenant, f.get("sl", ""), f.get("k", "")),
+        limit=f["l"],
+        percent=int(f["pc"]),
+        used=int(f["u"]),
+        capacity=int(f["c"]),
+        at_ms=int(f["ts"]),
+    )

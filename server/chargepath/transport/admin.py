@@ -1,0 +1,470 @@
+"""The ``chargepath.v1.AdminService`` servicer: policy changes, grants, state and explain.
+
+Every change is a compare-and-set of the whole policy document (retried on conflict), then a
+publish that stamps every tenant, so when a call returns no gateway decides with an older
+version. Bad input is INVALID_ARGUMENT naming the field and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from chargepath.core import policy_edit
+from chargepath.core.model import (
+    DecisionRecord,
+    FieldViolation,
+    LimitKind,
+    Subject,
+    ThresholdEvent,
+)
+from chargepath.core.plans import PolicyDocument, PolicyError, load_policy_text
+from chargepath.core.policy import Limit, Policy
+from chargepath.core.validation import MAX_AMOUNT, check_subject_part, check_tenant
+from chargepath.engine import Engine
+from chargepath.store.admin import AdminStore
+from chargepath.store.base import PolicyConflictError, StoreUnavailableError
+from chargepath.store.redis_store import RedisStore
+from chargepath.transport import mapping
+from chargepath.transport.errors import abort, abort_invalid
+from chargepath.v1 import admin_pb2 as apb
+from chargepath.v1 import admin_pb2_grpc as apb_grpc
+from chargepath.v1 import metering_pb2 as pb
+
+log = logging.getLogger("chargepath.admin")
+
+Context = Any  # grpc.aio.ServicerContext: grpcio ships no type information
+MAX_DOCUMENT = 1 << 20
+CAS_RETRIES = 10
+
+_SCOPE_NAMES = {pb.SCOPE_TENANT: "tenant", pb.SCOPE_SLICE: "slice", pb.SCOPE_KEY: "key"}
+_SCOPE_VALUES = {v: k for k, v in _SCOPE_NAMES.items()}
+_FAILURE_NAMES = {apb.FAILURE_MODE_DENY: "deny", apb.FAILURE_MODE_ALLOW: "allow"}
+_FAILURE_VALUES = {v: k for k, v in _FAILURE_NAMES.items()}
+_ERROR_LINE = re.compile(r"^document:(?:(\d+):)? ([^:]+): (.*)$")
+
+
+def _ms_duration(ms: int) -> Duration:
+    ms = max(0, ms)
+    return Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def _ms_timestamp(ms: int) -> Timestamp:
+    return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def plan_to_dict(plan: apb.Plan) -> dict[str, Any]:
+    limits = []
+    for lim in plan.limits:
+        d: dict[str, Any] = {
+            "name": lim.name,
+            "metric": lim.metric,
+            "scope": _SCOPE_NAMES.get(lim.scope, "tenant"),
+            "soft": lim.soft,
+        }
+        if lim.HasField("rate"):
+            d["rate"] = {
+                "capacity": lim.rate.capacity,
+                "refill": lim.rate.refill,
+                "per": lim.rate.per or "second",
+            }
+        if lim.HasField("quota"):
+            d["quota"] = {"amount": lim.quota.amount, "per": lim.quota.per}
+        limits.append(d)
+    return {"name": plan.name, "description": plan.description, "limits": limits}
+
+
+def plan_to_pb(plan: Any) -> apb.Plan:
+    out = apb.Plan(name=plan.name, description=plan.description)
+    for lim in plan.limits:
+        m = out.limits.add(
+            name=lim.name, metric=lim.metric, scope=_SCOPE_VALUES[lim.scope], soft=lim.soft
+        )
+        if lim.rate is not None:
+            m.rate.CopyFrom(
+                apb.RateLimit(capacity=lim.rate.capacity, refill=lim.rate.refill, per=lim.rate.per)
+            )
+        if lim.quota is not None:
+            m.quota.CopyFrom(apb.QuotaLimit(amount=lim.quota.amount, per=lim.quota.per))
+    return out
+
+
+def record_to_pb(r: DecisionRecord) -> apb.DecisionRecord:
+    out = apb.DecisionRecord(
+        decision_id=r.decision_id,
+        request_id=r.request_id,
+        subject=pb.Subject(tenant=r.subject.tenant, slice=r.subject.slice, key=r.subject.key),
+        metric=r.metric,
+        amount=r.amount,
+        mode=pb.MODE_REPORT if r.mode == 2 else pb.MODE_ADMIT,
+        decision=mapping._DECISIONS[r.decision],
+        reason=mapping._REASONS[r.reason],
+        policy_version=r.policy_version,
+        decided_at=_ms_timestamp(r.decided_at_ms),
+        trace_id=r.trace_id,
+        retry_after=_ms_duration(r.retry_after_ms),
+    )
+    for c in r.limits:
+        out.limits.add(
+            name=c.name,
+            kind=mapping._KINDS[c.kind],
+            remaining_before=c.remaining_before,
+            remaining_after=c.remaining_after,
+            capacity=c.capacity,
+            exceeded=c.exceeded,
+        )
+    return out
+
+
+def threshold_to_pb(e: ThresholdEvent) -> apb.ThresholdEvent:
+    return apb.ThresholdEvent(
+        subject=pb.Subject(tenant=e.subject.tenant, slice=e.subject.slice, key=e.subject.key),
+        limit=e.limit,
+        percent=e.percent,
+        used=e.used,
+        capacity=e.capacity,
+        at=_ms_timestamp(e.at_ms),
+    )
+
+
+def _subject(m: pb.Subject) -> tuple[Subject, list[FieldViolation]]:
+    bad = [
+        v
+        for v in (
+            check_tenant(m.tenant, "subject.tenant"),
+            check_subject_part(m.slice, "subject.slice"),
+            check_subject_part(m.key, "subject.key"),
+        )
+        if v is not None
+    ]
+    return Subject(m.tenant, m.slice, m.key), bad
+
+
+def tenant_limits(policy: Policy, subject: Subject) -> list[tuple[str, Limit]]:
+    """(plan name, limit) for every limit of the tenant's plans at the subject's scopes."""
+    ent = policy.entitlements.get(subject.tenant)
+    if ent is None:
+        return []
+    out = [(ent.plan or "", lim) for _, lim in ent.limits if lim.applies_to(subject)]
+    if subject.slice and subject.slice in ent.slice_limits:
+        plan = ent.slice_plans.get(subject.slice) or ""
+        out += [
+            (plan, lim) for _, lim in ent.slice_limits[subject.slice] if lim.applies_to(subject)
+        ]
+    return out
+
+
+class AdminServicer(apb_grpc.AdminServiceServicer):
+    def __init__(self, engine: Engine, store: RedisStore) -> None:
+        self.engine = engine
+        self.store = store
+        self.admin = AdminStore(store)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    async def _live(self) -> tuple[int, PolicyDocument]:
+        published = await self.store.load_policy()
+        if published is None:
+            return 0, PolicyDocument()
+        return published.version, published.document
+
+    async def _edit(
+        self, context: Context, change: Callable[[PolicyDocument], PolicyDocument]
+    ) -> int:
+        """Apply ``change`` to the live document with compare-and-set; the new version."""
+        for _ in range(CAS_RETRIES):
+            version, doc = await self._guard(context, self._live())
+            try:
+                new = change(doc)
+            except policy_edit.EditError as exc:
+                if exc.not_found:
+                    await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+                await abort_invalid(context, [FieldViolation(exc.field, exc.reason)])
+            try:
+                published = await self._guard(
+                    context, self.store.publish_policy(new, expected_version=version)
+                )
+            except PolicyConflictError:
+                continue
+            await self.engine.reload_policy(published.version)
+            log.info("policy version %d published by the admin API", published.version)
+            return int(published.version)
+        await abort(context, grpc.StatusCode.ABORTED, "the policy kept changing; try again")
+
+    async def _guard(self, context: Context, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except StoreUnavailableError as exc:
+            log.warning("admin call failed: store unavailable (%s)", exc)
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "store unavailable; nothing changed")
+
+    # -- policy -------------------------------------------------------------------------
+
+    async def ApplyPolicy(
+        self, request: apb.ApplyPolicyRequest, context: Context
+    ) -> apb.ApplyPolicyResponse:
+        if len(request.document) > MAX_DOCUMENT:
+            await abort_invalid(context, [FieldViolation("document", "at most 1 MiB")])
+        try:
+            doc = load_policy_text(request.document, source="document")
+        except PolicyError as exc:
+            violations = []
+            for line in exc.errors:
+                m = _ERROR_LINE.match(line)
+                if m is None:
+                    violations.append(FieldViolation("document", line.removeprefix("document: ")))
+                    continue
+                where = f"line {m.group(1)}: " if m.group(1) else ""
+                violations.append(FieldViolation(f"document.{m.group(2)}", where + m.group(3)))
+            await abort_invalid(context, violations)
+        version, live = await self._guard(context, self._live())
+        diff = policy_edit.diff(live if version else None, doc)
+        if request.dry_run or not diff:
+            return apb.ApplyPolicyResponse(policy_version=version, changed=False, diff=diff)
+        try:
+            published = await self._guard(
+                context, self.store.publish_policy(doc, expected_version=version)
+            )
+        except PolicyConflictError:
+            await abort(
+                context,
+                grpc.StatusCode.ABORTED,
+                "the policy changed while applying; review the diff again",
+            )
+        await self.engine.reload_policy(published.version)
+        return apb.ApplyPolicyResponse(policy_version=published.version, changed=True, diff=diff)
+
+    async def GetPolicy(
+        self, request: apb.GetPolicyRequest, context: Context
+    ) -> apb.GetPolicyResponse:
+        version, doc = await self._guard(context, self._live())
+        return apb.GetPolicyResponse(policy_version=version, document=doc.canonical_json())
+
+    async def PutPlan(self, request: apb.PutPlanRequest, context: Context) -> apb.PutPlanResponse:
+        plan = plan_to_dict(request.plan)
+        v = await self._edit(context, lambda doc: policy_edit.put_plan(doc, plan))
+        return apb.PutPlanResponse(policy_version=v)
+
+    async def GetPlan(self, request: apb.GetPlanRequest, context: Context) -> apb.GetPlanResponse:
+        version, doc = await self._guard(context, self._live())
+        plan = next((p for p in doc.plans if p.name == request.name), None)
+        if plan is None:
+            await abort(
+                context, grpc.StatusCode.NOT_FOUND, f"name: unknown plan {request.name[:64]!r}"
+            )
+        return apb.GetPlanResponse(plan=plan_to_pb(plan), policy_version=version)
+
+    async def ListPlans(
+        self, request: apb.ListPlansRequest, context: Context
+    ) -> apb.ListPlansResponse:
+        version, doc = await self._guard(context, self._live())
+        plans = [plan_to_pb(p) for p in sorted(doc.plans, key=lambda p: p.name)]
+        return apb.ListPlansResponse(plans=plans, policy_version=version)
+
+    async def DeletePlan(
+        self, request: apb.DeletePlanRequest, context: Context
+    ) -> apb.DeletePlanResponse:
+        v = await self._edit(context, lambda doc: policy_edit.delete_plan(doc, request.name))
+        return apb.DeletePlanResponse(policy_version=v)
+
+    async def AssignPlan(
+        self, request: apb.AssignPlanRequest, context: Context
+    ) -> apb.AssignPlanResponse:
+        v = await self._edit(
+            context,
+            lambda doc: policy_edit.assign(doc, request.tenant, request.slice, request.plan),
+        )
+        return apb.AssignPlanResponse(policy_version=v)
+
+    async def Suspend(self, request: apb.SuspendRequest, context: Context) -> apb.SuspendResponse:
+        subject, bad = _subject(request.subject)
+        if len(request.reason) > 256:
+            bad.append(FieldViolation("reason", "at most 256 characters"))
+        if bad:
+            await abort_invalid(context, bad)
+        reason = request.reason or "suspended"
+        v = await self._edit(context, lambda doc: policy_edit.set_suspension(doc, subject, reason))
+        return apb.SuspendResponse(policy_version=v)
+
+    async def Resume(self, request: apb.ResumeRequest, context: Context) -> apb.ResumeResponse:
+        subject, bad = _subject(request.subject)
+        if bad:
+            await abort_invalid(context, bad)
+        v = await self._edit(context, lambda doc: policy_edit.set_suspension(doc, subject, None))
+        return apb.ResumeResponse(policy_version=v)
+
+    async def SetFailurePolicy(
+        self, request: apb.SetFailurePolicyRequest, context: Context
+    ) -> apb.SetFailurePolicyResponse:
+        mode = _FAILURE_NAMES.get(request.mode, "")
+        v = await self._edit(
+            context, lambda doc: policy_edit.set_failure_mode(doc, request.tenant, mode)
+        )
+        return apb.SetFailurePolicyResponse(policy_version=v)
+
+    # -- grants -------------------------------------------------------------------------
+
+    async def Grant(self, request: apb.GrantRequest, context: Context) -> apb.GrantResponse:
+        subject, bad = _subject(request.subject)
+        if not 1 <= request.amount <= MAX_AMOUNT:
+            bad.append(
+                FieldViolation(
+                    "amount", f"must be between 1 and {MAX_AMOUNT}, got {request.amount}"
+                )
+            )
+        if len(request.note) > 256:
+            bad.append(FieldViolation("note", "at most 256 characters"))
+        if bad:
+            await abort_invalid(context, bad)
+        policy = await self.engine.reload_policy()
+        if subject.tenant not in policy.entitlements:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"subject.tenant: unknown tenant {subject.tenant!r}",
+            )
+        limit = next(
+            (lim for _, lim in tenant_limits(policy, subject) if lim.name == request.limit), None
+        )
+        if limit is None or limit.kind is not LimitKind.QUOTA:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"limit: no quota limit {request.limit[:64]!r} applies to this subject",
+            )
+        expires = 0
+        if request.HasField("expires_at"):
+            expires = request.expires_at.ToMilliseconds()
+        result = await self._guard(
+            context, self.admin.grant(subject, limit, request.amount, expires, request.note)
+        )
+        if result is None:
+            await abort_invalid(context, [FieldViolation("expires_at", "is in the past")])
+        grant_id, capacity, remaining = result
+        log.info("grant %s: %d units of %s for %s", grant_id, request.amount, limit.name, subject)
+        return apb.GrantResponse(grant_id=grant_id, capacity=capacity, remaining=remaining)
+
+    # -- visibility ---------------------------------------------------------------------
+
+    async def GetState(
+        self, request: apb.GetStateRequest, context: Context
+    ) -> apb.GetStateResponse:
+        subject, bad = _subject(request.subject)
+        if not 0 <= request.recent <= 100:
+            bad.append(FieldViolation("recent", "must be between 0 and 100"))
+        if bad:
+            await abort_invalid(context, bad)
+        policy = await self.engine.reload_policy()
+        ent = policy.entitlements.get(subject.tenant)
+        if ent is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"subject.tenant: unknown tenant {subject.tenant!r}",
+            )
+        pairs = tenant_limits(policy, subject)
+        now, readings, grants = await self._guard(
+            context, self.admin.read_limits(subject, tuple(lim for _, lim in pairs))
+        )
+        recent = await self._guard(
+            context, self.admin.recent(subject.tenant, subject=subject, count=request.recent or 10)
+        )
+        out = apb.GetStateResponse(
+            policy_version=policy.version,
+            plan=ent.plan or "",
+            slice_plan=ent.slice_plans.get(subject.slice) or "",
+            failure_mode=_FAILURE_VALUES[ent.failure_mode],
+            read_at=_ms_timestamp(now),
+            recent=[record_to_pb(r) for r in recent],
+        )
+        metrics = {lim.name: pattern for pattern, lim in ent.limits}
+        for s_limits in ent.slice_limits.values():
+            metrics.update({lim.name: pattern for pattern, lim in s_limits})
+        for (plan, lim), r in zip(pairs, readings, strict=True):
+            out.limits.add(
+                name=lim.name,
+                kind=mapping._KINDS[lim.kind],
+                scope=mapping._SCOPES[lim.scope],
+                metric=metrics.get(lim.name, ""),
+                plan=plan,
+                remaining=r.remaining,
+                capacity=r.capacity,
+                refill=lim.refill,
+                per=lim.per,
+                used=r.used,
+                granted=r.granted,
+                reset_after=_ms_duration(r.reset_after_ms),
+                soft=lim.soft,
+            )
+        for g in grants:
+            m = out.grants.add(grant_id=g.grant_id, limit=g.limit, amount=g.amount, note=g.note)
+            if g.expires_at_ms:
+                m.expires_at.CopyFrom(_ms_timestamp(g.expires_at_ms))
+        for probe in (
+            Subject(subject.tenant),
+            Subject(subject.tenant, subject.slice),
+            Subject(subject.tenant, subject.slice, subject.key),
+            Subject(subject.tenant, "", subject.key),
+        ):
+            key = (probe.tenant, probe.slice, probe.key)
+            if key in policy.suspensions and not any(
+                (s.subject.slice, s.subject.key) == key[1:] for s in out.suspensions
+            ):
+                out.suspensions.add(
+                    subject=pb.Subject(tenant=probe.tenant, slice=probe.slice, key=probe.key),
+                    reason=policy.suspensions[key],
+                )
+        return out
+
+    async def ExplainDecision(
+        self, request: apb.ExplainDecisionRequest, context: Context
+    ) -> apb.ExplainDecisionResponse:
+        bad = check_tenant(request.tenant, "tenant")
+        if bad is None and not re.fullmatch(r"[0-9a-f]{32}", request.decision_id):
+            bad = FieldViolation("decision_id", "must be 32 lowercase hex characters")
+        if bad is not None:
+            await abort_invalid(context, [bad])
+        record = await self._guard(
+            context, self.admin.find_decision(request.tenant, request.decision_id)
+        )
+        if record is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"decision_id: {request.decision_id} is not among the tenant's "
+                f"{self.store.recent_length} most recent decisions",
+            )
+        return apb.ExplainDecisionResponse(decision=record_to_pb(record))
+
+    async def WatchDecisions(
+        self, request: apb.WatchDecisionsRequest, context: Context
+    ) -> AsyncIterator[apb.WatchDecisionsResponse]:
+        bad = check_tenant(request.tenant, "tenant")
+        if bad is not None:
+            await abort_invalid(context, [bad])
+        decisions = {int(d) for d in request.decisions}
+        reasons = {int(r) for r in request.reasons}
+        try:
+            async for event in self.admin.watch(request.tenant):
+                if event is None:
+                    continue
+                if isinstance(event, ThresholdEvent):
+                    yield apb.WatchDecisionsResponse(threshold=threshold_to_pb(event))
+                    continue
+                rec = record_to_pb(event)
+                if decisions and rec.decision not in decisions:
+                    continue
+                if reasons and rec.reason not in reasons:
+                    continue
+                yield apb.WatchDecisionsResponse(decision=rec)
+        except StoreUnavailableError:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "store unavailable; watch again")
+        except asyncio.CancelledError:
+            raise
