@@ -96,8 +96,22 @@ async def test_stream_resent_from_sequence_zero_counts_nothing_twice(
     for start in range(15, 15 + 300, 100):
         await e.decide_batch([session_usage(i) for i in range(start, start + 100)])
     old = await e.decide_batch([session_usage(3)])
-    assert old[0].replayed and old[0].recorded and "replay window" in old[0].message
+    assert old[0].reason is Reason.INVALID_USAGE and not old[0].recorded
+    assert old[0].message.startswith("sequence:") and "replay window" in old[0].message
     assert len(ledger(raw_redis, "mvno")) == 315
+
+
+async def test_a_sequence_never_decided_is_decided_when_it_comes(
+    store: RedisStore, raw_redis: redis.Redis
+) -> None:
+    """A usage answered degraded (not recorded) and resent after later ones were recorded is
+    recorded then, not mistaken for a resend."""
+    e = await make_engine(store, REPORTING)
+    await e.decide_batch([session_usage(i) for i in (1, 2, 4, 5)])
+    late = await e.decide_batch([session_usage(3), session_usage(4)])
+    assert late[0].recorded and not late[0].replayed
+    assert late[1].replayed
+    assert sorted(x["rid"] for x in ledger(raw_redis, "mvno")) == [f"u{i}" for i in (1, 2, 3, 4, 5)]
 
 
 async def test_sessions_are_independent(store: RedisStore, raw_redis: redis.Redis) -> None:

@@ -9,6 +9,7 @@ before and after, entries ``e=th`` are quota threshold crossings (80% and 100%).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -113,7 +114,9 @@ class AdminStore:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.time()
                 for lim in limits:
-                    pipe.hmget(limit_key(t, lim, subject.slice, subject.key), ["l", "t", "p", "u"])
+                    pipe.hmget(
+                        limit_key(t, lim, subject.slice, subject.key), ["l", "t", "p", "u", "s"]
+                    )
                     pipe.hgetall(grants_key(t, lim, subject.slice, subject.key))
                 pipe.hgetall(f"{tenant_prefix(t)}gnotes")
                 raw = await pipe.execute()
@@ -125,12 +128,15 @@ class AdminStore:
         readings: list[LimitReading] = []
         grants: list[GrantReading] = []
         for i, lim in enumerate(limits):
-            (level, at, period, used), grant_map = raw[1 + 2 * i], raw[2 + 2 * i]
+            (level, at, period, used, scale), grant_map = raw[1 + 2 * i], raw[2 + 2 * i]
             if lim.kind is LimitKind.RATE:
                 cap = lim.capacity * lim.scale
                 lvl = cap
                 if level is not None:
-                    lvl = min(cap, int(level) + max(0, now - int(at)) * lim.refill_per_ms)
+                    lvl = int(level)
+                    if scale is not None and int(scale) != lim.scale:  # as decide.lua converts
+                        lvl = math.floor(lvl / int(scale) * lim.scale)
+                    lvl = min(cap, lvl + max(0, now - int(at)) * lim.refill_per_ms)
                 reset = 0 if lvl >= cap else -(-(cap - lvl) // lim.refill_per_ms)
                 readings.append(LimitReading(lim, lvl // lim.scale, lim.capacity, 0, 0, reset))
                 continue

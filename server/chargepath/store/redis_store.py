@@ -257,8 +257,8 @@ class RedisStore:
                 )
             elif flags & FLAG_WINDOW_MISS:
                 message = (
-                    "sequence: resend of a usage older than the session's replay window; "
-                    "it was recorded, its first verdict is no longer kept"
+                    "sequence: more than the session's replay window behind its highest "
+                    "sequence; whether it was recorded is no longer known, so nothing was done"
                 )
             out.append(
                 Verdict(

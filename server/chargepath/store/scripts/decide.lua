@@ -37,7 +37,7 @@
 -- else {1, now_ms, then per usage: decision, reason, retry_after_ms, flags, decision_id, L,
 --  then per limit: remaining units, capacity units, reset_after_ms, exceeded (0/1)}.
 -- flags: 1 replayed, 2 recorded, 4 request_id reused for another usage, 8 resend older than
--- the session replay window.
+-- the session replay window (refused: nothing is known of it any more).
 
 redis.replicate_commands()
 
@@ -118,17 +118,25 @@ end
 -- Limit states, loaded once per key and written back at the end.
 local states = {}
 
-local function load_rate(idx, cap, refill)
+-- A bucket hash holds its level "l" in sub-units of scale "s" at time "t". A plan change can
+-- change the scale (a new refill rate): the level is then converted, rounding down, and
+-- clamped to the (possibly smaller) capacity.
+local function load_rate(idx, cap, refill, scale)
   local st = states[idx]
   if st then return st end
-  local v = redis.call('HMGET', KEYS[idx], 'l', 't')
+  local v = redis.call('HMGET', KEYS[idx], 'l', 't', 's')
   local level = cap
   if v[1] then
+    level = tonumber(v[1])
+    local old_scale = tonumber(v[3] or scale)
+    if old_scale ~= scale then
+      level = math.floor(level / old_scale * scale)
+    end
     local elapsed = now - tonumber(v[2])
     if elapsed < 0 then elapsed = 0 end
-    level = math.min(cap, tonumber(v[1]) + elapsed * refill)
+    level = math.min(cap, level + elapsed * refill)
   end
-  st = {kind = 1, level = level, cap = cap, refill = refill, dirty = false}
+  st = {kind = 1, level = level, cap = cap, refill = refill, scale = scale, dirty = false}
   states[idx] = st
   return st
 end
@@ -223,14 +231,19 @@ for _ = 1, n do
       end
     end
   elseif sess_idx > 0 and seq <= session_hw(sess_idx) then
-    local off = 20 + (seq % window) * SLOT
-    local slot = redis.call('GETRANGE', KEYS[sess_idx], off, off + SLOT - 1)
-    if string.len(slot) == SLOT and tonumber(string.sub(slot, 1, 20)) == seq then
-      replay = {tonumber(string.sub(slot, 21, 21)), tonumber(string.sub(slot, 22, 22)),
-        tonumber(string.sub(slot, 24, 33)), 1 + tonumber(string.sub(slot, 23, 23)),
-        string.sub(slot, 34, 65)}
+    -- Within the window, slot seq % W holds this sequence if it was decided, or an older one
+    -- if it never was (e.g. answered degraded, or skipped): then it is decided now, as new.
+    -- Beyond the window nothing is known, and guessing could lose or double usage: refuse.
+    if session_hw(sess_idx) - seq < window then
+      local off = 20 + (seq % window) * SLOT
+      local slot = redis.call('GETRANGE', KEYS[sess_idx], off, off + SLOT - 1)
+      if string.len(slot) == SLOT and tonumber(string.sub(slot, 1, 20)) == seq then
+        replay = {tonumber(string.sub(slot, 21, 21)), tonumber(string.sub(slot, 22, 22)),
+          tonumber(string.sub(slot, 24, 33)), 1 + tonumber(string.sub(slot, 23, 23)),
+          string.sub(slot, 34, 65)}
+      end
     else
-      replay = {ALLOW, OK, 0, 1 + 2 + 8, ''}
+      replay = {DENY, INVALID_USAGE, 0, 8, did}
     end
   end
 
@@ -254,7 +267,7 @@ for _ = 1, n do
           soft = ARGV[q + 2] == '1', a = tonumber(ARGV[q + 3]), b = tonumber(ARGV[q + 4]),
           c = tonumber(ARGV[q + 5]), name = ARGV[q + 7], exceeded = false}
         if lim.kind == 1 then
-          lim.st = load_rate(lim.idx, lim.a, lim.c)
+          lim.st = load_rate(lim.idx, lim.a, lim.c, lim.b)
         else
           lim.st = load_quota(lim.idx, lim.b, tonumber(ARGV[q + 6]))
           lim.used_before = lim.st.used
@@ -376,9 +389,11 @@ for _ = 1, n do
         local slot = string.format('%020.0f%d%d%d%010.0f%-32s', seq, decision, reason, recorded,
           math.min(retry, 9999999999), did)
         redis.call('SETRANGE', KEYS[sess_idx], off, slot)
-        redis.call('SETRANGE', KEYS[sess_idx], 0, string.format('%020.0f', seq))
+        if seq > session_hw(sess_idx) then
+          redis.call('SETRANGE', KEYS[sess_idx], 0, string.format('%020.0f', seq))
+          sessions[sess_idx] = seq
+        end
         redis.call('PEXPIRE', KEYS[sess_idx], session_ms)
-        sessions[sess_idx] = seq
       end
     end
 
@@ -436,7 +451,7 @@ for idx, st in pairs(states) do
       if st.level >= st.cap then
         redis.call('DEL', KEYS[idx])
       else
-        redis.call('HSET', KEYS[idx], 'l', fmt(st.level), 't', fmt(now))
+        redis.call('HSET', KEYS[idx], 'l', fmt(st.level), 't', fmt(now), 's', fmt(st.scale))
         redis.call('PEXPIRE', KEYS[idx], ceil_div(st.cap - st.level, st.refill))
       end
     else

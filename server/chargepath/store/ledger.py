@@ -1,0 +1,476 @@
+"""The billing ledger: how billing reads, acknowledges and trims what Chargepath recorded.
+
+Every ALLOWed admit and every report is written to the tenant's ledger, the Redis Stream
+``cp:{T}:ledger``, by ``decide.lua`` in the same atomic step as its debit and its dedup record
+(DESIGN property 3). Plans with ``ledger: {mode: aggregate}`` add allowed admits to a
+per-interval aggregate (hash ``cp:{T}:agg``) instead; :meth:`Ledger.flush_aggregates` moves every
+ended interval into the ledger as one entry carrying the sum and the count, atomically
+(``flush_aggregates.lua``), so the ledger's totals always equal the units decided.
+
+Contract
+--------
+
+* **Exactly once in the ledger.** A recorded usage has exactly one ledger entry (or is counted
+  in exactly one aggregate entry): the script that debits also writes the entry, a retried or
+  resent usage is answered from its dedup record and writes nothing, and an aggregate is
+  written and deleted in one script.
+* **At least once to a consumer group.** :meth:`Ledger.consume` reads with ``XREADGROUP``. An
+  entry stays in the group's pending list (PEL) until :meth:`Ledger.ack`; the consumer must
+  ack only after it has durably handed the entry on (the CLI writes and flushes stdout first).
+  A consumer that crashes between handing on and acking gets those entries again: a consumer
+  restarted under the same name first re-reads its own pending entries (``XREADGROUP`` from id
+  ``0``), then new ones (``>``); with ``claim_idle_ms``, a consumer also takes over
+  (``XAUTOCLAIM``) entries left pending by any other consumer for that long, e.g. a crashed
+  one that restarted under a new name. So an acknowledged entry is never delivered again to
+  the group, and an entry delivered but not acknowledged is delivered again, never lost.
+  Billing deduplicates redeliveries by entry id (or ``request_id``).
+* **Export.** :meth:`Ledger.export` reads a range with ``XRANGE`` in pages. With ``mark`` it
+  records the id of the last entry exported in ``cp:{T}:ledger:exported``; the mark only
+  moves forward, and only over a contiguous export (an export starting past unexported
+  entries does not move it).
+* **What is trimmed, when.** :meth:`Ledger.trim` (called after every :meth:`Ledger.ack` and
+  every export mark) removes, with ``XTRIM MINID`` in one Lua script (``trim_ledger.lua``):
+  when the stream has consumer groups, the entries that every group has acknowledged: below the
+  smallest of each group's safe point, which is its smallest pending id if it has pending
+  entries, else the id just after its last-delivered id; when it has no group, the entries up
+  to the export mark. An unacknowledged (or, without groups, unexported) entry is never
+  trimmed; reading the groups and trimming are one atomic step, so no delivery or ack can slip
+  in between. A group that lags holds the ledger back for every group.
+* **Memory stays bounded** while consumers keep up: the ledger holds only entries not yet
+  acknowledged by every group (plus, per group, its PEL of delivered-unacknowledged entries,
+  bounded by the consumers' batch size), the aggregates hash holds only the current intervals,
+  and consumers that left no pending entry behind are removed when another consumer claims.
+  If no consumer reads, the ledger grows: that is the price of never losing a recorded unit
+  (watch :meth:`Ledger.lag`).
+* **Durability.** The ledger lives in Redis; with the default configuration (AOF, fsync every
+  second) an acknowledged report survives a restart of Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from chargepath.store.redis_store import ledger_key, read_script, tenant_prefix
+
+__all__ = [
+    "Ledger",
+    "LedgerEntry",
+    "aggregates_key",
+    "exported_key",
+    "parse_stream_id",
+]
+
+
+def exported_key(tenant: str) -> str:
+    """The export mark: id of the last ledger entry exported (string)."""
+    return f"{tenant_prefix(tenant)}ledger:exported"
+
+
+def aggregates_key(tenant: str) -> str:
+    """The per-interval ledger aggregates written by decide.lua (hash)."""
+    return f"{tenant_prefix(tenant)}agg"
+
+
+def parse_stream_id(entry_id: str) -> tuple[int, int]:
+    """``"<ms>-<seq>"`` as a tuple that sorts like Redis sorts stream ids."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _int(fields_: Mapping[str, str], name: str, default: int = 0) -> int:
+    raw = fields_.get(name)
+    return int(raw) if raw else default
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One ledger entry: a recorded usage, or (``aggregate``) the sum of ``count`` allowed
+    admits of one subject and metric over ``[interval_start_ms, interval_end_ms)``.
+
+    ``id`` is the stream id; times are milliseconds since the Unix epoch on Redis' clock;
+    ``decision`` and ``reason`` are the numbers of the ``chargepath.v1`` enums; an aggregate has
+    no decision id and policy version 0 (its admits may span versions).
+    """
+
+    id: str
+    request_id: str
+    decision_id: str
+    metric: str
+    amount: int
+    mode: str
+    decision: int
+    reason: int
+    policy_version: int
+    decided_at_ms: int
+    slice: str = ""
+    key: str = ""
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+    occurred_at_ms: int = 0
+    count: int = 1
+    aggregate: bool = False
+    interval_start_ms: int = 0
+    interval_end_ms: int = 0
+
+    @classmethod
+    def from_fields(cls, entry_id: str, f: Mapping[str, str]) -> LedgerEntry:
+        """From the stream entry's fields (see decide.lua and flush_aggregates.lua)."""
+        labels = f.get("lb")
+        return cls(
+            id=entry_id,
+            request_id=f.get("rid", ""),
+            decision_id=f.get("did", ""),
+            metric=f.get("m", ""),
+            amount=_int(f, "a"),
+            mode=f.get("mo", ""),
+            decision=_int(f, "d"),
+            reason=_int(f, "r"),
+            policy_version=_int(f, "v"),
+            decided_at_ms=_int(f, "ts"),
+            slice=f.get("sl", ""),
+            key=f.get("k", ""),
+            labels={str(k): str(v) for k, v in json.loads(labels).items()} if labels else {},
+            occurred_at_ms=_int(f, "oc"),
+            count=_int(f, "n", 1),
+            aggregate=f.get("ag") == "1",
+            interval_start_ms=_int(f, "is"),
+            interval_end_ms=_int(f, "ie"),
+        )
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready (labels as an object)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"labels": dict(self.labels)}
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> LedgerEntry:
+        """The inverse of :meth:`to_json_dict`."""
+        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        kwargs["labels"] = dict(d.get("labels") or {})
+        return cls(**kwargs)
+
+    @staticmethod
+    def csv_header() -> list[str]:
+        return [f.name for f in fields(LedgerEntry)]
+
+    def to_csv_row(self) -> list[str]:
+        """In the order of :meth:`csv_header`; labels as compact JSON ("" if none), booleans
+        as 0/1."""
+        row: list[str] = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "labels":
+                row.append(json.dumps(v, separators=(",", ":"), sort_keys=True) if v else "")
+            elif isinstance(v, bool):
+                row.append("1" if v else "0")
+            else:
+                row.append(str(v))
+        return row
+
+    @classmethod
+    def from_csv_row(cls, row: Mapping[str, str]) -> LedgerEntry:
+        """The inverse of :meth:`to_csv_row`, from a ``csv.DictReader`` row."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = row[f.name]
+            if f.name == "labels":
+                kwargs[f.name] = json.loads(raw) if raw else {}
+            elif f.name == "aggregate":
+                kwargs[f.name] = raw == "1"
+            elif f.type in ("int", int):
+                kwargs[f.name] = int(raw)
+            else:
+                kwargs[f.name] = raw
+        return cls(**kwargs)
+
+
+Batch = list[tuple[str, LedgerEntry]]
+
+
+class Ledger:
+    """Reads, acknowledges and trims tenants' ledgers through ``redis.asyncio``.
+
+    ``client`` must decode responses (``decode_responses=True``). ``page_size``: entries per
+    ``XRANGE`` of an export.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, page_size: int = 1000) -> None:
+        self.client = client
+        self.page_size = page_size
+        self._flush = client.register_script(read_script("flush_aggregates.lua"))
+        self._trim = client.register_script(read_script("trim_ledger.lua"))
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> Ledger:
+        return cls(aioredis.Redis.from_url(url, decode_responses=True), **kwargs)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # -- export ---------------------------------------------------------------------------
+
+    async def export(
+        self,
+        tenant: str,
+        since_ms: int | None,
+        until_ms: int | None = None,
+        *,
+        mark: bool = True,
+    ) -> AsyncIterator[LedgerEntry]:
+        """The entries written in ``[since_ms, until_ms)`` (by their stream id, i.e. the time
+        they were written on Redis' clock; None: unbounded), oldest first.
+
+        With ``mark``, an entry counts as exported once the caller asks for the next one (or
+        the iteration ends): the mark is moved at the end of every page and at the end, then
+        the ledger is trimmed. Write each entry out before asking for the next one, or use
+        ``mark=False`` and :meth:`mark_exported` once the output is durable.
+        """
+        key = ledger_key(tenant)
+        first = "-" if not since_ms or since_ms <= 0 else f"{since_ms}-0"
+        if until_ms is not None and until_ms <= 0:
+            return
+        last = "+" if until_ms is None else str(until_ms - 1)
+        start = first
+        while True:
+            page = await self._xrange(key, start, last, self.page_size)
+            if not page:
+                break
+            for entry_id, f in page:
+                yield LedgerEntry.from_fields(entry_id, f)
+            # the caller has taken every entry of the page
+            if mark:
+                await self.mark_exported(tenant, page[-1][0], start_id=first)
+            if len(page) < self.page_size:
+                break
+            start = "(" + page[-1][0]
+
+    async def mark_exported(self, tenant: str, last_id: str, *, start_id: str = "-") -> int:
+        """Record that every entry from ``start_id`` to ``last_id`` was exported, then trim.
+
+        The mark only moves forward, and only if no entry lies between the current mark and
+        ``start_id``. Returns the number of entries trimmed."""
+        trimmed, _, _ = await self._run_trim(tenant, last_id, start_id)
+        return trimmed
+
+    async def exported_mark(self, tenant: str) -> str | None:
+        mark = await self.client.get(exported_key(tenant))
+        return None if mark is None else str(mark)
+
+    async def _xrange(
+        self, key: str, start: str, end: str, count: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        page = await self.client.xrange(key, start, end, count=count) or []
+        return [(str(i), {str(k): str(v) for k, v in (f or {}).items()}) for i, f in page]
+
+    # -- consumer groups ------------------------------------------------------------------
+
+    async def ensure_group(self, tenant: str, group: str, start_id: str = "0") -> bool:
+        """Create ``group`` on the tenant's ledger (and the stream) if missing; True if
+        created. ``start_id`` "0": the group reads the ledger from its oldest entry."""
+        try:
+            await self.client.xgroup_create(ledger_key(tenant), group, id=start_id, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+            return False
+        return True
+
+    async def consume_batches(
+        self,
+        tenant: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int = 100,
+        block_ms: int = 1000,
+        claim_idle_ms: int | None = None,
+        limit: int | None = None,
+    ) -> AsyncGenerator[Batch, None]:
+        """Batches of ``(entry id, entry)`` delivered to ``consumer`` of ``group``.
+
+        First this consumer's pending entries (delivered before, never acknowledged: a
+        restart after a crash), then, if ``claim_idle_ms`` is set, entries pending for at least
+        that long on other consumers, then new entries, waiting up to ``block_ms`` for each
+        batch. An empty batch means "nothing new within block_ms" (so the caller can stop
+        when idle). Nothing is acknowledged here: call :meth:`ack` once a batch is handed on.
+        ``limit`` bounds the number of entries delivered in total (nothing beyond it is read).
+        """
+        key = ledger_key(tenant)
+        await self.ensure_group(tenant, group)
+        delivered = 0
+
+        def want() -> int:
+            return count if limit is None else min(count, limit - delivered)
+
+        # 1. this consumer's own pending entries
+        start = "0"
+        while want() > 0:
+            raw = await self.client.xreadgroup(group, consumer, {key: start}, count=want())
+            entries = _stream_entries(raw)
+            if not entries:
+                break
+            start = entries[-1][0]
+            batch = await self._batch(tenant, group, entries)
+            delivered += len(batch)
+            if batch:
+                yield batch
+
+        last_claim = float("-inf")
+        while want() > 0:
+            # 2. entries abandoned by other consumers
+            if claim_idle_ms is not None and time.monotonic() - last_claim >= max(
+                claim_idle_ms / 1000, 1.0
+            ):
+                last_claim = time.monotonic()
+                cursor = "0-0"
+                while want() > 0:
+                    reply = await self.client.xautoclaim(
+                        key, group, consumer, claim_idle_ms, cursor, count=want()
+                    )
+                    cursor = str(reply[0])
+                    batch = await self._batch(tenant, group, list(reply[1]))
+                    delivered += len(batch)
+                    if batch:
+                        yield batch
+                    if cursor == "0-0":
+                        break
+                await self._prune_consumers(tenant, group, consumer, claim_idle_ms)
+                continue
+            # 3. new entries
+            raw = await self.client.xreadgroup(
+                group, consumer, {key: ">"}, count=want(), block=block_ms
+            )
+            batch = await self._batch(tenant, group, _stream_entries(raw))
+            delivered += len(batch)
+            yield batch
+
+    async def consume(
+        self,
+        tenant: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int = 100,
+        block_ms: int = 1000,
+        claim_idle_ms: int | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[tuple[str, LedgerEntry]]:
+        """The entries of :meth:`consume_batches`, one at a time (runs until closed)."""
+        async for batch in self.consume_batches(
+            tenant,
+            group,
+            consumer,
+            count=count,
+            block_ms=block_ms,
+            claim_idle_ms=claim_idle_ms,
+            limit=limit,
+        ):
+            for item in batch:
+                yield item
+
+    async def ack(self, tenant: str, group: str, ids: Sequence[str]) -> int:
+        """Acknowledge ``ids`` for ``group``, then trim. Returns the number acknowledged."""
+        if not ids:
+            return 0
+        acked = int(await self.client.xack(ledger_key(tenant), group, *ids))
+        await self.trim(tenant)
+        return acked
+
+    async def _batch(self, tenant: str, group: str, entries: list[tuple[str, Any]]) -> Batch:
+        """Entries as :class:`LedgerEntry`; a pending id whose entry no longer exists (deleted
+        by hand: trim never removes a pending entry) is acknowledged and skipped."""
+        out: Batch = []
+        gone: list[str] = []
+        for entry_id, f in entries:
+            if f:
+                out.append((entry_id, LedgerEntry.from_fields(entry_id, f)))
+            else:
+                gone.append(entry_id)
+        if gone:
+            await self.client.xack(ledger_key(tenant), group, *gone)
+        return out
+
+    async def _prune_consumers(self, tenant: str, group: str, consumer: str, idle_ms: int) -> None:
+        """Remove consumers of ``group`` that hold no pending entry and were idle for
+        ``idle_ms``: deleting them loses nothing, and a live one is re-created by its next
+        read. Keeps a group's consumer list bounded when consumers restart under new names."""
+        for c in await self.client.xinfo_consumers(ledger_key(tenant), group):
+            if c["name"] != consumer and int(c["pending"]) == 0 and int(c["idle"]) >= idle_ms:
+                await self.client.xgroup_delconsumer(ledger_key(tenant), group, c["name"])
+
+    async def lag(self, tenant: str, group: str) -> int:
+        """Entries of the ledger not yet acknowledged by ``group``.
+
+        Redis 7 reports it (``XINFO GROUPS`` ``lag``, when it can); Redis 6.2 does not, so it is
+        computed as the group's pending count (delivered, unacknowledged: ``XINFO GROUPS``
+        ``pending``, the same count as ``XPENDING``) plus the entries after its last-delivered
+        id: 0 if that id is the stream's last-generated id, the stream's length (``XLEN``
+        arithmetic) if every entry is after it, else counted with ``XRANGE (<id> +`` in pages.
+        Both infos are read in one MULTI, so the figure is a consistent snapshot; the count
+        costs one round trip per 10,000 undelivered entries.
+        """
+        key = ledger_key(tenant)
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xinfo_groups(key)
+                pipe.xinfo_stream(key)
+                groups, stream = await pipe.execute()
+        except ResponseError as exc:
+            raise LookupError(f"tenant {tenant!r} has no ledger") from exc
+        info = next((g for g in groups if g["name"] == group), None)
+        if info is None:
+            raise LookupError(f"ledger of tenant {tenant!r} has no consumer group {group!r}")
+        pending = int(info["pending"])
+        if info.get("lag") is not None:
+            return pending + int(info["lag"])
+        delivered = parse_stream_id(str(info["last-delivered-id"]))
+        first = stream.get("first-entry")
+        if not stream["length"] or delivered >= parse_stream_id(str(stream["last-generated-id"])):
+            return pending
+        if first is not None and parse_stream_id(str(first[0])) > delivered:
+            return pending + int(stream["length"])
+        after = 0
+        start = "(" + str(info["last-delivered-id"])
+        while True:
+            page = await self._xrange(key, start, "+", 10_000)
+            after += len(page)
+            if len(page) < 10_000:
+                return pending + after
+            start = "(" + page[-1][0]
+
+    # -- trimming and aggregates ------------------------------------------------------------
+
+    async def trim(self, tenant: str) -> int:
+        """Trim the tenant's ledger up to its safe point (see the module docstring); returns
+        the number of entries removed."""
+        trimmed, _, _ = await self._run_trim(tenant, "", "-")
+        return trimmed
+
+    async def _run_trim(self, tenant: str, mark: str, start_id: str) -> tuple[int, str, bool]:
+        reply = await self._trim(
+            keys=[ledger_key(tenant), exported_key(tenant)], args=[mark, start_id]
+        )
+        return int(reply[0]), str(reply[1]), bool(int(reply[2]))
+
+    async def flush_aggregates(self, tenant: str, clock_offset_ms: int = 0) -> int:
+        """Write every ended ledger aggregate of the tenant to its ledger (one entry each);
+        returns the number of entries written. Safe to call from any number of processes."""
+        n = await self._flush(
+            keys=[aggregates_key(tenant), ledger_key(tenant)], args=[clock_offset_ms]
+        )
+        return int(n)
+
+
+def _stream_entries(raw: Any) -> list[tuple[str, Any]]:
+    """The entries of an ``XREADGROUP`` reply on one stream (RESP2 list or RESP3 dict)."""
+    if not raw:
+        return []
+    if isinstance(raw, dict):
+        values = list(raw.values())
+        return list(values[0][0]) if values and values[0] else []
+    return list(raw[0][1])
