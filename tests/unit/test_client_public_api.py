@@ -1,0 +1,44 @@
+"""The client's public API is exactly `chargepath_client.__all__` (as httpx enforces its own)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import pytest
+
+import chargepath_client
+from chargepath.v1 import metering_pb2 as pb
+from chargepath_client import Decision, LimitKind, Reason, Scope
+
+pytestmark = pytest.mark.unit
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    public = {name for name in vars(chargepath_client) if not name.startswith("_")}
+    assert public == set(chargepath_client.__all__)
+
+
+def test_all_is_sorted_and_unique() -> None:
+    assert chargepath_client.__all__ == sorted(set(chargepath_client.__all__))
+
+
+def test_public_objects_claim_the_package_as_their_module() -> None:
+    for name in chargepath_client.__all__:
+        assert getattr(chargepath_client, name).__module__ == "chargepath_client", name
+
+
+@pytest.mark.parametrize(
+    ("client_enum", "pb_enum", "prefix"),
+    [
+        (Decision, pb.Decision, "DECISION_"),
+        (Reason, pb.Reason, "REASON_"),
+        (LimitKind, pb.LimitKind, "LIMIT_KIND_"),
+        (Scope, pb.Scope, "SCOPE_"),
+    ],
+)
+def test_every_enum_value_of_the_contract_has_a_client_member(
+    client_enum: type[enum.StrEnum], pb_enum: Any, prefix: str
+) -> None:
+    names = {name.removeprefix(prefix).lower() for name, _ in pb_enum.items()}
+    assert names == {member.value for member in client_enum}
