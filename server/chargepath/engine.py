@@ -121,8 +121,25 @@ class Engine:
             )
         return out
 
+    async def _catch_up(self, usages: list[Usage]) -> None:
+        """A metric unknown to this process's policy may be known to a newer one: check the
+        live version (one store round trip) before calling the usage invalid."""
+        if all(u.metric in self.policy.metrics for u in usages):
+            return
+        try:
+            version = await asyncio.wait_for(
+                self.store.policy_version(), self.settings.store_timeout_s
+            )
+            if version > self.policy.version:
+                await asyncio.wait_for(
+                    self.reload_policy(version), self.settings.store_timeout_s * 4
+                )
+        except (StoreUnavailableError, TimeoutError):
+            pass  # decide with what we have; the store refuses a stale version anyway
+
     async def check(self, usage: Usage) -> Verdict:
         """Decide one usage; raise :class:`InvalidUsageError` if it is invalid."""
+        await self._catch_up([usage])
         bad = self.violations(usage, self.policy, on_stream=False)
         if bad:
             raise InvalidUsageError(bad)
@@ -137,6 +154,7 @@ class Engine:
     async def decide_batch(self, usages: list[Usage]) -> list[Verdict]:
         """Decide a stream batch: invalid usages get an INVALID_USAGE verdict, the others are
         decided in order, one atomic store call per tenant."""
+        await self._catch_up(usages)
         policy = self.policy
         out: list[Verdict | None] = [None] * len(usages)
         groups: dict[str, list[int]] = {}

@@ -59,8 +59,10 @@ def start_gateway(
     embedded: bool = False,
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    redis_url: str = "",
 ) -> GatewayProcess:
-    """Start ``chargepath serve`` and wait until its health service says SERVING."""
+    """Start ``chargepath serve`` and wait until its health service says SERVING: on its own
+    new redis-server, on ``redis_url`` if given, or on the embedded one if ``embedded``."""
     workdir.mkdir(parents=True, exist_ok=True)
     server: EmbeddedRedis | None = None
     args = [
@@ -76,8 +78,10 @@ def start_gateway(
     ]
     if plans is not None:
         args += ["--plans", str(plans)]
-    url = ""
-    if not embedded:
+    url = redis_url
+    if redis_url:
+        args += ["--redis-url", redis_url]
+    elif not embedded:
         server = EmbeddedRedis(workdir / "redis")
         server.start()
         url = server.url

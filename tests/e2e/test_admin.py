@@ -188,34 +188,91 @@ def test_bad_admin_input_names_the_field_and_changes_nothing(
     admin: apb_grpc.AdminServiceStub,
 ) -> None:
     before = admin.GetPolicy(apb.GetPolicyRequest(), timeout=5)
-    bad_doc = "metrics: [{name: api.sms.send}]\nplans:\n  - name: p\n    limits: [{name: l, metric: api.sms.send, rate: {capacity: 0, refill: 1}}]\n"
-    expect_error(grpc.StatusCode.INVALID_ARGUMENT, "document.plans.0.limits.0.rate.capacity",
-                 admin.ApplyPolicy, apb.ApplyPolicyRequest(document=bad_doc))  # fmt: skip
-    expect_error(grpc.StatusCode.INVALID_ARGUMENT, "document", admin.ApplyPolicy,
-                 apb.ApplyPolicyRequest(document="plans: [oops"))  # fmt: skip
-    expect_error(grpc.StatusCode.NOT_FOUND, "plan", admin.AssignPlan,
-                 apb.AssignPlanRequest(tenant="cpaas-demo", plan="no-such-plan"))  # fmt: skip
-    expect_error(grpc.StatusCode.NOT_FOUND, "subject.tenant", admin.Suspend,
-                 apb.SuspendRequest(subject=pb.Subject(tenant="nobody")))  # fmt: skip
-    expect_error(grpc.StatusCode.INVALID_ARGUMENT, "amount", admin.Grant,
-                 apb.GrantRequest(subject=pb.Subject(tenant="cpaas-demo"), limit="voice-daily",
-                                  amount=-5))  # fmt: skip
-    expect_error(grpc.StatusCode.NOT_FOUND, "limit", admin.Grant,
-                 apb.GrantRequest(subject=pb.Subject(tenant="cpaas-demo"), limit="sms-per-key",
-                                  amount=5))  # fmt: skip
-    expect_error(grpc.StatusCode.NOT_FOUND, "subject.tenant", admin.Grant,
-                 apb.GrantRequest(subject=pb.Subject(tenant="ghost"), limit="x", amount=5))  # fmt: skip
-    expect_error(grpc.StatusCode.INVALID_ARGUMENT, "plan", admin.PutPlan,
-                 apb.PutPlanRequest(plan=apb.Plan(name="p2", limits=[apb.Limit(
-                     name="l", metric="not.in.catalog", quota=apb.QuotaLimit(amount=5, per="day"))])))  # fmt: skip
-    expect_error(grpc.StatusCode.INVALID_ARGUMENT, "name", admin.DeletePlan,
-                 apb.DeletePlanRequest(name="cpaas-starter"))  # fmt: skip
-    expect_error(grpc.StatusCode.INVALID_ARGUMENT, "subject.tenant", admin.GetState,
-                 apb.GetStateRequest(subject=pb.Subject(tenant="")))  # fmt: skip
-    expect_error(grpc.StatusCode.NOT_FOUND, "decision_id", admin.ExplainDecision,
-                 apb.ExplainDecisionRequest(tenant="cpaas-demo", decision_id="0" * 32))  # fmt: skip
-    expect_error(grpc.StatusCode.INVALID_ARGUMENT, "mode", admin.SetFailurePolicy,
-                 apb.SetFailurePolicyRequest(tenant="cpaas-demo"))  # fmt: skip
+    bad_doc = (
+        "metrics: [{name: api.sms.send}]\nplans:\n  - name: p\n"
+        "    limits: [{name: l, metric: api.sms.send, rate: {capacity: 0, refill: 1}}]\n"
+    )
+    expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "document.plans.0.limits.0.rate.capacity",
+        admin.ApplyPolicy,
+        apb.ApplyPolicyRequest(document=bad_doc),
+    )
+    expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "document",
+        admin.ApplyPolicy,
+        apb.ApplyPolicyRequest(document="plans: [oops"),
+    )
+    expect_error(
+        grpc.StatusCode.NOT_FOUND,
+        "plan",
+        admin.AssignPlan,
+        apb.AssignPlanRequest(tenant="cpaas-demo", plan="no-such-plan"),
+    )
+    expect_error(
+        grpc.StatusCode.NOT_FOUND,
+        "subject.tenant",
+        admin.Suspend,
+        apb.SuspendRequest(subject=pb.Subject(tenant="nobody")),
+    )
+    expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "amount",
+        admin.Grant,
+        apb.GrantRequest(subject=pb.Subject(tenant="cpaas-demo"), limit="voice-daily", amount=-5),
+    )
+    expect_error(
+        grpc.StatusCode.NOT_FOUND,
+        "limit",
+        admin.Grant,
+        apb.GrantRequest(subject=pb.Subject(tenant="cpaas-demo"), limit="sms-per-key", amount=5),
+    )
+    expect_error(
+        grpc.StatusCode.NOT_FOUND,
+        "subject.tenant",
+        admin.Grant,
+        apb.GrantRequest(subject=pb.Subject(tenant="ghost"), limit="x", amount=5),
+    )
+    expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "plan",
+        admin.PutPlan,
+        apb.PutPlanRequest(
+            plan=apb.Plan(
+                name="p2",
+                limits=[
+                    apb.Limit(
+                        name="l", metric="not.in.catalog", quota=apb.QuotaLimit(amount=5, per="day")
+                    )
+                ],
+            )
+        ),
+    )
+    expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "name",
+        admin.DeletePlan,
+        apb.DeletePlanRequest(name="cpaas-starter"),
+    )
+    expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "subject.tenant",
+        admin.GetState,
+        apb.GetStateRequest(subject=pb.Subject(tenant="")),
+    )
+    expect_error(
+        grpc.StatusCode.NOT_FOUND,
+        "decision_id",
+        admin.ExplainDecision,
+        apb.ExplainDecisionRequest(tenant="cpaas-demo", decision_id="0" * 32),
+    )
+    expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "mode",
+        admin.SetFailurePolicy,
+        apb.SetFailurePolicyRequest(tenant="cpaas-demo"),
+    )
     after = admin.GetPolicy(apb.GetPolicyRequest(), timeout=5)
     assert (after.policy_version, after.document) == (before.policy_version, before.document)
 
