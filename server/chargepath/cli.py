@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import uuid
@@ -30,6 +31,9 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--plans", help="policy file (YAML) to publish at start")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 50051; 0 picks one)")
+    p.add_argument(
+        "--workers", type=int, help="gateway processes sharing the port (default: one per core)"
+    )
     p.add_argument("--redis-url", help="use this Redis/Valkey instead of the embedded one")
     p.add_argument(
         "--redis-cluster",
@@ -97,6 +101,7 @@ def serve(args: argparse.Namespace) -> int:
             plans=args.plans,
             host=args.host,
             port=args.port,
+            workers=args.workers,
             redis_url=args.redis_url,
             redis_cluster=args.redis_cluster,
             data_dir=args.data_dir,
@@ -112,26 +117,37 @@ def serve(args: argparse.Namespace) -> int:
         print(f"chargepath: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
-    otel = telemetry.setup(
-        otel=settings.otel, metrics_port=settings.metrics_port, metrics_host=settings.metrics_host
-    )
+    if settings.workers == 0:
+        settings.workers = os.cpu_count() or 1
+    try:
+        if settings.workers > 1:
+            from chargepath.supervisor import supervise
+
+            return supervise(settings)
+        otel = telemetry.setup(
+            otel=settings.otel,
+            metrics_port=settings.metrics_port,
+            metrics_host=settings.metrics_host,
+        )
+        try:
+            run_gateway(settings, otel.telemetry)
+        finally:
+            otel.shutdown()
+    except (PolicyError, FileNotFoundError) as exc:
+        print(f"chargepath: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_gateway(settings: Settings, telemetry: Telemetry) -> None:
+    """One gateway process: uvloop, then serve until SIGTERM/SIGINT."""
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    try:
-        asyncio.run(_serve(settings, otel.telemetry))
-    except PolicyError as exc:
-        print(f"chargepath: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"chargepath: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        otel.shutdown()
-    return 0
+    asyncio.run(_serve(settings, telemetry))
 
 
 async def _serve(settings: Settings, telemetry: Telemetry) -> None:

@@ -13,6 +13,8 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 50051
+    #: Gateway processes sharing the port (SO_REUSEPORT); 0: one per core.
+    workers: int = 0
     #: Redis (or Valkey) URL; empty: start an embedded redis-server with AOF in ``data_dir``.
     redis_url: str = ""
     #: Treat ``redis_url`` as a Redis Cluster seed node.

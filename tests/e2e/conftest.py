@@ -60,6 +60,7 @@ def start_gateway(
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     redis_url: str = "",
+    workers: int = 1,
 ) -> GatewayProcess:
     """Start ``chargepath serve`` and wait until its health service says SERVING: on its own
     new redis-server, on ``redis_url`` if given, or on the embedded one if ``embedded``."""
@@ -74,6 +75,8 @@ def start_gateway(
         str(port := free_port()),
         "--data-dir",
         str(workdir / "data"),
+        "--workers",
+        str(workers),
         *extra_args,
     ]
     if plans is not None:

@@ -164,6 +164,8 @@ def test_invalid_plan_file_fails_fast_with_the_field(tmp_path: Path, bad: str) -
             "0",
             "--data-dir",
             str(tmp_path / "d"),
+            "--workers",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -171,3 +173,23 @@ def test_invalid_plan_file_fails_fast_with_the_field(tmp_path: Path, bad: str) -
     )
     assert out.returncode == 2
     assert f"{plans}:1:" in out.stderr
+
+
+def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
+    gw = start_gateway(tmp_path, embedded=True, workers=2)
+    try:
+        pids: set[int] = set()
+        for _ in range(20):  # new connections spread over the workers (SO_REUSEPORT)
+            with grpc.insecure_channel(gw.address) as ch:
+                v = check(pb_grpc.MeteringServiceStub(ch), tenant="cpaas-demo")
+                assert v.decision in (pb.DECISION_ALLOW, pb.DECISION_THROTTLE) and not v.degraded
+        lines = [json.loads(x) for x in gw.log().splitlines() if x.startswith("{")]
+        pids = {x["worker"] for x in lines if "worker" in x and x["msg"].startswith("serving")}
+        assert pids == {0, 1}
+    finally:
+        assert gw.stop() == 0
+    out = subprocess.run(
+        ["pgrep", "-f", "chargepath-worker|multiprocessing.spawn"], capture_output=True
+    )
+    assert str(gw.process.pid) not in out.stdout.decode()
+    assert "embedded redis-server stopped" in gw.log()

@@ -1,0 +1,138 @@
+"""``chargepath serve --workers N``: N gateway processes on one port (SO_REUSEPORT), so that a
+multi-core machine is used; the kernel spreads connections across them.
+
+The supervisor owns what is shared: the embedded Redis (if no Redis URL is given) and the plan
+file (published once). Each worker is a full, stateless gateway; all state is in Redis, so
+workers need no coordination. A worker that dies is restarted; SIGTERM drains every worker,
+then stops the embedded Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from chargepath.settings import Settings
+
+log = logging.getLogger("chargepath.supervisor")
+
+
+def _worker(settings: dict[str, Any], index: int) -> None:
+    from chargepath import telemetry
+    from chargepath.cli import run_gateway
+    from chargepath.logs import configure_logging
+
+    s = Settings(**settings)
+    configure_logging(s.log_format, s.log_level, worker=index)
+    otel = telemetry.setup(
+        otel=s.otel,
+        metrics_port=s.metrics_port + index if s.metrics_port else 0,
+        metrics_host=s.metrics_host,
+    )
+    try:
+        run_gateway(s, otel.telemetry)
+    finally:
+        otel.shutdown()
+
+
+def supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` gateway processes until SIGTERM/SIGINT; the exit code."""
+    from chargepath.core.plans import load_policy_file
+    from chargepath.store.embedded import EmbeddedRedis
+    from chargepath.store.redis_store import RedisStore
+
+    document = load_policy_file(settings.plans) if settings.plans else None
+    if settings.port == 0:
+        log.error("--workers > 1 needs a fixed --port (workers share it with SO_REUSEPORT)")
+        return 2
+    embedded: EmbeddedRedis | None = None
+    shared = dataclasses.replace(settings)
+    if not shared.redis_url:
+        embedded = EmbeddedRedis(Path(settings.data_dir) / "redis", fsync=settings.redis_fsync)
+        embedded.start()
+        log.info(
+            "embedded redis-server started on %s (binary %s); data and AOF in %s",
+            embedded.url,
+            embedded.binary,
+            embedded.data_dir,
+        )
+        shared.redis_url = embedded.url
+    try:
+        if document is not None:
+            doc = document
+
+            async def publish() -> int:
+                store = RedisStore.from_url(shared.redis_url, connect_timeout=2.0)
+                try:
+                    return (await store.publish_policy(doc)).version
+                finally:
+                    await store.close()
+
+            version = asyncio.run(publish())
+            log.info("policy from %s is version %d", shared.plans, version)
+            shared.plans = ""
+        return _run_workers(shared)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            log.info("embedded redis-server stopped")
+
+
+def _run_workers(settings: Settings) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    config = dataclasses.asdict(settings)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def start(i: int) -> BaseProcess:
+        p = ctx.Process(target=_worker, args=(config, i), name=f"chargepath-worker-{i}")
+        p.start()
+        return p
+
+    workers = [start(i) for i in range(settings.workers)]
+    log.info("%d workers serving on %s:%d", settings.workers, settings.host, settings.port)
+    restarts: list[float] = []
+    while not stopping:
+        time.sleep(0.2)
+        for i, p in enumerate(workers):
+            if p.exitcode is not None and not stopping:
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                if len(restarts) > 5 * settings.workers:
+                    log.error("workers keep dying (%d restarts in 60 s); giving up", len(restarts))
+                    stopping = True
+                    break
+                log.error("worker %d exited with %s; restarting it", i, p.exitcode)
+                workers[i] = start(i)
+    for p in workers:
+        if p.exitcode is None and p.pid is not None:
+            signal_pid(p.pid)
+    deadline = time.monotonic() + settings.drain_grace_s + 5
+    code = 0
+    for p in workers:
+        p.join(max(0.1, deadline - time.monotonic()))
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+            code = 1
+    return code
+
+
+def signal_pid(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
