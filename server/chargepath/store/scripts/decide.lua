@@ -171,7 +171,8 @@ local function load_quota(idx, code, grants_idx)
   return st
 end
 
-local sessions = {}
+local sessions = {}        -- session key index -> highest sequence
+local sessions_dirty = {}  -- session key index -> true when its header must be written
 
 local function session_hw(idx)
   local hw = sessions[idx]
@@ -390,10 +391,9 @@ for _ = 1, n do
           math.min(retry, 9999999999), did)
         redis.call('SETRANGE', KEYS[sess_idx], off, slot)
         if seq > session_hw(sess_idx) then
-          redis.call('SETRANGE', KEYS[sess_idx], 0, string.format('%020.0f', seq))
           sessions[sess_idx] = seq
         end
-        redis.call('PEXPIRE', KEYS[sess_idx], session_ms)
+        sessions_dirty[sess_idx] = true
       end
     end
 
@@ -459,6 +459,11 @@ for idx, st in pairs(states) do
       redis.call('PEXPIRE', KEYS[idx], st.finish - now + HOUR)
     end
   end
+end
+
+for idx, _ in pairs(sessions_dirty) do
+  redis.call('SETRANGE', KEYS[idx], 0, string.format('%020.0f', sessions[idx]))
+  redis.call('PEXPIRE', KEYS[idx], session_ms)
 end
 
 return reply
