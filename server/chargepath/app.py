@@ -13,12 +13,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from redis.exceptions import RedisError
 
 from chargepath.core.plans import load_policy_file
 from chargepath.engine import Engine, EngineSettings
 from chargepath.settings import Settings
 from chargepath.store.base import StoreUnavailableError
 from chargepath.store.embedded import EmbeddedRedis
+from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
 from chargepath.transport.admin import AdminServicer
@@ -127,6 +129,7 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(self._probe_store(), name="probe-store"),
             asyncio.create_task(self._poll_policy(), name="poll-policy"),
+            asyncio.create_task(self._flush_aggregates(), name="flush-aggregates"),
         ]
         log.info(
             "serving chargepath.v1 on %s:%d (policy version %d)",
@@ -185,6 +188,25 @@ class Gateway:
                 version = await asyncio.wait_for(self.store.policy_version(), 1.0)
                 if version > self.engine.policy.version:
                     await asyncio.wait_for(self.engine.reload_policy(version), 2.0)
+
+    async def _flush_aggregates(self) -> None:
+        """Move closed ledger aggregates into the ledger, every second, for tenants whose plans
+        aggregate admits. Atomic in Redis, so every process may do it."""
+        ledger = Ledger(self.store.client)  # type: ignore[arg-type]
+        while not self.draining.is_set():
+            await asyncio.sleep(1.0)
+            tenants = [t for t, ms in self.engine.policy.aggregate_ms.items() if ms]
+            for tenant in tenants:
+                try:
+                    await asyncio.wait_for(
+                        ledger.flush_aggregates(
+                            tenant, clock_offset_ms=self.settings.clock_offset_ms
+                        ),
+                        1.0,
+                    )
+                except (RedisError, OSError, TimeoutError) as exc:
+                    log.warning("ledger aggregates of %s not flushed yet: %s", tenant, exc)
+                    break
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, streams end after the batch in hand, unary calls finish within

@@ -81,13 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     _check_parser(sub)
     from chargepath.cli_admin import COMMANDS, add_admin_parsers, run_admin
+    from chargepath.cli_ledger import add_ledger_parser, run_ledger
 
     add_admin_parsers(sub)
+    add_ledger_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
     if args.command in COMMANDS:
         return run_admin(args)
+    if args.command == "ledger":
+        return run_ledger(args)
     return check(args)
 
 

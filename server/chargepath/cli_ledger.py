@@ -182,7 +182,11 @@ def run_ledger(args: argparse.Namespace) -> int:
         print(f"chargepath ledger: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
-        # the reader went away: nothing after the last flush was acknowledged or marked
+        # the reader went away: nothing after the last flush was acknowledged or marked.
+        # Point stdout at /dev/null so that the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 1
     except (RedisError, OSError) as exc:
         print(f"chargepath ledger: {type(exc).__name__}: {exc}", file=sys.stderr)
