@@ -42,11 +42,12 @@ test-integration: setup ## Integration tests (real redis-server)
 test-e2e: setup clients ## End-to-end tests (real gateway, real clients)
 	$(PY) -m pytest tests/e2e
 
-lint: setup ## ruff (lint + format check), mypy, buf lint
+lint: setup ## ruff (lint + format check), mypy, buf lint, buf breaking against the released contract
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/buf lint
+	$(VENV)/bin/buf breaking --against protos/released/chargepath-v1-0.1.0.binpb
 
 fmt: setup ## Format the hand-written Python code
 	$(VENV)/bin/ruff check --fix .
