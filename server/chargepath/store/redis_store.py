@@ -57,7 +57,16 @@ FLAG_WINDOW_MISS = 8
 
 
 def read_script(name: str) -> str:
-    return (resources.files("chargepath.store") / "scripts" / name).read_text(encoding="utf-8")
+    """A script's text, with each line ``-- #include NAME`` replaced by that file (Redis
+    scripts cannot load modules; shared Lua is inlined once, at load)."""
+    folder = resources.files("chargepath.store") / "scripts"
+    lines = []
+    for line in (folder / name).read_text(encoding="utf-8").splitlines():
+        if line.startswith("-- #include "):
+            lines.append((folder / line.removeprefix("-- #include ").strip()).read_text("utf-8"))
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def tenant_prefix(tenant: str) -> str:

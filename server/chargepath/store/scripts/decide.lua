@@ -45,7 +45,6 @@ local ALLOW, THROTTLE, DENY = 1, 2, 3
 local OK, RATE_LIMITED, QUOTA_EXHAUSTED, NO_ENTITLEMENT = 1, 2, 3, 4
 local AMOUNT_EXCEEDS_CAPACITY, INVALID_USAGE, SUSPENDED, SOFT_LIMIT_EXCEEDED = 5, 7, 8, 9
 local MAX_DEBT = 4503599627370496 -- 2^52 sub-units
-local HOUR, DAY = 3600000, 86400000
 local USAGE_FIELDS, LIMIT_FIELDS = 16, 8
 
 local stamped = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
@@ -70,44 +69,7 @@ local function ceil_div(a, b)
   return math.floor((a + b - 1) / b)
 end
 
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local mp = m > 2 and m - 3 or m + 9
-  local doy = math.floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
-
-local function civil_from_days(z)
-  z = z + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local y = yoe + era * 400
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local m = mp < 10 and mp + 3 or mp - 9
-  if m <= 2 then y = y + 1 end
-  return y, m
-end
-
--- [start, end) of the UTC period containing now
-local function period_bounds(code)
-  if code == 1 then
-    local s = now - now % HOUR
-    return s, s + HOUR
-  elseif code == 2 then
-    local s = now - now % DAY
-    return s, s + DAY
-  end
-  local y, m = civil_from_days(math.floor(now / DAY))
-  local s = days_from_civil(y, m, 1) * DAY
-  if m == 12 then y, m = y + 1, 1 else m = m + 1 end
-  return s, days_from_civil(y, m, 1) * DAY
-end
+-- #include periods.lua
 
 local function split(s)
   local out = {}
@@ -159,7 +121,7 @@ end
 local function load_quota(idx, code, grants_idx)
   local st = states[idx]
   if st then return st end
-  local start, finish = period_bounds(code)
+  local start, finish = period_bounds(now, code)
   local v = redis.call('HMGET', KEYS[idx], 'p', 'u')
   local used = 0
   if v[1] and tonumber(v[1]) == start then

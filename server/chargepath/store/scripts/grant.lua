@@ -8,7 +8,6 @@
 -- Reply:   {capacity, remaining, now_ms}, or {-1, now_ms} if the expiry is already past
 -- Invariant: a grant counts only in the period it was made in, and only until it expires;
 -- grants of past periods and expired grants are removed here, so the hash stays small.
-local HOUR, DAY = 3600000, 86400000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[5])
 local expires = tonumber(ARGV[3])
@@ -16,41 +15,10 @@ if expires ~= 0 and expires <= now then
   return {-1, now}
 end
 
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local mp = m > 2 and m - 3 or m + 9
-  local doy = math.floor((153 * mp + 2) / 5) + d - 1
-  return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
-end
-
-local function civil_from_days(z)
-  z = z + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local y = yoe + era * 400
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local m = mp < 10 and mp + 3 or mp - 9
-  if m <= 2 then y = y + 1 end
-  return y, m
-end
+-- #include periods.lua
 
 local code = tonumber(ARGV[4])
-local start, finish
-if code == 1 then
-  start = now - now % HOUR; finish = start + HOUR
-elseif code == 2 then
-  start = now - now % DAY; finish = start + DAY
-else
-  local y, m = civil_from_days(math.floor(now / DAY))
-  start = days_from_civil(y, m, 1) * DAY
-  if m == 12 then y, m = y + 1, 1 else m = m + 1 end
-  finish = days_from_civil(y, m, 1) * DAY
-end
+local start, finish = period_bounds(now, code)
 
 local granted = 0
 local all = redis.call('HGETALL', KEYS[1])
