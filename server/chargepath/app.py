@@ -7,6 +7,7 @@ import contextlib
 import logging
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,7 +22,7 @@ from chargepath.settings import Settings
 from chargepath.store.base import StoreUnavailableError
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.ledger import Ledger
-from chargepath.store.redis_store import RedisStore
+from chargepath.store.redis_store import RedisStore, ledger_key
 from chargepath.telemetry import Telemetry
 from chargepath.transport.admin import AdminServicer
 from chargepath.transport.metering import MeteringServicer
@@ -130,6 +131,7 @@ class Gateway:
             asyncio.create_task(self._probe_store(), name="probe-store"),
             asyncio.create_task(self._poll_policy(), name="poll-policy"),
             asyncio.create_task(self._flush_aggregates(), name="flush-aggregates"),
+            asyncio.create_task(self._measure_ledger_lag(), name="ledger-lag"),
         ]
         log.info(
             "serving chargepath.v1 on %s:%d (policy version %d)",
@@ -207,6 +209,25 @@ class Gateway:
                 except (RedisError, OSError, TimeoutError) as exc:
                     log.warning("ledger aggregates of %s not flushed yet: %s", tenant, exc)
                     break
+
+    async def _measure_ledger_lag(self, max_tenants: int = 1000) -> None:
+        """Keep the ``chargepath.ledger.lag`` gauge: per tenant and consumer group, the entries
+        billing has not acknowledged yet (the figure to alert on: it grows when billing stops
+        reading, and so does Redis memory)."""
+        ledger = Ledger(self.store.client)  # type: ignore[arg-type]
+        while not self.draining.is_set():
+            lags: dict[tuple[str, str], int] = {}
+            for tenant in sorted(self.engine.policy.entitlements)[:max_tenants]:
+                try:
+                    groups: Any = await self.store.client.xinfo_groups(ledger_key(tenant))
+                    for g in groups:
+                        name = str(g["name"])
+                        lags[(tenant, name)] = await ledger.lag(tenant, name)
+                except (RedisError, OSError, LookupError):
+                    continue  # no ledger yet, or the store is away: keep the last figures
+            if lags:
+                self.telemetry.ledger_lag = lags
+            await asyncio.sleep(self.settings.ledger_lag_interval_ms / 1000)
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, streams end after the batch in hand, unary calls finish within

@@ -38,6 +38,8 @@ class Settings:
     policy_poll_ms: int = 1000
     #: How often the store's health is probed for the gRPC health service.
     health_probe_ms: int = 500
+    #: How often the ledger lag of every consumer group is measured for the metrics.
+    ledger_lag_interval_ms: int = 10_000
     max_message_bytes: int = 4 * 1024 * 1024
     #: Shorthand for the OTEL_TRACES_EXPORTER/OTEL_METRICS_EXPORTER defaults: none, console, otlp.
     otel: str = ""

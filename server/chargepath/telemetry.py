@@ -15,12 +15,13 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind
 
 from chargepath.core.model import Mode, Usage, Verdict
@@ -134,6 +135,20 @@ class Telemetry:
         self.open_streams = meter.create_up_down_counter(
             "chargepath.streams.open", unit="{stream}", description="Open StreamUsage streams"
         )
+        #: (tenant, consumer group) -> entries not yet acknowledged; kept by the gateway.
+        self.ledger_lag: dict[tuple[str, str], int] = {}
+        meter.create_observable_gauge(
+            "chargepath.ledger.lag",
+            callbacks=[self._observe_ledger_lag],
+            unit="{entry}",
+            description="Ledger entries not yet acknowledged by a consumer group",
+        )
+
+    def _observe_ledger_lag(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(lag, {"tenant": tenant, "group": group})
+            for (tenant, group), lag in list(self.ledger_lag.items())
+        ]
 
     @contextmanager
     def decision_spans(self, usages: Sequence[Usage]) -> Iterator[SpanBatch]:

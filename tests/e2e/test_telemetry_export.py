@@ -11,6 +11,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import redis
 from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
     metrics_service_pb2_grpc,
@@ -127,8 +128,14 @@ def scrape(port: int) -> dict[str, float]:
 
 def test_prometheus_counters_equal_the_decisions_made(tmp_path: Path) -> None:
     port = free_port()
-    gw = start_gateway(tmp_path, extra_args=("--metrics-port", str(port)))
+    gw = start_gateway(
+        tmp_path,
+        extra_args=("--metrics-port", str(port)),
+        env={"CHARGEPATH_LEDGER_LAG_INTERVAL_MS": "200"},
+    )
     try:
+        raw = redis.Redis.from_url(gw.redis_url)
+        raw.xgroup_create("cp:{cpaas-demo}:ledger", "billing", id="0", mkstream=True)
         # key-scoped bucket: capacity 20, so 25 admits of 1 give 20 ALLOW then THROTTLEs (the
         # bucket refills 10/s, so a few more may be allowed on a slow machine)
         verdicts = check(gw.address, 25)
@@ -139,6 +146,21 @@ def test_prometheus_counters_equal_the_decisions_made(tmp_path: Path) -> None:
             counts[key] = counts.get(key, 0) + 1
         assert counts["DENY/AMOUNT_EXCEEDS_CAPACITY"] == 2 and "THROTTLE/RATE_LIMITED" in counts
         assert scrape(port) == counts
+        # the ledger lag gauge: every allowed admit is an entry billing has not acknowledged
+        allowed = counts.get("ALLOW/OK", 0)
+        deadline = time.monotonic() + 5
+        lag = None
+        while time.monotonic() < deadline and lag != allowed:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            m = re.search(
+                rb'chargepath_ledger_lag\{[^}]*group="billing"[^}]*tenant="cpaas-demo"[^}]*\} '
+                rb"([0-9.e+]+)",
+                body,
+            )
+            lag = float(m.group(1)) if m else None
+            time.sleep(0.2)
+        assert lag == allowed
+        raw.close()
     finally:
         assert gw.stop() == 0
         if gw.redis:
