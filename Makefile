@@ -62,5 +62,8 @@ check-gen: gen ## Fail if the generated code is not what protos/ gives
 	@test -z "$$(git status --porcelain -- server/chargepath/v1)" || \
 	  (echo "generated code has untracked files: run 'make gen' and commit it" >&2; exit 1)
 
+loadtest-smoke: setup ## A short run of every load-test scenario against a fresh gateway (also in make test)
+	$(PY) -m pytest tests/e2e/test_loadtest_smoke.py
+
 clean: ## Remove the venv and local data
 	rm -rf $(VENV) .chargepath .pytest_cache .mypy_cache .ruff_cache

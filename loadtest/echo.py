@@ -1,0 +1,155 @@
+"""The gRPC ceiling: a bare grpc.aio MeteringService that answers every usage with a canned
+verdict, without deciding anything.
+
+Same service, same messages, verdicts of the same shape and size as the gateway's (an ALLOW with
+the limits the demo plans touch: three for an admit, four for a report), so a run against it
+measures what gRPC, protobuf and the load generator cost on this machine, and nothing else.
+
+Run it with ``python -m loadtest.echo [--port N]``; it prints ``listening on HOST:PORT`` once
+it accepts calls, and stops on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import uvloop
+
+from chargepath.v1 import metering_pb2 as pb
+
+SERVICE = "chargepath.v1.MeteringService"
+
+
+def canned_verdict(mode: int) -> pb.Verdict:
+    """An ALLOW shaped like the gateway's for ``mode``: limits, ids, version, timestamps."""
+    verdict = pb.Verdict(
+        decision=pb.DECISION_ALLOW,
+        reason=pb.REASON_OK,
+        policy_version=1,
+        decision_id="0123456789abcdef0123456789abcdef",
+        recorded=True,
+        trace_id="fedcba9876543210fedcba9876543210",
+    )
+    verdict.decided_at.GetCurrentTime()
+    if mode == pb.MODE_ADMIT:
+        limits = [
+            ("sms-per-key", pb.LIMIT_KIND_RATE, pb.SCOPE_KEY, 19, 20, 100),
+            ("sms-account", pb.LIMIT_KIND_RATE, pb.SCOPE_TENANT, 199, 200, 10),
+            ("sms-monthly", pb.LIMIT_KIND_QUOTA, pb.SCOPE_TENANT, 999_999, 1_000_000, 2_000_000),
+        ]
+    else:
+        limits = [
+            (
+                "tenant-bytes-rate",
+                pb.LIMIT_KIND_RATE,
+                pb.SCOPE_TENANT,
+                1_999_998_500,
+                2_000_000_000,
+                2,
+            ),
+            (
+                "tenant-bytes-monthly",
+                pb.LIMIT_KIND_QUOTA,
+                pb.SCOPE_TENANT,
+                49_999_999_998_500,
+                50_000_000_000_000,
+                2_000_000_000,
+            ),
+            ("slice-bytes-rate", pb.LIMIT_KIND_RATE, pb.SCOPE_SLICE, 199_998_500, 200_000_000, 15),
+            (
+                "slice-bytes-monthly",
+                pb.LIMIT_KIND_QUOTA,
+                pb.SCOPE_SLICE,
+                9_999_999_998_500,
+                10_000_000_000_000,
+                2_000_000_000,
+            ),
+        ]
+    for name, kind, scope, remaining, capacity, reset_ms in limits:
+        status = verdict.limits.add(
+            name=name, kind=kind, scope=scope, remaining=remaining, capacity=capacity
+        )
+        status.reset_after.FromMilliseconds(reset_ms)
+    return verdict
+
+
+class EchoService:
+    """Check and StreamUsage, answered with canned verdicts carrying the request ids."""
+
+    def __init__(self) -> None:
+        self._verdicts = {m: canned_verdict(m) for m in (pb.MODE_ADMIT, pb.MODE_REPORT)}
+
+    async def check(
+        self,
+        request: pb.CheckRequest,
+        context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
+    ) -> pb.CheckResponse:
+        resp = pb.CheckResponse()
+        verdict = self._verdicts.get(request.usage.mode, self._verdicts[pb.MODE_ADMIT])
+        resp.verdict.CopyFrom(verdict)
+        resp.verdict.request_id = request.usage.request_id
+        return resp
+
+    async def stream_usage(
+        self,
+        requests: AsyncIterator[pb.StreamUsageRequest],
+        context: grpc.aio.ServicerContext[pb.StreamUsageRequest, pb.StreamUsageResponse],
+    ) -> AsyncIterator[pb.StreamUsageResponse]:
+        fallback = self._verdicts[pb.MODE_REPORT]
+        async for req in requests:
+            resp = pb.StreamUsageResponse()
+            for usage in req.usages:
+                v = resp.verdicts.add()
+                v.CopyFrom(self._verdicts.get(usage.mode, fallback))
+                v.request_id = usage.request_id
+            yield resp
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    self.check,
+                    request_deserializer=pb.CheckRequest.FromString,
+                    response_serializer=pb.CheckResponse.SerializeToString,
+                ),
+                "StreamUsage": grpc.stream_stream_rpc_method_handler(
+                    self.stream_usage,
+                    request_deserializer=pb.StreamUsageRequest.FromString,
+                    response_serializer=pb.StreamUsageResponse.SerializeToString,
+                ),
+            },
+        )
+
+
+async def serve(host: str, port: int) -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([EchoService().handler()])
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    print(f"listening on {host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.echo", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    args = parser.parse_args(argv)
+    uvloop.run(serve(args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The find-max search: raise the offered rate step by step until it is no longer sustained.
+
+A step is sustained when its p99 latency is within the bound and the achieved rate is at
+least ``min_ratio`` of the offered rate (answered usages only: errors, drops and answers that
+came after the step's window do not count). The search starts at ``start_rate``, multiplies
+the rate by ``factor`` after each sustained step, and stops at the first step that is not
+sustained, or after ``max_steps``. The answer is the highest sustained rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """What one step measured. Rates are usages per second; ``p99_ms`` is the worst p99 of the
+    step's flows, None when nothing was answered."""
+
+    offered_rate: float
+    achieved_rate: float
+    p99_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    sustained: bool
+    reason: str
+
+
+def judge(step: StepOutcome, p99_bound_ms: float, min_ratio: float) -> Judgement:
+    """Whether ``step`` was sustained, and why (or why not), in words for the report."""
+    ratio = step.achieved_rate / step.offered_rate if step.offered_rate > 0 else 0.0
+    if step.p99_ms is None:
+        return Judgement(False, "no answers")
+    if ratio < min_ratio:
+        return Judgement(False, f"achieved {ratio:.1%} of offered (< {min_ratio:.0%})")
+    if step.p99_ms > p99_bound_ms:
+        return Judgement(False, f"p99 {step.p99_ms:.2f} ms > {p99_bound_ms:g} ms")
+    return Judgement(True, f"p99 {step.p99_ms:.2f} ms, achieved {ratio:.1%} of offered")
+
+
+class RateSearch:
+    """Drives the geometric search; the caller runs each step.
+
+    >>> search = RateSearch(start_rate=1000, factor=1.5, p99_bound_ms=10)
+    >>> rate = search.next_rate()        # 1000
+    >>> # ... run a step at `rate`, then:
+    >>> search.record(StepOutcome(rate, achieved_rate=999, p99_ms=2.0)).sustained
+    True
+    >>> search.next_rate()               # 1500.0
+    1500.0
+    """
+
+    def __init__(
+        self,
+        start_rate: float,
+        factor: float,
+        p99_bound_ms: float,
+        min_ratio: float = 0.95,
+        max_steps: int = 20,
+    ) -> None:
+        if start_rate <= 0:
+            raise ValueError("start_rate must be positive")
+        if factor <= 1:
+            raise ValueError("factor must be above 1")
+        if not 0 < min_ratio <= 1:
+            raise ValueError("min_ratio must be in (0, 1]")
+        if max_steps < 1:
+            raise ValueError("max_steps must be at least 1")
+        self.start_rate = start_rate
+        self.factor = factor
+        self.p99_bound_ms = p99_bound_ms
+        self.min_ratio = min_ratio
+        self.max_steps = max_steps
+        self.steps: list[tuple[StepOutcome, Judgement]] = []
+
+    @property
+    def done(self) -> bool:
+        if len(self.steps) >= self.max_steps:
+            return True
+        return bool(self.steps) and not self.steps[-1][1].sustained
+
+    def next_rate(self) -> float | None:
+        """The rate of the next step, or None when the search is over."""
+        if self.done:
+            return None
+        return self.start_rate * self.factor ** len(self.steps)
+
+    def record(self, step: StepOutcome) -> Judgement:
+        if self.done:
+            raise RuntimeError("the search is over")
+        judgement = judge(step, self.p99_bound_ms, self.min_ratio)
+        self.steps.append((step, judgement))
+        return judgement
+
+    @property
+    def best(self) -> StepOutcome | None:
+        """The highest sustained step, None if even the first one was not sustained."""
+        sustained = [s for s, j in self.steps if j.sustained]
+        return max(sustained, key=lambda s: s.offered_rate) if sustained else None
+
+    @property
+    def limited_by_max_steps(self) -> bool:
+        """True when the search stopped because it ran out of steps, not at a failed step: the
+        real maximum is higher than :attr:`best`."""
+        return len(self.steps) >= self.max_steps and all(j.sustained for _, j in self.steps)

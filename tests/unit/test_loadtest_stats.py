@@ -1,0 +1,112 @@
+"""Recording and merging: the parent's merge of the workers' encoded histograms must equal one
+histogram of every value, and the counts must add up."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from loadtest.stats import (
+    FlowRecorder,
+    FlowStats,
+    Tally,
+    merge,
+    merge_by_flow,
+    new_histogram,
+    summarize,
+)
+
+pytestmark = pytest.mark.unit
+
+ALLOW, THROTTLE, DENY = 1, 2, 3
+
+
+def record(rec: FlowRecorder, latencies_ms: list[float], at: float) -> None:
+    for ms in latencies_ms:
+        rec.scheduled()
+        rec.sent()
+        rec.answered(at - ms / 1000, at, [ALLOW])
+
+
+def test_latency_is_measured_from_the_intended_send_time() -> None:
+    rec = FlowRecorder("check", 1, start=100.0, duration=10.0)
+    rec.sent()
+    rec.answered(intended=100.25, now=100.2625, decisions=[ALLOW])
+    m = merge([rec.snapshot()])
+    assert m.histogram.get_total_count() == 1
+    assert m.histogram.get_max_value() == pytest.approx(12_500, rel=1e-3)
+
+
+def test_merged_histogram_equals_the_histogram_of_all_values() -> None:
+    rng = random.Random(7)
+    workers = [FlowRecorder("check", 1, start=0.0, duration=5.0) for _ in range(3)]
+    reference = new_histogram()
+    for rec in workers:
+        for second in range(5):
+            values = [rng.lognormvariate(0, 1) for _ in range(400)]
+            record(rec, values, at=second + 0.5)
+            for ms in values:
+                reference.record_value(max(1, int(ms * 1000)))
+    merged = merge([w.snapshot() for w in workers])
+    assert merged.histogram.get_total_count() == reference.get_total_count() == 6000
+    for q in (50, 90, 99, 99.9, 100):
+        assert merged.histogram.get_value_at_percentile(q) == pytest.approx(
+            reference.get_value_at_percentile(q), rel=2e-3
+        )
+    assert sorted(merged.seconds) == [0, 1, 2, 3, 4]
+    assert all(s.histogram.get_total_count() == 1200 for s in merged.seconds.values())
+
+
+def test_counts_add_up_across_workers() -> None:
+    a = FlowRecorder("stream", 3, start=0.0, duration=1.0)
+    b = FlowRecorder("stream", 3, start=0.0, duration=1.0)
+    for rec in (a, b):
+        rec.scheduled()
+        rec.sent()
+        rec.answered(0.1, 0.2, [ALLOW, THROTTLE, ALLOW])
+    b.scheduled()
+    b.sent()
+    b.failed(0.3, "UNAVAILABLE")
+    b.scheduled()
+    b.dropped()
+    m = merge([a.snapshot(), b.snapshot()])
+    t = m.tally
+    assert (t.scheduled_ops, t.sent_ops, t.ok_ops, t.error_ops, t.dropped_ops) == (4, 3, 2, 1, 1)
+    assert t.ok_usages == 6
+    assert t.decisions == {"ALLOW": 4, "THROTTLE": 2}
+    assert t.errors == {"UNAVAILABLE": 1}
+    assert m.seconds[0].error_ops == 1
+
+
+def test_achieved_rate_counts_only_answers_inside_the_window() -> None:
+    rec = FlowRecorder("check", 1, start=0.0, duration=2.0)
+    record(rec, [1.0] * 100, at=1.0)
+    record(rec, [1.0] * 60, at=2.5)  # drained after the window: counted, not achieved
+    summary = summarize(merge([rec.snapshot()]), offered_rate=80.0, duration=2.0)
+    assert summary.tally.ok_usages == 160
+    assert summary.achieved_rate == 50.0
+    assert [p["usages_per_s"] for p in summary.series] == [100.0, 60.0]
+
+
+def test_merge_by_flow_keeps_flows_apart() -> None:
+    def stats(flow: str, ok: int) -> FlowStats:
+        return FlowStats(flow, 1, Tally(ok_ops=ok, ok_usages=ok), {})
+
+    merged = merge_by_flow([[stats("check", 1), stats("stream", 2)], [stats("check", 3)]])
+    assert [(m.flow, m.tally.ok_ops) for m in merged] == [("check", 4), ("stream", 2)]
+    with pytest.raises(ValueError):
+        merge([stats("check", 1), stats("stream", 1)])
+
+
+def test_idle_hook_fires_when_the_last_operation_settles() -> None:
+    rec = FlowRecorder("check", 1, start=0.0, duration=1.0)
+    fired: list[int] = []
+    rec.on_idle = lambda: fired.append(rec.in_flight)
+    for _ in range(3):
+        rec.sent()
+    rec.answered(0.0, 0.1, [ALLOW])
+    rec.failed(0.2, "DEADLINE_EXCEEDED")
+    assert fired == []
+    rec.incomplete(1)
+    assert fired == [0]
