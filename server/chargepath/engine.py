@@ -200,7 +200,7 @@ class Engine:
                     u,
                     policy.resolve(u.subject, u.metric),
                     did,
-                    fingerprint(u),
+                    "" if u.session_id else fingerprint(u),
                     trace_id,
                     policy.suspension(u.subject) is not None,
                 )

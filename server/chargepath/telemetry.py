@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -80,9 +81,9 @@ class SpanBatch:
             span.end()
             if ctx.is_valid and ctx.trace_flags.sampled:
                 v = dataclasses.replace(v, trace_id=f"{ctx.trace_id:032x}")
-            self._t.count_decision(v, elapsed)
             out.append(v)
         self.spans = []
+        self._t.count_decisions(out, elapsed)
         return out
 
     def _detach(self) -> None:
@@ -173,16 +174,19 @@ class Telemetry:
         ) as span:
             yield span
 
-    def count_decision(self, v: Verdict, elapsed_s: float) -> None:
-        attrs: dict[str, str | bool] = {
-            "decision": v.decision.name,
-            "reason": v.reason.name,
-            "degraded": v.degraded,
-        }
-        self._decisions.add(1, attrs)
-        if v.degraded:
-            self._degraded.add(1, {"reason": v.reason.name})
-        self._latency.record(elapsed_s)
+    def count_decisions(self, verdicts: Sequence[Verdict], elapsed_s: float) -> None:
+        """Count a batch's decisions (one add per distinct outcome, not per decision) and
+        record its latency once: the latency histogram counts Check calls and stream
+        batches, each decision of a batch having waited the same time."""
+        outcomes = Counter((v.decision, v.reason, v.degraded) for v in verdicts)
+        for (decision, reason, degraded), n in outcomes.items():
+            self._decisions.add(
+                n, {"decision": decision.name, "reason": reason.name, "degraded": degraded}
+            )
+            if degraded:
+                self._degraded.add(n, {"reason": reason.name})
+        if verdicts:
+            self._latency.record(elapsed_s)
 
     def count_invalid(self) -> None:
         self._decisions.add(1, {"decision": "DENY", "reason": "INVALID_USAGE", "degraded": False})

@@ -7,10 +7,10 @@ from chargepath.v1 import metering_pb2 as pb
 
 def test_every_core_enum_maps_to_the_wire_value_of_the_same_name() -> None:
     for table, enum, prefix, wire in (
-        (mapping._REASONS, Reason, "REASON_", pb.Reason),
-        (mapping._DECISIONS, Decision, "DECISION_", pb.Decision),
-        (mapping._KINDS, LimitKind, "LIMIT_KIND_", pb.LimitKind),
-        (mapping._SCOPES, Scope, "SCOPE_", pb.Scope),
+        (mapping.REASONS, Reason, "REASON_", pb.Reason),
+        (mapping.DECISIONS, Decision, "DECISION_", pb.Decision),
+        (mapping.KINDS, LimitKind, "LIMIT_KIND_", pb.LimitKind),
+        (mapping.SCOPES, Scope, "SCOPE_", pb.Scope),
     ):
         assert set(table) == set(enum)
         for member, value in table.items():  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ import json
 from importlib import resources
 from typing import Any
 
+import msgpack
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
@@ -166,15 +167,7 @@ class RedisStore:
                 i = index[k] = len(keys)
             return i
 
-        args: list[Any] = [
-            policy_version,
-            self.clock_offset_ms,
-            self.dedup_window_ms,
-            self.session_ttl_ms,
-            self.session_window,
-            self.recent_length,
-            len(items),
-        ]
+        batch: list[list[Any]] = []
         for item in items:
             u = item.usage
             limits = item.resolution.limits
@@ -190,40 +183,31 @@ class RedisStore:
                 dedup = idx(f"{prefix}d:{u.request_id}")
             labels = json.dumps(dict(u.labels), separators=(",", ":")) if u.labels else ""
             aggregate = item.resolution.aggregate_ms if u.mode is Mode.ADMIT else 0
-            args += (
-                flags,
-                u.amount,
-                u.request_id,
-                item.decision_id,
-                item.fingerprint,
-                dedup,
-                sess,
-                u.sequence,
-                u.subject.slice,
-                u.subject.key,
-                u.metric,
-                labels,
-                u.occurred_at_ms,
-                item.trace_id,
-                aggregate,
-                len(limits),
-            )
+            specs: list[list[Any]] = []
             for lim in limits:
                 k = idx(limit_key(tenant, lim, u.subject.slice, u.subject.key))
                 if lim.kind is LimitKind.RATE:
-                    args += (
-                        k,
-                        1,
-                        int(lim.soft),
-                        lim.capacity * lim.scale,
-                        lim.scale,
-                        lim.refill_per_ms,
-                        0,
-                        lim.name,
-                    )
+                    specs.append(
+                        [k, 1, int(lim.soft), lim.capacity * lim.scale, lim.scale,
+                         lim.refill_per_ms, 0, lim.name]
+                    )  # fmt: skip
                 else:
                     g = idx(grants_key(tenant, lim, u.subject.slice, u.subject.key))
-                    args += (k, 2, int(lim.soft), lim.amount, int(lim.period), 0, g, lim.name)
+                    specs.append([k, 2, int(lim.soft), lim.amount, int(lim.period), 0, g, lim.name])
+            batch.append(
+                [flags, u.amount, u.request_id, item.decision_id, item.fingerprint, dedup, sess,
+                 u.sequence, u.subject.slice, u.subject.key, u.metric, labels, u.occurred_at_ms,
+                 item.trace_id, aggregate, specs]
+            )  # fmt: skip
+        args = [
+            policy_version,
+            self.clock_offset_ms,
+            self.dedup_window_ms,
+            self.session_ttl_ms,
+            self.session_window,
+            self.recent_length,
+            msgpack.packb(batch),
+        ]
         try:
             reply = await self._decide(keys=keys, args=args)
         except RedisError as exc:

@@ -104,8 +104,8 @@ def record_to_pb(r: DecisionRecord) -> apb.DecisionRecord:
         metric=r.metric,
         amount=r.amount,
         mode=pb.MODE_REPORT if r.mode == 2 else pb.MODE_ADMIT,
-        decision=mapping._DECISIONS[r.decision],
-        reason=mapping._REASONS[r.reason],
+        decision=mapping.DECISIONS[r.decision],
+        reason=mapping.REASONS[r.reason],
         policy_version=r.policy_version,
         decided_at=_ms_timestamp(r.decided_at_ms),
         trace_id=r.trace_id,
@@ -114,7 +114,7 @@ def record_to_pb(r: DecisionRecord) -> apb.DecisionRecord:
     for c in r.limits:
         out.limits.add(
             name=c.name,
-            kind=mapping._KINDS[c.kind],
+            kind=mapping.KINDS[c.kind],
             remaining_before=c.remaining_before,
             remaining_after=c.remaining_after,
             capacity=c.capacity,
@@ -390,8 +390,8 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         for (plan, lim), r in zip(pairs, readings, strict=True):
             out.limits.add(
                 name=lim.name,
-                kind=mapping._KINDS[lim.kind],
-                scope=mapping._SCOPES[lim.scope],
+                kind=mapping.KINDS[lim.kind],
+                scope=mapping.SCOPES[lim.scope],
                 metric=metrics.get(lim.name, ""),
                 plan=plan,
                 remaining=r.remaining,

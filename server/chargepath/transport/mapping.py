@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from chargepath.core.model import (
     Decision,
     LimitKind,
@@ -18,13 +15,13 @@ from chargepath.core.model import (
 )
 from chargepath.v1 import metering_pb2 as pb
 
-_MODES = {pb.MODE_ADMIT: Mode.ADMIT, pb.MODE_REPORT: Mode.REPORT}
-_DECISIONS = {
+MODES = {pb.MODE_ADMIT: Mode.ADMIT, pb.MODE_REPORT: Mode.REPORT}
+DECISIONS = {
     Decision.ALLOW: pb.DECISION_ALLOW,
     Decision.THROTTLE: pb.DECISION_THROTTLE,
     Decision.DENY: pb.DECISION_DENY,
 }
-_REASONS = {
+REASONS = {
     Reason.OK: pb.REASON_OK,
     Reason.RATE_LIMITED: pb.REASON_RATE_LIMITED,
     Reason.QUOTA_EXHAUSTED: pb.REASON_QUOTA_EXHAUSTED,
@@ -35,8 +32,8 @@ _REASONS = {
     Reason.SUSPENDED: pb.REASON_SUSPENDED,
     Reason.SOFT_LIMIT_EXCEEDED: pb.REASON_SOFT_LIMIT_EXCEEDED,
 }
-_KINDS = {LimitKind.RATE: pb.LIMIT_KIND_RATE, LimitKind.QUOTA: pb.LIMIT_KIND_QUOTA}
-_SCOPES = {Scope.TENANT: pb.SCOPE_TENANT, Scope.SLICE: pb.SCOPE_SLICE, Scope.KEY: pb.SCOPE_KEY}
+KINDS = {LimitKind.RATE: pb.LIMIT_KIND_RATE, LimitKind.QUOTA: pb.LIMIT_KIND_QUOTA}
+SCOPES = {Scope.TENANT: pb.SCOPE_TENANT, Scope.SLICE: pb.SCOPE_SLICE, Scope.KEY: pb.SCOPE_KEY}
 
 
 def usage_from_pb(m: pb.Usage) -> Usage:
@@ -50,7 +47,7 @@ def usage_from_pb(m: pb.Usage) -> Usage:
         subject=Subject(s.tenant, s.slice, s.key),
         metric=m.metric,
         amount=m.amount,
-        mode=_MODES.get(m.mode, Mode.UNSPECIFIED),
+        mode=MODES.get(m.mode, Mode.UNSPECIFIED),
         labels=tuple(m.labels.items()) if m.labels else (),
         occurred_at_ms=occurred,
         session_id=m.session_id,
@@ -58,28 +55,30 @@ def usage_from_pb(m: pb.Usage) -> Usage:
     )
 
 
-def _duration(ms: int) -> Duration:
-    return Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
-
-
 def _limit_to_pb(lim: LimitState) -> pb.LimitStatus:
+    ms = lim.reset_after_ms
     return pb.LimitStatus(
         name=lim.name,
-        kind=_KINDS[lim.kind],
-        scope=_SCOPES[lim.scope],
+        kind=KINDS[lim.kind],
+        scope=SCOPES[lim.scope],
         remaining=lim.remaining,
         capacity=lim.capacity,
-        reset_after=_duration(max(0, lim.reset_after_ms)),
+        # nested messages as dicts: built in C, no Python Duration object to copy
+        reset_after={"seconds": ms // 1000, "nanos": (ms % 1000) * 1_000_000} if ms > 0 else None,
         soft=lim.soft,
         exceeded=lim.exceeded,
     )
 
 
 def verdict_to_pb(v: Verdict) -> pb.Verdict:
-    out = pb.Verdict(
+    retry, at = v.retry_after_ms, v.decided_at_ms
+    return pb.Verdict(
         request_id=v.request_id,
-        decision=_DECISIONS[v.decision],
-        reason=_REASONS[v.reason],
+        decision=DECISIONS[v.decision],
+        reason=REASONS[v.reason],
+        retry_after={"seconds": retry // 1000, "nanos": (retry % 1000) * 1_000_000}
+        if retry
+        else None,
         limits=[_limit_to_pb(lim) for lim in v.limits],
         policy_version=v.policy_version,
         decision_id=v.decision_id,
@@ -88,11 +87,5 @@ def verdict_to_pb(v: Verdict) -> pb.Verdict:
         replayed=v.replayed,
         trace_id=v.trace_id,
         message=v.message,
+        decided_at={"seconds": at // 1000, "nanos": (at % 1000) * 1_000_000} if at else None,
     )
-    if v.retry_after_ms:
-        out.retry_after.CopyFrom(_duration(v.retry_after_ms))
-    if v.decided_at_ms:
-        out.decided_at.CopyFrom(
-            Timestamp(seconds=v.decided_at_ms // 1000, nanos=(v.decided_at_ms % 1000) * 1_000_000)
-        )
-    return out
