@@ -71,6 +71,7 @@ class Gateway:
             connect_timeout=max(s.store_timeout_ms / 1000, 0.05),
             dedup_window_ms=s.dedup_window_s * 1000,
             session_ttl_ms=s.session_ttl_s * 1000,
+            recent_length=s.recent_decisions,
             clock_offset_ms=s.clock_offset_ms,
         )
         self.engine = Engine(

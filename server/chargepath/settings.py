@@ -38,6 +38,9 @@ class Settings:
     policy_poll_ms: int = 1000
     #: How often the store's health is probed for the gRPC health service.
     health_probe_ms: int = 500
+    #: Decisions kept per tenant for state, explain and tail (0: none, which saves about
+    #: 40 µs of Redis time per decision).
+    recent_decisions: int = 1000
     #: How often the ledger lag of every consumer group is measured for the metrics.
     ledger_lag_interval_ms: int = 10_000
     max_message_bytes: int = 4 * 1024 * 1024

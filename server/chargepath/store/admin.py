@@ -185,7 +185,7 @@ class AdminStore:
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         for _, fields in entries:
-            if fields.get("e") == "d" and fields.get("did") == decision_id:
+            if fields.get("e") == "d" and fields["x"].startswith(decision_id):
                 return parse_decision(tenant, fields)
         return None
 
@@ -214,8 +214,27 @@ class AdminStore:
 
 
 def parse_decision(tenant: str, f: dict[str, str]) -> DecisionRecord:
+    """A trail entry ``e=d``: field ``x`` packs, 0x1F-separated, the decision id, request id,
+    slice, key, metric, amount, mode, decision, reason, policy version, time, trace id,
+    retry_after and the limits (``name,kind,before,after,capacity,exceeded`` joined by ``;``)."""
+    (
+        did,
+        rid,
+        slice_,
+        key,
+        metric,
+        amount,
+        mode,
+        decision,
+        reason,
+        version,
+        ts,
+        trace_id,
+        retry,
+        packed_limits,
+    ) = f["x"].split("\x1f")
     limits = []
-    for packed in filter(None, f.get("lm", "").split(";")):
+    for packed in filter(None, packed_limits.split(";")):
         name, kind, before, after, cap, exceeded = packed.rsplit(",", 5)
         limits.append(
             LimitChange(
@@ -223,18 +242,18 @@ def parse_decision(tenant: str, f: dict[str, str]) -> DecisionRecord:
             )
         )
     return DecisionRecord(
-        decision_id=f["did"],
-        request_id=f["rid"],
-        subject=Subject(tenant, f.get("sl", ""), f.get("k", "")),
-        metric=f["m"],
-        amount=int(f["a"]),
-        mode=Mode.REPORT if f["mo"] == "report" else Mode.ADMIT,
-        decision=Decision(int(f["d"])),
-        reason=Reason(int(f["r"])),
-        policy_version=int(f["v"]),
-        decided_at_ms=int(f["ts"]),
-        trace_id=f.get("tr", ""),
-        retry_after_ms=int(f.get("ra", "0")),
+        decision_id=did,
+        request_id=rid,
+        subject=Subject(tenant, slice_, key),
+        metric=metric,
+        amount=int(amount),
+        mode=Mode.REPORT if mode == "report" else Mode.ADMIT,
+        decision=Decision(int(decision)),
+        reason=Reason(int(reason)),
+        policy_version=int(version),
+        decided_at_ms=int(ts),
+        trace_id=trace_id,
+        retry_after_ms=int(retry),
         limits=tuple(limits),
     )
 

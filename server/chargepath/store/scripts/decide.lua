@@ -356,10 +356,11 @@ for _, u in ipairs(batch) do
         packed[#packed + 1] = table.concat({lim.name, lim.kind, fmt(lim.before),
           fmt(remaining_of(lim)), fmt(capacity_of(lim)), lim.exceeded and 1 or 0}, ',')
       end
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', recent_len, '*', 'e', 'd', 'did', did,
-        'rid', rid, 'sl', slice, 'k', key, 'm', metric, 'a', fmt(amount), 'mo', mode,
-        'd', decision, 'r', reason, 'v', version, 'ts', fmt(now), 'tr', trace_id,
-        'ra', fmt(retry), 'lm', table.concat(packed, ';'))
+      -- one packed field (0x1F-separated; no field may hold 0x1F): a stream entry with two
+      -- fields costs a fraction of one with fifteen
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', recent_len, '*', 'e', 'd', 'x',
+        table.concat({did, rid, slice, key, metric, fmt(amount), mode, decision, reason, version,
+          fmt(now), trace_id, fmt(retry), table.concat(packed, ';')}, '\31'))
       if take then
         for _, lim in ipairs(lims) do
           if lim.kind == 2 then
