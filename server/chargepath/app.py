@@ -78,6 +78,7 @@ class Gateway:
             self.store,
             EngineSettings(
                 store_timeout_s=s.store_timeout_ms / 1000,
+                store_timeout_per_usage_s=s.store_timeout_per_usage_ms / 1000,
                 breaker_failures=s.breaker_failures,
                 breaker_cooldown_s=s.breaker_cooldown_ms / 1000,
             ),

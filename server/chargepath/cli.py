@@ -144,13 +144,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def run_gateway(settings: Settings, telemetry: Telemetry) -> None:
-    """One gateway process: uvloop, then serve until SIGTERM/SIGINT."""
-    try:
+    """One gateway process: serve until SIGTERM/SIGINT."""
+    if settings.event_loop == "uvloop":
         import uvloop
 
         uvloop.install()
-    except ImportError:
-        pass
     asyncio.run(_serve(settings, telemetry))
 
 

@@ -43,11 +43,14 @@ STALE_RETRIES = 3
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
-    """``store_timeout_s`` bounds every store call: past it the failure policy decides.
+    """``store_timeout_s`` bounds every store call for one usage (plus
+    ``store_timeout_per_usage_s`` per further usage of a batch): past it the failure policy
+    decides.
     ``breaker_failures`` consecutive store failures open the breaker for
     ``breaker_cooldown_s``."""
 
     store_timeout_s: float = 0.05
+    store_timeout_per_usage_s: float = 0.0005
     breaker_failures: int = 5
     breaker_cooldown_s: float = 1.0
 
@@ -213,7 +216,8 @@ class Engine:
                 with self.telemetry.store_span(tenant, len(items)):
                     verdicts = await asyncio.wait_for(
                         self.store.decide(tenant, policy.version, items),
-                        self.settings.store_timeout_s,
+                        self.settings.store_timeout_s
+                        + self.settings.store_timeout_per_usage_s * (len(items) - 1),
                     )
             except StalePolicyError as exc:
                 self.breaker.success()
