@@ -20,13 +20,19 @@ import redis.asyncio
 
 from chargepath.v1 import metering_pb2 as pb
 from loadtest.ceiling_redis import BatchDecision
-from loadtest.stats import FlowRecorder
+from loadtest.stats import DEGRADED_OFFSET, FlowRecorder
 from loadtest.workload import CheckRequests, StreamBatches, Workload
 
 CHECK_METHOD = "/chargepath.v1.MeteringService/Check"
 STREAM_METHOD = "/chargepath.v1.MeteringService/StreamUsage"
 
 Metadata = tuple[tuple[str, str], ...]
+
+
+def outcome(v: pb.Verdict) -> int:
+    """The verdict's decision, plus DEGRADED_OFFSET when the gateway decided without its store
+    (by the tenant's failure policy): such answers must never pass for a sustained rate."""
+    return int(v.decision) + (DEGRADED_OFFSET if v.degraded else 0)
 
 
 class Flow(abc.ABC):
@@ -142,7 +148,7 @@ class CheckFlow(_TaskFlow):
         except grpc.aio.AioRpcError as exc:
             rec.failed(time.monotonic(), exc.code().name, exc.details() or "")
             return
-        rec.answered(intended, time.monotonic(), (resp.verdict.decision,))
+        rec.answered(intended, time.monotonic(), (outcome(resp.verdict),))
 
 
 class _Session:
@@ -239,7 +245,7 @@ class Lane:
                     error, detail = "UNEXPECTED_RESPONSE", "an answer to no message"
                     break
                 intended, rec = session.pending.popleft()
-                rec.answered(intended, time.monotonic(), [v.decision for v in resp.verdicts])
+                rec.answered(intended, time.monotonic(), [outcome(v) for v in resp.verdicts])
         except grpc.aio.AioRpcError as exc:
             error, detail = exc.code().name, exc.details() or ""
         self._close_session(session, error, detail)

@@ -1,6 +1,7 @@
 """The find-max search: raise the offered rate step by step until it is no longer sustained.
 
-A step is sustained when its p99 latency is within the bound and the achieved rate is at
+A step is sustained when no verdict came back degraded (decided by the failure policy because
+the store did not answer in time), its p99 latency is within the bound and the achieved rate is at
 least ``min_ratio`` of the offered rate (answered usages only: errors, drops and answers that
 came after the step's window do not count). The search starts at ``start_rate``, multiplies
 the rate by ``factor`` after each sustained step, and stops at the first step that is not
@@ -20,6 +21,7 @@ class StepOutcome:
     offered_rate: float
     achieved_rate: float
     p99_ms: float | None
+    degraded: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,8 @@ def judge(step: StepOutcome, p99_bound_ms: float, min_ratio: float) -> Judgement
         return Judgement(False, "no answers")
     if ratio < min_ratio:
         return Judgement(False, f"achieved {ratio:.1%} of offered (< {min_ratio:.0%})")
+    if step.degraded:
+        return Judgement(False, f"{step.degraded:,} degraded verdicts (store timeouts)")
     if step.p99_ms > p99_bound_ms:
         return Judgement(False, f"p99 {step.p99_ms:.2f} ms > {p99_bound_ms:g} ms")
     return Judgement(True, f"p99 {step.p99_ms:.2f} ms, achieved {ratio:.1%} of offered")

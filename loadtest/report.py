@@ -54,6 +54,7 @@ def measurement_table(m: Measurement) -> Table:
     table.add_column("achieved", justify="right")
     for outcome in OUTCOMES:
         table.add_column(outcome, justify="right")
+    table.add_column("degraded", justify="right")
     table.add_column("errors", justify="right")
     table.add_column("unanswered", justify="right")
     with_cpu = any(p.target_cpu_s is not None for p in m.phases)
@@ -81,6 +82,7 @@ def measurement_table(m: Measurement) -> Table:
                 _rate(flow.offered_rate),
                 _rate(flow.achieved_rate),
                 *(f"{t.decisions.get(o, 0):,}" for o in OUTCOMES),
+                f"{sum(n for k, n in t.decisions.items() if k.startswith('DEGRADED')):,}",
                 errors,
                 f"{t.dropped_ops + t.incomplete_ops:,}",
                 *cpu,

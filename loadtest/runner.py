@@ -283,7 +283,9 @@ def measure(
             reports, cpu = run(f"{label}: step {n} @ {rate:,.0f}/s", rate, plan.step_seconds)
             phase = _summary(f"step {n}", rate, plan.step_seconds, pool.spec, reports, cpu)
             result.phases.append(phase)
-            judgement = search.record(StepOutcome(rate, phase.achieved_rate, phase.worst_p99_ms))
+            judgement = search.record(
+                StepOutcome(rate, phase.achieved_rate, phase.worst_p99_ms, phase.degraded_usages)
+            )
             colour = "green" if judgement.sustained else "red"
             progress.console.print(f"  [{colour}]step {n} @ {rate:,.0f}/s: {judgement.reason}")
         result.steps = list(search.steps)

@@ -19,6 +19,12 @@ SIGNIFICANT_FIGURES = 3
 
 # Names of the chargepath.v1.Decision values, without importing the generated code.
 DECISION_NAMES = {0: "UNSPECIFIED", 1: "ALLOW", 2: "THROTTLE", 3: "DENY"}
+# A verdict marked degraded (decided by the failure policy, the store unreachable in time) is
+# counted under its decision plus this offset, e.g. "DEGRADED_ALLOW".
+DEGRADED_OFFSET = 100
+DECISION_NAMES.update(
+    {DEGRADED_OFFSET + d: f"DEGRADED_{n}" for d, n in list(DECISION_NAMES.items())}
+)
 
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9))
 
@@ -300,6 +306,15 @@ class PhaseSummary:
     @property
     def achieved_rate(self) -> float:
         return sum(f.achieved_rate for f in self.flows)
+
+    @property
+    def degraded_usages(self) -> int:
+        return sum(
+            n
+            for f in self.flows
+            for name, n in f.tally.decisions.items()
+            if name.startswith("DEGRADED")
+        )
 
     @property
     def worst_p99_ms(self) -> float | None:

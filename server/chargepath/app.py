@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from redis.exceptions import RedisError
 
 from chargepath.core.plans import load_policy_file
@@ -68,7 +68,7 @@ class Gateway:
         self.store = RedisStore.from_url(
             url,
             cluster=s.redis_cluster,
-            connect_timeout=max(s.store_timeout_ms / 1000, 0.05),
+            connect_timeout=max(s.store_timeout_ms / 1000, 0.5),
             dedup_window_ms=s.dedup_window_s * 1000,
             session_ttl_ms=s.session_ttl_s * 1000,
             recent_length=s.recent_decisions,
@@ -101,7 +101,15 @@ class Gateway:
             )
 
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(tracer_provider=self.telemetry.tracer_provider)],
+            # StreamUsage takes the caller's trace context itself (a span per batch): the
+            # instrumentation's stream wrapper fails to detach its context when a client
+            # cancels a stream, and one span for a stream that lives for hours helps no one.
+            interceptors=[
+                aio_server_interceptor(
+                    tracer_provider=self.telemetry.tracer_provider,
+                    filter_=filters.negate(filters.method_name("StreamUsage")),
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),

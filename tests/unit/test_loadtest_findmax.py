@@ -73,3 +73,11 @@ def test_the_search_stops_after_max_steps_and_says_the_maximum_is_higher() -> No
 def test_rejects_searches_that_cannot_make_progress(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         RateSearch(p99_bound_ms=10, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_step_with_degraded_verdicts_is_not_sustained() -> None:
+    from loadtest.findmax import StepOutcome, judge
+
+    j = judge(StepOutcome(1000, 1000, 2.0, degraded=3), p99_bound_ms=10, min_ratio=0.95)
+    assert not j.sustained and "3 degraded" in j.reason
+    assert judge(StepOutcome(1000, 1000, 2.0), p99_bound_ms=10, min_ratio=0.95).sustained

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind
 
 from chargepath.core.model import Decision, InvalidUsageError, Reason, Verdict
 from chargepath.core.validation import MAX_BATCH
@@ -51,6 +53,8 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
     ) -> AsyncIterator[pb.StreamUsageResponse]:
         telemetry = self.engine.telemetry
         telemetry.open_streams.add(1)
+        # the caller's W3C traceparent: every batch span of this stream is its child
+        caller = propagate.extract({k: v for k, v in context.invocation_metadata() or ()})
         drain = asyncio.ensure_future(self.draining.wait())
         try:
             while True:
@@ -70,7 +74,14 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                 try:
                     with telemetry.tracer.start_as_current_span(
                         "chargepath.StreamUsage.batch",
-                        attributes={"chargepath.batch_size": len(request.usages)},
+                        context=caller,
+                        kind=SpanKind.SERVER,
+                        attributes={
+                            "rpc.system": "grpc",
+                            "rpc.service": "chargepath.v1.MeteringService",
+                            "rpc.method": "StreamUsage",
+                            "chargepath.batch_size": len(request.usages),
+                        },
                     ):
                         verdicts = await self._decide(request)
                 except Exception:
