@@ -107,8 +107,8 @@ RedisClient = aioredis.Redis | RedisCluster
 class RedisStore:
     """Chargepath's store on Redis (or Valkey, or Redis Cluster) through redis.asyncio.
 
-    ``dedup_window_ms``: how long a request id's first verdict is kept (about 120 bytes per
-    request id, i.e. ~120 MB per million ids in the window). ``session_ttl_ms``: how long an
+    ``dedup_window_ms``: how long a request id's first verdict is kept (168 bytes per request
+    id, i.e. ~170 MB per million ids in the window). ``session_ttl_ms``: how long an
     idle stream session is remembered. ``session_window``: how many recent verdicts a session
     keeps for resends (65 bytes each). ``clock_offset_ms`` shifts Redis' clock and exists for
     tests of period boundaries only.
