@@ -1,0 +1,129 @@
+"""The same scripts on a real Redis Cluster (three masters started by the test): every key of a
+decision carries the tenant's hash tag, so a decision's keys are in one slot."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis
+
+from chargepath.core.model import Decision, Mode, Reason, Subject, Usage
+from chargepath.core.plans import load_policy_file
+from chargepath.engine import Engine, EngineSettings
+from chargepath.store.embedded import find_redis_server, free_port
+from chargepath.store.redis_store import RedisStore, ledger_key
+from chargepath.telemetry import Telemetry
+
+ROOT = Path(__file__).resolve().parents[2]
+SLOTS = 16384
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    """Three cluster-enabled redis-servers, slots split in three, joined with CLUSTER MEET."""
+    binary = find_redis_server()
+    ports = [free_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        d = tmp_path_factory.mktemp(f"cluster-{port}")
+        procs.append(
+            subprocess.Popen(
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(d / "nodes.conf"),
+                    "--dir",
+                    str(d),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        )
+    try:
+        clients = []
+        for port in ports:
+            for _ in range(100):
+                try:
+                    c = redis.Redis(port=port)
+                    c.ping()
+                    clients.append(c)
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        bounds = [0, SLOTS // 3, 2 * SLOTS // 3, SLOTS]
+        for i, c in enumerate(clients):
+            c.execute_command("CLUSTER ADDSLOTS", *range(bounds[i], bounds[i + 1]))
+        for port in ports[1:]:
+            clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            states = [c.execute_command("CLUSTER INFO").get("cluster_state") for c in clients]
+            if all(st in ("ok", b"ok") for st in states):
+                break
+            time.sleep(0.1)
+        else:
+            raise TimeoutError("the test cluster did not converge")
+        for c in clients:
+            c.close()
+        yield ports
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+@pytest_asyncio.fixture
+async def engine(cluster: list[int]) -> AsyncIterator[Engine]:
+    store = RedisStore.from_url(f"redis://127.0.0.1:{cluster[0]}", cluster=True, connect_timeout=2)
+    await store.publish_policy(load_policy_file(ROOT / "examples" / "plans.yaml"))
+    e = Engine(store, EngineSettings(store_timeout_s=2.0), Telemetry())
+    await e.reload_policy()
+    yield e
+    await store.close()
+
+
+async def test_decisions_dedup_and_ledger_on_a_cluster(engine: Engine, cluster: list[int]) -> None:
+    u = Usage("c-1", Subject("cpaas-demo", key="k1"), "api.sms.send", 3, Mode.ADMIT)
+    first = await engine.check(u)
+    assert (first.decision, first.reason, first.recorded) == (Decision.ALLOW, Reason.OK, True)
+    assert [lim.remaining for lim in first.limits] == [17, 197, 999_997]
+    again = await engine.check(u)
+    assert again.replayed and again.decision_id == first.decision_id
+    batch = [
+        Usage(
+            f"s{i}",
+            Subject("mvno-demo", "1-000001"),
+            "slice.bytes",
+            10,
+            Mode.REPORT,
+            session_id="sess",
+            sequence=i,
+        )
+        for i in range(5)
+    ]
+    other = Usage("x", Subject("cpaas-demo", key="k2"), "api.sms.send", 1, Mode.ADMIT)
+    verdicts = await engine.decide_batch([*batch, other])
+    assert all(v.recorded for v in verdicts)
+    assert [v.replayed for v in await engine.decide_batch(batch)] == [True] * 5
+    # the two tenants hash to different slots; each ledger is on its tenant's node
+    nodes = redis.RedisCluster(host="127.0.0.1", port=cluster[0], decode_responses=True)
+    try:
+        assert nodes.keyslot(ledger_key("cpaas-demo")) != nodes.keyslot(ledger_key("mvno-demo"))
+        assert nodes.xlen(ledger_key("cpaas-demo")) == 2
+        assert nodes.xlen(ledger_key("mvno-demo")) == 5
+    finally:
+        nodes.close()
