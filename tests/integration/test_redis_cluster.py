@@ -3,6 +3,8 @@ decision carries the tenant's hash tag, so a decision's keys are in one slot."""
 
 from __future__ import annotations
 
+import random
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -15,7 +17,7 @@ import redis
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage
 from chargepath.core.plans import load_policy_file
 from chargepath.engine import Engine, EngineSettings
-from chargepath.store.embedded import find_redis_server, free_port
+from chargepath.store.embedded import find_redis_server
 from chargepath.store.redis_store import RedisStore, ledger_key
 from chargepath.telemetry import Telemetry
 
@@ -23,11 +25,40 @@ ROOT = Path(__file__).resolve().parents[2]
 SLOTS = 16384
 
 
+def cluster_ports(n: int) -> list[int]:
+    """``n`` distinct ports p, each with p + 10000 (its cluster bus) free too. Ephemeral ports
+    will not do: p + 10000 may pass 65535. Every socket stays bound until all are chosen."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    rng = random.Random()
+    try:
+        while len(ports) < n:
+            p = rng.randrange(20000, 30000)
+            if p in ports:
+                continue
+            pair = []
+            try:
+                for port in (p, p + 10000):
+                    s = socket.socket()
+                    pair.append(s)
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                for s in pair:
+                    s.close()
+                continue
+            held += pair
+            ports.append(p)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
     """Three cluster-enabled redis-servers, slots split in three, joined with CLUSTER MEET."""
     binary = find_redis_server()
-    ports = [free_port() for _ in range(3)]
+    ports = cluster_ports(3)
     procs = []
     for port in ports:
         d = tmp_path_factory.mktemp(f"cluster-{port}")
@@ -55,7 +86,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
         )
     try:
         clients = []
-        for port in ports:
+        for port, proc in zip(ports, procs, strict=True):
+            if proc.poll() is not None:
+                raise RuntimeError(f"cluster node on port {port} exited with {proc.returncode}")
             for _ in range(100):
                 try:
                     c = redis.Redis(port=port)
