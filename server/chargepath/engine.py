@@ -277,6 +277,7 @@ class Engine:
                     retry_after_ms=retry,
                     recorded=False,
                     degraded=True,
+                    trace_id=item.trace_id,
                     message="store unavailable: decided by the tenant's failure policy "
                     f"({res.failure_mode}); nothing recorded, resend reports with the same ids",
                 )

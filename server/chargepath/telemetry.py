@@ -67,7 +67,6 @@ class SpanBatch:
         self._detach()
         out = []
         for span, v in zip(self.spans, verdicts, strict=True):
-            ctx = span.get_span_context()
             if span.is_recording():
                 span.set_attributes(
                     {
@@ -79,8 +78,6 @@ class SpanBatch:
                     }
                 )
             span.end()
-            if ctx.is_valid and ctx.trace_flags.sampled:
-                v = dataclasses.replace(v, trace_id=f"{ctx.trace_id:032x}")
             out.append(v)
         self.spans = []
         self._t.count_decisions(out, elapsed)

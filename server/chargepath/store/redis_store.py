@@ -271,6 +271,7 @@ class RedisStore:
                     replayed=bool(flags & FLAG_REPLAYED),
                     message=message,
                     decided_at_ms=now,
+                    trace_id=item.trace_id,
                 )
             )
         return out
