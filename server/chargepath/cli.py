@@ -207,19 +207,8 @@ def _render(v: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from chargepath.cli_admin import human_ms as human
     from chargepath.v1 import metering_pb2 as pb
-
-    def human(ms: int) -> str:
-        if ms < 10_000:
-            return f"{ms} ms"
-        secs = ms // 1000
-        parts = [
-            (secs // 86400, "d"),
-            (secs % 86400 // 3600, "h"),
-            (secs % 3600 // 60, "m"),
-            (secs % 60, "s"),
-        ]
-        return " ".join(f"{n}{u}" for n, u in parts if n) or "0s"
 
     colour = {pb.DECISION_ALLOW: "green", pb.DECISION_THROTTLE: "yellow"}.get(v.decision, "red")
     console = Console(width=None if sys.stdout.isatty() else 120)

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from chargepath.core.model import LimitKind, Scope
+from chargepath.core.model import Scope
 from chargepath.core.validation import METRIC_RE, TENANT_RE
 
 # Integers in Lua are doubles: every scaled amount must stay exact.
@@ -29,7 +29,6 @@ SUBJECT_PART = r"^[A-Za-z0-9._~@+=/-]{1,128}$"
 PATTERN_RE = re.compile(r"[a-z0-9_*]+(\.[a-z0-9_*]+)*")
 
 RATE_PERIOD_MS = {"second": 1_000, "minute": 60_000, "hour": 3_600_000}
-QUOTA_PERIODS = ("hour", "day", "month")
 
 
 class _Strict(BaseModel):
@@ -311,4 +310,3 @@ def load_policy_file(path: str | Path) -> PolicyDocument:
 
 
 SCOPES = {"tenant": Scope.TENANT, "slice": Scope.SLICE, "key": Scope.KEY}
-KINDS = {"rate": LimitKind.RATE, "quota": LimitKind.QUOTA}

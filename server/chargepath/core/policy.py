@@ -153,10 +153,6 @@ class Policy:
     def empty(cls) -> Policy:
         return cls(PolicyDocument(), 0)
 
-    def failure_mode(self, tenant: str) -> str:
-        ent = self.entitlements.get(tenant)
-        return ent.failure_mode if ent else "deny"
-
     def resolve(self, subject: Subject, metric: str) -> Resolution:
         """The limits matching ``metric`` at the scopes ``subject`` names (memoised)."""
         ck = (subject.tenant, subject.slice, bool(subject.slice), bool(subject.key), metric)

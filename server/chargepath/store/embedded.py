@@ -162,12 +162,3 @@ class EmbeddedRedis:
             p.wait()
             if p.stderr:
                 p.stderr.close()
-
-    def pause(self) -> None:
-        """SIGSTOP: Redis stops answering but keeps its connections (a "slow" store)."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGCONT)

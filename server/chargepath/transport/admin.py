@@ -14,8 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from chargepath.core import policy_edit
 from chargepath.core.model import (
@@ -49,15 +47,6 @@ _SCOPE_VALUES = {v: k for k, v in _SCOPE_NAMES.items()}
 _FAILURE_NAMES = {apb.FAILURE_MODE_DENY: "deny", apb.FAILURE_MODE_ALLOW: "allow"}
 _FAILURE_VALUES = {v: k for k, v in _FAILURE_NAMES.items()}
 _ERROR_LINE = re.compile(r"^document:(?:(\d+):)? ([^:]+): (.*)$")
-
-
-def _ms_duration(ms: int) -> Duration:
-    ms = max(0, ms)
-    return Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
-
-
-def _ms_timestamp(ms: int) -> Timestamp:
-    return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
 
 def plan_to_dict(plan: apb.Plan) -> dict[str, Any]:
@@ -107,9 +96,9 @@ def record_to_pb(r: DecisionRecord) -> apb.DecisionRecord:
         decision=mapping.DECISIONS[r.decision],
         reason=mapping.REASONS[r.reason],
         policy_version=r.policy_version,
-        decided_at=_ms_timestamp(r.decided_at_ms),
+        decided_at=mapping.timestamp(r.decided_at_ms),
         trace_id=r.trace_id,
-        retry_after=_ms_duration(r.retry_after_ms),
+        retry_after=mapping.duration(r.retry_after_ms),
     )
     for c in r.limits:
         out.limits.add(
@@ -130,7 +119,7 @@ def threshold_to_pb(e: ThresholdEvent) -> apb.ThresholdEvent:
         percent=e.percent,
         used=e.used,
         capacity=e.capacity,
-        at=_ms_timestamp(e.at_ms),
+        at=mapping.timestamp(e.at_ms),
     )
 
 
@@ -381,7 +370,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             plan=ent.plan or "",
             slice_plan=ent.slice_plans.get(subject.slice) or "",
             failure_mode=_FAILURE_VALUES[ent.failure_mode],
-            read_at=_ms_timestamp(now),
+            read_at=mapping.timestamp(now),
             recent=[record_to_pb(r) for r in recent],
         )
         metrics = {lim.name: pattern for pattern, lim in ent.limits}
@@ -400,13 +389,13 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 per=lim.per,
                 used=r.used,
                 granted=r.granted,
-                reset_after=_ms_duration(r.reset_after_ms),
+                reset_after=mapping.duration(r.reset_after_ms),
                 soft=lim.soft,
             )
         for g in grants:
             m = out.grants.add(grant_id=g.grant_id, limit=g.limit, amount=g.amount, note=g.note)
             if g.expires_at_ms:
-                m.expires_at.CopyFrom(_ms_timestamp(g.expires_at_ms))
+                m.expires_at.FromMilliseconds(g.expires_at_ms)
         for probe in (
             Subject(subject.tenant),
             Subject(subject.tenant, subject.slice),

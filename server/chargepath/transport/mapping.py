@@ -55,6 +55,18 @@ def usage_from_pb(m: pb.Usage) -> Usage:
     )
 
 
+def duration(ms: int) -> dict[str, int]:
+    """A ``google.protobuf.Duration`` of ``ms`` (at least 0) as a dict: message constructors
+    build it in C, with no Python message object to copy."""
+    ms = max(0, ms)
+    return {"seconds": ms // 1000, "nanos": (ms % 1000) * 1_000_000}
+
+
+def timestamp(ms: int) -> dict[str, int]:
+    """A ``google.protobuf.Timestamp`` of ``ms`` since the Unix epoch, as a dict."""
+    return {"seconds": ms // 1000, "nanos": (ms % 1000) * 1_000_000}
+
+
 def _limit_to_pb(lim: LimitState) -> pb.LimitStatus:
     ms = lim.reset_after_ms
     return pb.LimitStatus(
@@ -63,8 +75,7 @@ def _limit_to_pb(lim: LimitState) -> pb.LimitStatus:
         scope=SCOPES[lim.scope],
         remaining=lim.remaining,
         capacity=lim.capacity,
-        # nested messages as dicts: built in C, no Python Duration object to copy
-        reset_after={"seconds": ms // 1000, "nanos": (ms % 1000) * 1_000_000} if ms > 0 else None,
+        reset_after=duration(ms) if ms > 0 else None,
         soft=lim.soft,
         exceeded=lim.exceeded,
     )
@@ -76,9 +87,7 @@ def verdict_to_pb(v: Verdict) -> pb.Verdict:
         request_id=v.request_id,
         decision=DECISIONS[v.decision],
         reason=REASONS[v.reason],
-        retry_after={"seconds": retry // 1000, "nanos": (retry % 1000) * 1_000_000}
-        if retry
-        else None,
+        retry_after=duration(retry) if retry else None,
         limits=[_limit_to_pb(lim) for lim in v.limits],
         policy_version=v.policy_version,
         decision_id=v.decision_id,
@@ -87,5 +96,5 @@ def verdict_to_pb(v: Verdict) -> pb.Verdict:
         replayed=v.replayed,
         trace_id=v.trace_id,
         message=v.message,
-        decided_at={"seconds": at // 1000, "nanos": (at % 1000) * 1_000_000} if at else None,
+        decided_at=timestamp(at) if at else None,
     )
