@@ -30,18 +30,31 @@ from chargepath.core.model import Mode, Usage, Verdict
 log = logging.getLogger("chargepath.telemetry")
 
 
+def _unsampled_parent() -> bool:
+    """True when the current span is a real span that is not sampled (e.g. a stream batch
+    whose caller did not sample its trace)."""
+    ctx = trace.get_current_span().get_span_context()
+    return ctx.is_valid and not ctx.trace_flags.sampled
+
+
 class SpanBatch:
     """Open decision spans for a batch; :meth:`finish` closes them with their verdicts.
 
     For a single usage (``Check``) the decision span is made current, so that the store call
-    is its child span."""
+    is its child span. Decision spans follow their parent's sampling decision (the SDK's
+    parent-based samplers do the same): under a parent that is not sampled, no span object is
+    built at all, since none would be recorded or exported, and the trace ids are empty."""
 
     def __init__(self, telemetry: Telemetry, usages: Sequence[Usage]) -> None:
         self._t = telemetry
         self._started = time.perf_counter()
         self._token: object | None = None
+        if _unsampled_parent():
+            self.spans: list[Span] = []
+            self.trace_ids = [""] * len(usages)
+            return
         tracer = telemetry.tracer
-        self.spans: list[Span] = [
+        self.spans = [
             tracer.start_span(
                 "chargepath.decide",
                 kind=SpanKind.INTERNAL,
@@ -65,8 +78,7 @@ class SpanBatch:
     def finish(self, verdicts: list[Verdict]) -> list[Verdict]:
         elapsed = time.perf_counter() - self._started
         self._detach()
-        out = []
-        for span, v in zip(self.spans, verdicts, strict=True):
+        for span, v in zip(self.spans, verdicts, strict=True) if self.spans else ():
             if span.is_recording():
                 span.set_attributes(
                     {
@@ -78,10 +90,9 @@ class SpanBatch:
                     }
                 )
             span.end()
-            out.append(v)
         self.spans = []
-        self._t.count_decisions(out, elapsed)
-        return out
+        self._t.count_decisions(verdicts, elapsed)
+        return verdicts
 
     def _detach(self) -> None:
         if self._token is not None:
@@ -157,8 +168,12 @@ class Telemetry:
             batch.abort()
 
     @contextmanager
-    def store_span(self, tenant: str, size: int) -> Iterator[Span]:
-        """A client span around one store script call (child of the current span)."""
+    def store_span(self, tenant: str, size: int) -> Iterator[Span | None]:
+        """A client span around one store script call (child of the current span; none
+        under a parent that is not sampled)."""
+        if _unsampled_parent():
+            yield None
+            return
         with self.tracer.start_as_current_span(
             "chargepath.store.decide",
             kind=SpanKind.CLIENT,
@@ -217,9 +232,11 @@ def setup(
 
     ``otel`` (``none``, ``console``, ``otlp``) sets the traces and metrics exporters when the
     ``OTEL_TRACES_EXPORTER``/``OTEL_METRICS_EXPORTER`` variables do not. The sampler is the
-    SDK's (``OTEL_TRACES_SAMPLER``, default parent-based always-on): every decision is
-    recorded, and nothing is exported unless an exporter is configured. ``metrics_port``
-    serves a Prometheus scrape endpoint.
+    SDK's (``OTEL_TRACES_SAMPLER``, default parent-based always-on: every decision is
+    recorded) when a trace exporter is configured. With no trace exporter and no
+    ``OTEL_TRACES_SAMPLER``, nothing is sampled: a recorded span would go nowhere, and
+    recording one per decision costs more CPU than deciding it. ``metrics_port`` serves a
+    Prometheus scrape endpoint.
     """
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import (
@@ -230,6 +247,7 @@ def setup(
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
     from chargepath import __version__
 
@@ -239,8 +257,12 @@ def setup(
             "service.version": __version__,
         }
     )
-    tracer_provider = TracerProvider(resource=resource)
-    for name in _exporters("OTEL_TRACES_EXPORTER", otel):
+    span_exporters = _exporters("OTEL_TRACES_EXPORTER", otel)
+    sampler = None  # the SDK's, from OTEL_TRACES_SAMPLER
+    if not span_exporters and "OTEL_TRACES_SAMPLER" not in os.environ:
+        sampler = ALWAYS_OFF
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+    for name in span_exporters:
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

@@ -43,7 +43,10 @@ def test_check_allows_and_records(
     v = stub.Check(pb.CheckRequest(usage=u), timeout=5).verdict
     assert (v.decision, v.reason, v.recorded) == (pb.DECISION_ALLOW, pb.REASON_OK, True)
     assert v.request_id == u.request_id and len(v.decision_id) == 32
-    assert v.policy_version >= 1 and len(v.trace_id) == 32
+    assert v.policy_version >= 1
+    # no trace exporter is configured here, so nothing is sampled and no trace id is given
+    # (test_telemetry_export.py checks the ids of an exporting gateway)
+    assert v.trace_id == ""
     assert [lim.name for lim in v.limits] == ["sms-per-key", "sms-account", "sms-monthly"]
     rids = [f["rid"] for _, f in redis_client.xrange("cp:{cpaas-demo}:ledger")]  # type: ignore[union-attr]
     assert rids.count(u.request_id) == 1

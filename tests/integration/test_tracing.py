@@ -145,3 +145,37 @@ async def test_every_item_of_a_stream_batch_has_its_own_span(traced: Traced) -> 
     ]
     by = {(p.attributes["decision"], p.attributes["reason"]): p.value for p in points}  # type: ignore[index]
     assert by[("ALLOW", "OK")] == 5 and by[("DENY", "INVALID_USAGE")] == 1
+
+
+async def test_a_batch_the_caller_did_not_sample_records_no_span(traced: Traced) -> None:
+    """Decision spans follow their batch's sampling: under an unsampled traceparent (flags
+    00) nothing is recorded, the verdicts carry no trace id, and the decisions still count."""
+    unsampled = (("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN}-00"),)
+    usages = [
+        usage(
+            "mvno-demo",
+            subject=pb.Subject(tenant="mvno-demo", slice="1-000001"),
+            metric="slice.bytes",
+            amount=10,
+            mode=pb.MODE_REPORT,
+        )
+        for _ in range(3)
+    ]
+    call = traced.stub.StreamUsage(metadata=unsampled)
+    await call.write(pb.StreamUsageRequest(usages=usages))
+    response = await call.read()
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    assert [v.decision for v in response.verdicts] == [pb.DECISION_ALLOW] * 3
+    assert all(v.trace_id == "" for v in response.verdicts)
+    assert traced.spans.get_finished_spans() == ()
+    data = traced.reader.get_metrics_data()
+    counted = sum(
+        p.value  # type: ignore[union-attr]
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "chargepath.decisions"
+        for p in m.data.data_points  # type: ignore[union-attr]
+    )
+    assert counted == 3
