@@ -2,12 +2,18 @@
 
 Enum values equal the numbers of the matching ``chargepath.v1`` protobuf enums so that the
 mapping module can convert by value, but nothing here depends on the generated code.
+
+The four types made for every usage on the hot path (:class:`Subject`, :class:`Usage`,
+:class:`LimitState`, :class:`Verdict`) are named tuples: as immutable as frozen dataclasses,
+and built in a fraction of the time (a frozen dataclass sets each field through
+``object.__setattr__``; at tens of thousands of usages a second that was measurable).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Mode(enum.IntEnum):
@@ -45,8 +51,7 @@ class Scope(enum.IntEnum):
     KEY = 3
 
 
-@dataclass(frozen=True, slots=True)
-class Subject:
+class Subject(NamedTuple):
     """What a usage is about. Scopes nest: tenant ⊃ slice ⊃ key; empty means "not given"."""
 
     tenant: str
@@ -54,8 +59,7 @@ class Subject:
     key: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """One request to meter ``amount`` whole units of ``metric`` for ``subject``.
 
     ``session_id``/``sequence`` are set only for stream usages that use session dedup;
@@ -73,8 +77,7 @@ class Usage:
     sequence: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class LimitState:
+class LimitState(NamedTuple):
     """The state of one limit after a decision, in whole units and milliseconds."""
 
     name: str
@@ -87,8 +90,7 @@ class LimitState:
     exceeded: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """The decision for one usage. ``retry_after_ms`` is 0 when there is nothing to wait for."""
 
     request_id: str

@@ -20,7 +20,7 @@ Implementations must be safe to call concurrently from one event loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from chargepath.core.model import Usage, Verdict
 from chargepath.core.plans import PolicyDocument
@@ -47,8 +47,7 @@ class PolicyConflictError(Exception):
         super().__init__(f"policy version {live_version} is live")
 
 
-@dataclass(frozen=True, slots=True)
-class DecideItem:
+class DecideItem(NamedTuple):
     """One usage to decide, with the limits the policy resolved for it."""
 
     usage: Usage

@@ -16,7 +16,7 @@ from chargepath.core.model import Decision, InvalidUsageError, Reason, Verdict
 from chargepath.core.validation import MAX_BATCH
 from chargepath.engine import Engine, new_decision_id
 from chargepath.transport.errors import abort, abort_invalid
-from chargepath.transport.mapping import usage_from_pb, verdict_to_pb
+from chargepath.transport.mapping import usage_from_pb, verdict_fields
 from chargepath.v1 import metering_pb2 as pb
 from chargepath.v1 import metering_pb2_grpc as pb_grpc
 
@@ -46,7 +46,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
             incident = uuid.uuid4().hex[:12]
             log.exception("Check failed (incident %s)", incident)
             await abort(context, grpc.StatusCode.INTERNAL, f"internal error, incident {incident}")
-        return pb.CheckResponse(verdict=verdict_to_pb(verdict))
+        return pb.CheckResponse(verdict=verdict_fields(verdict))
 
     async def StreamUsage(
         self, request_iterator: AsyncIterator[pb.StreamUsageRequest], context: Context
@@ -90,7 +90,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                     await abort(
                         context, grpc.StatusCode.INTERNAL, f"internal error, incident {incident}"
                     )
-                yield pb.StreamUsageResponse(verdicts=[verdict_to_pb(v) for v in verdicts])
+                yield pb.StreamUsageResponse(verdicts=[verdict_fields(v) for v in verdicts])
         finally:
             drain.cancel()
             telemetry.open_streams.add(-1)
