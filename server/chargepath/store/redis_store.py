@@ -147,13 +147,14 @@ class RedisStore:
             # A blocking pool: a burst beyond the pool waits for a connection (within the
             # caller's store timeout) instead of failing with "Too many connections". Redis is
             # single-threaded, so more connections than this would not decide faster.
+            tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
             pool = aioredis.BlockingConnectionPool.from_url(
                 url,
                 decode_responses=True,
                 socket_connect_timeout=connect_timeout,
-                socket_keepalive=True,
                 max_connections=64,
                 timeout=None,
+                **tcp,
             )
             client = aioredis.Redis.from_pool(pool)  # closes the pool with the client
         return cls(client, **kwargs)
