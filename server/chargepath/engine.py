@@ -128,9 +128,9 @@ class Engine:
     def violations(self, usage: Usage, policy: Policy, *, on_stream: bool) -> list[FieldViolation]:
         out = validate_usage(usage, on_stream=on_stream)
         if (
-            usage.metric
+            usage.metric not in policy.metrics
+            and usage.metric
             and not any(v.field == "metric" for v in out)
-            and usage.metric not in policy.metrics
         ):
             out.append(
                 FieldViolation(

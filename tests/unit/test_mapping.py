@@ -1,4 +1,5 @@
-"""The mapping module covers every core enum value, so a new reason cannot go out unmapped."""
+"""The mapping module covers every core enum value, so a new reason cannot go out unmapped,
+and the numbers agree, so a core enum can go out as it is."""
 
 from chargepath.core.model import Decision, LimitKind, Reason, Scope
 from chargepath.transport import mapping
@@ -15,6 +16,8 @@ def test_every_core_enum_maps_to_the_wire_value_of_the_same_name() -> None:
         assert set(table) == set(enum)
         for member, value in table.items():  # type: ignore[attr-defined]
             assert wire.Name(value) == prefix + member.name
+            # the verdict's hot path passes core enums as they are: the numbers must agree
+            assert int(member) == value
 
 
 def test_verdict_round_trip_keeps_durations_in_ms() -> None:

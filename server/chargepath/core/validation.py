@@ -8,6 +8,7 @@ are doubles (integers are exact up to 2**53).
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from chargepath.core.model import FieldViolation, Mode, Usage
 
@@ -62,16 +63,26 @@ def check_metric_name(metric: str, path: str = "metric") -> FieldViolation | Non
     return None
 
 
+#: Subject-and-metric names, and session ids, already found valid: a stream repeats them in
+#: every usage, and checking them again cost more than everything else validation does. A
+#: valid name stays valid, so the only bound needed is on memory.
+_VALID_NAMES: set[tuple[str, str, str, str]] = set()
+_VALID_SESSIONS: set[str] = set()
+_MEMO_SIZE = 100_000
+
+
+def _remember(memo: set[Any], value: Any) -> None:
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo.add(value)
+
+
 def validate_usage(usage: Usage, *, on_stream: bool) -> list[FieldViolation]:
     """Every violation of the contract in ``usage``; empty when it is valid.
 
     The metric is checked for syntax only; whether the catalog knows it is the policy's call.
     """
     out: list[FieldViolation] = []
-
-    def add(v: FieldViolation | None) -> None:
-        if v is not None:
-            out.append(v)
 
     rid = usage.request_id
     if not rid:
@@ -83,47 +94,65 @@ def validate_usage(usage: Usage, *, on_stream: bool) -> list[FieldViolation]:
                 f"must be 1 to {MAX_REQUEST_ID} printable ASCII characters, got {_shorten(rid)!r}",
             )
         )
-    add(check_tenant(usage.subject.tenant))
-    add(check_subject_part(usage.subject.slice, "subject.slice"))
-    add(check_subject_part(usage.subject.key, "subject.key"))
-    add(check_metric_name(usage.metric))
+    subject = usage.subject
+    names = (subject.tenant, subject.slice, subject.key, usage.metric)
+    if names not in _VALID_NAMES:
+        bad = [
+            v
+            for v in (
+                check_tenant(subject.tenant),
+                check_subject_part(subject.slice, "subject.slice"),
+                check_subject_part(subject.key, "subject.key"),
+                check_metric_name(usage.metric),
+            )
+            if v is not None
+        ]
+        if bad:
+            out.extend(bad)
+        else:
+            _remember(_VALID_NAMES, names)
     if not 1 <= usage.amount <= MAX_AMOUNT:
         out.append(
             FieldViolation("amount", f"must be between 1 and {MAX_AMOUNT}, got {usage.amount}")
         )
     if usage.mode not in (Mode.ADMIT, Mode.REPORT):
         out.append(FieldViolation("mode", "must be MODE_ADMIT or MODE_REPORT"))
-    if len(usage.labels) > MAX_LABELS:
-        out.append(
-            FieldViolation("labels", f"at most {MAX_LABELS} labels, got {len(usage.labels)}")
-        )
-    else:
-        for k, v in usage.labels:
-            if not k or len(k) > MAX_LABEL_KEY:
-                out.append(
-                    FieldViolation("labels", f"keys must be 1 to {MAX_LABEL_KEY} characters")
-                )
-                break
-            if len(v) > MAX_LABEL_VALUE:
-                out.append(
-                    FieldViolation(
-                        f"labels[{_shorten(k)}]", f"values must be at most {MAX_LABEL_VALUE} chars"
-                    )
-                )
-                break
+    if usage.labels:
+        _check_labels(usage.labels, out)
     if usage.occurred_at_ms < 0:
         out.append(FieldViolation("occurred_at", "must not be before 1970-01-01"))
-    if usage.session_id:
+    session = usage.session_id
+    if session:
         if not on_stream:
             out.append(FieldViolation("session_id", "is only for StreamUsage"))
-        elif len(usage.session_id) > MAX_SESSION_ID or not PRINTABLE_RE.fullmatch(usage.session_id):
-            out.append(
-                FieldViolation(
-                    "session_id", f"must be 1 to {MAX_SESSION_ID} printable ASCII characters"
+        elif session not in _VALID_SESSIONS:
+            if len(session) > MAX_SESSION_ID or not PRINTABLE_RE.fullmatch(session):
+                out.append(
+                    FieldViolation(
+                        "session_id", f"must be 1 to {MAX_SESSION_ID} printable ASCII characters"
+                    )
                 )
-            )
+            else:
+                _remember(_VALID_SESSIONS, session)
         if usage.sequence > MAX_SEQUENCE:
             out.append(FieldViolation("sequence", f"must be at most {MAX_SEQUENCE}"))
     elif usage.sequence:
         out.append(FieldViolation("sequence", "needs a session_id"))
     return out
+
+
+def _check_labels(labels: tuple[tuple[str, str], ...], out: list[FieldViolation]) -> None:
+    if len(labels) > MAX_LABELS:
+        out.append(FieldViolation("labels", f"at most {MAX_LABELS} labels, got {len(labels)}"))
+        return
+    for k, v in labels:
+        if not k or len(k) > MAX_LABEL_KEY:
+            out.append(FieldViolation("labels", f"keys must be 1 to {MAX_LABEL_KEY} characters"))
+            return
+        if len(v) > MAX_LABEL_VALUE:
+            out.append(
+                FieldViolation(
+                    f"labels[{_shorten(k)}]", f"values must be at most {MAX_LABEL_VALUE} chars"
+                )
+            )
+            return

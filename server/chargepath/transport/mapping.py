@@ -70,16 +70,22 @@ def timestamp(ms: int) -> dict[str, int]:
 Fields = dict[str, object]
 
 
+# The enums of the core have the numbers of the protobuf enums (tests/unit/test_mapping.py
+# checks it), so the verdict's hot path passes them as they are; DECISIONS, REASONS, KINDS and
+# SCOPES name the correspondence for everything else.
+
+
 def _limit_fields(lim: LimitState) -> Fields:
     out: Fields = {
         "name": lim.name,
-        "kind": KINDS[lim.kind],
-        "scope": SCOPES[lim.scope],
+        "kind": lim.kind,
+        "scope": lim.scope,
         "remaining": lim.remaining,
         "capacity": lim.capacity,
     }
-    if lim.reset_after_ms > 0:
-        out["reset_after"] = duration(lim.reset_after_ms)
+    ms = lim.reset_after_ms
+    if ms > 0:
+        out["reset_after"] = {"seconds": ms // 1000, "nanos": ms % 1000 * 1_000_000}
     if lim.soft:
         out["soft"] = True
     if lim.exceeded:
@@ -93,8 +99,8 @@ def verdict_fields(v: Verdict) -> Fields:
     first, to be copied into the response, cost twice as much."""
     out: Fields = {
         "request_id": v.request_id,
-        "decision": DECISIONS[v.decision],
-        "reason": REASONS[v.reason],
+        "decision": v.decision,
+        "reason": v.reason,
         "policy_version": v.policy_version,
         "decision_id": v.decision_id,
     }
@@ -112,8 +118,9 @@ def verdict_fields(v: Verdict) -> Fields:
         out["trace_id"] = v.trace_id
     if v.message:
         out["message"] = v.message
-    if v.decided_at_ms:
-        out["decided_at"] = timestamp(v.decided_at_ms)
+    at = v.decided_at_ms
+    if at:
+        out["decided_at"] = {"seconds": at // 1000, "nanos": at % 1000 * 1_000_000}
     return out
 
 
