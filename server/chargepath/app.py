@@ -102,13 +102,13 @@ class Gateway:
             )
 
         self.server = grpc.aio.server(
-            # StreamUsage takes the caller's trace context itself (a span per batch): the
-            # instrumentation's stream wrapper fails to detach its context when a client
-            # cancels a stream, and one span for a stream that lives for hours helps no one.
+            # The metering service makes its own server spans (telemetry.server_span: one per
+            # Check, one per stream batch); the instrumentation traces the admin, health and
+            # reflection services.
             interceptors=[
                 aio_server_interceptor(
                     tracer_provider=self.telemetry.tracer_provider,
-                    filter_=filters.negate(filters.method_name("StreamUsage")),
+                    filter_=filters.negate(filters.service_name(METERING)),
                 )
             ],
             options=[

@@ -20,10 +20,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from grpc import StatusCode
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Status
+from opentelemetry.trace import StatusCode as SpanStatusCode
 
 from chargepath.core.model import Mode, Usage, Verdict
 
@@ -168,6 +170,31 @@ class Telemetry:
             batch.abort()
 
     @contextmanager
+    def server_span(
+        self, name: str, method: str, parent: otel_context.Context, **attributes: Any
+    ) -> Iterator[Span]:
+        """The server span ``name`` of one ``Check`` call or one ``StreamUsage`` batch, child of the
+        caller's trace context (``parent``, from :func:`caller_context`). The servicer makes
+        it rather than the gRPC instrumentation: the instrumentation's interceptor cost about
+        0.15 ms of CPU per call, and its stream wrapper fails to detach its context when a
+        client cancels a stream. A gRPC error sets ``rpc.grpc.status_code`` and an error
+        status (see :func:`set_rpc_status`)."""
+        with self.tracer.start_as_current_span(
+            name,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": "chargepath.v1.MeteringService",
+                "rpc.method": method,
+                **attributes,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            yield span
+
+    @contextmanager
     def store_span(self, tenant: str, size: int) -> Iterator[Span | None]:
         """A client span around one store script call (child of the current span; none
         under a parent that is not sampled)."""
@@ -208,6 +235,17 @@ class Telemetry:
 
     def store_error(self) -> None:
         self._store_errors.add(1)
+
+
+def caller_context(metadata: Iterable[tuple[str, Any]] | None) -> otel_context.Context:
+    """The caller's trace context from its gRPC metadata (W3C ``traceparent``)."""
+    return propagate.extract({k: v for k, v in metadata or ()})
+
+
+def set_rpc_status(span: Span, code: StatusCode) -> None:
+    """Mark a server span with the gRPC status it ended with (an error for any but OK)."""
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    span.set_status(Status(SpanStatusCode.ERROR, code.name))
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import pytest
 import pytest_asyncio
 import redis
 from opentelemetry.sdk.metrics import MeterProvider
@@ -15,6 +16,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from chargepath.app import Gateway
 from chargepath.settings import Settings
@@ -77,6 +79,12 @@ async def test_check_span_has_the_callers_parent_and_a_store_child(traced: Trace
     decide, store = spans["chargepath.decide"], spans["chargepath.store.decide"]
     rpc = next(s for s in spans.values() if s.name.endswith("MeteringService/Check"))
     assert rpc.parent is not None and f"{rpc.parent.span_id:016x}" == PARENT_SPAN
+    assert rpc.kind is SpanKind.SERVER and rpc.status.is_ok
+    assert dict(rpc.attributes or {}) == {
+        "rpc.system": "grpc",
+        "rpc.service": "chargepath.v1.MeteringService",
+        "rpc.method": "Check",
+    }
     assert f"{decide.context.trace_id:032x}" == TRACE_ID
     assert decide.parent is not None and decide.parent.span_id == rpc.context.span_id
     assert store.parent is not None and store.parent.span_id == decide.context.span_id
@@ -97,6 +105,15 @@ async def test_check_span_has_the_callers_parent_and_a_store_child(traced: Trace
     for s in traced.spans.get_finished_spans():
         flat = repr(dict(s.attributes or {}))
         assert "+46700000000" not in flat and "secret-api-key" not in flat
+
+
+async def test_a_refused_check_has_its_grpc_status_on_the_server_span(traced: Traced) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await traced.stub.Check(pb.CheckRequest(usage=usage(amount=0)), metadata=TRACEPARENT)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    (rpc,) = traced.spans.get_finished_spans()  # invalid: no decision, no store call
+    assert rpc.name.endswith("MeteringService/Check") and not rpc.status.is_ok
+    assert dict(rpc.attributes or {})["rpc.grpc.status_code"] == 3
 
 
 async def test_every_item_of_a_stream_batch_has_its_own_span(traced: Traced) -> None:

@@ -9,12 +9,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from opentelemetry import propagate
-from opentelemetry.trace import SpanKind
 
 from chargepath.core.model import Decision, InvalidUsageError, Reason, Verdict
 from chargepath.core.validation import MAX_BATCH
 from chargepath.engine import Engine, new_decision_id
+from chargepath.telemetry import caller_context, set_rpc_status
 from chargepath.transport.errors import abort, abort_invalid
 from chargepath.transport.mapping import usage_from_pb, verdict_fields
 from chargepath.v1 import metering_pb2 as pb
@@ -23,6 +22,9 @@ from chargepath.v1 import metering_pb2_grpc as pb_grpc
 log = logging.getLogger("chargepath.transport")
 
 Context = Any  # grpc.aio.ServicerContext: grpcio ships no type information
+
+CHECK_SPAN = "chargepath.v1.MeteringService/Check"
+BATCH_SPAN = "chargepath.StreamUsage.batch"
 
 
 class MeteringServicer(pb_grpc.MeteringServiceServicer):
@@ -37,16 +39,22 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         self.draining = draining
 
     async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
-        usage = usage_from_pb(request.usage)
-        try:
-            verdict = await self.engine.check(usage)
-        except InvalidUsageError as exc:
-            await abort_invalid(context, exc.violations)
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("Check failed (incident %s)", incident)
-            await abort(context, grpc.StatusCode.INTERNAL, f"internal error, incident {incident}")
-        return pb.CheckResponse(verdict=verdict_fields(verdict))
+        parent = caller_context(context.invocation_metadata())
+        with self.engine.telemetry.server_span(CHECK_SPAN, "Check", parent) as span:
+            usage = usage_from_pb(request.usage)
+            try:
+                verdict = await self.engine.check(usage)
+            except InvalidUsageError as exc:
+                set_rpc_status(span, grpc.StatusCode.INVALID_ARGUMENT)
+                await abort_invalid(context, exc.violations)
+            except Exception:
+                incident = uuid.uuid4().hex[:12]
+                log.exception("Check failed (incident %s)", incident)
+                set_rpc_status(span, grpc.StatusCode.INTERNAL)
+                await abort(
+                    context, grpc.StatusCode.INTERNAL, f"internal error, incident {incident}"
+                )
+            return pb.CheckResponse(verdict=verdict_fields(verdict))
 
     async def StreamUsage(
         self, request_iterator: AsyncIterator[pb.StreamUsageRequest], context: Context
@@ -54,7 +62,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         telemetry = self.engine.telemetry
         telemetry.open_streams.add(1)
         # the caller's W3C traceparent: every batch span of this stream is its child
-        caller = propagate.extract({k: v for k, v in context.invocation_metadata() or ()})
+        caller = caller_context(context.invocation_metadata())
         drain = asyncio.ensure_future(self.draining.wait())
         try:
             while True:
@@ -72,18 +80,17 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                     return
                 assert isinstance(request, pb.StreamUsageRequest)
                 try:
-                    with telemetry.tracer.start_as_current_span(
-                        "chargepath.StreamUsage.batch",
-                        context=caller,
-                        kind=SpanKind.SERVER,
-                        attributes={
-                            "rpc.system": "grpc",
-                            "rpc.service": "chargepath.v1.MeteringService",
-                            "rpc.method": "StreamUsage",
-                            "chargepath.batch_size": len(request.usages),
-                        },
-                    ):
-                        verdicts = await self._decide(request)
+                    with telemetry.server_span(
+                        BATCH_SPAN,
+                        "StreamUsage",
+                        caller,
+                        **{"chargepath.batch_size": len(request.usages)},
+                    ) as span:
+                        try:
+                            verdicts = await self._decide(request)
+                        except Exception:
+                            set_rpc_status(span, grpc.StatusCode.INTERNAL)
+                            raise
                 except Exception:
                     incident = uuid.uuid4().hex[:12]
                     log.exception("StreamUsage batch failed (incident %s)", incident)
