@@ -173,8 +173,7 @@ for s = 1, #specs_in / 8 do
   local kind = specs_in[o + 2]
   specs[s] = {idx = specs_in[o + 1], kind = kind, soft = specs_in[o + 3] == 1,
     a = specs_in[o + 4], b = specs_in[o + 5], c = specs_in[o + 6], g = specs_in[o + 7],
-    name = specs_in[o + 8], pre = specs_in[o + 8] .. ',' .. kind .. ',', st = false,
-    cap = 0, cap_s = '', last_v = false, last_s = ''}
+    name = specs_in[o + 8], pre = false, st = false, cap = 0, last_v = false, last_s = ''}
 end
 local sets = {}
 for n, members in ipairs(sets_in) do
@@ -194,8 +193,13 @@ local function bind(spec)
     spec.cap = spec.a + st.granted
   end
   spec.st = st
-  spec.cap_s = int(spec.cap)
   return st
+end
+
+-- "name,kind,", then remaining before and after, then ",capacity,": the trail's text of a limit
+local function trail_texts(spec)
+  spec.pre = spec.name .. ',' .. DIGIT[spec.kind] .. ','
+  spec.cap_s = ',' .. int(spec.cap)
 end
 
 local function remaining_of(spec)
@@ -493,7 +497,8 @@ for o = 0, #batch - 1, 11 do
         reply[rn] = spec.cap
       end
       if recent_len > 0 then
-        parts[j] = spec.pre .. text_of(spec, befores[j]) .. ',' .. text_of(spec, after) .. ','
+        if not spec.pre then trail_texts(spec) end
+        parts[j] = spec.pre .. text_of(spec, befores[j]) .. ',' .. text_of(spec, after)
           .. spec.cap_s .. (exceeded[j] and ',1' or ',0')
         if take and spec.kind == 2 then
           local total = spec.a + st.granted
