@@ -196,10 +196,12 @@ local function bind(spec)
   return st
 end
 
--- "name,kind,", then remaining before and after, then ",capacity,": the trail's text of a limit
+-- "name,kind,", then remaining before and after, then ",capacity,exceeded": the trail's text of
+-- a limit
 local function trail_texts(spec)
+  local cap = int(spec.cap)
   spec.pre = spec.name .. ',' .. DIGIT[spec.kind] .. ','
-  spec.cap_s = ',' .. int(spec.cap)
+  spec.cap_x0, spec.cap_x1 = ',' .. cap .. ',0', ',' .. cap .. ',1'
 end
 
 local function remaining_of(spec)
@@ -233,7 +235,8 @@ end
 local SLOT = 65
 
 -- Slots of consecutive sequences are adjacent: they are written as one SETRANGE per run.
-local runs = {}  -- session key index -> {offset, next sequence, slot count, slots...}
+-- session key index -> {offset, next sequence, piece count, pieces of the slots...}
+local runs = {}
 
 local function flush_run(idx)
   local run = runs[idx]
@@ -243,17 +246,20 @@ local function flush_run(idx)
   end
 end
 
-local function write_slot(idx, seq, slot)
+-- Slot: sequence (20 digits), decision, reason, recorded (1 digit each), retry_after_ms (10
+-- digits), decision_id (32 characters, space-padded).
+local function write_slot(idx, seq, d, r, rec, retry10, did)
   local run = runs[idx]
   local pos = seq % window
-  if run and run[2] == seq and pos ~= 0 then
-    local n = run[3] + 1
-    run[3 + n] = slot
-    run[2], run[3] = seq + 1, n
-  else
+  if not (run and run[2] == seq and pos ~= 0) then
     flush_run(idx)
-    runs[idx] = {20 + pos * SLOT, seq + 1, 1, slot}
+    run = {20 + pos * SLOT, seq, 0}
+    runs[idx] = run
   end
+  local n = run[3]
+  run[n + 4], run[n + 5], run[n + 6] = format('%020d', seq), d, r
+  run[n + 7], run[n + 8], run[n + 9] = rec, retry10, did
+  run[2], run[3] = seq + 1, n + 6
 end
 
 -- (decision, reason) -> "US decision US reason", and the same with '|'
@@ -273,9 +279,9 @@ local ledger_suffix = '\31' .. version .. '\31' .. now_s
 
 local reply = {1, now}
 local rn = 2
-local recent, nrec = {version .. '\31' .. now_s}, 1
+local trail, tn, ndec = {version .. '\31' .. now_s}, 1, 0
 local thresholds = {}
-local befores, exceeded, used_before, parts = {}, {}, {}, {}
+local befores, exceeded, used_before = {}, {}, {}
 
 for o = 0, #batch - 1, 11 do
   local flags, amount, kidx, seq = batch[o + 1], batch[o + 2], batch[o + 3], batch[o + 4]
@@ -466,8 +472,8 @@ for o = 0, #batch - 1, 11 do
         if string.len(did) ~= 32 then padded = format('%-32s', did) end
         local retry10 = '0000000000'
         if retry > 0 then retry10 = format('%010d', math.min(retry, 9999999999)) end
-        write_slot(sess_idx, seq, format('%020d', seq) .. DIGIT[decision] .. DIGIT[reason]
-          .. DIGIT[recorded] .. retry10 .. padded)
+        write_slot(sess_idx, seq, DIGIT[decision], DIGIT[reason], DIGIT[recorded], retry10,
+          padded)
         if seq > session_hw(sess_idx) then
           sessions[sess_idx] = seq
         end
@@ -480,6 +486,14 @@ for o = 0, #batch - 1, 11 do
     reply[rn + 1] = decision + 4 * reason + 64 * recorded + 1024 * nl
     reply[rn + 2] = retry
     rn = rn + 2
+    if recent_len > 0 then
+      -- the pieces of the batch's trail entry, joined once at the end
+      ndec = ndec + 1
+      trail[tn + 1], trail[tn + 2], trail[tn + 3], trail[tn + 4] = '\30', text, '\31', batch[o + 11]
+      trail[tn + 5], trail[tn + 6], trail[tn + 7] = dr_text(decision, reason), '\31', retry_s
+      trail[tn + 8] = '\31'
+      tn = tn + 8
+    end
     for j = 1, nl do
       local spec = set[j]
       local st = spec.st
@@ -498,8 +512,14 @@ for o = 0, #batch - 1, 11 do
       end
       if recent_len > 0 then
         if not spec.pre then trail_texts(spec) end
-        parts[j] = spec.pre .. text_of(spec, befores[j]) .. ',' .. text_of(spec, after)
-          .. spec.cap_s .. (exceeded[j] and ',1' or ',0')
+        if j > 1 then
+          tn = tn + 1
+          trail[tn] = ';'
+        end
+        trail[tn + 1], trail[tn + 2], trail[tn + 3] = spec.pre, text_of(spec, befores[j]), ','
+        trail[tn + 4] = text_of(spec, after)
+        if exceeded[j] then trail[tn + 5] = spec.cap_x1 else trail[tn + 5] = spec.cap_x0 end
+        tn = tn + 5
         if take and spec.kind == 2 then
           local total = spec.a + st.granted
           local thr80, thr100 = total * 80 / 100, total * 100 / 100
@@ -512,11 +532,6 @@ for o = 0, #batch - 1, 11 do
         end
       end
     end
-    if recent_len > 0 then
-      nrec = nrec + 1
-      recent[nrec] = text .. '\31' .. batch[o + 11] .. dr_text(decision, reason) .. '\31'
-        .. retry_s .. '\31' .. concat(parts, ';', 1, nl)
-    end
   end
 end
 
@@ -524,9 +539,9 @@ for idx, _ in pairs(runs) do
   flush_run(idx)
 end
 
-if nrec > 1 then
-  local keep = math.ceil(recent_len / (nrec - 1))
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', keep, '*', 'e', 'b', 'x', concat(recent, '\30'))
+if ndec > 0 then
+  local keep = math.ceil(recent_len / ndec)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', keep, '*', 'e', 'b', 'x', concat(trail, '', 1, tn))
   for _, th in ipairs(thresholds) do
     local slice, key = string.match(th[2], '^[^\31]*\31[^\31]*\31([^\31]*)\31([^\31]*)\31')
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', keep, '*', 'e', 'th', 'l', th[1], 'sl', slice,
