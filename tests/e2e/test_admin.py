@@ -13,11 +13,18 @@ import pytest
 import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from chargepath.store.ledger import LedgerEntry
 from chargepath.v1 import admin_pb2 as apb
 from chargepath.v1 import admin_pb2_grpc as apb_grpc
 from chargepath.v1 import metering_pb2 as pb
 from chargepath.v1 import metering_pb2_grpc as pb_grpc
 from tests.e2e.conftest import GatewayProcess
+
+
+def ledger_rids(redis_client: redis.Redis, tenant: str) -> list[str]:
+    """The request ids of the tenant's ledger entries, oldest first."""
+    entries = redis_client.xrange(f"cp:{{{tenant}}}:ledger")
+    return [LedgerEntry.from_fields(i, f).request_id for i, f in entries]  # type: ignore[union-attr]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +90,7 @@ def test_suspend_and_resume_take_effect_on_the_next_decision(
         pb.REASON_SUSPENDED,
         True,
     )
-    rids = [f["rid"] for _, f in redis_client.xrange("cp:{cpaas-demo}:ledger")]  # type: ignore[union-attr]
+    rids = ledger_rids(redis_client, "cpaas-demo")
     assert reported.request_id in rids
     admin.Resume(apb.ResumeRequest(subject=pb.Subject(tenant="cpaas-demo")), timeout=5)
     assert check(meter, "adm-2").decision == pb.DECISION_ALLOW

@@ -11,9 +11,16 @@ from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from chargepath.store.ledger import LedgerEntry
 from chargepath.v1 import metering_pb2 as pb
 from chargepath.v1 import metering_pb2_grpc as pb_grpc
 from tests.e2e.conftest import GatewayProcess
+
+
+def ledger_rids(redis_client: redis.Redis, tenant: str) -> list[str]:
+    """The request ids of the tenant's ledger entries, oldest first."""
+    entries = redis_client.xrange(f"cp:{{{tenant}}}:ledger")
+    return [LedgerEntry.from_fields(i, f).request_id for i, f in entries]  # type: ignore[union-attr]
 
 
 def usage(**kw: object) -> pb.Usage:
@@ -48,7 +55,7 @@ def test_check_allows_and_records(
     # (test_telemetry_export.py checks the ids of an exporting gateway)
     assert v.trace_id == ""
     assert [lim.name for lim in v.limits] == ["sms-per-key", "sms-account", "sms-monthly"]
-    rids = [f["rid"] for _, f in redis_client.xrange("cp:{cpaas-demo}:ledger")]  # type: ignore[union-attr]
+    rids = ledger_rids(redis_client, "cpaas-demo")
     assert rids.count(u.request_id) == 1
     again = stub.Check(pb.CheckRequest(usage=u), timeout=5).verdict
     assert again.replayed and again.decision_id == v.decision_id
@@ -177,7 +184,7 @@ def test_stream_bad_item_gets_invalid_usage_and_the_stream_goes_on(
     assert "at most 1000" in responses[2].verdicts[0].message
     assert responses[3].verdicts[0].recorded
     recorded = {v.request_id for r in responses for v in r.verdicts if v.recorded}
-    rids = [f["rid"] for _, f in redis_client.xrange("cp:{mvno-demo}:ledger")]  # type: ignore[union-attr]
+    rids = ledger_rids(redis_client, "mvno-demo")
     assert recorded <= set(rids) and len(recorded) == 4
     # the invalid ones were not recorded
     assert batches[0].usages[1].request_id not in rids

@@ -23,6 +23,7 @@ import grpc
 import pytest
 import redis
 
+from chargepath.store.ledger import LedgerEntry
 from chargepath_client import (
     AsyncClient,
     Client,
@@ -201,9 +202,12 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def ledger(redis_client: redis.Redis, tenant: str) -> list[dict[str, str]]:
+def ledger(redis_client: redis.Redis, tenant: str) -> list[LedgerEntry]:
     entries = redis_client.xrange(f"cp:{{{tenant}}}:ledger")
-    return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
+    return [
+        LedgerEntry.from_fields(_text(i), {_text(k): _text(v) for k, v in fields.items()})
+        for i, fields in entries
+    ]
 
 
 def ledger_count(redis_client: redis.Redis, tenant: str, rids: Iterable[str]) -> Counter[str]:
@@ -211,8 +215,8 @@ def ledger_count(redis_client: redis.Redis, tenant: str, rids: Iterable[str]) ->
     wanted = set(rids)
     counts = Counter({rid: 0 for rid in wanted})
     for entry in ledger(redis_client, tenant):
-        if entry.get("rid") in wanted:
-            counts[entry["rid"]] += 1
+        if entry.request_id in wanted:
+            counts[entry.request_id] += 1
     return counts
 
 
@@ -249,8 +253,8 @@ async def test_check_admits_and_records(gateway: Any, redis_client: redis.Redis)
     per_key = {limit.name: limit for limit in verdict.limits}["sms-per-key"]
     assert (per_key.kind, per_key.scope, per_key.capacity) == (LimitKind.RATE, Scope.KEY, 20)
     assert per_key.remaining == 19
-    [entry] = [e for e in ledger(redis_client, CPAAS) if e["rid"] == verdict.request_id]
-    assert entry["did"] == verdict.decision_id
+    [entry] = [e for e in ledger(redis_client, CPAAS) if e.request_id == verdict.request_id]
+    assert entry.decision_id == verdict.decision_id
 
 
 async def test_report_is_recorded_with_the_given_request_id(
@@ -425,8 +429,8 @@ async def test_a_retry_after_a_lost_answer_is_replayed_not_recounted(
     assert verdict.replayed and verdict.recorded
     assert verdict.decision is Decision.ALLOW
     assert ledger_count(redis_client, tenant, [rid]) == {rid: 1}
-    [entry] = [e for e in ledger(redis_client, tenant) if e["rid"] == rid]
-    assert entry["did"] == verdict.decision_id  # the first decision, not a new one
+    [entry] = [e for e in ledger(redis_client, tenant) if e.request_id == rid]
+    assert entry.decision_id == verdict.decision_id  # the first decision, not a new one
 
 
 async def test_concurrent_calls_through_cut_connections_count_each_usage_once(

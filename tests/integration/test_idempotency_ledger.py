@@ -8,13 +8,15 @@ import random
 import redis
 
 from chargepath.core.model import Decision, InvalidUsageError, Mode, Reason, Subject, Usage
+from chargepath.store.ledger import LedgerEntry
 from chargepath.store.redis_store import RedisStore, ledger_key
 from tests.conftest import make_engine
 from tests.integration.policies import OPEN, REPORTING
 
 
-def ledger(raw: redis.Redis, tenant: str) -> list[dict[str, str]]:
-    return [fields for _, fields in raw.xrange(ledger_key(tenant))]  # type: ignore[union-attr]
+def ledger(raw: redis.Redis, tenant: str) -> list[LedgerEntry]:
+    entries = raw.xrange(ledger_key(tenant))
+    return [LedgerEntry.from_fields(i, f) for i, f in entries]  # type: ignore[union-attr]
 
 
 def level(raw: redis.Redis, key: str) -> int:
@@ -37,8 +39,8 @@ async def test_one_request_id_ten_times_in_sequence_and_concurrently(
     # a little more (it refills at 100/s), not 1000 - 2 x 700
     assert raw_redis.hget("cp:{mvno}:q:bytes-hourly:s1:", "u") == "700"
     assert 300 * 10 <= level(raw_redis, "cp:{mvno}:r:bytes-rate:s1:") < 400 * 10
-    entries = [x for x in ledger(raw_redis, "mvno") if x["rid"] == "same-id"]
-    assert len(entries) == 1 and entries[0]["a"] == "700"
+    entries = [x for x in ledger(raw_redis, "mvno") if x.request_id == "same-id"]
+    assert len(entries) == 1 and entries[0].amount == 700
 
 
 async def test_concurrent_first_attempts_decide_once(
@@ -90,7 +92,7 @@ async def test_stream_resent_from_sequence_zero_counts_nothing_twice(
     assert [v.decision_id for v in again[:10]] == [v.decision_id for v in first]
     assert [(v.decision, v.reason) for v in again[:10]] == [(v.decision, v.reason) for v in first]
     entries = ledger(raw_redis, "mvno")
-    assert sorted(x["rid"] for x in entries) == sorted(f"u{i}" for i in range(15))
+    assert sorted(x.request_id for x in entries) == sorted(f"u{i}" for i in range(15))
     assert raw_redis.hget("cp:{mvno}:q:bytes-hourly:s1:", "u") == str(15 * 10)
     # a resend older than the replay window is still not counted twice
     for start in range(15, 15 + 300, 100):
@@ -111,7 +113,8 @@ async def test_a_sequence_never_decided_is_decided_when_it_comes(
     late = await e.decide_batch([session_usage(3), session_usage(4)])
     assert late[0].recorded and not late[0].replayed
     assert late[1].replayed
-    assert sorted(x["rid"] for x in ledger(raw_redis, "mvno")) == [f"u{i}" for i in (1, 2, 3, 4, 5)]
+    rids = sorted(x.request_id for x in ledger(raw_redis, "mvno"))
+    assert rids == [f"u{i}" for i in (1, 2, 3, 4, 5)]
 
 
 async def test_sessions_are_independent(store: RedisStore, raw_redis: redis.Redis) -> None:
@@ -157,7 +160,7 @@ async def test_ledger_holds_every_allowed_admit_and_every_report_once(
     }
     assert any(v.reason is Reason.RATE_LIMITED for v in verdicts)  # the mix had refusals
     entries = ledger(raw_redis, "acme")
-    assert sorted(x["rid"] for x in entries) == sorted(should)
+    assert sorted(x.request_id for x in entries) == sorted(should)
     for x in entries:
-        assert int(x["a"]) == by_id[x["rid"]].amount
-        assert x["mo"] == ("report" if by_id[x["rid"]].mode is Mode.REPORT else "admit")
+        assert x.amount == by_id[x.request_id].amount
+        assert x.mode == ("report" if by_id[x.request_id].mode is Mode.REPORT else "admit")

@@ -1,8 +1,9 @@
 """The admin side of the Redis store: grants, live state, and the recent-decisions trail.
 
 The trail is a capped Redis Stream per tenant (``cp:{T}:recent``, written by decide.lua in the
-same step as each decision): entries ``e=d`` are decisions with every limit's remaining units
-before and after, entries ``e=th`` are quota threshold crossings (80% and 100%). It serves
+same step as the decisions): an entry ``e=b`` holds the decisions of one batch with every
+limit's remaining units before and after (``e=d``, one decision, is what earlier versions
+wrote), entries ``e=th`` are quota threshold crossings (80% and 100%). It serves
 ``GetState`` (the last decisions), ``ExplainDecision`` (a scan for the decision id) and
 ``WatchDecisions`` (a blocking read of new entries).
 """
@@ -155,27 +156,42 @@ class AdminStore:
         return now, readings, grants
 
     async def recent(
-        self, tenant: str, *, subject: Subject | None = None, count: int = 10, scan: int = 1000
+        self,
+        tenant: str,
+        *,
+        subject: Subject | None = None,
+        count: int = 10,
+        scan: int = 1000,
+        page: int = 20,
     ) -> list[DecisionRecord]:
         """The newest decisions of the tenant (narrowed to a slice/key if given), newest
-        first."""
+        first; at most ``scan`` decisions are looked at (read ``page`` trail entries at a
+        time: an entry holds a whole batch of decisions)."""
         out: list[DecisionRecord] = []
-        try:
-            entries: Any = await self.client.xrevrange(recent_key(tenant), count=scan)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-        for _, fields in entries:
-            if fields.get("e") != "d":
-                continue
-            rec = parse_decision(tenant, fields)
-            if subject is not None and (
-                (subject.slice and rec.subject.slice != subject.slice)
-                or (subject.key and rec.subject.key != subject.key)
-            ):
-                continue
-            out.append(rec)
-            if len(out) >= count:
+        key = recent_key(tenant)
+        top = "+"
+        seen = 0
+        while seen < scan:
+            try:
+                entries: Any = await self.client.xrevrange(key, max=top, count=page)
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+            for _, fields in entries:
+                for rec in reversed(parse_entry(tenant, fields)):
+                    seen += 1
+                    if seen > scan:
+                        return out
+                    if subject is not None and (
+                        (subject.slice and rec.subject.slice != subject.slice)
+                        or (subject.key and rec.subject.key != subject.key)
+                    ):
+                        continue
+                    out.append(rec)
+                    if len(out) >= count:
+                        return out
+            if len(entries) < page:
                 break
+            top = "(" + entries[-1][0]
         return out
 
     async def find_decision(self, tenant: str, decision_id: str) -> DecisionRecord | None:
@@ -185,8 +201,13 @@ class AdminStore:
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         for _, fields in entries:
-            if fields.get("e") == "d" and fields["x"].startswith(decision_id):
+            e = fields.get("e")
+            if e == "d" and fields["x"].startswith(decision_id):
                 return parse_decision(tenant, fields)
+            if e == "b" and decision_id in fields["x"]:
+                for rec in parse_batch(tenant, fields["x"]):
+                    if rec.decision_id == decision_id:
+                        return rec
         return None
 
     async def watch(
@@ -209,14 +230,83 @@ class AdminStore:
                     last = entry_id
                     if fields.get("e") == "th":
                         yield parse_threshold(tenant, fields)
-                    elif fields.get("e") == "d":
-                        yield parse_decision(tenant, fields)
+                    else:
+                        for rec in parse_entry(tenant, fields):
+                            yield rec
+
+
+def parse_entry(tenant: str, f: dict[str, str]) -> list[DecisionRecord]:
+    """The decisions of a trail entry, oldest first: a batch (``e=b``), one decision
+    (``e=d``, written by earlier versions), or none (a threshold event)."""
+    e = f.get("e")
+    if e == "b":
+        return parse_batch(tenant, f["x"])
+    if e == "d":
+        return [parse_decision(tenant, f)]
+    return []
+
+
+def _limit_changes(packed_limits: str) -> tuple[LimitChange, ...]:
+    """``name,kind,before,after,capacity,exceeded`` joined by ``;``."""
+    limits = []
+    for packed in filter(None, packed_limits.split(";")):
+        name, kind, before, after, cap, exceeded = packed.rsplit(",", 5)
+        limits.append(
+            LimitChange(
+                name, LimitKind(int(kind)), int(before), int(after), int(cap), exceeded == "1"
+            )
+        )
+    return tuple(limits)
+
+
+def parse_batch(tenant: str, x: str) -> list[DecisionRecord]:
+    """A trail entry ``e=b`` (decide.lua writes one per batch): field ``x`` holds
+    ``policy_version US decided_at_ms``, then per decision RS (0x1E) and, 0x1F-separated,
+    request id, decision id, slice, key, metric, amount, mode, trace id, decision, reason,
+    retry_after and the limits."""
+    header, *records = x.split("\x1e")
+    version, ts = header.split("\x1f")
+    out = []
+    for record in records:
+        (
+            rid,
+            did,
+            slice_,
+            key,
+            metric,
+            amount,
+            mode,
+            trace_id,
+            decision,
+            reason,
+            retry,
+            packed_limits,
+        ) = record.split("\x1f")
+        out.append(
+            DecisionRecord(
+                decision_id=did,
+                request_id=rid,
+                subject=Subject(tenant, slice_, key),
+                metric=metric,
+                amount=int(amount),
+                mode=Mode.REPORT if mode == "report" else Mode.ADMIT,
+                decision=Decision(int(decision)),
+                reason=Reason(int(reason)),
+                policy_version=int(version),
+                decided_at_ms=int(ts),
+                trace_id=trace_id,
+                retry_after_ms=int(retry),
+                limits=_limit_changes(packed_limits),
+            )
+        )
+    return out
 
 
 def parse_decision(tenant: str, f: dict[str, str]) -> DecisionRecord:
-    """A trail entry ``e=d``: field ``x`` packs, 0x1F-separated, the decision id, request id,
-    slice, key, metric, amount, mode, decision, reason, policy version, time, trace id,
-    retry_after and the limits (``name,kind,before,after,capacity,exceeded`` joined by ``;``)."""
+    """A trail entry ``e=d`` (one decision per entry, as earlier versions wrote them): field
+    ``x`` packs, 0x1F-separated, the decision id, request id, slice, key, metric, amount, mode,
+    decision, reason, policy version, time, trace id, retry_after and the limits
+    (``name,kind,before,after,capacity,exceeded`` joined by ``;``)."""
     (
         did,
         rid,
@@ -233,14 +323,6 @@ def parse_decision(tenant: str, f: dict[str, str]) -> DecisionRecord:
         retry,
         packed_limits,
     ) = f["x"].split("\x1f")
-    limits = []
-    for packed in filter(None, packed_limits.split(";")):
-        name, kind, before, after, cap, exceeded = packed.rsplit(",", 5)
-        limits.append(
-            LimitChange(
-                name, LimitKind(int(kind)), int(before), int(after), int(cap), exceeded == "1"
-            )
-        )
     return DecisionRecord(
         decision_id=did,
         request_id=rid,
@@ -254,7 +336,7 @@ def parse_decision(tenant: str, f: dict[str, str]) -> DecisionRecord:
         decided_at_ms=int(ts),
         trace_id=trace_id,
         retry_after_ms=int(retry),
-        limits=tuple(limits),
+        limits=_limit_changes(packed_limits),
     )
 
 

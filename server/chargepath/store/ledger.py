@@ -120,7 +120,12 @@ class LedgerEntry:
 
     @classmethod
     def from_fields(cls, entry_id: str, f: Mapping[str, str]) -> LedgerEntry:
-        """From the stream entry's fields (see decide.lua and flush_aggregates.lua)."""
+        """From the stream entry's fields: the packed field ``x`` written by decide.lua (see
+        its header), or the one-field-per-value form of earlier versions and of
+        flush_aggregates.lua."""
+        packed = f.get("x")
+        if packed is not None:
+            return cls._from_packed(entry_id, packed)
         labels = f.get("lb")
         return cls(
             id=entry_id,
@@ -141,6 +146,29 @@ class LedgerEntry:
             aggregate=f.get("ag") == "1",
             interval_start_ms=_int(f, "is"),
             interval_end_ms=_int(f, "ie"),
+        )
+
+    @classmethod
+    def _from_packed(cls, entry_id: str, packed: str) -> LedgerEntry:
+        """``request_id US decision_id US slice US key US metric US amount US mode US decision
+        US reason US policy_version US decided_at_ms [US occurred_at_ms US labels]``."""
+        p = packed.split("\x1f")
+        labels = p[12] if len(p) > 12 else ""
+        return cls(
+            id=entry_id,
+            request_id=p[0],
+            decision_id=p[1],
+            metric=p[4],
+            amount=int(p[5]),
+            mode=p[6],
+            decision=int(p[7]),
+            reason=int(p[8]),
+            policy_version=int(p[9]),
+            decided_at_ms=int(p[10]),
+            slice=p[2],
+            key=p[3],
+            labels={str(k): str(v) for k, v in json.loads(labels).items()} if labels else {},
+            occurred_at_ms=int(p[11]) if len(p) > 11 else 0,
         )
 
     def to_json_dict(self) -> dict[str, Any]:

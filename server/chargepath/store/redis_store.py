@@ -56,6 +56,15 @@ FLAG_RECORDED = 2
 FLAG_CONFLICT = 4
 FLAG_WINDOW_MISS = 8
 
+_CONFLICT_MESSAGE = "request_id: was already used for a different usage within the dedup window"
+_WINDOW_MESSAGE = (
+    "sequence: more than the session's replay window behind its highest sequence; whether it "
+    "was recorded is no longer known, so nothing was done"
+)
+# decide.lua's codes -> enum members (an index instead of an enum call per verdict)
+_DECISIONS: dict[int, Decision] = {d.value: d for d in Decision}
+_REASONS: dict[int, Reason] = {r.value: r for r in Reason}
+
 
 def read_script(name: str) -> str:
     """A script's text, with each line ``-- #include NAME`` replaced by that file (Redis
@@ -173,37 +182,80 @@ class RedisStore:
                 i = index[k] = len(keys)
             return i
 
-        batch: list[list[Any]] = []
+        # Each distinct (limit, scope instance) is sent once as a spec, each distinct list of
+        # specs once as a set; a usage names its set. Memoised by the identity of the limits
+        # tuple (a Resolution is shared by every usage it resolved), which lives for the call.
+        specs: list[Any] = []
+        spec_of: dict[tuple[int, str, str], int] = {}
+        sets: list[list[int]] = []
+        set_of: dict[tuple[int, str, str], int] = {}
+        needs: dict[int, tuple[bool, bool]] = {}
+        usages: list[Any] = []
+        with_trace = self.recent_length > 0
         for item in items:
             u = item.usage
-            limits = item.resolution.limits
-            flags = (
-                (1 if u.mode is Mode.REPORT else 0)
-                | (2 if item.resolution.entitled else 0)
-                | (4 if item.suspended else 0)
-            )
-            dedup = sess = 0
+            res = item.resolution
+            limits = res.limits
+            sl = u.subject.slice
+            k = u.subject.key
+            report = u.mode is Mode.REPORT
+            flags = (1 if report else 0) | (2 if res.entitled else 0) | (4 if item.suspended else 0)
             if u.session_id:
-                sess = idx(f"{prefix}s:{u.session_id}")
+                flags |= 8
+                kidx = idx(f"{prefix}s:{u.session_id}")
             else:
-                dedup = idx(f"{prefix}d:{u.request_id}")
-            labels = json.dumps(dict(u.labels), separators=(",", ":")) if u.labels else ""
-            aggregate = item.resolution.aggregate_ms if u.mode is Mode.ADMIT else 0
-            specs: list[list[Any]] = []
-            for lim in limits:
-                k = idx(limit_key(tenant, lim, u.subject.slice, u.subject.key))
-                if lim.kind is LimitKind.RATE:
-                    specs.append(
-                        [k, 1, int(lim.soft), lim.capacity * lim.scale, lim.scale,
-                         lim.refill_per_ms, 0, lim.name]
-                    )  # fmt: skip
-                else:
-                    g = idx(grants_key(tenant, lim, u.subject.slice, u.subject.key))
-                    specs.append([k, 2, int(lim.soft), lim.amount, int(lim.period), 0, g, lim.name])
-            batch.append(
-                [flags, u.amount, u.request_id, item.decision_id, item.fingerprint, dedup, sess,
-                 u.sequence, u.subject.slice, u.subject.key, u.metric, labels, u.occurred_at_ms,
-                 item.trace_id, aggregate, specs]
+                kidx = idx(f"{prefix}d:{u.request_id}")
+            set_no = 0
+            if limits:
+                lid = id(limits)
+                need = needs.get(lid)
+                if need is None:
+                    scopes = {lim.scope for lim in limits}
+                    need = needs[lid] = (
+                        Scope.SLICE in scopes or Scope.KEY in scopes,
+                        Scope.KEY in scopes,
+                    )
+                set_key = (lid, sl if need[0] else "", k if need[1] else "")
+                set_no = set_of.get(set_key, 0)
+                if not set_no:
+                    members = []
+                    for lim in limits:
+                        isl, ik = scope_instance(lim, sl, k)
+                        spec_key = (id(lim), isl, ik)
+                        n = spec_of.get(spec_key)
+                        if n is None:
+                            counter = idx(limit_key(tenant, lim, sl, k))
+                            if lim.kind is LimitKind.RATE:
+                                specs += (
+                                    counter, 1, int(lim.soft),
+                                    lim.capacity * lim.scale, lim.scale, lim.refill_per_ms, 0,
+                                    lim.name,
+                                )  # fmt: skip
+                            else:
+                                specs += (
+                                    counter, 2, int(lim.soft), lim.amount, int(lim.period), 0,
+                                    idx(grants_key(tenant, lim, sl, k)), lim.name,
+                                )  # fmt: skip
+                            n = spec_of[spec_key] = len(specs) // 8
+                        members.append(n)
+                    sets.append(members)
+                    set_no = set_of[set_key] = len(sets)
+            mode = "report" if report else "admit"
+            text = (
+                f"{u.request_id}\x1f{item.decision_id}\x1f{sl}\x1f{k}\x1f{u.metric}"
+                f"\x1f{u.amount}\x1f{mode}"
+            )
+            aggregate = res.aggregate_ms if u.mode is Mode.ADMIT else 0
+            if aggregate:
+                tail = f"|{sl}|{k}|{u.metric}|{mode}"
+            elif u.labels or u.occurred_at_ms:
+                labels = json.dumps(dict(u.labels), separators=(",", ":")) if u.labels else ""
+                tail = f"\x1f{u.occurred_at_ms}\x1f{labels}"
+            else:
+                tail = ""
+            usages += (
+                flags, u.amount, kidx, u.sequence, item.fingerprint, item.decision_id, set_no,
+                aggregate, text, tail, item.trace_id if with_trace else "",
             )  # fmt: skip
         args = [
             policy_version,
@@ -212,7 +264,7 @@ class RedisStore:
             self.session_ttl_ms,
             self.session_window,
             self.recent_length,
-            msgpack.packb(batch),
+            msgpack.packb((specs, sets, usages)),
         ]
         try:
             reply = await self._decide(keys=keys, args=args)
@@ -226,48 +278,63 @@ class RedisStore:
 
     @staticmethod
     def _verdicts(reply: list[Any], items: list[DecideItem], version: int) -> list[Verdict]:
+        """Verdicts from decide.lua's reply (see its header): per usage a code (decision,
+        reason, flags, number of limits), retry_after, the record's decision id for an answer
+        from a record, then per limit remaining, reset (negative: exceeded) and, for a quota,
+        its capacity."""
         now = int(reply[1])
         pos = 2
         out: list[Verdict] = []
+        append = out.append
         for item in items:
-            d, r, retry, flags, did, nl = reply[pos : pos + 6]
-            pos += 6
-            limits: list[LimitState] = []
-            for lim in item.resolution.limits[:nl]:
-                rem, cap, reset, exceeded = reply[pos : pos + 4]
-                pos += 4
-                limits.append(
-                    LimitState(
-                        name=lim.name,
-                        kind=lim.kind,
-                        scope=lim.scope,
-                        remaining=int(rem),
-                        capacity=int(cap),
-                        reset_after_ms=int(reset),
-                        soft=lim.soft,
-                        exceeded=bool(exceeded),
+            code = reply[pos]
+            retry = reply[pos + 1]
+            pos += 2
+            flags = (code >> 6) & 15
+            did = item.decision_id
+            if flags & (FLAG_REPLAYED | FLAG_CONFLICT):
+                did = reply[pos] or did
+                pos += 1
+            states: tuple[LimitState, ...] = ()
+            nl = code >> 10
+            if nl:
+                limits: list[LimitState] = []
+                for lim in item.resolution.limits[:nl]:
+                    rem = reply[pos]
+                    reset = reply[pos + 1]
+                    pos += 2
+                    if lim.kind is LimitKind.RATE:
+                        cap = lim.capacity
+                    else:
+                        cap = reply[pos]
+                        pos += 1
+                    limits.append(
+                        LimitState(
+                            name=lim.name,
+                            kind=lim.kind,
+                            scope=lim.scope,
+                            remaining=rem,
+                            capacity=cap,
+                            reset_after_ms=reset if reset >= 0 else -1 - reset,
+                            soft=lim.soft,
+                            exceeded=reset < 0,
+                        )
                     )
-                )
-            flags = int(flags)
+                states = tuple(limits)
             message = ""
             if flags & FLAG_CONFLICT:
-                message = (
-                    "request_id: was already used for a different usage within the dedup window"
-                )
+                message = _CONFLICT_MESSAGE
             elif flags & FLAG_WINDOW_MISS:
-                message = (
-                    "sequence: more than the session's replay window behind its highest "
-                    "sequence; whether it was recorded is no longer known, so nothing was done"
-                )
-            out.append(
+                message = _WINDOW_MESSAGE
+            append(
                 Verdict(
                     request_id=item.usage.request_id,
-                    decision=Decision(int(d)),
-                    reason=Reason(int(r)),
-                    decision_id=did or item.decision_id,
+                    decision=_DECISIONS[code & 3],
+                    reason=_REASONS[(code >> 2) & 15],
+                    decision_id=did,
                     policy_version=version,
-                    retry_after_ms=int(retry),
-                    limits=tuple(limits),
+                    retry_after_ms=retry,
+                    limits=states,
                     recorded=bool(flags & FLAG_RECORDED),
                     replayed=bool(flags & FLAG_REPLAYED),
                     message=message,

@@ -10,6 +10,8 @@
 --    before anything is written, so no decision uses a version older than the last change.
 --  * Time is Redis TIME (+ ARGV clock offset, 0 outside tests); all amounts are integers.
 --    Lua numbers are doubles: every value stays below 2^53 (the gateway checks the bounds).
+--    Numbers are written as text with string.format('%d') (a C long: exact for every integer
+--    double below 2^63), never with Lua's own '%.14g'.
 --
 -- KEYS[1]  tenant entitlement hash ("v" = policy version stamped by the last publish)
 -- KEYS[2]  tenant ledger stream
@@ -22,23 +24,48 @@
 -- ARGV[3] dedup window, ms
 -- ARGV[4] session ttl, ms
 -- ARGV[5] session replay window W (slots kept per session)
--- ARGV[6] recent-decisions stream length (approximate MAXLEN; 0: not kept)
--- ARGV[7] the usages, MessagePack: an array with, per usage, an array of 16 fields:
---   flags (1 report, 2 entitled, 4 suspended), amount, request_id, decision_id, fingerprint,
---   dedup key index (0: none), session key index (0: none), sequence, slice, key, metric,
---   labels (JSON, may be empty), occurred_at ms (0: unknown), trace id, ledger aggregation
---   interval ms (0: one ledger entry per usage), limits: an array with, per limit, 8 fields:
---   key index, kind (1 rate, 2 quota), soft (0/1),
---     rate:  capacity in sub-units, sub-units per unit, refill in sub-units per ms, 0
---     quota: amount in units, period (1 hour, 2 day, 3 month), 0, grants key index
---   name
---   (one MessagePack argument instead of thousands: packing and parsing them dominated)
+-- ARGV[6] recent-decisions trail length, in decisions (approximate; 0: not kept)
+-- ARGV[7] MessagePack array of three arrays (one argument instead of thousands: packing and
+--   parsing them dominated):
+--   1. limit specs, flat, 8 values per spec; spec s (1-based) starts at 8 * (s - 1) + 1:
+--        key index, kind (1 rate, 2 quota), soft (0/1),
+--          rate:  capacity in sub-units, sub-units per unit, refill in sub-units per ms, 0
+--          quota: amount in units, period (1 hour, 2 day, 3 month), 0, grants key index
+--        name
+--      Two specs may name the same key (same limit name and scope instance): they share the
+--      counter, loaded once.
+--   2. limit sets: an array of arrays of spec numbers, in the order of the usage's limits
+--      (the usages of a batch mostly share their limits: each distinct set is sent once)
+--   3. the usages, flat, 11 values per usage:
+--        flags (1 report, 2 entitled, 4 suspended, 8 session: the key index is a session,
+--          else a request-id dedup key), amount, dedup or session key index (0: none),
+--        sequence, fingerprint (dedup records), decision_id, limit set number (0: no limits),
+--        ledger aggregation interval ms (0: one ledger entry per usage),
+--        text: "request_id US decision_id US slice US key US metric US amount US mode"
+--          (US = 0x1F; mode "admit" or "report"; no part may hold 0x1F),
+--        ledger tail: "" or "US occurred_at_ms US labels JSON" for a ledger entry; for an
+--          aggregated usage "|slice|key|metric|mode", the aggregate's field after its interval,
+--        trace id
 --
 -- Reply: {0, stamped_version} when the tenant's stamp is newer than ARGV[1] (nothing written),
--- else {1, now_ms, then per usage: decision, reason, retry_after_ms, flags, decision_id, L,
---  then per limit: remaining units, capacity units, reset_after_ms, exceeded (0/1)}.
+-- else {1, now_ms, then per usage:
+--   code = decision + 4 * reason + 64 * flags + 1024 * L, retry_after_ms,
+--   the decision_id of the record only when flags has 1 or 4 (answered from a record),
+--   then per limit (L of them, in the order of the usage's limit set):
+--     remaining units, reset_after_ms (-1 - reset_after_ms when the limit is exceeded),
+--     and for a quota only its capacity in units (a rate's capacity is the plan's)}.
 -- flags: 1 replayed, 2 recorded, 4 request_id reused for another usage, 8 resend older than
 -- the session replay window (refused: nothing is known of it any more).
+--
+-- Ledger entry (one per recorded usage, one field "x"):
+--   text US decision US reason US policy_version US decided_at_ms [US occurred_at_ms US labels]
+-- Recent-decisions trail: one entry per batch, "e" = "b", "x" =
+--   policy_version US decided_at_ms, then per decision RS (0x1E) and
+--   text US trace_id US decision US reason US retry_after_ms US limits
+--   with limits "name,kind,remaining_before,remaining_after,capacity,exceeded(0/1)" joined by
+--   ";". The stream is capped (MAXLEN ~) at ceil(ARGV[6] / decisions in the batch) entries,
+--   i.e. about ARGV[6] decisions while batch sizes stay alike. Quota threshold crossings
+--   (80%, 100%) follow the batch's entry as entries "e" = "th".
 
 redis.replicate_commands()
 
@@ -59,15 +86,21 @@ local dedup_ms = tonumber(ARGV[3])
 local session_ms = tonumber(ARGV[4])
 local window = tonumber(ARGV[5])
 local recent_len = tonumber(ARGV[6])
-local batch = cmsgpack.unpack(ARGV[7])
+local payload = cmsgpack.unpack(ARGV[7])
+local specs_in, sets_in, batch = payload[1], payload[2], payload[3]
 
-local function fmt(x)
-  return string.format('%.0f', x)
+local format, floor, sub, concat = string.format, math.floor, string.sub, table.concat
+
+local function int(x)
+  return format('%d', x)
 end
 
 local function ceil_div(a, b)
-  return math.floor((a + b - 1) / b)
+  return floor((a + b - 1) / b)
 end
+
+local now_s = int(now)
+local DIGIT = {[0] = '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'}
 
 -- #include periods.lua
 
@@ -92,7 +125,7 @@ local function load_rate(idx, cap, refill, scale)
     level = tonumber(v[1])
     local old_scale = tonumber(v[3] or scale)
     if old_scale ~= scale then
-      level = math.floor(level / old_scale * scale)
+      level = floor(level / old_scale * scale)
     end
     local elapsed = now - tonumber(v[2])
     if elapsed < 0 then elapsed = 0 end
@@ -133,6 +166,59 @@ local function load_quota(idx, code, grants_idx)
   return st
 end
 
+-- Specs, as tables, once per batch; their counter is loaded when a decision first needs it.
+local specs = {}
+for s = 1, #specs_in / 8 do
+  local o = 8 * (s - 1)
+  local kind = specs_in[o + 2]
+  specs[s] = {idx = specs_in[o + 1], kind = kind, soft = specs_in[o + 3] == 1,
+    a = specs_in[o + 4], b = specs_in[o + 5], c = specs_in[o + 6], g = specs_in[o + 7],
+    name = specs_in[o + 8], pre = false, st = false, cap = 0, last_v = false, last_s = ''}
+end
+local sets = {}
+for n, members in ipairs(sets_in) do
+  local set = {}
+  for j, s in ipairs(members) do set[j] = specs[s] end
+  sets[n] = set
+end
+
+-- The spec's counter, loaded on first use, with its capacity in units (fixed for the batch).
+local function bind(spec)
+  local st
+  if spec.kind == 1 then
+    st = load_rate(spec.idx, spec.a, spec.c, spec.b)
+    spec.cap = spec.a / spec.b
+  else
+    st = load_quota(spec.idx, spec.b, spec.g)
+    spec.cap = spec.a + st.granted
+  end
+  spec.st = st
+  return st
+end
+
+-- "name,kind,", then remaining before and after, then ",capacity,exceeded": the trail's text of
+-- a limit
+local function trail_texts(spec)
+  local cap = int(spec.cap)
+  spec.pre = spec.name .. ',' .. DIGIT[spec.kind] .. ','
+  spec.cap_x0, spec.cap_x1 = ',' .. cap .. ',0', ',' .. cap .. ',1'
+end
+
+local function remaining_of(spec)
+  local st = spec.st
+  if spec.kind == 1 then return floor(st.level / spec.b) end
+  return spec.a + st.granted - st.used
+end
+
+-- The text of a remaining amount: the last one of the spec is reused (a usage's "before" is
+-- mostly the previous usage's "after").
+local function text_of(spec, v)
+  if v == spec.last_v then return spec.last_s end
+  local s = int(v)
+  spec.last_v, spec.last_s = v, s
+  return s
+end
+
 local sessions = {}        -- session key index -> highest sequence
 local sessions_dirty = {}  -- session key index -> true when its header must be written
 
@@ -148,41 +234,75 @@ end
 
 local SLOT = 65
 
-local function remaining_of(lim)
-  local st = lim.st
-  if lim.kind == 1 then return math.floor(st.level / lim.b) end
-  return lim.a + st.granted - st.used
+-- Slots of consecutive sequences are adjacent: they are written as one SETRANGE per run.
+-- session key index -> {offset, next sequence, piece count, pieces of the slots...}
+local runs = {}
+
+local function flush_run(idx)
+  local run = runs[idx]
+  if run then
+    redis.call('SETRANGE', KEYS[idx], run[1], concat(run, '', 4, 3 + run[3]))
+    runs[idx] = nil
+  end
 end
 
-local function capacity_of(lim)
-  if lim.kind == 1 then return lim.a / lim.b end
-  return lim.a + lim.st.granted
+-- Slot: sequence (20 digits), decision, reason, recorded (1 digit each), retry_after_ms (10
+-- digits), decision_id (32 characters, space-padded).
+local function write_slot(idx, seq, d, r, rec, retry10, did)
+  local run = runs[idx]
+  local pos = seq % window
+  if not (run and run[2] == seq and pos ~= 0) then
+    flush_run(idx)
+    run = {20 + pos * SLOT, seq, 0}
+    runs[idx] = run
+  end
+  local n = run[3]
+  run[n + 4], run[n + 5], run[n + 6] = format('%020d', seq), d, r
+  run[n + 7], run[n + 8], run[n + 9] = rec, retry10, did
+  run[2], run[3] = seq + 1, n + 6
 end
+
+-- (decision, reason) -> "US decision US reason", and the same with '|'
+local dr_texts, dr_bars = {}, {}
+local function dr_text(d, r)
+  local k = d * 16 + r
+  local s = dr_texts[k]
+  if not s then
+    s = '\31' .. DIGIT[d] .. '\31' .. DIGIT[r]
+    dr_texts[k] = s
+  end
+  return s
+end
+
+local agg_fields = {}  -- interval ms -> "<interval start>|<interval ms>"
+local ledger_suffix = '\31' .. version .. '\31' .. now_s
 
 local reply = {1, now}
+local rn = 2
+local trail, tn, ndec = {version .. '\31' .. now_s}, 1, 0
+local thresholds = {}
+local befores, exceeded, used_before = {}, {}, {}
 
-for _, u in ipairs(batch) do
-  local flags = u[1]
+for o = 0, #batch - 1, 11 do
+  local flags, amount, kidx, seq = batch[o + 1], batch[o + 2], batch[o + 3], batch[o + 4]
   local report = flags % 2 == 1
-  local entitled = math.floor(flags / 2) % 2 == 1
-  local suspended = math.floor(flags / 4) % 2 == 1
-  local amount, rid, did, fp = u[2], u[3], u[4], u[5]
-  local dedup_idx, sess_idx, seq = u[6], u[7], u[8]
-  local slice, key, metric = u[9], u[10], u[11]
-  local labels, occurred, trace_id = u[12], u[13], u[14]
-  local agg_ms = u[15]
-  local limit_specs = u[16]
+  local entitled = flags % 4 >= 2
+  local suspended = flags % 8 >= 4
+  local dedup_idx, sess_idx = 0, 0
+  if flags >= 8 then sess_idx = kidx else dedup_idx = kidx end
+  local fp, did, set_no, agg_ms = batch[o + 5], batch[o + 6], batch[o + 7], batch[o + 8]
 
   -- 1. A resend: answer from the record, change nothing.
-  local replay = nil
+  local rd, rr, rt, rf, rdid = nil, 0, 0, 0, nil
   if dedup_idx > 0 then
     local rec = redis.call('GET', KEYS[dedup_idx])
     if rec then
       local f = split(rec)
       if f[1] ~= fp then
-        replay = {DENY, INVALID_USAGE, 0, 4, f[6]}
+        rd, rr, rt, rf, rdid = DENY, INVALID_USAGE, 0, 4, f[6]
       else
-        replay = {tonumber(f[2]), tonumber(f[3]), tonumber(f[4]), 1 + tonumber(f[5]), f[6]}
+        rd, rr, rt, rf, rdid = tonumber(f[2]), tonumber(f[3]), tonumber(f[4]),
+          1 + tonumber(f[5]), f[6]
       end
     end
   elseif sess_idx > 0 and seq <= session_hw(sess_idx) then
@@ -190,23 +310,29 @@ for _, u in ipairs(batch) do
     -- if it never was (e.g. answered degraded, or skipped): then it is decided now, as new.
     -- Beyond the window nothing is known, and guessing could lose or double usage: refuse.
     if session_hw(sess_idx) - seq < window then
+      flush_run(sess_idx)
       local off = 20 + (seq % window) * SLOT
       local slot = redis.call('GETRANGE', KEYS[sess_idx], off, off + SLOT - 1)
-      if string.len(slot) == SLOT and tonumber(string.sub(slot, 1, 20)) == seq then
-        replay = {tonumber(string.sub(slot, 21, 21)), tonumber(string.sub(slot, 22, 22)),
-          tonumber(string.sub(slot, 24, 33)), 1 + tonumber(string.sub(slot, 23, 23)),
-          string.sub(slot, 34, 65)}
+      if string.len(slot) == SLOT and tonumber(sub(slot, 1, 20)) == seq then
+        rd, rr, rt, rf, rdid = tonumber(sub(slot, 21, 21)), tonumber(sub(slot, 22, 22)),
+          tonumber(sub(slot, 24, 33)), 1 + tonumber(sub(slot, 23, 23)), sub(slot, 34, 65)
       end
     else
-      replay = {DENY, INVALID_USAGE, 0, 8, did}
+      rd, rr, rt, rf = DENY, INVALID_USAGE, 0, 8
     end
   end
 
-  if replay then
-    for k = 1, 5 do reply[#reply + 1] = replay[k] end
-    reply[#reply + 1] = 0
+  if rd then
+    reply[rn + 1] = rd + 4 * rr + 64 * rf
+    reply[rn + 2] = rt
+    rn = rn + 2
+    if rf % 2 == 1 or rf >= 4 and rf < 8 then
+      rn = rn + 1
+      reply[rn] = rdid or ''
+    end
   else
-    local lims = {}
+    local set = nil
+    local nl = 0
     local decision, reason, retry = ALLOW, OK, 0
     local take = false
 
@@ -216,17 +342,16 @@ for _, u in ipairs(batch) do
       decision, reason = DENY, SUSPENDED
     else
       -- 2. Evaluate every limit.
-      for _, spec in ipairs(limit_specs) do
-        local lim = {idx = spec[1], kind = spec[2], soft = spec[3] == 1, a = spec[4],
-          b = spec[5], c = spec[6], name = spec[8], exceeded = false}
-        if lim.kind == 1 then
-          lim.st = load_rate(lim.idx, lim.a, lim.c, lim.b)
-        else
-          lim.st = load_quota(lim.idx, lim.b, spec[7])
-          lim.used_before = lim.st.used
-        end
-        lim.before = remaining_of(lim)
-        lims[#lims + 1] = lim
+      if set_no > 0 then
+        set = sets[set_no]
+        nl = #set
+      end
+      for j = 1, nl do
+        local spec = set[j]
+        local st = spec.st or bind(spec)
+        if spec.kind == 2 then used_before[j] = st.used end
+        befores[j] = remaining_of(spec)
+        exceeded[j] = false
       end
 
       local cap_exceeded, quota_out, soft_crossed = false, false, false
@@ -234,18 +359,19 @@ for _, u in ipairs(batch) do
       take = report
 
       if not report then
-        for _, lim in ipairs(lims) do
-          local st = lim.st
+        for j = 1, nl do
+          local spec = set[j]
+          local st = spec.st
           local fits, never, wait = true, false, 0
-          if lim.kind == 1 then
-            local need = amount * lim.b
-            if need > lim.a then
+          if spec.kind == 1 then
+            local need = amount * spec.b
+            if need > spec.a then
               fits, never = false, true
             elseif st.level < need then
-              fits, wait = false, ceil_div(need - st.level, lim.c)
+              fits, wait = false, ceil_div(need - st.level, spec.c)
             end
           else
-            local total = lim.a + st.granted
+            local total = spec.a + st.granted
             if amount > total then
               fits, never = false, true
             elseif total - st.used < amount then
@@ -253,12 +379,12 @@ for _, u in ipairs(batch) do
             end
           end
           if not fits then
-            lim.exceeded = true
-            if lim.soft then
+            exceeded[j] = true
+            if spec.soft then
               soft_crossed = true
             elseif never then
               cap_exceeded = true
-            elseif lim.kind == 1 then
+            elseif spec.kind == 1 then
               rate_wait = math.max(rate_wait, wait)
             else
               quota_out = true
@@ -271,10 +397,11 @@ for _, u in ipairs(batch) do
 
       -- 3. Take (admit: only if everything fits) or debit (report: always).
       if take then
-        for _, lim in ipairs(lims) do
-          local st = lim.st
-          if lim.kind == 1 then
-            st.level = math.max(st.level - amount * lim.b, -MAX_DEBT)
+        for j = 1, nl do
+          local spec = set[j]
+          local st = spec.st
+          if spec.kind == 1 then
+            st.level = math.max(st.level - amount * spec.b, -MAX_DEBT)
           else
             st.used = st.used + amount
           end
@@ -283,18 +410,21 @@ for _, u in ipairs(batch) do
       end
 
       if report then
-        for _, lim in ipairs(lims) do
-          local st = lim.st
-          if lim.kind == 1 and st.level < 0 then
-            lim.exceeded = true
-            if lim.soft then soft_crossed = true
-            else rate_wait = math.max(rate_wait, ceil_div(-st.level, lim.c)) end
-          elseif lim.kind == 2 then
-            local rem = lim.a + st.granted - st.used
-            if lim.soft and rem < 0 then
-              lim.exceeded, soft_crossed = true, true
-            elseif not lim.soft and rem <= 0 then
-              lim.exceeded, quota_out = true, true
+        for j = 1, nl do
+          local spec = set[j]
+          local st = spec.st
+          if spec.kind == 1 then
+            if st.level < 0 then
+              exceeded[j] = true
+              if spec.soft then soft_crossed = true
+              else rate_wait = math.max(rate_wait, ceil_div(-st.level, spec.c)) end
+            end
+          else
+            local rem = spec.a + st.granted - st.used
+            if spec.soft and rem < 0 then
+              exceeded[j], soft_crossed = true, true
+            elseif not spec.soft and rem <= 0 then
+              exceeded[j], quota_out = true, true
               quota_wait = math.max(quota_wait, st.finish - now)
             end
           end
@@ -314,34 +444,36 @@ for _, u in ipairs(batch) do
       end
     end
     local recorded = take and 2 or 0
-    local mode = report and 'report' or 'admit'
+    local text = batch[o + 9]
+    local retry_s = retry == 0 and '0' or int(retry)
 
     -- 4. Ledger entry (or aggregate) and dedup record, in the same step as the debits.
     if take then
       if agg_ms > 0 then
-        local field = table.concat({fmt(now - now % agg_ms), fmt(agg_ms), slice, key, metric,
-          mode}, '|')
+        local field = agg_fields[agg_ms]
+        if not field then
+          field = int(now - now % agg_ms) .. '|' .. int(agg_ms)
+          agg_fields[agg_ms] = field
+        end
+        field = field .. batch[o + 10]
         redis.call('HINCRBY', KEYS[4], field .. '|a', amount)
         redis.call('HINCRBY', KEYS[4], field .. '|n', 1)
       else
-        local entry = {'rid', rid, 'did', did, 'm', metric, 'a', fmt(amount), 'mo', mode,
-          'd', decision, 'r', reason, 'v', version, 'ts', fmt(now)}
-        if slice ~= '' then entry[#entry + 1] = 'sl'; entry[#entry + 1] = slice end
-        if key ~= '' then entry[#entry + 1] = 'k'; entry[#entry + 1] = key end
-        if labels ~= '' then entry[#entry + 1] = 'lb'; entry[#entry + 1] = labels end
-        if occurred ~= 0 then entry[#entry + 1] = 'oc'; entry[#entry + 1] = fmt(occurred) end
-        redis.call('XADD', KEYS[2], '*', unpack(entry))
+        redis.call('XADD', KEYS[2], '*', 'x',
+          text .. dr_text(decision, reason) .. ledger_suffix .. batch[o + 10])
       end
     end
     if entitled then
       if dedup_idx > 0 then
-        redis.call('SET', KEYS[dedup_idx],
-          table.concat({fp, decision, reason, fmt(retry), recorded, did}, '|'), 'PX', dedup_ms)
+        redis.call('SET', KEYS[dedup_idx], fp .. '|' .. DIGIT[decision] .. '|' .. DIGIT[reason]
+          .. '|' .. retry_s .. '|' .. DIGIT[recorded] .. '|' .. did, 'PX', dedup_ms)
       elseif sess_idx > 0 then
-        local off = 20 + (seq % window) * SLOT
-        local slot = string.format('%020.0f%d%d%d%010.0f%-32s', seq, decision, reason, recorded,
-          math.min(retry, 9999999999), did)
-        redis.call('SETRANGE', KEYS[sess_idx], off, slot)
+        local padded = did
+        if string.len(did) ~= 32 then padded = format('%-32s', did) end
+        local retry10 = '0000000000'
+        if retry > 0 then retry10 = format('%010d', math.min(retry, 9999999999)) end
+        write_slot(sess_idx, seq, DIGIT[decision], DIGIT[reason], DIGIT[recorded], retry10,
+          padded)
         if seq > session_hw(sess_idx) then
           sessions[sess_idx] = seq
         end
@@ -350,50 +482,70 @@ for _, u in ipairs(batch) do
     end
 
     -- 5. The recent-decisions trail: levels before and after, and quota thresholds crossed.
+    --    The reply: code, retry, and per limit remaining, reset (and a quota's capacity).
+    reply[rn + 1] = decision + 4 * reason + 64 * recorded + 1024 * nl
+    reply[rn + 2] = retry
+    rn = rn + 2
     if recent_len > 0 then
-      local packed = {}
-      for _, lim in ipairs(lims) do
-        packed[#packed + 1] = table.concat({lim.name, lim.kind, fmt(lim.before),
-          fmt(remaining_of(lim)), fmt(capacity_of(lim)), lim.exceeded and 1 or 0}, ',')
+      -- the pieces of the batch's trail entry, joined once at the end
+      ndec = ndec + 1
+      trail[tn + 1], trail[tn + 2], trail[tn + 3], trail[tn + 4] = '\30', text, '\31', batch[o + 11]
+      trail[tn + 5], trail[tn + 6], trail[tn + 7] = dr_text(decision, reason), '\31', retry_s
+      trail[tn + 8] = '\31'
+      tn = tn + 8
+    end
+    for j = 1, nl do
+      local spec = set[j]
+      local st = spec.st
+      local after, reset = remaining_of(spec), 0
+      if spec.kind == 1 then
+        if st.level < spec.a then reset = ceil_div(spec.a - st.level, spec.c) end
+      else
+        reset = st.finish - now
       end
-      -- one packed field (0x1F-separated; no field may hold 0x1F): a stream entry with two
-      -- fields costs a fraction of one with fifteen
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', recent_len, '*', 'e', 'd', 'x',
-        table.concat({did, rid, slice, key, metric, fmt(amount), mode, decision, reason, version,
-          fmt(now), trace_id, fmt(retry), table.concat(packed, ';')}, '\31'))
-      if take then
-        for _, lim in ipairs(lims) do
-          if lim.kind == 2 then
-            local total = lim.a + lim.st.granted
-            for _, pct in ipairs({80, 100}) do
-              local thr = total * pct / 100
-              if lim.used_before < thr and lim.st.used >= thr then
-                redis.call('XADD', KEYS[3], 'MAXLEN', '~', recent_len, '*', 'e', 'th',
-                  'l', lim.name, 'sl', slice, 'k', key, 'pc', pct, 'u', fmt(lim.st.used),
-                  'c', fmt(total), 'ts', fmt(now))
-              end
-            end
+      reply[rn + 1] = after
+      if exceeded[j] then reply[rn + 2] = -1 - reset else reply[rn + 2] = reset end
+      rn = rn + 2
+      if spec.kind == 2 then
+        rn = rn + 1
+        reply[rn] = spec.cap
+      end
+      if recent_len > 0 then
+        if not spec.pre then trail_texts(spec) end
+        if j > 1 then
+          tn = tn + 1
+          trail[tn] = ';'
+        end
+        trail[tn + 1], trail[tn + 2], trail[tn + 3] = spec.pre, text_of(spec, befores[j]), ','
+        trail[tn + 4] = text_of(spec, after)
+        if exceeded[j] then trail[tn + 5] = spec.cap_x1 else trail[tn + 5] = spec.cap_x0 end
+        tn = tn + 5
+        if take and spec.kind == 2 then
+          local total = spec.a + st.granted
+          local thr80, thr100 = total * 80 / 100, total * 100 / 100
+          if used_before[j] < thr80 and st.used >= thr80 then
+            thresholds[#thresholds + 1] = {spec.name, text, 80, st.used, total}
+          end
+          if used_before[j] < thr100 and st.used >= thr100 then
+            thresholds[#thresholds + 1] = {spec.name, text, 100, st.used, total}
           end
         end
       end
     end
+  end
+end
 
-    for _, v in ipairs({decision, reason, retry, recorded, did, #lims}) do
-      reply[#reply + 1] = v
-    end
-    for _, lim in ipairs(lims) do
-      local st = lim.st
-      local reset
-      if lim.kind == 1 then
-        reset = st.level >= lim.a and 0 or ceil_div(lim.a - st.level, lim.c)
-      else
-        reset = st.finish - now
-      end
-      reply[#reply + 1] = remaining_of(lim)
-      reply[#reply + 1] = capacity_of(lim)
-      reply[#reply + 1] = reset
-      reply[#reply + 1] = lim.exceeded and 1 or 0
-    end
+for idx, _ in pairs(runs) do
+  flush_run(idx)
+end
+
+if ndec > 0 then
+  local keep = math.ceil(recent_len / ndec)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', keep, '*', 'e', 'b', 'x', concat(trail, '', 1, tn))
+  for _, th in ipairs(thresholds) do
+    local slice, key = string.match(th[2], '^[^\31]*\31[^\31]*\31([^\31]*)\31([^\31]*)\31')
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', keep, '*', 'e', 'th', 'l', th[1], 'sl', slice,
+      'k', key, 'pc', th[3], 'u', int(th[4]), 'c', int(th[5]), 'ts', now_s)
   end
 end
 
@@ -404,18 +556,18 @@ for idx, st in pairs(states) do
       if st.level >= st.cap then
         redis.call('DEL', KEYS[idx])
       else
-        redis.call('HSET', KEYS[idx], 'l', fmt(st.level), 't', fmt(now), 's', fmt(st.scale))
+        redis.call('HSET', KEYS[idx], 'l', int(st.level), 't', now_s, 's', int(st.scale))
         redis.call('PEXPIRE', KEYS[idx], ceil_div(st.cap - st.level, st.refill))
       end
     else
-      redis.call('HSET', KEYS[idx], 'p', fmt(st.start), 'u', fmt(st.used))
+      redis.call('HSET', KEYS[idx], 'p', int(st.start), 'u', int(st.used))
       redis.call('PEXPIRE', KEYS[idx], st.finish - now + HOUR)
     end
   end
 end
 
 for idx, _ in pairs(sessions_dirty) do
-  redis.call('SETRANGE', KEYS[idx], 0, string.format('%020.0f', sessions[idx]))
+  redis.call('SETRANGE', KEYS[idx], 0, format('%020d', sessions[idx]))
   redis.call('PEXPIRE', KEYS[idx], session_ms)
 end
 
