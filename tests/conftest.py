@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -11,7 +12,8 @@ import redis
 from chargepath.core.plans import load_policy_text
 from chargepath.engine import Engine, EngineSettings
 from chargepath.store.embedded import EmbeddedRedis
-from chargepath.store.redis_store import RedisStore
+from chargepath.store.ledger import LedgerEntry
+from chargepath.store.redis_store import RedisStore, ledger_key
 from chargepath.telemetry import Telemetry
 
 
@@ -47,3 +49,17 @@ async def make_engine(
     engine = Engine(store, EngineSettings(store_timeout_s=store_timeout_s), Telemetry())
     await engine.reload_policy()
     return engine
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def ledger_entries(client: redis.Redis, tenant: str) -> list[LedgerEntry]:
+    """The tenant's ledger as the billing side reads it, oldest first, straight from Redis
+    (with or without decoded responses)."""
+    entries: Any = client.xrange(ledger_key(tenant))
+    return [
+        LedgerEntry.from_fields(_text(i), {_text(k): _text(v) for k, v in fields.items()})
+        for i, fields in entries
+    ]

@@ -11,16 +11,15 @@ from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from chargepath.store.ledger import LedgerEntry
 from chargepath.v1 import metering_pb2 as pb
 from chargepath.v1 import metering_pb2_grpc as pb_grpc
+from tests.conftest import ledger_entries
 from tests.e2e.conftest import GatewayProcess
 
 
 def ledger_rids(redis_client: redis.Redis, tenant: str) -> list[str]:
     """The request ids of the tenant's ledger entries, oldest first."""
-    entries = redis_client.xrange(f"cp:{{{tenant}}}:ledger")
-    return [LedgerEntry.from_fields(i, f).request_id for i, f in entries]  # type: ignore[union-attr]
+    return [e.request_id for e in ledger_entries(redis_client, tenant)]
 
 
 def usage(**kw: object) -> pb.Usage:

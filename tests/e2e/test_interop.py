@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import pytest
 import redis
 
+from tests.conftest import ledger_entries
+
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -194,13 +196,7 @@ def test_both_languages_decide_alike(gateway: Gateway, tmp_path: Path) -> None:
 
 
 def ledger_request_ids(client: redis.Redis, tenant: str) -> list[str]:
-    rids = []
-    for _entry_id, fields in client.xrange(f"cp:{{{tenant}}}:ledger"):
-        for name, value in fields.items():
-            name = name.decode() if isinstance(name, bytes) else name
-            if name == "rid":
-                rids.append(value.decode() if isinstance(value, bytes) else value)
-    return rids
+    return [e.request_id for e in ledger_entries(client, tenant)]
 
 
 @pytest.mark.parametrize("language", LANGUAGES)

@@ -23,7 +23,6 @@ import grpc
 import pytest
 import redis
 
-from chargepath.store.ledger import LedgerEntry
 from chargepath_client import (
     AsyncClient,
     Client,
@@ -38,6 +37,7 @@ from chargepath_client import (
     Unavailable,
     Verdict,
 )
+from tests.conftest import ledger_entries
 
 pytestmark = pytest.mark.e2e
 
@@ -198,23 +198,11 @@ def closed_port() -> int:
 # -- ledger helpers ------------------------------------------------------------------------
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def ledger(redis_client: redis.Redis, tenant: str) -> list[LedgerEntry]:
-    entries = redis_client.xrange(f"cp:{{{tenant}}}:ledger")
-    return [
-        LedgerEntry.from_fields(_text(i), {_text(k): _text(v) for k, v in fields.items()})
-        for i, fields in entries
-    ]
-
-
 def ledger_count(redis_client: redis.Redis, tenant: str, rids: Iterable[str]) -> Counter[str]:
     """How many ledger entries each of `rids` has (0 included)."""
     wanted = set(rids)
     counts = Counter({rid: 0 for rid in wanted})
-    for entry in ledger(redis_client, tenant):
+    for entry in ledger_entries(redis_client, tenant):
         if entry.request_id in wanted:
             counts[entry.request_id] += 1
     return counts
@@ -253,7 +241,7 @@ async def test_check_admits_and_records(gateway: Any, redis_client: redis.Redis)
     per_key = {limit.name: limit for limit in verdict.limits}["sms-per-key"]
     assert (per_key.kind, per_key.scope, per_key.capacity) == (LimitKind.RATE, Scope.KEY, 20)
     assert per_key.remaining == 19
-    [entry] = [e for e in ledger(redis_client, CPAAS) if e.request_id == verdict.request_id]
+    [entry] = [e for e in ledger_entries(redis_client, CPAAS) if e.request_id == verdict.request_id]
     assert entry.decision_id == verdict.decision_id
 
 
@@ -429,7 +417,7 @@ async def test_a_retry_after_a_lost_answer_is_replayed_not_recounted(
     assert verdict.replayed and verdict.recorded
     assert verdict.decision is Decision.ALLOW
     assert ledger_count(redis_client, tenant, [rid]) == {rid: 1}
-    [entry] = [e for e in ledger(redis_client, tenant) if e.request_id == rid]
+    [entry] = [e for e in ledger_entries(redis_client, tenant) if e.request_id == rid]
     assert entry.decision_id == verdict.decision_id  # the first decision, not a new one
 
 

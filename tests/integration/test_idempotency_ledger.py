@@ -8,15 +8,10 @@ import random
 import redis
 
 from chargepath.core.model import Decision, InvalidUsageError, Mode, Reason, Subject, Usage
-from chargepath.store.ledger import LedgerEntry
-from chargepath.store.redis_store import RedisStore, ledger_key
+from chargepath.store.redis_store import RedisStore
+from tests.conftest import ledger_entries as ledger
 from tests.conftest import make_engine
 from tests.integration.policies import OPEN, REPORTING
-
-
-def ledger(raw: redis.Redis, tenant: str) -> list[LedgerEntry]:
-    entries = raw.xrange(ledger_key(tenant))
-    return [LedgerEntry.from_fields(i, f) for i, f in entries]  # type: ignore[union-attr]
 
 
 def level(raw: redis.Redis, key: str) -> int:

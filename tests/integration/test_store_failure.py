@@ -13,9 +13,9 @@ from chargepath.core.model import Decision, Mode, Reason, Subject, Usage, Verdic
 from chargepath.core.plans import load_policy_text
 from chargepath.engine import Engine, EngineSettings
 from chargepath.store.embedded import EmbeddedRedis
-from chargepath.store.ledger import LedgerEntry
-from chargepath.store.redis_store import RedisStore, ledger_key
+from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
+from tests.conftest import ledger_entries
 from tests.integration.policies import REPORTING
 
 STORE_TIMEOUT_S = 0.05
@@ -81,10 +81,7 @@ async def test_redis_killed_mid_run(tmp_path: Path) -> None:
         }
         in_ledger: list[str] = []
         for tenant in ("mvno", "strict"):
-            in_ledger += [
-                LedgerEntry.from_fields(i, f).request_id
-                for i, f in raw.xrange(ledger_key(tenant))  # type: ignore[union-attr]
-            ]
+            in_ledger += [e.request_id for e in ledger_entries(raw, tenant)]
         in_ledger.remove("probe")
         assert len(in_ledger) == len(set(in_ledger))  # each once
         assert set(in_ledger) == acknowledged  # nothing lost
