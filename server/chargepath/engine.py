@@ -209,9 +209,10 @@ class Engine:
             if not future.done():
                 future.set_result(verdict)
 
-    async def decide_batch(self, usages: list[Usage]) -> list[Verdict]:
+    async def decide_batch(self, usages: list[Usage], *, ok_limits: bool = True) -> list[Verdict]:
         """Decide a stream batch: invalid usages get an INVALID_USAGE verdict, the others are
-        decided in order, one atomic store call per tenant."""
+        decided in order, one atomic store call per tenant. ``ok_limits=False`` (the caller's
+        basic view): a verdict with reason OK carries no limit states."""
         await self._catch_up(usages)
         policy = self.policy
         out: list[Verdict | None] = [None] * len(usages)
@@ -235,7 +236,12 @@ class Engine:
             traces = iter(spans.trace_ids)
             results = await asyncio.gather(
                 *(
-                    self._decide_tenant(t, [usages[i] for i in idxs], [next(traces) for _ in idxs])
+                    self._decide_tenant(
+                        t,
+                        [usages[i] for i in idxs],
+                        [next(traces) for _ in idxs],
+                        ok_limits=ok_limits,
+                    )
                     for t, idxs in groups.items()
                 )
             )
@@ -248,7 +254,7 @@ class Engine:
         return [v for v in out if v is not None]
 
     async def _decide_tenant(
-        self, tenant: str, usages: list[Usage], trace_ids: list[str]
+        self, tenant: str, usages: list[Usage], trace_ids: list[str], *, ok_limits: bool = True
     ) -> list[Verdict]:
         policy = self.policy
         ids = new_decision_ids(len(usages))
@@ -273,7 +279,9 @@ class Engine:
                         self.settings.store_timeout_s
                         + self.settings.store_timeout_per_usage_s * (len(items) - 1)
                     ):
-                        verdicts = await self.store.decide(tenant, policy.version, items)
+                        verdicts = await self.store.decide(
+                            tenant, policy.version, items, ok_limits=ok_limits
+                        )
             except StalePolicyError as exc:
                 self.breaker.success()
                 try:

@@ -199,3 +199,30 @@ def test_bad_input_of_one_tenant_does_not_harm_another(stub: pb_grpc.MeteringSer
         pb.CheckRequest(usage=usage(subject=pb.Subject(tenant="cpaas-demo", key="calm")))
     )
     assert v.verdict.decision == pb.DECISION_ALLOW
+
+
+def test_basic_view_leaves_out_the_limits_of_plain_allows_only(
+    stub: pb_grpc.MeteringServiceStub,
+) -> None:
+    key = f"view-{uuid.uuid4().hex[:8]}"
+    subject = pb.Subject(tenant="cpaas-demo", key=key)
+    # sms-per-key holds 20: 15 fit, the next 10 are throttled
+    batch = pb.StreamUsageRequest(
+        usages=[usage(subject=subject, amount=15), usage(subject=subject, amount=10)],
+        view=pb.VERDICT_VIEW_BASIC,
+    )
+    (response,) = stub.StreamUsage(iter([batch]), timeout=10)
+    allowed, throttled = response.verdicts
+    assert (allowed.decision, allowed.reason) == (pb.DECISION_ALLOW, pb.REASON_OK)
+    assert len(allowed.limits) == 0 and allowed.recorded and len(allowed.decision_id) == 32
+    assert throttled.decision == pb.DECISION_THROTTLE
+    assert [lim.name for lim in throttled.limits] == ["sms-per-key", "sms-account", "sms-monthly"]
+    assert throttled.limits[0].exceeded and throttled.retry_after.ToMilliseconds() > 0
+    # Check takes the same view; the default (and a view this gateway does not know) is FULL
+    other = pb.Subject(tenant="cpaas-demo", key=f"{key}-2")
+    basic = stub.Check(pb.CheckRequest(usage=usage(subject=other), view=pb.VERDICT_VIEW_BASIC))
+    assert basic.verdict.decision == pb.DECISION_ALLOW and len(basic.verdict.limits) == 0
+    full = stub.Check(pb.CheckRequest(usage=usage(subject=other)))
+    assert len(full.verdict.limits) == 3 and full.verdict.limits[0].remaining == 18
+    unknown = stub.Check(pb.CheckRequest(usage=usage(subject=other), view=7))  # type: ignore[arg-type]
+    assert len(unknown.verdict.limits) == 3

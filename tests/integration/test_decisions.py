@@ -10,6 +10,7 @@ import redis
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage
 from chargepath.core.periods import HOUR_MS, Period, period_bounds
 from chargepath.engine import Engine
+from chargepath.store.admin import AdminStore
 from chargepath.store.redis_store import RedisStore
 from tests.conftest import make_engine
 from tests.integration.policies import NESTED, OPEN, QUOTAS, REPORTING
@@ -162,3 +163,27 @@ async def test_idle_full_buckets_cost_nothing(store: RedisStore, raw_redis: redi
     await e.check(usage("acme", "api.sms.send", 1, key="k1"))
     mem = raw_redis.memory_usage("cp:{acme}:r:sms::k1")
     assert mem is not None and mem <= 200
+
+
+async def test_without_ok_limits_only_a_verdict_that_is_not_ok_carries_limits(
+    store: RedisStore,
+) -> None:
+    """The basic view: the store replies no limit states for a verdict with reason OK, and
+    still keeps them in the trail for explain."""
+    e = await make_engine(store, REPORTING)
+    # bytes-rate holds 1000 with no debt yet: 600 is OK, the next 600 goes 200 into debt
+    first, second = await e.decide_batch(
+        [
+            usage("mvno", "slice.bytes", 600, Mode.REPORT, slice_="s1"),
+            usage("mvno", "slice.bytes", 600, Mode.REPORT, slice_="s1"),
+        ],
+        ok_limits=False,
+    )
+    assert (first.decision, first.reason, first.limits) == (Decision.ALLOW, Reason.OK, ())
+    assert (second.decision, second.reason) == (Decision.THROTTLE, Reason.RATE_LIMITED)
+    assert [lim.name for lim in second.limits] == ["bytes-rate", "bytes-hourly", "bytes-monthly"]
+    assert second.limits[0].remaining == -200 and second.limits[0].exceeded
+    explained = await AdminStore(store).find_decision("mvno", first.decision_id)
+    assert explained is not None
+    rate = explained.limits[0]
+    assert (rate.name, rate.remaining_before, rate.remaining_after) == ("bytes-rate", 1000, 400)

@@ -69,9 +69,16 @@ class PublishedPolicy:
 
 class MeteringStore(Protocol):
     async def decide(
-        self, tenant: str, policy_version: int, items: list[DecideItem]
+        self,
+        tenant: str,
+        policy_version: int,
+        items: list[DecideItem],
+        *,
+        ok_limits: bool = True,
     ) -> list[Verdict]:
-        """Decide ``items`` (all of ``tenant``) atomically; verdicts in the same order."""
+        """Decide ``items`` (all of ``tenant``) atomically; verdicts in the same order.
+        ``ok_limits=False``: a verdict with reason OK carries no limit states (the caller's
+        basic view; the store keeps them for explain all the same)."""
         ...
 
     async def publish_policy(

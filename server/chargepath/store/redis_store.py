@@ -169,7 +169,12 @@ class RedisStore:
         return cls(client, **kwargs)
 
     async def decide(
-        self, tenant: str, policy_version: int, items: list[DecideItem]
+        self,
+        tenant: str,
+        policy_version: int,
+        items: list[DecideItem],
+        *,
+        ok_limits: bool = True,
     ) -> list[Verdict]:
         prefix = tenant_prefix(tenant)
         keys: list[str] = [prefix + "ent", prefix + "ledger", prefix + "recent", prefix + "agg"]
@@ -265,6 +270,7 @@ class RedisStore:
             self.session_window,
             self.recent_length,
             msgpack.packb((specs, sets, usages)),
+            "1" if ok_limits else "0",
         ]
         try:
             reply = await self._decide(keys=keys, args=args)

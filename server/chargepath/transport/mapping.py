@@ -93,10 +93,14 @@ def _limit_fields(lim: LimitState) -> Fields:
     return out
 
 
-def verdict_fields(v: Verdict) -> Fields:
+def verdict_fields(v: Verdict, view: int = pb.VERDICT_VIEW_FULL) -> Fields:
     """A ``chargepath.v1.Verdict`` as the dict its constructor takes. Response messages are
     built from these in one C call: building each verdict and limit as a Python message
-    first, to be copied into the response, cost twice as much."""
+    first, to be copied into the response, cost twice as much.
+
+    ``view`` is the caller's ``VerdictView``: BASIC leaves out the limits of an ALLOW with
+    reason OK; any other value (FULL, unspecified, or one this gateway does not know) gives
+    the full verdict."""
     out: Fields = {
         "request_id": v.request_id,
         "decision": v.decision,
@@ -106,7 +110,7 @@ def verdict_fields(v: Verdict) -> Fields:
     }
     if v.retry_after_ms:
         out["retry_after"] = duration(v.retry_after_ms)
-    if v.limits:
+    if v.limits and (view != pb.VERDICT_VIEW_BASIC or v.reason is not Reason.OK):
         out["limits"] = [_limit_fields(lim) for lim in v.limits]
     if v.recorded:
         out["recorded"] = True

@@ -54,7 +54,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                 await abort(
                     context, grpc.StatusCode.INTERNAL, f"internal error, incident {incident}"
                 )
-            return pb.CheckResponse(verdict=verdict_fields(verdict))
+            return pb.CheckResponse(verdict=verdict_fields(verdict, request.view))
 
     async def StreamUsage(
         self, request_iterator: AsyncIterator[pb.StreamUsageRequest], context: Context
@@ -97,7 +97,9 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                     await abort(
                         context, grpc.StatusCode.INTERNAL, f"internal error, incident {incident}"
                     )
-                yield pb.StreamUsageResponse(verdicts=[verdict_fields(v) for v in verdicts])
+                yield pb.StreamUsageResponse(
+                    verdicts=[verdict_fields(v, request.view) for v in verdicts]
+                )
         finally:
             drain.cancel()
             telemetry.open_streams.add(-1)
@@ -116,4 +118,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                 )
                 for u in request.usages
             ]
-        return await self.engine.decide_batch([usage_from_pb(u) for u in request.usages])
+        return await self.engine.decide_batch(
+            [usage_from_pb(u) for u in request.usages],
+            ok_limits=request.view != pb.VERDICT_VIEW_BASIC,
+        )

@@ -49,6 +49,12 @@ class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCOPE_TENANT: _ClassVar[Scope]
     SCOPE_SLICE: _ClassVar[Scope]
     SCOPE_KEY: _ClassVar[Scope]
+
+class VerdictView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERDICT_VIEW_UNSPECIFIED: _ClassVar[VerdictView]
+    VERDICT_VIEW_FULL: _ClassVar[VerdictView]
+    VERDICT_VIEW_BASIC: _ClassVar[VerdictView]
 MODE_UNSPECIFIED: Mode
 MODE_ADMIT: Mode
 MODE_REPORT: Mode
@@ -73,6 +79,9 @@ SCOPE_UNSPECIFIED: Scope
 SCOPE_TENANT: Scope
 SCOPE_SLICE: Scope
 SCOPE_KEY: Scope
+VERDICT_VIEW_UNSPECIFIED: VerdictView
+VERDICT_VIEW_FULL: VerdictView
+VERDICT_VIEW_BASIC: VerdictView
 
 class Subject(_message.Message):
     __slots__ = ("tenant", "slice", "key")
@@ -164,10 +173,12 @@ class Verdict(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., policy_version: _Optional[int] = ..., decision_id: _Optional[str] = ..., recorded: _Optional[bool] = ..., degraded: _Optional[bool] = ..., replayed: _Optional[bool] = ..., trace_id: _Optional[str] = ..., message: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CheckRequest(_message.Message):
-    __slots__ = ("usage",)
+    __slots__ = ("usage", "view")
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     usage: Usage
-    def __init__(self, usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    view: VerdictView
+    def __init__(self, usage: _Optional[_Union[Usage, _Mapping]] = ..., view: _Optional[_Union[VerdictView, str]] = ...) -> None: ...
 
 class CheckResponse(_message.Message):
     __slots__ = ("verdict",)
@@ -176,10 +187,12 @@ class CheckResponse(_message.Message):
     def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
 
 class StreamUsageRequest(_message.Message):
-    __slots__ = ("usages",)
+    __slots__ = ("usages", "view")
     USAGES_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     usages: _containers.RepeatedCompositeFieldContainer[Usage]
-    def __init__(self, usages: _Optional[_Iterable[_Union[Usage, _Mapping]]] = ...) -> None: ...
+    view: VerdictView
+    def __init__(self, usages: _Optional[_Iterable[_Union[Usage, _Mapping]]] = ..., view: _Optional[_Union[VerdictView, str]] = ...) -> None: ...
 
 class StreamUsageResponse(_message.Message):
     __slots__ = ("verdicts",)

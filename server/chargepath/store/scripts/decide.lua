@@ -47,6 +47,9 @@
 --          aggregated usage "|slice|key|metric|mode", the aggregate's field after its interval,
 --        trace id
 --
+-- ARGV[8] "0": basic view, a decision with reason OK replies no limits (L = 0); else every
+--   decision replies its limits. The trail keeps them either way.
+--
 -- Reply: {0, stamped_version} when the tenant's stamp is newer than ARGV[1] (nothing written),
 -- else {1, now_ms, then per usage:
 --   code = decision + 4 * reason + 64 * flags + 1024 * L, retry_after_ms,
@@ -86,6 +89,7 @@ local dedup_ms = tonumber(ARGV[3])
 local session_ms = tonumber(ARGV[4])
 local window = tonumber(ARGV[5])
 local recent_len = tonumber(ARGV[6])
+local full_view = ARGV[8] ~= '0'
 local payload = cmsgpack.unpack(ARGV[7])
 local specs_in, sets_in, batch = payload[1], payload[2], payload[3]
 
@@ -483,7 +487,9 @@ for o = 0, #batch - 1, 11 do
 
     -- 5. The recent-decisions trail: levels before and after, and quota thresholds crossed.
     --    The reply: code, retry, and per limit remaining, reset (and a quota's capacity).
-    reply[rn + 1] = decision + 4 * reason + 64 * recorded + 1024 * nl
+    --    In the basic view, a decision with reason OK replies no limits.
+    local with_limits = full_view or reason ~= OK
+    reply[rn + 1] = decision + 4 * reason + 64 * recorded + 1024 * (with_limits and nl or 0)
     reply[rn + 2] = retry
     rn = rn + 2
     if recent_len > 0 then
@@ -497,18 +503,21 @@ for o = 0, #batch - 1, 11 do
     for j = 1, nl do
       local spec = set[j]
       local st = spec.st
-      local after, reset = remaining_of(spec), 0
-      if spec.kind == 1 then
-        if st.level < spec.a then reset = ceil_div(spec.a - st.level, spec.c) end
-      else
-        reset = st.finish - now
-      end
-      reply[rn + 1] = after
-      if exceeded[j] then reply[rn + 2] = -1 - reset else reply[rn + 2] = reset end
-      rn = rn + 2
-      if spec.kind == 2 then
-        rn = rn + 1
-        reply[rn] = spec.cap
+      local after = remaining_of(spec)
+      if with_limits then
+        local reset = 0
+        if spec.kind == 1 then
+          if st.level < spec.a then reset = ceil_div(spec.a - st.level, spec.c) end
+        else
+          reset = st.finish - now
+        end
+        reply[rn + 1] = after
+        if exceeded[j] then reply[rn + 2] = -1 - reset else reply[rn + 2] = reset end
+        rn = rn + 2
+        if spec.kind == 2 then
+          rn = rn + 1
+          reply[rn] = spec.cap
+        end
       end
       if recent_len > 0 then
         if not spec.pre then trail_texts(spec) end
