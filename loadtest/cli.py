@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     subjects.add_argument("--stream-metric", default="slice.bytes")
     subjects.add_argument("--stream-amount", type=int, default=1500)
     subjects.add_argument(
+        "--view",
+        choices=["full", "basic"],
+        default="full",
+        help="VerdictView of every request: full (every verdict lists its limits, the default) "
+        "or basic (an ALLOW lists none)",
+    )
+    subjects.add_argument(
         "--metadata",
         action="append",
         default=[],
@@ -259,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream_tenant=args.stream_tenant,
             stream_metric=args.stream_metric,
             stream_amount=args.stream_amount,
+            view=args.view,
         )
     except WorkloadError as exc:
         parser.error(str(exc))

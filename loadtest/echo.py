@@ -84,6 +84,14 @@ class EchoService:
 
     def __init__(self) -> None:
         self._verdicts = {m: canned_verdict(m) for m in (pb.MODE_ADMIT, pb.MODE_REPORT)}
+        # VERDICT_VIEW_BASIC: an ALLOW lists no limits
+        self._basic = {m: pb.Verdict() for m in self._verdicts}
+        for m, v in self._verdicts.items():
+            self._basic[m].CopyFrom(v)
+            del self._basic[m].limits[:]
+
+    def _canned(self, view: int) -> dict[pb.Mode, pb.Verdict]:
+        return self._basic if view == pb.VERDICT_VIEW_BASIC else self._verdicts
 
     async def check(
         self,
@@ -91,7 +99,8 @@ class EchoService:
         context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
     ) -> pb.CheckResponse:
         resp = pb.CheckResponse()
-        verdict = self._verdicts.get(request.usage.mode, self._verdicts[pb.MODE_ADMIT])
+        canned = self._canned(request.view)
+        verdict = canned.get(request.usage.mode, canned[pb.MODE_ADMIT])
         resp.verdict.CopyFrom(verdict)
         resp.verdict.request_id = request.usage.request_id
         return resp
@@ -101,12 +110,13 @@ class EchoService:
         requests: AsyncIterator[pb.StreamUsageRequest],
         context: grpc.aio.ServicerContext[pb.StreamUsageRequest, pb.StreamUsageResponse],
     ) -> AsyncIterator[pb.StreamUsageResponse]:
-        fallback = self._verdicts[pb.MODE_REPORT]
         async for req in requests:
+            canned = self._canned(req.view)
+            fallback = canned[pb.MODE_REPORT]
             resp = pb.StreamUsageResponse()
             for usage in req.usages:
                 v = resp.verdicts.add()
-                v.CopyFrom(self._verdicts.get(usage.mode, fallback))
+                v.CopyFrom(canned.get(usage.mode, fallback))
                 v.request_id = usage.request_id
             yield resp
 

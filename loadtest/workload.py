@@ -39,6 +39,8 @@ class Workload:
     stream_metric: str
     stream_amount: int
     slices: tuple[str, ...]
+    #: the VerdictView every request asks for (chargepath.v1 enum number)
+    view: pb.VerdictView = pb.VERDICT_VIEW_FULL
 
     def check_subject(self, n: int) -> tuple[str, str, str]:
         """(tenant, slice, key) of the ``n``-th admit."""
@@ -66,6 +68,7 @@ def load_workload(
     stream_tenant: str = "mvno-demo",
     stream_metric: str = "slice.bytes",
     stream_amount: int = 1500,
+    view: Literal["full", "basic"] = "full",
 ) -> Workload:
     """Read the tenants and slices of ``plans`` and check that the chosen ones exist."""
     try:
@@ -94,6 +97,7 @@ def load_workload(
         stream_metric=stream_metric,
         stream_amount=stream_amount,
         slices=slices,
+        view=pb.VERDICT_VIEW_BASIC if view == "basic" else pb.VERDICT_VIEW_FULL,
     )
 
 
@@ -117,7 +121,8 @@ class CheckRequests:
                 metric=w.check_metric,
                 amount=w.check_amount,
                 mode=pb.MODE_ADMIT,
-            )
+            ),
+            view=w.view,
         )
 
 
@@ -134,7 +139,7 @@ class StreamBatches:
 
     def next(self) -> pb.StreamUsageRequest:
         w = self._workload
-        req = pb.StreamUsageRequest()
+        req = pb.StreamUsageRequest(view=w.view)
         for _ in range(self._batch):
             self._sequence += 1
             seq = self._sequence

@@ -489,6 +489,17 @@ async def test_stream_batches_and_answers_every_usage(
     assert ledger_count(redis_client, MVNO, rids) == {rid: 1 for rid in rids}
 
 
+async def test_stream_basic_view_gives_plain_allows_without_limits(gateway: Any) -> None:
+    async with AsyncClient(gateway.address) as client:
+        async with client.stream(view="basic") as basic, client.stream() as full:
+            plain = await basic.submit(tenant=MVNO, slice=EMBB, metric=BYTES, amount=10)
+            detailed = await full.submit(tenant=MVNO, slice=EMBB, metric=BYTES, amount=10)
+    assert plain.allowed and plain.recorded and plain.limits == ()
+    assert detailed.allowed and len(detailed.limits) > 0
+    with pytest.raises(ValueError):
+        client.stream(view="compact")  # type: ignore[arg-type]
+
+
 async def test_stream_invalid_usage_fails_only_its_own_future(gateway: Any) -> None:
     async with AsyncClient(gateway.address) as client, client.stream() as stream:
         good = stream.submit_nowait(tenant=MVNO, slice=EMBB, metric=BYTES, amount=1)

@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
+from typing import Literal
 
 import grpc
 import grpc.aio
@@ -107,7 +108,10 @@ class UsageStream:
         retry: RetryPolicy,
         metadata: _wire.Metadata,
         validate: bool,
+        view: Literal["full", "basic"] = "full",
     ) -> None:
+        if view not in ("full", "basic"):
+            raise ValueError("view must be 'full' or 'basic'")
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be 1 to {MAX_BATCH}")
         if max_in_flight < batch_size:
@@ -128,6 +132,7 @@ class UsageStream:
         self._retry = retry
         self._metadata = metadata
         self._validate = validate
+        self._view = pb.VERDICT_VIEW_BASIC if view == "basic" else pb.VERDICT_VIEW_FULL
         self._next_sequence = first_sequence
 
         # Unanswered usages by sequence; dicts keep insertion (= sequence) order.
@@ -417,7 +422,7 @@ class UsageStream:
                 continue
             self._in_flight.append((time.monotonic(), len(batch)))
             try:
-                await call.write(pb.StreamUsageRequest(usages=batch))
+                await call.write(pb.StreamUsageRequest(usages=batch, view=self._view))
             except grpc.aio.AioRpcError:
                 return  # the reader sees the same status and reports it
             except asyncio.InvalidStateError:
