@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Issue #6: a 10-minute sustained StreamUsage load (2,000 reports/s in batches of 64) on a
+# Issue #6: a 10-minute sustained StreamUsage load (RATE reports/s in batches of 64) on a
 # gateway with its embedded Redis, a `chargepath ledger consume` reading and acknowledging the
 # ledger, and Redis' used_memory, ledger length and key count sampled every 15 s: memory must
-# stay flat. Usage: bash loadtest/soak.sh   (about 11 minutes; prints the samples at the end)
+# stay flat. Usage: bash loadtest/soak.sh [RATE]   (default 2000; about 11 minutes; prints the
+# samples at the end)
 set -u
+RATE=${1:-2000}
 cd "$(dirname "$0")/.."
 pkill -f "port 50075"; sleep 1
 rm -rf /tmp/soak-data
@@ -22,7 +24,7 @@ CONS=$!
     sleep 15
   done ) > /tmp/soak-mem.log &
 SAMPLER=$!
-.venv/bin/python -m loadtest stream --batch 64 --streams 8 --target 127.0.0.1:50075 --plans loadtest/bench-plans.yaml --rate 2000 --duration 600 --warmup 5 --name soak-10min --out loadtest/results --quiet
+.venv/bin/python -m loadtest stream --batch 64 --streams 8 --target 127.0.0.1:50075 --plans loadtest/bench-plans.yaml --rate "$RATE" --duration 600 --warmup 5 --name soak-10min --out loadtest/results --quiet
 kill $CONS; kill $SAMPLER
 .venv/bin/redis-cli -u "$URL" xinfo groups "cp:{mvno-demo}:ledger"
 kill -TERM $SUP; wait $SUP

@@ -490,10 +490,13 @@ async def test_stream_batches_and_answers_every_usage(
 
 
 async def test_stream_basic_view_gives_plain_allows_without_limits(gateway: Any) -> None:
-    async with AsyncClient(gateway.address) as client:
-        async with client.stream(view="basic") as basic, client.stream() as full:
-            plain = await basic.submit(tenant=MVNO, slice=EMBB, metric=BYTES, amount=10)
-            detailed = await full.submit(tenant=MVNO, slice=EMBB, metric=BYTES, amount=10)
+    async with (
+        AsyncClient(gateway.address) as client,
+        client.stream(view="basic") as basic,
+        client.stream() as full,
+    ):
+        plain = await basic.submit(tenant=MVNO, slice=EMBB, metric=BYTES, amount=10)
+        detailed = await full.submit(tenant=MVNO, slice=EMBB, metric=BYTES, amount=10)
     assert plain.allowed and plain.recorded and plain.limits == ()
     assert detailed.allowed and len(detailed.limits) > 0
     with pytest.raises(ValueError):
