@@ -31,6 +31,7 @@ import {
   type StreamUsageResponse,
   Usage,
   type Verdict,
+  VerdictView,
 } from "./gen/chargepath/v1/metering";
 
 const PROGRAM = "chargepath-example";
@@ -360,7 +361,8 @@ function deadlineIn(ms: number): Date {
 
 function check(client: MeteringServiceClient, deadlineMs: number, usage: Usage): Promise<Verdict> {
   return new Promise((resolve, reject) => {
-    client.check({ usage }, new Metadata(), { deadline: deadlineIn(deadlineMs) }, (err, resp) => {
+    const request = { usage, view: VerdictView.VERDICT_VIEW_FULL };
+    client.check(request, new Metadata(), { deadline: deadlineIn(deadlineMs) }, (err, resp) => {
       if (err !== null) {
         reject(new RpcError("Check", err));
       } else if (resp.verdict === undefined) {
@@ -437,7 +439,7 @@ async function streamOnce(
   const call = client.streamUsage({ deadline: deadlineIn(deadlineMs) });
   const reader = new ResponseReader(call);
   for (const [i, batch] of batches.entries()) {
-    call.write({ usages: batch });
+    call.write({ usages: batch, view: VerdictView.VERDICT_VIEW_FULL });
     const resp = await reader.next();
     if (resp === undefined) {
       throw new Error(`StreamUsage: the server ended the stream without answering batch ${i}`);
