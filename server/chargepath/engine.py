@@ -27,7 +27,7 @@ from chargepath.core.model import (
     Verdict,
 )
 from chargepath.core.policy import Policy
-from chargepath.core.validation import validate_usage
+from chargepath.core.validation import MAX_BATCH, validate_usage
 from chargepath.store.base import (
     DecideItem,
     MeteringStore,
@@ -178,6 +178,10 @@ class Engine:
         future: asyncio.Future[Verdict] = loop.create_future()
         tenant = usage.subject.tenant
         pending = self._pending.get(tenant)
+        if pending is not None and len(pending) >= MAX_BATCH:
+            # a burst: the full batch goes now, so one script call stays bounded
+            self._start(tenant, self._pending.pop(tenant))
+            pending = None
         if pending is None:
             pending = self._pending[tenant] = []
             loop.call_soon(self._flush, tenant)
@@ -185,7 +189,11 @@ class Engine:
         return future
 
     def _flush(self, tenant: str) -> None:
-        batch = self._pending.pop(tenant)
+        batch = self._pending.pop(tenant, None)
+        if batch:  # none when a burst already sent it
+            self._start(tenant, batch)
+
+    def _start(self, tenant: str, batch: list[_Pending]) -> None:
         # its own task: a caller that goes away (a cancelled RPC) cancels only its own wait
         task = asyncio.ensure_future(self._decide_pending(tenant, batch))
         self._flushing.add(task)

@@ -7,6 +7,7 @@ import asyncio
 import redis
 
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage
+from chargepath.core.validation import MAX_BATCH
 from chargepath.store.redis_store import RedisStore
 from tests.conftest import make_engine
 from tests.integration.policies import OPEN
@@ -56,3 +57,19 @@ async def test_a_cancelled_check_does_not_cancel_the_others_of_its_batch(
     # resend is a replay, and the bucket counted 3
     again = await e.check(usages[1])
     assert again.replayed and again.decision is Decision.ALLOW
+
+
+async def test_a_burst_beyond_a_batch_is_split_and_stays_exact(
+    store: RedisStore, raw_redis: redis.Redis
+) -> None:
+    e = await make_engine(store, OPEN)
+    n = MAX_BATCH + 5
+    usages = [
+        Usage(f"burst-{i}", Subject("acme", key="k3"), "api.sms.send", 1, Mode.ADMIT)
+        for i in range(n)
+    ]
+    before = script_calls(raw_redis)
+    verdicts = await asyncio.gather(*(e.check(u) for u in usages))
+    assert script_calls(raw_redis) - before >= 2  # no script call decides more than MAX_BATCH
+    assert sum(v.decision is Decision.ALLOW for v in verdicts) == 5  # the key holds 5
+    assert [v.request_id for v in verdicts] == [u.request_id for u in usages]
