@@ -33,7 +33,7 @@ def test_verdict_round_trip_keeps_durations_in_ms() -> None:
         limits=(LimitState("l", LimitKind.RATE, Scope.KEY, -5, 20, 2500, False, True),),
         decided_at_ms=1_800_000_000_123,
     )
-    m = mapping.verdict_to_pb(v)
+    m = pb.Verdict(**mapping.verdict_fields(v))  # type: ignore[arg-type]
     assert m.retry_after.ToMilliseconds() == 1234
     assert m.limits[0].reset_after.ToMilliseconds() == 2500 and m.limits[0].remaining == -5
     assert m.decided_at.ToMilliseconds() == 1_800_000_000_123

@@ -85,7 +85,7 @@ def _limit_fields(lim: LimitState) -> Fields:
     }
     ms = lim.reset_after_ms
     if ms > 0:
-        out["reset_after"] = {"seconds": ms // 1000, "nanos": ms % 1000 * 1_000_000}
+        out["reset_after"] = duration(ms)
     if lim.soft:
         out["soft"] = True
     if lim.exceeded:
@@ -124,9 +124,5 @@ def verdict_fields(v: Verdict, view: int = pb.VERDICT_VIEW_FULL) -> Fields:
         out["message"] = v.message
     at = v.decided_at_ms
     if at:
-        out["decided_at"] = {"seconds": at // 1000, "nanos": at % 1000 * 1_000_000}
+        out["decided_at"] = timestamp(at)
     return out
-
-
-def verdict_to_pb(v: Verdict) -> pb.Verdict:
-    return pb.Verdict(**verdict_fields(v))  # type: ignore[arg-type]

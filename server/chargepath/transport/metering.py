@@ -97,9 +97,8 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                     await abort(
                         context, grpc.StatusCode.INTERNAL, f"internal error, incident {incident}"
                     )
-                yield pb.StreamUsageResponse(
-                    verdicts=[verdict_fields(v, request.view) for v in verdicts]
-                )
+                view = request.view
+                yield pb.StreamUsageResponse(verdicts=[verdict_fields(v, view) for v in verdicts])
         finally:
             drain.cancel()
             telemetry.open_streams.add(-1)
