@@ -15,9 +15,8 @@ import dataclasses
 import logging
 import os
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from grpc import StatusCode
@@ -27,9 +26,13 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status
 from opentelemetry.trace import StatusCode as SpanStatusCode
 
-from chargepath.core.model import Mode, Usage, Verdict
+from chargepath.core.model import Decision, Mode, Reason, Usage, Verdict
 
 log = logging.getLogger("chargepath.telemetry")
+
+_EMPTY_CONTEXT = otel_context.Context()
+_NO_SERVER_SPAN: AbstractContextManager[Span] = nullcontext(trace.INVALID_SPAN)
+_NO_SPAN: AbstractContextManager[Span | None] = nullcontext(None)
 
 
 def _unsampled_parent() -> bool:
@@ -51,7 +54,7 @@ class SpanBatch:
         self._t = telemetry
         self._started = time.perf_counter()
         self._token: object | None = None
-        if _unsampled_parent():
+        if not telemetry.tracing or _unsampled_parent():
             self.spans: list[Span] = []
             self.trace_ids = [""] * len(usages)
             return
@@ -96,16 +99,24 @@ class SpanBatch:
         self._t.count_decisions(verdicts, elapsed)
         return verdicts
 
+    def __enter__(self) -> SpanBatch:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.abort()
+
     def _detach(self) -> None:
         if self._token is not None:
             otel_context.detach(self._token)  # type: ignore[arg-type]
             self._token = None
 
     def abort(self) -> None:
-        self._detach()
-        for span in self.spans:
-            span.end()
-        self.spans = []
+        """End what :meth:`finish` did not (the decision failed or was cancelled)."""
+        if self.spans or self._token is not None:
+            self._detach()
+            for span in self.spans:
+                span.end()
+            self.spans = []
 
 
 class Telemetry:
@@ -115,18 +126,29 @@ class Telemetry:
         self,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
+        *,
+        tracing: bool = True,
     ) -> None:
         self.tracer_provider = tracer_provider or trace.get_tracer_provider()
         self.meter_provider = meter_provider or metrics.get_meter_provider()
         self.tracer = self.tracer_provider.get_tracer("chargepath")
+        #: False when no span could ever be sampled (:func:`setup` with no trace exporter):
+        #: then no span object is built at all, not even a non-recording one.
+        self.tracing = tracing
         meter = self.meter_provider.get_meter("chargepath")
-        self._decisions = meter.create_counter(
+        # Decisions are counted in a dict on the hot path and handed to the SDK when a reader
+        # collects (the same cumulative sums a Counter would export): an SDK Counter.add costs
+        # more than the rest of the accounting of a Check.
+        self._counts: dict[tuple[Decision, Reason, bool], int] = {}
+        meter.create_observable_counter(
             "chargepath.decisions",
+            callbacks=[self._observe_decisions],
             unit="{decision}",
             description="Decisions by decision, reason and degraded",
         )
-        self._degraded = meter.create_counter(
+        meter.create_observable_counter(
             "chargepath.decisions.degraded",
+            callbacks=[self._observe_degraded],
             unit="{decision}",
             description="Decisions taken by the failure policy because the store was unavailable",
         )
@@ -155,31 +177,49 @@ class Telemetry:
             description="Ledger entries not yet acknowledged by a consumer group",
         )
 
+    def _observe_decisions(self, _options: CallbackOptions) -> Iterable[Observation]:
+        # list() copies in one step under the GIL: the event loop's thread may add a key
+        return [
+            Observation(n, {"decision": d.name, "reason": r.name, "degraded": degraded})
+            for (d, r, degraded), n in list(self._counts.items())
+        ]
+
+    def _observe_degraded(self, _options: CallbackOptions) -> Iterable[Observation]:
+        by_reason: dict[str, int] = {}
+        for (_, r, degraded), n in list(self._counts.items()):
+            if degraded:
+                by_reason[r.name] = by_reason.get(r.name, 0) + n
+        return [Observation(n, {"reason": r}) for r, n in by_reason.items()]
+
     def _observe_ledger_lag(self, _options: CallbackOptions) -> Iterable[Observation]:
         return [
             Observation(lag, {"tenant": tenant, "group": group})
             for (tenant, group), lag in list(self.ledger_lag.items())
         ]
 
-    @contextmanager
-    def decision_spans(self, usages: Sequence[Usage]) -> Iterator[SpanBatch]:
-        batch = SpanBatch(self, usages)
-        try:
-            yield batch
-        finally:
-            batch.abort()
+    def decision_spans(self, usages: Sequence[Usage]) -> SpanBatch:
+        """The decision spans of a batch, as a context manager: ``finish`` them with the
+        verdicts; leaving the block without (an error, a cancellation) ends them unfinished."""
+        return SpanBatch(self, usages)
 
-    @contextmanager
+    def caller_context(self, metadata: Iterable[tuple[str, Any]] | None) -> otel_context.Context:
+        """The caller's trace context (see :func:`caller_context`); an empty one, without
+        reading the metadata, when tracing is off."""
+        return caller_context(metadata) if self.tracing else _EMPTY_CONTEXT
+
     def server_span(
         self, name: str, method: str, parent: otel_context.Context, **attributes: Any
-    ) -> Iterator[Span]:
+    ) -> AbstractContextManager[Span]:
         """The server span ``name`` of one ``Check`` call or one ``StreamUsage`` batch, child of
-        the caller's trace context (``parent``, from :func:`caller_context`). The servicer
+        the caller's trace context (``parent``, from :meth:`caller_context`). The servicer
         makes both, so that Check and stream batches are traced alike: the gRPC
         instrumentation's stream wrapper fails to detach its context when a client cancels a
         stream, and one span for a stream that lives for hours helps no one. A gRPC error sets
-        ``rpc.grpc.status_code`` and an error status (see :func:`set_rpc_status`)."""
-        with self.tracer.start_as_current_span(
+        ``rpc.grpc.status_code`` and an error status (see :func:`set_rpc_status`). With tracing
+        off, the invalid span, which records nothing."""
+        if not self.tracing:
+            return _NO_SERVER_SPAN
+        return self.tracer.start_as_current_span(
             name,
             context=parent,
             kind=SpanKind.SERVER,
@@ -191,17 +231,14 @@ class Telemetry:
             },
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:
-            yield span
+        )
 
-    @contextmanager
-    def store_span(self, tenant: str, size: int) -> Iterator[Span | None]:
-        """A client span around one store script call (child of the current span; none
-        under a parent that is not sampled)."""
-        if _unsampled_parent():
-            yield None
-            return
-        with self.tracer.start_as_current_span(
+    def store_span(self, tenant: str, size: int) -> AbstractContextManager[Span | None]:
+        """A client span around one store script call (child of the current span; none with
+        tracing off or under a parent that is not sampled)."""
+        if not self.tracing or _unsampled_parent():
+            return _NO_SPAN
+        return self.tracer.start_as_current_span(
             "chargepath.store.decide",
             kind=SpanKind.CLIENT,
             attributes={
@@ -210,25 +247,22 @@ class Telemetry:
                 "chargepath.tenant": tenant,
                 "chargepath.batch_size": size,
             },
-        ) as span:
-            yield span
+        )
 
     def count_decisions(self, verdicts: Sequence[Verdict], elapsed_s: float) -> None:
-        """Count a batch's decisions (one add per distinct outcome, not per decision) and
-        record its latency once: the latency histogram counts Check calls and stream
-        batches, each decision of a batch having waited the same time."""
-        outcomes = Counter((v.decision, v.reason, v.degraded) for v in verdicts)
-        for (decision, reason, degraded), n in outcomes.items():
-            self._decisions.add(
-                n, {"decision": decision.name, "reason": reason.name, "degraded": degraded}
-            )
-            if degraded:
-                self._degraded.add(n, {"reason": reason.name})
+        """Count a batch's decisions and record its latency once: the latency histogram counts
+        Check calls and stream batches, each decision of a batch having waited the same
+        time."""
+        counts = self._counts
+        for v in verdicts:
+            key = (v.decision, v.reason, v.degraded)
+            counts[key] = counts.get(key, 0) + 1
         if verdicts:
             self._latency.record(elapsed_s)
 
     def count_invalid(self) -> None:
-        self._decisions.add(1, {"decision": "DENY", "reason": "INVALID_USAGE", "degraded": False})
+        key = (Decision.DENY, Reason.INVALID_USAGE, False)
+        self._counts[key] = self._counts.get(key, 0) + 1
 
     def store_latency(self, seconds: float) -> None:
         self._store_latency.record(seconds)
@@ -327,8 +361,13 @@ def setup(
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
+    # Nothing could be sampled (ALWAYS_OFF ignores the caller's flag too), or the SDK is
+    # disabled: build no span objects at all.
+    disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    tracing = sampler is not ALWAYS_OFF and not disabled
     return TelemetrySetup(
-        Telemetry(tracer_provider, meter_provider), [tracer_provider, meter_provider]
+        Telemetry(tracer_provider, meter_provider, tracing=tracing),
+        [tracer_provider, meter_provider],
     )
 
 

@@ -56,7 +56,9 @@ def test_embedded_redis_is_started_announced_and_stopped(tmp_path: Path) -> None
 
 
 def test_store_down_gives_bounded_degraded_verdicts_and_not_serving(tmp_path: Path) -> None:
-    gw = start_gateway(tmp_path)
+    # a sampler, so that the log lines carry trace ids (with no exporter and no sampler, the
+    # default, nothing is traced and the logs have none)
+    gw = start_gateway(tmp_path, env={"OTEL_TRACES_SAMPLER": "parentbased_always_on"})
     assert gw.redis is not None
     try:
         with grpc.insecure_channel(gw.address) as ch:

@@ -196,3 +196,64 @@ async def test_a_batch_the_caller_did_not_sample_records_no_span(traced: Traced)
         for p in m.data.data_points  # type: ignore[union-attr]
     )
     assert counted == 3
+
+
+async def test_with_tracing_off_no_span_is_built_and_decisions_still_count(
+    redis_server: EmbeddedRedis, raw_redis: redis.Redis
+) -> None:
+    """``Telemetry(tracing=False)`` (what setup() gives when nothing could be sampled): no
+    span reaches even a processor that is attached, a sampled caller included, the verdicts
+    carry no trace id, and the decisions counter still counts every decision."""
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(tracer_provider, MeterProvider(metric_readers=[reader]), tracing=False)
+    settings = Settings(
+        port=0, redis_url=redis_server.url, plans=str(ROOT / "examples" / "plans.yaml")
+    )
+    gateway = Gateway(settings, telemetry)
+    await gateway.start()
+    t = Traced(gateway, exporter, reader)
+    try:
+        checked = await t.stub.Check(pb.CheckRequest(usage=usage()), metadata=TRACEPARENT)
+        call = t.stub.StreamUsage(metadata=TRACEPARENT)
+        await call.write(
+            pb.StreamUsageRequest(
+                usages=[
+                    usage(
+                        "mvno-demo",
+                        subject=pb.Subject(tenant="mvno-demo", slice="1-000001"),
+                        metric="slice.bytes",
+                        amount=10,
+                        mode=pb.MODE_REPORT,
+                    ),
+                    usage(metric=""),  # invalid: counted as DENY INVALID_USAGE
+                ]
+            )
+        )
+        streamed = await call.read()
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+    finally:
+        await t.channel.close()
+        await gateway.stop()
+    assert checked.verdict.decision == pb.DECISION_ALLOW and checked.verdict.trace_id == ""
+    assert [v.reason for v in streamed.verdicts] == [pb.REASON_OK, pb.REASON_INVALID_USAGE]
+    assert all(v.trace_id == "" for v in streamed.verdicts)
+    assert exporter.get_finished_spans() == ()
+    data = reader.get_metrics_data()
+    by = {
+        (m.name, tuple(sorted(p.attributes.items()))): p.value  # type: ignore[union-attr]
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name.startswith("chargepath.decisions")
+        for p in m.data.data_points  # type: ignore[union-attr]
+    }
+    allow = ("chargepath.decisions", (("decision", "ALLOW"), ("degraded", False), ("reason", "OK")))
+    invalid = (
+        "chargepath.decisions",
+        (("decision", "DENY"), ("degraded", False), ("reason", "INVALID_USAGE")),
+    )
+    assert by == {allow: 2, invalid: 1}

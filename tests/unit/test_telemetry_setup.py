@@ -45,3 +45,31 @@ def test_an_explicit_sampler_is_kept_even_without_an_exporter(
         monkeypatch, "", OTEL_TRACES_SAMPLER="traceidratio", OTEL_TRACES_SAMPLER_ARG="0.25"
     )
     assert isinstance(sampler, TraceIdRatioBased) and sampler.rate == 0.25
+
+
+def tracing_of(monkeypatch: pytest.MonkeyPatch, otel: str, **env: str) -> bool:
+    for name in (
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_METRICS_EXPORTER",
+        "OTEL_TRACES_SAMPLER",
+        "OTEL_SDK_DISABLED",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    built = telemetry.setup(otel=otel)
+    try:
+        return built.telemetry.tracing
+    finally:
+        built.shutdown()
+
+
+def test_span_objects_are_built_only_when_a_span_could_be_sampled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # no exporter, no sampler: nothing could be sampled, so no span object at all
+    assert tracing_of(monkeypatch, "") is False
+    assert tracing_of(monkeypatch, "console") is True
+    # a sampler named explicitly is the user's choice: spans are built for it
+    assert tracing_of(monkeypatch, "", OTEL_TRACES_SAMPLER="always_on") is True
+    assert tracing_of(monkeypatch, "console", OTEL_SDK_DISABLED="true") is False

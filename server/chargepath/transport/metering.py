@@ -13,7 +13,7 @@ import grpc
 from chargepath.core.model import Decision, InvalidUsageError, Reason, Verdict
 from chargepath.core.validation import MAX_BATCH
 from chargepath.engine import Engine, new_decision_id
-from chargepath.telemetry import caller_context, set_rpc_status
+from chargepath.telemetry import set_rpc_status
 from chargepath.transport.errors import abort, abort_invalid
 from chargepath.transport.mapping import usage_from_pb, verdict_fields
 from chargepath.v1 import metering_pb2 as pb
@@ -39,8 +39,9 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         self.draining = draining
 
     async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
-        parent = caller_context(context.invocation_metadata())
-        with self.engine.telemetry.server_span(CHECK_SPAN, "Check", parent) as span:
+        telemetry = self.engine.telemetry
+        parent = telemetry.caller_context(context.invocation_metadata())
+        with telemetry.server_span(CHECK_SPAN, "Check", parent) as span:
             usage = usage_from_pb(request.usage)
             try:
                 verdict = await self.engine.check(usage)
@@ -62,7 +63,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         telemetry = self.engine.telemetry
         telemetry.open_streams.add(1)
         # the caller's W3C traceparent: every batch span of this stream is its child
-        caller = caller_context(context.invocation_metadata())
+        caller = telemetry.caller_context(context.invocation_metadata())
         drain = asyncio.ensure_future(self.draining.wait())
         try:
             while True:

@@ -1,0 +1,72 @@
+"""The decision counters: counted in the process, read by the SDK when a reader collects."""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+
+from chargepath.core.model import Decision, Reason, Verdict
+from chargepath.telemetry import Telemetry
+
+
+def points(reader: InMemoryMetricReader) -> dict[tuple[str, tuple[tuple[str, object], ...]], int]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    return {
+        (m.name, tuple(sorted(p.attributes.items()))): p.value  # type: ignore[union-attr]
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name.startswith("chargepath.decisions")
+        for p in m.data.data_points  # type: ignore[union-attr]
+    }
+
+
+def verdict(decision: Decision, reason: Reason, *, degraded: bool = False) -> Verdict:
+    return Verdict("r", decision, reason, "d", 1, degraded=degraded)
+
+
+def test_counts_are_cumulative_sums_by_decision_reason_and_degraded() -> None:
+    reader = InMemoryMetricReader()
+    t = Telemetry(TracerProvider(), MeterProvider(metric_readers=[reader]), tracing=False)
+    t.count_decisions(
+        [
+            verdict(Decision.ALLOW, Reason.OK),
+            verdict(Decision.ALLOW, Reason.OK),
+            verdict(Decision.THROTTLE, Reason.RATE_LIMITED),
+            verdict(Decision.DENY, Reason.STORE_UNAVAILABLE, degraded=True),
+            verdict(Decision.ALLOW, Reason.STORE_UNAVAILABLE, degraded=True),
+        ],
+        0.002,
+    )
+    t.count_invalid()
+    first = points(reader)
+    assert first == {
+        ("chargepath.decisions", (("decision", "ALLOW"), ("degraded", False), ("reason", "OK"))): 2,
+        (
+            "chargepath.decisions",
+            (("decision", "THROTTLE"), ("degraded", False), ("reason", "RATE_LIMITED")),
+        ): 1,
+        (
+            "chargepath.decisions",
+            (("decision", "DENY"), ("degraded", True), ("reason", "STORE_UNAVAILABLE")),
+        ): 1,
+        (
+            "chargepath.decisions",
+            (("decision", "ALLOW"), ("degraded", True), ("reason", "STORE_UNAVAILABLE")),
+        ): 1,
+        (
+            "chargepath.decisions",
+            (("decision", "DENY"), ("degraded", False), ("reason", "INVALID_USAGE")),
+        ): 1,
+        ("chargepath.decisions.degraded", (("reason", "STORE_UNAVAILABLE"),)): 2,
+    }
+    # a later collection gives the running totals, not what changed since the last one
+    t.count_decisions([verdict(Decision.ALLOW, Reason.OK)], 0.001)
+    second = points(reader)
+    key = ("chargepath.decisions", (("decision", "ALLOW"), ("degraded", False), ("reason", "OK")))
+    assert second[key] == 3
+    assert {k: v for k, v in second.items() if k != key} == {
+        k: v for k, v in first.items() if k != key
+    }
