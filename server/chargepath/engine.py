@@ -28,6 +28,7 @@ from chargepath.core.model import (
 )
 from chargepath.core.policy import Policy
 from chargepath.core.validation import MAX_BATCH, validate_usage
+from chargepath.deadline import StoreDeadline
 from chargepath.store.base import (
     DecideItem,
     MeteringStore,
@@ -283,13 +284,18 @@ class Engine:
             started = time.perf_counter()
             try:
                 with self.telemetry.store_span(tenant, len(items)):
-                    async with asyncio.timeout(
+                    deadline = StoreDeadline(
                         self.settings.store_timeout_s
                         + self.settings.store_timeout_per_usage_s * (len(items) - 1)
-                    ):
-                        verdicts = await self.store.decide(
-                            tenant, policy.version, items, ok_limits=ok_limits
-                        )
+                    )
+                    try:
+                        async with deadline:
+                            verdicts = await self.store.decide(
+                                tenant, policy.version, items, ok_limits=ok_limits
+                            )
+                    finally:
+                        if deadline.extended:
+                            self.telemetry.loop_late()
             except StalePolicyError as exc:
                 self.breaker.success()
                 try:

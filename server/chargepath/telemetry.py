@@ -165,6 +165,12 @@ class Telemetry:
             unit="{error}",
             description="Store calls that failed or timed out",
         )
+        self._loop_late = meter.create_counter(
+            "chargepath.store.deadline_extended",
+            unit="{call}",
+            description="Store calls whose timeout ran late because the event loop was stuck "
+            "(CPU starvation, a long pause), and that were given one more timeout's worth",
+        )
         self.open_streams = meter.create_up_down_counter(
             "chargepath.streams.open", unit="{stream}", description="Open StreamUsage streams"
         )
@@ -266,6 +272,9 @@ class Telemetry:
 
     def store_latency(self, seconds: float) -> None:
         self._store_latency.record(seconds)
+
+    def loop_late(self) -> None:
+        self._loop_late.add(1)
 
     def store_error(self) -> None:
         self._store_errors.add(1)

@@ -1,0 +1,70 @@
+"""A store timeout that tells a slow store from a stalled event loop.
+
+``asyncio.timeout`` cancels when its timer callback runs. After the loop was stuck (a long
+garbage collection, a process starved of CPU), the timer and the store's reply are handled in
+the same turn of the loop, and the timer goes first: a reply that arrived in time is thrown
+away, and a usage Redis recorded is answered as degraded. :class:`StoreDeadline` notices that
+its timer ran late and gives the call one more period of loop time, once, before it cancels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+
+#: A timer callback this much (seconds) past its time means the loop, not the store, was late.
+LATE_S = 0.005
+
+
+class StoreDeadline:
+    """``async with StoreDeadline(delay):`` raises :class:`TimeoutError` if the block takes
+    longer than ``delay`` seconds of loop time. When the deadline's callback runs more than
+    :data:`LATE_S` after the deadline, the block gets ``delay`` more seconds (once), so that
+    the loop can handle what arrived while it was stuck. Worst case: ``2 * delay`` plus the
+    stall."""
+
+    __slots__ = ("_cancelling", "_delay", "_handle", "_loop", "_state", "_task", "_when")
+
+    def __init__(self, delay: float) -> None:
+        self._delay = delay
+        self._state = 0  # 0 running, 1 extended once, 2 expired (the task was cancelled)
+
+    async def __aenter__(self) -> StoreDeadline:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("StoreDeadline must be used inside a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._loop = loop = asyncio.get_running_loop()
+        self._when = loop.time() + self._delay
+        self._handle = loop.call_at(self._when, self._on_deadline)
+        return self
+
+    def _on_deadline(self) -> None:
+        now = self._loop.time()
+        if self._state == 0 and now - self._when > LATE_S:
+            self._state = 1
+            self._when = now + self._delay
+            self._handle = self._loop.call_at(self._when, self._on_deadline)
+            return
+        self._state = 2
+        self._task.cancel()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._handle.cancel()
+        if (
+            self._state == 2
+            and exc_type is asyncio.CancelledError
+            and self._task.uncancel() <= self._cancelling
+        ):
+            raise TimeoutError("store timeout") from exc
+
+    @property
+    def extended(self) -> bool:
+        """Whether the loop was found late and the call given more time."""
+        return self._state >= 1
