@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from loadtest.stats import DEGRADED_OFFSET, FlowRecorder
 from loadtest.workload import HOT_KEY, Workload
 
 BINARY = Path(__file__).resolve().parent.parent / "clients" / "go" / "bin" / "chargepath-loadgen"
+# Names another binary (e.g. one built in module mode elsewhere).
+BINARY_ENV = "CHARGEPATH_LOADGEN"
 READY_TIMEOUT_S = 20.0  # the Go side gives up connecting after 10 s
 # How long past its expected end a phase may take before the Go side counts as hung.
 SLACK_S = 30.0
@@ -49,8 +52,10 @@ class GoGeneratorError(RuntimeError):
     """The Go generator is missing, failed, or broke the protocol."""
 
 
-def require_binary(path: Path = BINARY) -> Path:
-    """``path``, or a GoGeneratorError saying how to build it."""
+def require_binary() -> Path:
+    """The generator's path ($CHARGEPATH_LOADGEN, else the one setup-go.sh builds), or a
+    GoGeneratorError saying how to build it."""
+    path = Path(os.environ.get(BINARY_ENV) or BINARY)
     if not path.is_file():
         raise GoGeneratorError(
             f"the Go load generator {path} is not built: run `bash scripts/setup-go.sh` "
@@ -218,10 +223,9 @@ class GoCheckFlow(Flow):
         metadata: Metadata,
         max_in_flight: int,
         name: str = "check",
-        binary: Path = BINARY,
     ) -> GoCheckFlow:
         """Start the generator and wait until its connections to ``target`` are ready."""
-        args = start_args(require_binary(binary), target, connections, workload, id_prefix)
+        args = start_args(require_binary(), target, connections, workload, id_prefix)
         proc = await asyncio.create_subprocess_exec(
             *args,
             stdin=asyncio.subprocess.PIPE,
@@ -240,7 +244,8 @@ class GoCheckFlow(Flow):
             assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
             if line != b"ready\n":
-                raise await flow._failure(f"did not start (it said {line!r})")
+                said = f" (it said {line.decode(errors='replace').strip()!r})" if line else ""
+                raise await flow._failure(f"did not start{said}")
         except BaseException:
             await flow.close()
             raise
@@ -282,18 +287,19 @@ class GoCheckFlow(Flow):
         stdout = self._proc.stdout
         reader = self._reader
         assert stdout is not None and reader is not None
-        while not finished():
-            try:
-                chunk = await asyncio.wait_for(
-                    stdout.read(_READ_CHUNK), max(0.0, deadline - time.monotonic())
-                )
-            except TimeoutError:
-                raise await self._failure(f"phase {reader.index} did not finish in time") from None
-            if not chunk:
-                raise await self._failure(f"exited during phase {reader.index}")
-            *lines, self._partial = (self._partial + chunk).split(b"\n")
-            for line in lines:
-                reader.feed(line.decode())
+        loop = asyncio.get_running_loop()
+        try:
+            # One timeout for the whole wait: a timeout per read would cost a task per read.
+            async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
+                while not finished():
+                    chunk = await stdout.read(_READ_CHUNK)
+                    if not chunk:
+                        raise await self._failure(f"exited during phase {reader.index}")
+                    *lines, self._partial = (self._partial + chunk).split(b"\n")
+                    for line in lines:
+                        reader.feed(line.decode())
+        except TimeoutError:
+            raise await self._failure(f"phase {reader.index} did not finish in time") from None
 
     async def _failure(self, what: str) -> GoGeneratorError:
         """An error saying what happened, with the process's exit status and last words."""

@@ -66,6 +66,7 @@ import (
 const (
 	program     = "chargepath-loadgen"
 	dialTimeout = 10 * time.Second
+	flushEvery  = 20 * time.Millisecond
 	// Rounding slack for duration*rate products that should be whole numbers (as schedule.py).
 	epsilon = 1e-9
 )
@@ -170,26 +171,40 @@ func (ev *event) appendTo(b []byte) []byte {
 	return append(b, '\n')
 }
 
-// writeEvents writes every event to stdout, flushing whenever no other event is waiting (so
-// lines are batched under load, prompt when idle).
+// writeEvents writes every event to stdout. Lines are flushed every flushEvery, and at once
+// after end, i and done: each write wakes the Python worker up, so fewer writes cost it less
+// CPU, and the latencies in the lines do not depend on when they are read.
 func writeEvents(events <-chan event, finished chan<- struct{}) {
 	w := bufio.NewWriterSize(os.Stdout, 64<<10)
-	var line []byte
-	for ev := range events {
-		line = ev.appendTo(line[:0])
-		if _, err := w.Write(line); err != nil {
+	flush := func() {
+		if err := w.Flush(); err != nil {
 			fatalf("writing to stdout: %v", err)
 		}
-		if len(events) == 0 {
-			if err := w.Flush(); err != nil {
+	}
+	ticker := time.NewTicker(flushEvery)
+	defer ticker.Stop()
+	var line []byte
+	for {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				flush()
+				close(finished)
+				return
+			}
+			line = ev.appendTo(line[:0])
+			if _, err := w.Write(line); err != nil {
 				fatalf("writing to stdout: %v", err)
+			}
+			if ev.kind != "s" && ev.kind != "d" && ev.kind != "a" && ev.kind != "e" {
+				flush()
+			}
+		case <-ticker.C:
+			if w.Buffered() > 0 {
+				flush()
 			}
 		}
 	}
-	if err := w.Flush(); err != nil {
-		fatalf("writing to stdout: %v", err)
-	}
-	close(finished)
 }
 
 type generator struct {
