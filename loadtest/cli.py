@@ -17,7 +17,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.markup import escape
 
-from loadtest import processes, report
+from loadtest import gogen, processes, report
 from loadtest.runner import Measurement, PhasePlan, WorkerError, WorkerPool, measure
 from loadtest.worker import FlowSpec, TargetSpec, WorkerSpec
 from loadtest.workload import WorkloadError, load_workload
@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument(
         "--timeout", type=float, default=5.0, help="deadline of a Check call, seconds (5)"
+    )
+    load.add_argument(
+        "--generator",
+        choices=("python", "go"),
+        default="python",
+        help="what sends the Check calls to a gRPC target (the gateway, the echo ceiling): "
+        "python (grpc.aio, in the worker) or go (clients/go/bin/chargepath-loadgen, built by "
+        "scripts/setup-go.sh; much less CPU per call). Streams and the Redis ceiling are always "
+        "python (default python)",
     )
     subjects = common.add_argument_group("subjects")
     subjects.add_argument(
@@ -187,15 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flows_for(scenario: Scenario, args: argparse.Namespace) -> tuple[FlowSpec, ...]:
-    check = FlowSpec("check", "check", 1.0, 1)
+def flows_for(
+    scenario: Scenario, args: argparse.Namespace, generator: Literal["python", "go"] = "python"
+) -> tuple[FlowSpec, ...]:
+    """The flows of ``scenario``; ``generator`` sends the check flow's calls."""
+    check = FlowSpec("check", "check", 1.0, 1, generator=generator)
     stream = FlowSpec("stream", "stream", 1.0, args.batch, args.streams)
     if scenario == "check":
         return (check,)
     if scenario == "stream":
         return (stream,)
     return (
-        FlowSpec("check", "check", args.check_share, 1),
+        FlowSpec("check", "check", args.check_share, 1, generator=generator),
         FlowSpec("stream", "stream", 1.0 - args.check_share, args.batch, args.streams),
     )
 
@@ -224,6 +236,15 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         )
     for item in args.metadata:
         need("=" in item, f"--metadata {item!r}: expected KEY=VALUE")
+    if args.generator == "go":
+        need(
+            scenario != "stream",
+            "--generator go sends Check calls only: the stream scenario has none",
+        )
+        try:
+            gogen.require_binary()
+        except gogen.GoGeneratorError as exc:
+            parser.error(str(exc))
 
 
 def _slug(text: str) -> str:
@@ -301,7 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         timeout_s=args.timeout,
                         metadata=metadata,
                     ),
-                    flows=flows_for(scenario, args),
+                    flows=flows_for(
+                        scenario, args, "python" if kind == "redis" else args.generator
+                    ),
                     workload=workload,
                     run_id=run_id,
                     max_in_flight=args.max_in_flight,

@@ -4,6 +4,9 @@ A flow never waits for an operation before starting the next one: ``fire`` only 
 most ``max_in_flight`` operations of a flow are outstanding in a worker; an arrival beyond that
 is counted as dropped (a client-side overload, reported as such) rather than queued without
 bound.
+
+The flows here are paced by this process's event loop (:class:`PacedFlow`); a flow may also own
+its schedule, as the Go generator's does (:mod:`loadtest.gogen`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import redis.asyncio
 
 from chargepath.v1 import metering_pb2 as pb
 from loadtest.ceiling_redis import BatchDecision
+from loadtest.schedule import Schedule
 from loadtest.stats import DEGRADED_OFFSET, FlowRecorder
 from loadtest.workload import CheckRequests, StreamBatches, Workload
 
@@ -27,6 +31,9 @@ CHECK_METHOD = "/chargepath.v1.MeteringService/Check"
 STREAM_METHOD = "/chargepath.v1.MeteringService/StreamUsage"
 
 Metadata = tuple[tuple[str, str], ...]
+
+# Pacing sleeps no less than this: below it, timer wake-ups cost more than they save.
+MIN_SLEEP_S = 0.0005
 
 
 def outcome(v: pb.Verdict) -> int:
@@ -36,7 +43,9 @@ def outcome(v: pb.Verdict) -> int:
 
 
 class Flow(abc.ABC):
-    """One kind of operation of one worker. ``begin`` gives it the recorder of a new phase."""
+    """One kind of operation of one worker. Each phase, ``begin`` gives it the recorder of the
+    phase, ``play`` sends the operations of the phase's schedule, and ``drain`` waits for their
+    answers."""
 
     def __init__(self, name: str, usages_per_op: int, max_in_flight: int) -> None:
         self.name = name
@@ -46,6 +55,41 @@ class Flow(abc.ABC):
 
     def begin(self, recorder: FlowRecorder) -> None:
         self.recorder = recorder
+
+    @abc.abstractmethod
+    async def play(self, schedule: Schedule, *, start_wall: float, drain_s: float) -> None:
+        """Send every arrival of ``schedule`` (whose start is ``start_wall`` on ``time.time()``),
+        each recorded against its intended time; return when the last one is sent or dropped.
+        ``drain_s`` is the phase's drain, for a flow that drains on its own."""
+
+    @abc.abstractmethod
+    async def drain(self, deadline: float) -> None:
+        """Wait until every operation is answered or ``deadline`` (monotonic) passes; then
+        abandon the rest, counted as incomplete."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class PacedFlow(Flow):
+    """A flow paced by the worker's event loop: ``play`` fires each arrival when it is due."""
+
+    async def play(self, schedule: Schedule, *, start_wall: float, drain_s: float) -> None:
+        """Fire every arrival of ``schedule`` at (or, if the loop was late, right after) its
+        time.
+
+        Arrivals that fell due while the loop was busy are fired at once, each with its own
+        intended time, so lateness of the generator is counted in the latency, never hidden.
+        """
+        total = schedule.total
+        i = 0
+        while i < total:
+            due = schedule.due(time.monotonic())
+            while i < due:
+                self.fire(schedule.time_of(i))
+                i += 1
+            if i < total:
+                await asyncio.sleep(max(schedule.time_of(i) - time.monotonic(), MIN_SLEEP_S))
 
     def fire(self, intended: float) -> None:
         """Start one operation meant to be sent at ``intended`` (monotonic seconds)."""
@@ -58,8 +102,6 @@ class Flow(abc.ABC):
         self._start(intended, rec)
 
     async def drain(self, deadline: float) -> None:
-        """Wait until every operation is answered or ``deadline`` (monotonic) passes; then
-        abandon the rest, counted as incomplete."""
         rec = self.recorder
         if rec.in_flight > 0:
             idle = asyncio.Event()
@@ -77,11 +119,8 @@ class Flow(abc.ABC):
     async def _abandon(self) -> None:
         """Cancel every outstanding operation and count it as incomplete."""
 
-    @abc.abstractmethod
-    async def close(self) -> None: ...
 
-
-class _TaskFlow(Flow):
+class _TaskFlow(PacedFlow):
     """A flow whose operations are independent tasks (unary calls, Redis batches)."""
 
     def __init__(self, name: str, usages_per_op: int, max_in_flight: int) -> None:
@@ -283,7 +322,7 @@ class Lane:
         await asyncio.gather(self._writer, return_exceptions=True)
 
 
-class StreamFlow(Flow):
+class StreamFlow(PacedFlow):
     """StreamUsage messages of ``batch`` usages (MODE_REPORT), round-robin over the worker's
     lanes (streams), which are spread over its channels."""
 

@@ -127,3 +127,5 @@ def echo_server() -> Iterator[tuple[str, int]]:
         yield line.removeprefix("listening on "), proc.pid
     finally:
         _stop(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -1,7 +1,8 @@
 """A worker process: its own event loop (uvloop), its own channels, its share of the arrivals.
 
-The parent sends :class:`Phase` commands on a pipe; the worker paces every flow on the phase's
-schedule, sends :class:`Progress` a few times a second, and at the end of the phase (after the
+The parent sends :class:`Phase` commands on a pipe; the worker plays every flow on the phase's
+schedule (paced by its event loop, or by the Go generator for ``generator="go"`` check flows),
+sends :class:`Progress` a few times a second, and at the end of the phase (after the
 drain) sends its :class:`~loadtest.stats.FlowStats` in a :class:`PhaseDone`. Every message to the
 parent goes through one multiprocessing queue shared by the workers.
 """
@@ -24,26 +25,27 @@ import uvloop
 
 from loadtest import ceiling_redis
 from loadtest.drivers import CheckFlow, Flow, Metadata, RedisBatchFlow, StreamFlow
+from loadtest.gogen import GoCheckFlow, GoGeneratorError
 from loadtest.schedule import Schedule
 from loadtest.stats import FlowRecorder, FlowStats
 from loadtest.workload import CheckRequests, Workload
 
 PROGRESS_INTERVAL_S = 0.25
-# Pacing sleeps no less than this: below it, timer wake-ups cost more than they save.
-MIN_SLEEP_S = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
 class FlowSpec:
     """One flow of the scenario. ``share`` is its part of the offered usage rate; an operation
     carries ``batch`` usages; ``streams`` (stream flows) is the number of streams, all workers
-    together."""
+    together. ``generator`` sends a gRPC check flow's calls: this process (python) or the
+    native generator (go, :mod:`loadtest.gogen`)."""
 
     name: str
     kind: Literal["check", "stream"]
     share: float
     batch: int = 1
     streams: int = 0
+    generator: Literal["python", "go"] = "python"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +124,7 @@ def main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         uvloop.run(_serve(spec, worker, workers, commands, events))
-    except ConnectionError as exc:
+    except (ConnectionError, GoGeneratorError) as exc:
         events.put(Failed(worker, f"{type(exc).__name__}: {exc}"))
     except BaseException:
         events.put(Failed(worker, traceback.format_exc()))
@@ -142,13 +144,15 @@ async def _serve(
     flows: list[tuple[FlowSpec, Flow]] = []
     try:
         if spec.target.kind == "grpc":
-            channels = await _open_channels(spec.target)
+            # The Go generator opens its own connections.
+            if any(fs.kind != "check" or fs.generator == "python" for fs in spec.flows):
+                channels = await _open_channels(spec.target)
         else:
             client = _redis_client(spec.target)
             await client.ping()
         for fs in spec.flows:
             if client is None:
-                flow = _grpc_flow(spec, fs, channels, worker, workers, prefix)
+                flow = await _grpc_flow(spec, fs, channels, worker, workers, prefix)
             else:
                 flow = await _redis_flow(spec, fs, client, prefix)
             flows.append((fs, flow))
@@ -209,7 +213,7 @@ async def _redis_flow(
     )
 
 
-def _grpc_flow(
+async def _grpc_flow(
     spec: WorkerSpec,
     fs: FlowSpec,
     channels: list[grpc.aio.Channel],
@@ -217,6 +221,17 @@ def _grpc_flow(
     workers: int,
     prefix: str,
 ) -> Flow:
+    if fs.kind == "check" and fs.generator == "go":
+        return await GoCheckFlow.start(
+            spec.target.address,
+            connections=spec.target.connections,
+            workload=spec.workload,
+            id_prefix=f"{prefix}-{fs.name}",
+            timeout_s=spec.target.timeout_s,
+            metadata=spec.target.metadata,
+            max_in_flight=spec.max_in_flight,
+            name=fs.name,
+        )
     if fs.kind == "check":
         return CheckFlow(
             channels,
@@ -247,18 +262,18 @@ async def _run_phase(
 ) -> list[FlowStats]:
     # Workers share the parent's wall-clock start; each converts it to its monotonic clock.
     start = time.monotonic() + (phase.start_wall - time.time())
-    paced = []
+    plays = []
     for fs, flow in flows:
         flow.begin(FlowRecorder(fs.name, fs.batch, start, phase.duration))
         op_rate = phase.rate * fs.share / fs.batch
         if op_rate > 0 and phase.duration > 0:
             schedule = Schedule(start, op_rate, phase.duration, worker, workers)
-            paced.append(_pace(flow, schedule))
+            plays.append(flow.play(schedule, start_wall=phase.start_wall, drain_s=phase.drain_s))
     reporter = asyncio.get_running_loop().create_task(
         _report_progress(phase.index, [f for _, f in flows], worker, events)
     )
     try:
-        await asyncio.gather(*paced)
+        await asyncio.gather(*plays)
         deadline = time.monotonic() + phase.drain_s
         await asyncio.gather(*(flow.drain(deadline) for _, flow in flows))
     finally:
@@ -266,23 +281,6 @@ async def _run_phase(
         await asyncio.gather(reporter, return_exceptions=True)
     _put_progress(phase.index, [f for _, f in flows], worker, events)
     return [flow.recorder.snapshot() for _, flow in flows]
-
-
-async def _pace(flow: Flow, schedule: Schedule) -> None:
-    """Fire every arrival of ``schedule`` at (or, if the loop was late, right after) its time.
-
-    Arrivals that fell due while the loop was busy are fired at once, each with its own
-    intended time, so lateness of the generator is counted in the latency, never hidden.
-    """
-    total = schedule.total
-    i = 0
-    while i < total:
-        due = schedule.due(time.monotonic())
-        while i < due:
-            flow.fire(schedule.time_of(i))
-            i += 1
-        if i < total:
-            await asyncio.sleep(max(schedule.time_of(i) - time.monotonic(), MIN_SLEEP_S))
 
 
 async def _report_progress(

@@ -2,7 +2,8 @@
 # Sets up the Go client in clients/go: installs a Go toolchain, the gRPC and protobuf Go
 # libraries and the protoc-gen-go / protoc-gen-go-grpc plugins from Debian's packages,
 # generates the Go stubs from protos/ into clients/go/gen/, and builds the example into
-# clients/go/bin/chargepath-example.
+# clients/go/bin/chargepath-example and the load generator's native back end into
+# clients/go/bin/chargepath-loadgen (python -m loadtest check --generator go).
 #
 # Why Debian's packages and not the Go module proxy: the project's machines and CI reach
 # PyPI, npm and Debian, not proxy.golang.org. So the Go libraries are Debian 12's, built
@@ -174,7 +175,7 @@ mkdir -p "$GO_DIR/gen"
   protos/chargepath/v1/*.proto
 log "generated $(find "$GO_DIR/gen" -name '*.go' | wc -l) files into $GO_DIR/gen"
 
-# 4. Build (and vet) the example in GOPATH mode: this module is linked into a throw-away
+# 4. Build (and vet) the example and the load generator in GOPATH mode: this module is linked into a throw-away
 # GOPATH at its import path, in front of Debian's /usr/share/gocode.
 gopath=$(mktemp -d)
 trap 'rm -rf "$gopath"' EXIT
@@ -183,7 +184,10 @@ ln -s "$PWD/$GO_DIR" "$gopath/src/$MODULE"
 (
   cd "$gopath/src/$MODULE"
   export GO111MODULE=off GOPATH="$gopath:$GOCODE" GOFLAGS="" GOPROXY=off GOTOOLCHAIN=local CGO_ENABLED=0
-  "$GO_BIN" build -trimpath -o "$OLDPWD/$GO_DIR/bin/chargepath-example" ./cmd/chargepath-example
+  for cmd in chargepath-example chargepath-loadgen; do
+    "$GO_BIN" build -trimpath -o "$OLDPWD/$GO_DIR/bin/$cmd" "./cmd/$cmd"
+  done
   "$GO_BIN" vet ./cmd/...
 )
 log "built $GO_DIR/bin/chargepath-example; run: $GO_DIR/bin/chargepath-example --help"
+log "built $GO_DIR/bin/chargepath-loadgen; used by: python -m loadtest check --generator go"

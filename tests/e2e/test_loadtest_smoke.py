@@ -6,6 +6,7 @@ with the load generator, not asserted in tests."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GO_LOADGEN = ROOT / "clients/go/bin/chargepath-loadgen"
 
 
 @pytest.mark.parametrize(
@@ -63,6 +65,65 @@ def test_scenario_runs_and_writes_reports(
         assert flow["latency_ms"]["p50"] is not None
     assert phase["decided_usages"] > 0
     assert phase["error_ops"] == 0
+
+
+@pytest.mark.parametrize(
+    ("scenario", "flows"), [("check", ["check"]), ("mixed", ["check", "stream"])]
+)
+def test_go_generator_runs_and_writes_reports(
+    gateway: GatewayProcess, tmp_path: Path, scenario: str, flows: list[str]
+) -> None:
+    """--generator go: the check flow's calls come from clients/go/bin/chargepath-loadgen."""
+    if not GO_LOADGEN.is_file():
+        pytest.fail(f"{GO_LOADGEN} is missing: run `make clients` (scripts/setup-go.sh)")
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "loadtest", scenario, "--generator", "go",
+            "--target", gateway.address,
+            "--rate", "60", "--duration", "3", "--warmup", "1", "--procs", "2",
+            "--connections", "2", "--streams", "2", "--batch", "5",
+            "--out", str(tmp_path), "--name", "smoke-go", "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    assert (tmp_path / "smoke-go-gateway.png").read_bytes()[:8] == PNG_SIGNATURE
+    doc = json.loads((tmp_path / "smoke-go.json").read_text())
+    assert doc["settings"]["generator"] == "go"
+    (measurement,) = doc["measurements"]
+    assert [(f["name"], f["generator"]) for f in measurement["flows"]] == [
+        (name, "go" if name == "check" else "python") for name in flows
+    ]
+    (phase,) = measurement["phases"]
+    for flow in phase["flows"]:
+        tally = flow["tally"]
+        assert sum(tally["decisions"].values()) > 0, flow
+        assert not any(k.startswith("DEGRADED") for k in tally["decisions"]), tally["decisions"]
+        assert tally["error_ops"] == 0, tally["errors"]
+        assert tally["dropped_ops"] == tally["incomplete_ops"] == 0
+        assert tally["scheduled_ops"] == tally["sent_ops"] == tally["ok_ops"]
+        assert flow["latency_ms"]["p50"] is not None
+    check = next(f for f in phase["flows"] if f["flow"] == "check")
+    share = 0.5 if scenario == "mixed" else 1.0
+    assert check["tally"]["scheduled_ops"] == round(60 * share * 3)
+
+
+def test_go_generator_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
+    """Without the binary, the command says how to build it (checked before any worker starts)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "check", "--generator", "go", "--smoke", "--quiet"],
+        cwd=ROOT,
+        env={**os.environ, "CHARGEPATH_LOADGEN": str(tmp_path / "chargepath-loadgen")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "bash scripts/setup-go.sh" in proc.stderr and "make clients" in proc.stderr
 
 
 def test_ceilings_run_and_report(tmp_path: Path) -> None:
