@@ -7,6 +7,11 @@ measures what gRPC, protobuf and the load generator cost on this machine, and no
 
 Run it with ``python -m loadtest.echo [--port N]``; it prints ``listening on HOST:PORT`` once
 it accepts calls, and stops on SIGTERM or SIGINT.
+
+With ``--redis-url URL`` every Check call and every stream message first awaits one Redis round
+trip through redis.asyncio (an ``EVALSHA`` of a script that returns at once, on a pool like the
+gateway's store): the floor of any gateway of this stack that consults Redis once per call,
+with no decision logic at all.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import redis.asyncio
 import uvloop
 
 from chargepath.v1 import metering_pb2 as pb
 
 SERVICE = "chargepath.v1.MeteringService"
+ROUND_TRIP_SCRIPT = "return 1"
 
 
 def canned_verdict(mode: int) -> pb.Verdict:
@@ -80,15 +87,26 @@ def canned_verdict(mode: int) -> pb.Verdict:
 
 
 class EchoService:
-    """Check and StreamUsage, answered with canned verdicts carrying the request ids."""
+    """Check and StreamUsage, answered with canned verdicts carrying the request ids; after one
+    Redis round trip each when ``redis_client`` is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, redis_client: redis.asyncio.Redis | None = None) -> None:
+        self._redis = redis_client
+        self._sha = ""
         self._verdicts = {m: canned_verdict(m) for m in (pb.MODE_ADMIT, pb.MODE_REPORT)}
         # VERDICT_VIEW_BASIC: an ALLOW lists no limits
         self._basic = {m: pb.Verdict() for m in self._verdicts}
         for m, v in self._verdicts.items():
             self._basic[m].CopyFrom(v)
             del self._basic[m].limits[:]
+
+    async def prepare(self) -> None:
+        if self._redis is not None:
+            self._sha = await self._redis.script_load(ROUND_TRIP_SCRIPT)
+
+    async def _round_trip(self) -> None:
+        if self._redis is not None:
+            await self._redis.evalsha(self._sha, 0)
 
     def _canned(self, view: int) -> dict[pb.Mode, pb.Verdict]:
         return self._basic if view == pb.VERDICT_VIEW_BASIC else self._verdicts
@@ -98,6 +116,7 @@ class EchoService:
         request: pb.CheckRequest,
         context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
     ) -> pb.CheckResponse:
+        await self._round_trip()
         resp = pb.CheckResponse()
         canned = self._canned(request.view)
         verdict = canned.get(request.usage.mode, canned[pb.MODE_ADMIT])
@@ -111,6 +130,7 @@ class EchoService:
         context: grpc.aio.ServicerContext[pb.StreamUsageRequest, pb.StreamUsageResponse],
     ) -> AsyncIterator[pb.StreamUsageResponse]:
         async for req in requests:
+            await self._round_trip()
             canned = self._canned(req.view)
             fallback = canned[pb.MODE_REPORT]
             resp = pb.StreamUsageResponse()
@@ -138,9 +158,17 @@ class EchoService:
         )
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, redis_url: str = "") -> None:
+    client = None
+    if redis_url:
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            redis_url, decode_responses=True, max_connections=64, timeout=None
+        )
+        client = redis.asyncio.Redis.from_pool(pool)
+    service = EchoService(client)
+    await service.prepare()
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers([EchoService().handler()])
+    server.add_generic_rpc_handlers([service.handler()])
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     print(f"listening on {host}:{bound}", flush=True)
@@ -150,14 +178,22 @@ async def serve(host: str, port: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(0.5)
+    if client is not None:
+        await client.aclose()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.echo", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    parser.add_argument(
+        "--redis-url",
+        default="",
+        help="await one Redis round trip (EVALSHA of a script that returns at once) per Check "
+        "call and per stream message before answering",
+    )
     args = parser.parse_args(argv)
-    uvloop.run(serve(args.host, args.port))
+    uvloop.run(serve(args.host, args.port, args.redis_url))
     return 0
 
 

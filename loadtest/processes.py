@@ -111,10 +111,12 @@ def redis_server() -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def echo_server() -> Iterator[tuple[str, int]]:
-    """``python -m loadtest.echo`` in a subprocess; yields ``(HOST:PORT, pid)``."""
+def echo_server(redis_url: str = "") -> Iterator[tuple[str, int]]:
+    """``python -m loadtest.echo`` in a subprocess (with one round trip to ``redis_url`` per
+    call or message, if given); yields ``(HOST:PORT, pid)``."""
+    floor = ["--redis-url", redis_url] if redis_url else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loadtest.echo", "--port", "0"],
+        [sys.executable, "-m", "loadtest.echo", "--port", "0", *floor],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
