@@ -32,6 +32,9 @@ STREAM_METHOD = "/chargepath.v1.MeteringService/StreamUsage"
 
 Metadata = tuple[tuple[str, str], ...]
 
+#: The error of a Check answered with a verdict for another request id (both generators).
+REQUEST_ID_MISMATCH = "REQUEST_ID_MISMATCH"
+
 # Pacing sleeps no less than this: below it, timer wake-ups cost more than they save.
 MIN_SLEEP_S = 0.0005
 
@@ -180,12 +183,16 @@ class CheckFlow(_TaskFlow):
         intended: float,
         rec: FlowRecorder,
     ) -> None:
+        request = self._requests.next()
         try:
-            resp = await call(
-                self._requests.next(), timeout=self._timeout_s, metadata=self._metadata
-            )
+            resp = await call(request, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             rec.failed(time.monotonic(), exc.code().name, exc.details() or "")
+            return
+        sent = request.usage.request_id
+        if resp.verdict.request_id != sent:  # an answer to another call: no decision
+            detail = f"sent {sent!r}, answered {resp.verdict.request_id!r}"
+            rec.failed(time.monotonic(), REQUEST_ID_MISMATCH, detail)
             return
         rec.answered(intended, time.monotonic(), (outcome(resp.verdict),))
 

@@ -17,6 +17,7 @@ import pytest
 
 from chargepath.v1 import metering_pb2 as pb
 from loadtest import gogen, processes
+from loadtest.drivers import REQUEST_ID_MISMATCH, CheckFlow
 from loadtest.echo import EchoService
 from loadtest.schedule import Schedule
 from loadtest.stats import FlowRecorder, Tally
@@ -160,3 +161,69 @@ async def test_the_go_generator_sends_what_the_python_one_sends(
     got = sorted(service.requests, key=lambda r: int(r.usage.request_id.rpartition("-")[2]))
     assert got == expected
     assert {tuple(sorted(md)) for md in service.metadata} == {metadata}
+
+
+class _WrongIdEcho(EchoService):
+    """An echo that answers every Check with the verdict of another request."""
+
+    async def check(
+        self,
+        request: pb.CheckRequest,
+        context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
+    ) -> pb.CheckResponse:
+        resp = await super().check(request, context)
+        resp.verdict.request_id = "someone-else"
+        return resp
+
+
+async def test_an_answer_to_another_request_is_an_error_for_both_generators() -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([_WrongIdEcho().handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        go = await _start(address, "wrong-go", connections=1)
+        python = CheckFlow(
+            [channel],
+            CheckRequests(_workload(), "wrong-py"),
+            timeout_s=10.0,
+            metadata=(),
+            max_in_flight=100,
+        )
+        try:
+            ((_, tally),) = await _phase([go], 20.0, 0.5, drain_s=10.0)
+            start = time.monotonic() + 0.05
+            python.begin(FlowRecorder("check", 1, start, 0.5))
+            await python.play(Schedule(start, 20.0, 0.5), start_wall=time.time(), drain_s=10.0)
+            await python.drain(time.monotonic() + 10.0)
+            py_tally = python.recorder.snapshot().tally
+        finally:
+            await go.close()
+            await python.close()
+    finally:
+        await channel.close()
+        await server.stop(None)
+    for t in (tally, py_tally):
+        assert t.ok_ops == 0 and t.decisions == {}
+        assert t.error_ops == t.scheduled_ops == 10
+        assert t.errors == {REQUEST_ID_MISMATCH: 10}
+
+
+async def test_a_call_past_its_deadline_is_a_deadline_exceeded_error(
+    echo: tuple[str, int],
+) -> None:
+    """With the echo server stopped (SIGSTOP) and a 0.2 s deadline per call, every call sent
+    fails with DEADLINE_EXCEEDED, none is left incomplete."""
+    address, pid = echo
+    flow = await _start(address, "deadline", timeout_s=0.2)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        ((schedule, tally),) = await _phase([flow], 20.0, 0.5, drain_s=5.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await flow.close()
+    assert tally.scheduled_ops == schedule.total == 10
+    assert tally.error_ops == 10 and tally.errors == {"DEADLINE_EXCEEDED": 10}
+    assert tally.ok_ops == tally.dropped_ops == tally.incomplete_ops == 0

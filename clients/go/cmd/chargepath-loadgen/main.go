@@ -32,8 +32,10 @@
 //	s I                              arrival I sent
 //	d I                              arrival I dropped (MAX_IN_FLIGHT calls outstanding)
 //	a I LATENCY_US DECISION DEGRADED arrival I answered: the verdict's Decision number, 1 if degraded else 0
-//	e I LATENCY_US CODE [DETAIL]     arrival I failed with this gRPC status code name; the
-//	                                 detail (first per code and phase only) runs to the line's end
+//	e I LATENCY_US CODE [DETAIL]     arrival I failed with this gRPC status code name, or
+//	                                 REQUEST_ID_MISMATCH if the verdict answers another request;
+//	                                 the detail (first per code and phase only) runs to the
+//	                                 line's end
 //	end INDEX                        every arrival has been sent or dropped
 //	i N                              N calls unanswered at the end of the drain, cancelled
 //	done INDEX                       the phase is over; the next command is read
@@ -69,6 +71,8 @@ const (
 	flushEvery  = 20 * time.Millisecond
 	// Rounding slack for duration*rate products that should be whole numbers (as schedule.py).
 	epsilon = 1e-9
+	// The error code of an answer whose verdict carries another request id (as drivers.py).
+	mismatchCode = "REQUEST_ID_MISMATCH"
 )
 
 // requests builds the Check requests, as loadtest/workload.py CheckRequests does: the n-th call
@@ -249,8 +253,11 @@ func (g *generator) run(p *phase) {
 			}
 			detailsMu.Unlock()
 			g.events <- event{kind: "e", n: i, latency: latency, code: code, detail: detail}
+		} else if v := resp.GetVerdict(); v.GetRequestId() != req.GetUsage().GetRequestId() {
+			// an answer to another call: the target is broken, and this is no decision
+			detail := fmt.Sprintf("sent %q, answered %q", req.GetUsage().GetRequestId(), v.GetRequestId())
+			g.events <- event{kind: "e", n: i, latency: latency, code: mismatchCode, detail: detail}
 		} else {
-			v := resp.GetVerdict()
 			g.events <- event{kind: "a", n: i, latency: latency, decision: int32(v.GetDecision()), degraded: v.GetDegraded()}
 		}
 		inFlight.Add(-1)
