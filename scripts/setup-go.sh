@@ -187,7 +187,7 @@ ln -s "$PWD/$GO_DIR" "$gopath/src/$MODULE"
   for cmd in chargepath-example chargepath-loadgen; do
     "$GO_BIN" build -trimpath -o "$OLDPWD/$GO_DIR/bin/$cmd" "./cmd/$cmd"
   done
-  "$GO_BIN" vet ./cmd/...
+  "$GO_BIN" vet ./cmd/... ./internal/...
 )
 log "built $GO_DIR/bin/chargepath-example; run: $GO_DIR/bin/chargepath-example --help"
 log "built $GO_DIR/bin/chargepath-loadgen; used by: python -m loadtest check --generator go"

@@ -24,13 +24,13 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	chargepathv1 "github.com/chargepath/chargepath/clients/go/gen/chargepath/v1"
+	"github.com/chargepath/chargepath/clients/go/internal/grpccode"
 )
 
 const program = "chargepath-example"
@@ -89,7 +89,7 @@ type rpcError struct {
 
 func (e *rpcError) Error() string {
 	st := status.Convert(e.err)
-	return fmt.Sprintf("%s failed: %s: %s", e.call, codeName(st.Code()), st.Message())
+	return fmt.Sprintf("%s failed: %s: %s", e.call, grpccode.Name(st.Code()), st.Message())
 }
 
 func main() {
@@ -379,34 +379,6 @@ func ceilMillis(d *durationpb.Duration) int64 {
 		ms++
 	}
 	return ms
-}
-
-// codeName is the canonical upper-case name of a gRPC status code, as in the gRPC spec
-// and every other language's runtime.
-func codeName(c codes.Code) string {
-	names := map[codes.Code]string{
-		codes.OK:                 "OK",
-		codes.Canceled:           "CANCELLED",
-		codes.Unknown:            "UNKNOWN",
-		codes.InvalidArgument:    "INVALID_ARGUMENT",
-		codes.DeadlineExceeded:   "DEADLINE_EXCEEDED",
-		codes.NotFound:           "NOT_FOUND",
-		codes.AlreadyExists:      "ALREADY_EXISTS",
-		codes.PermissionDenied:   "PERMISSION_DENIED",
-		codes.ResourceExhausted:  "RESOURCE_EXHAUSTED",
-		codes.FailedPrecondition: "FAILED_PRECONDITION",
-		codes.Aborted:            "ABORTED",
-		codes.OutOfRange:         "OUT_OF_RANGE",
-		codes.Unimplemented:      "UNIMPLEMENTED",
-		codes.Internal:           "INTERNAL",
-		codes.Unavailable:        "UNAVAILABLE",
-		codes.DataLoss:           "DATA_LOSS",
-		codes.Unauthenticated:    "UNAUTHENTICATED",
-	}
-	if name, ok := names[c]; ok {
-		return name
-	}
-	return strconv.Itoa(int(c))
 }
 
 // newUUID is a random (version 4) UUID, for request and session ids.

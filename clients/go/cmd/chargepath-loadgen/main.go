@@ -58,11 +58,11 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	chargepathv1 "github.com/chargepath/chargepath/clients/go/gen/chargepath/v1"
+	"github.com/chargepath/chargepath/clients/go/internal/grpccode"
 )
 
 const (
@@ -244,7 +244,7 @@ func (g *generator) run(p *phase) {
 		}
 		if err != nil {
 			st := status.Convert(err)
-			code := codeName(st.Code())
+			code := grpccode.Name(st.Code())
 			detailsMu.Lock()
 			detail := ""
 			if !details[code] {
@@ -466,33 +466,4 @@ func main() {
 	for _, conn := range conns {
 		conn.Close()
 	}
-}
-
-// codeName is the canonical upper-case name of a gRPC status code, as grpc.StatusCode names
-// it in Python (the error keys of the Python generator's reports).
-func codeName(c codes.Code) string {
-	if name, ok := codeNames[c]; ok {
-		return name
-	}
-	return "CODE_" + strconv.Itoa(int(c))
-}
-
-var codeNames = map[codes.Code]string{
-	codes.OK:                 "OK",
-	codes.Canceled:           "CANCELLED",
-	codes.Unknown:            "UNKNOWN",
-	codes.InvalidArgument:    "INVALID_ARGUMENT",
-	codes.DeadlineExceeded:   "DEADLINE_EXCEEDED",
-	codes.NotFound:           "NOT_FOUND",
-	codes.AlreadyExists:      "ALREADY_EXISTS",
-	codes.PermissionDenied:   "PERMISSION_DENIED",
-	codes.ResourceExhausted:  "RESOURCE_EXHAUSTED",
-	codes.FailedPrecondition: "FAILED_PRECONDITION",
-	codes.Aborted:            "ABORTED",
-	codes.OutOfRange:         "OUT_OF_RANGE",
-	codes.Unimplemented:      "UNIMPLEMENTED",
-	codes.Internal:           "INTERNAL",
-	codes.Unavailable:        "UNAVAILABLE",
-	codes.DataLoss:           "DATA_LOSS",
-	codes.Unauthenticated:    "UNAUTHENTICATED",
 }
