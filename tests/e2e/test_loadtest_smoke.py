@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,30 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GO_LOADGEN = ROOT / "clients/go/bin/chargepath-loadgen"
+
+
+def run_loadtest(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m loadtest ARGS`` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "loadtest", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_answered_cleanly(flow: dict[str, Any]) -> None:
+    """A flow of a report: decisions came back, none degraded, nothing failed or dropped."""
+    tally = flow["tally"]
+    assert sum(tally["decisions"].values()) > 0, flow
+    assert not any(k.startswith("DEGRADED") for k in tally["decisions"]), tally["decisions"]
+    assert tally["error_ops"] == 0, tally["errors"]
+    assert tally["dropped_ops"] == tally["incomplete_ops"] == 0
+    assert flow["latency_ms"]["p50"] is not None
 
 
 @pytest.mark.parametrize(
@@ -34,18 +59,12 @@ GO_LOADGEN = ROOT / "clients/go/bin/chargepath-loadgen"
 def test_scenario_runs_and_writes_reports(
     gateway: GatewayProcess, tmp_path: Path, scenario: str, flows: list[str], tenants: str
 ) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest", scenario,
-            "--target", gateway.address,
-            "--rate", "60", "--duration", "10", "--warmup", "0", "--tenants", tenants,
-            "--procs", "1", "--connections", "1", "--streams", "2", "--batch", "5",
-            "--out", str(tmp_path), "--name", "smoke", "--quiet",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_loadtest(
+        scenario,
+        "--target", gateway.address,
+        "--rate", "60", "--duration", "10", "--warmup", "0", "--tenants", tenants,
+        "--procs", "1", "--connections", "1", "--streams", "2", "--batch", "5",
+        "--out", str(tmp_path), "--name", "smoke", "--quiet",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -57,12 +76,7 @@ def test_scenario_runs_and_writes_reports(
     (phase,) = measurement["phases"]
     assert [f["flow"] for f in phase["flows"]] == flows
     for flow in phase["flows"]:
-        tally = flow["tally"]
-        assert sum(tally["decisions"].values()) > 0, flow
-        assert not any(k.startswith("DEGRADED") for k in tally["decisions"]), tally["decisions"]
-        assert tally["error_ops"] == 0, tally["errors"]
-        assert tally["dropped_ops"] == tally["incomplete_ops"] == 0
-        assert flow["latency_ms"]["p50"] is not None
+        assert_answered_cleanly(flow)
     assert phase["decided_usages"] > 0
     assert phase["error_ops"] == 0
 
@@ -76,18 +90,12 @@ def test_go_generator_runs_and_writes_reports(
     """--generator go: the check flow's calls come from clients/go/bin/chargepath-loadgen."""
     if not GO_LOADGEN.is_file():
         pytest.fail(f"{GO_LOADGEN} is missing: run `make clients` (scripts/setup-go.sh)")
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest", scenario, "--generator", "go",
-            "--target", gateway.address,
-            "--rate", "60", "--duration", "3", "--warmup", "1", "--procs", "2",
-            "--connections", "2", "--streams", "2", "--batch", "5",
-            "--out", str(tmp_path), "--name", "smoke-go", "--quiet",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_loadtest(
+        scenario, "--generator", "go",
+        "--target", gateway.address,
+        "--rate", "60", "--duration", "3", "--warmup", "1", "--procs", "2",
+        "--connections", "2", "--streams", "2", "--batch", "5",
+        "--out", str(tmp_path), "--name", "smoke-go", "--quiet",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -100,13 +108,9 @@ def test_go_generator_runs_and_writes_reports(
     ]
     (phase,) = measurement["phases"]
     for flow in phase["flows"]:
+        assert_answered_cleanly(flow)
         tally = flow["tally"]
-        assert sum(tally["decisions"].values()) > 0, flow
-        assert not any(k.startswith("DEGRADED") for k in tally["decisions"]), tally["decisions"]
-        assert tally["error_ops"] == 0, tally["errors"]
-        assert tally["dropped_ops"] == tally["incomplete_ops"] == 0
         assert tally["scheduled_ops"] == tally["sent_ops"] == tally["ok_ops"]
-        assert flow["latency_ms"]["p50"] is not None
     check = next(f for f in phase["flows"] if f["flow"] == "check")
     share = 0.5 if scenario == "mixed" else 1.0
     assert check["tally"]["scheduled_ops"] == round(60 * share * 3)
@@ -114,28 +118,20 @@ def test_go_generator_runs_and_writes_reports(
 
 def test_go_generator_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
     """Without the binary, the command says how to build it (checked before any worker starts)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "loadtest", "check", "--generator", "go", "--smoke", "--quiet"],
-        cwd=ROOT,
+    proc = run_loadtest(
+        "check", "--generator", "go", "--smoke", "--quiet",
         env={**os.environ, "CHARGEPATH_LOADGEN": str(tmp_path / "chargepath-loadgen")},
-        capture_output=True,
-        text=True,
         timeout=60,
-    )
+    )  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "bash scripts/setup-go.sh" in proc.stderr and "make clients" in proc.stderr
 
 
 def test_ceilings_run_and_report(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest", "ceiling", "--scenario", "stream",
-            "--rate", "200", "--duration", "3", "--warmup", "0", "--procs", "1",
-            "--batch", "16", "--out", str(tmp_path), "--name", "ceil", "--quiet",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_loadtest(
+        "ceiling", "--scenario", "stream",
+        "--rate", "200", "--duration", "3", "--warmup", "0", "--procs", "1",
+        "--batch", "16", "--out", str(tmp_path), "--name", "ceil", "--quiet",
         timeout=180,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -68,6 +68,17 @@ def usage(tenant: str = "cpaas-demo", **kw: object) -> pb.Usage:
     return pb.Usage(**base)  # type: ignore[arg-type]
 
 
+def report(amount: int = 10) -> pb.Usage:
+    """A slice report of the MVNO demo tenant."""
+    return usage(
+        "mvno-demo",
+        subject=pb.Subject(tenant="mvno-demo", slice="1-000001"),
+        metric="slice.bytes",
+        amount=amount,
+        mode=pb.MODE_REPORT,
+    )
+
+
 TRACEPARENT = (("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN}-01"),)
 
 
@@ -117,16 +128,7 @@ async def test_a_refused_check_has_its_grpc_status_on_the_server_span(traced: Tr
 
 
 async def test_every_item_of_a_stream_batch_has_its_own_span(traced: Traced) -> None:
-    usages = [
-        usage(
-            "mvno-demo",
-            subject=pb.Subject(tenant="mvno-demo", slice="1-000001"),
-            metric="slice.bytes",
-            amount=100 + i,
-            mode=pb.MODE_REPORT,
-        )
-        for i in range(5)
-    ]
+    usages = [report(100 + i) for i in range(5)]
     usages.append(usage(amount=-1))  # an invalid one is answered, not traced as a decision
     call = traced.stub.StreamUsage(metadata=TRACEPARENT)
     await call.write(pb.StreamUsageRequest(usages=usages))
@@ -168,16 +170,7 @@ async def test_a_batch_the_caller_did_not_sample_records_no_span(traced: Traced)
     """Decision spans follow their batch's sampling: under an unsampled traceparent (flags
     00) nothing is recorded, the verdicts carry no trace id, and the decisions still count."""
     unsampled = (("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN}-00"),)
-    usages = [
-        usage(
-            "mvno-demo",
-            subject=pb.Subject(tenant="mvno-demo", slice="1-000001"),
-            metric="slice.bytes",
-            amount=10,
-            mode=pb.MODE_REPORT,
-        )
-        for _ in range(3)
-    ]
+    usages = [report() for _ in range(3)]
     call = traced.stub.StreamUsage(metadata=unsampled)
     await call.write(pb.StreamUsageRequest(usages=usages))
     response = await call.read()
@@ -220,16 +213,7 @@ async def test_with_tracing_off_no_span_is_built_and_decisions_still_count(
         call = t.stub.StreamUsage(metadata=TRACEPARENT)
         await call.write(
             pb.StreamUsageRequest(
-                usages=[
-                    usage(
-                        "mvno-demo",
-                        subject=pb.Subject(tenant="mvno-demo", slice="1-000001"),
-                        metric="slice.bytes",
-                        amount=10,
-                        mode=pb.MODE_REPORT,
-                    ),
-                    usage(metric=""),  # invalid: counted as DENY INVALID_USAGE
-                ]
+                usages=[report(), usage(metric="")]  # the second is invalid: DENY INVALID_USAGE
             )
         )
         streamed = await call.read()
