@@ -282,23 +282,8 @@ def parse_batch(tenant: str, x: str) -> list[DecisionRecord]:
             retry,
             packed_limits,
         ) = record.split("\x1f")
-        out.append(
-            DecisionRecord(
-                decision_id=did,
-                request_id=rid,
-                subject=Subject(tenant, slice_, key),
-                metric=metric,
-                amount=int(amount),
-                mode=Mode.REPORT if mode == "report" else Mode.ADMIT,
-                decision=Decision(int(decision)),
-                reason=Reason(int(reason)),
-                policy_version=int(version),
-                decided_at_ms=int(ts),
-                trace_id=trace_id,
-                retry_after_ms=int(retry),
-                limits=_limit_changes(packed_limits),
-            )
-        )
+        fields = (did, rid, slice_, key, metric, amount, mode, decision, reason, version, ts)
+        out.append(_record(tenant, *fields, trace_id, retry, packed_limits))
     return out
 
 
@@ -323,6 +308,16 @@ def parse_decision(tenant: str, f: dict[str, str]) -> DecisionRecord:
         retry,
         packed_limits,
     ) = f["x"].split("\x1f")
+    fields = (did, rid, slice_, key, metric, amount, mode, decision, reason, version, ts)
+    return _record(tenant, *fields, trace_id, retry, packed_limits)
+
+
+def _record(
+    tenant: str, did: str, rid: str, slice_: str, key: str, metric: str, amount: str,
+    mode: str, decision: str, reason: str, version: str, ts: str, trace_id: str, retry: str,
+    packed_limits: str,
+) -> DecisionRecord:  # fmt: skip
+    """A decision record from the text fields of a trail entry, whichever its layout."""
     return DecisionRecord(
         decision_id=did,
         request_id=rid,
