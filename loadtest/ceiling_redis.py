@@ -26,7 +26,7 @@ from chargepath.core.policy import Policy
 from chargepath.engine import fingerprint, new_decision_id
 from chargepath.store.base import DecideItem
 from chargepath.store.redis_store import RedisStore
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2 as pb
 from loadtest.workload import Workload
 
 Mode = Literal["admit", "report"]

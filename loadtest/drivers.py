@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import grpc
 import redis.asyncio
 
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2 as pb
 from loadtest.ceiling_redis import BatchDecision
 from loadtest.schedule import Schedule
 from loadtest.stats import DEGRADED_OFFSET, FlowRecorder

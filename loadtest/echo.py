@@ -27,7 +27,7 @@ import grpc
 import redis.asyncio
 import uvloop
 
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2 as pb
 
 SERVICE = "chargepath.v1.MeteringService"
 ROUND_TRIP_SCRIPT = "return 1"

@@ -32,7 +32,7 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2 as pb
 from loadtest.drivers import Flow, Metadata
 from loadtest.schedule import Schedule
 from loadtest.stats import DEGRADED_OFFSET, FlowRecorder

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2 as pb
 
 TenantSpread = Literal["many", "hot"]
 

@@ -8,7 +8,8 @@ Layout (one job per package, wired together in :mod:`chargepath.app`):
   as package data) plus the embedded redis-server launcher.
 - :mod:`chargepath.engine`: turns usages into verdicts with a store, a policy and a failure policy.
 - :mod:`chargepath.transport`: the gRPC servicers and the one module mapping protobuf to core types.
-- :mod:`chargepath.v1`: code generated from ``protos/``; never edited by hand.
+- :mod:`chargepath_protos.v1` (shipped with the client, `clients/python`): code generated from
+  ``protos/``; never edited by hand.
 """
 
 __version__ = "0.1.0"

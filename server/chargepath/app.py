@@ -27,7 +27,7 @@ from chargepath.store.redis_store import RedisStore, ledger_key
 from chargepath.telemetry import Telemetry
 from chargepath.transport.admin import AdminServicer
 from chargepath.transport.metering import MeteringServicer
-from chargepath.v1 import admin_pb2, admin_pb2_grpc, metering_pb2, metering_pb2_grpc
+from chargepath_protos.v1 import admin_pb2, admin_pb2_grpc, metering_pb2, metering_pb2_grpc
 
 log = logging.getLogger("chargepath")
 

@@ -172,8 +172,8 @@ def check(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
     from grpc_status import rpc_status
 
-    from chargepath.v1 import metering_pb2 as pb
-    from chargepath.v1 import metering_pb2_grpc as pb_grpc
+    from chargepath_protos.v1 import metering_pb2 as pb
+    from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 
     labels = dict(item.split("=", 1) for item in args.label if "=" in item)
     usage = pb.Usage(
@@ -208,7 +208,7 @@ def _render(v: Any) -> None:
     from rich.table import Table
 
     from chargepath.cli_admin import human_ms as human
-    from chargepath.v1 import metering_pb2 as pb
+    from chargepath_protos.v1 import metering_pb2 as pb
 
     colour = {pb.DECISION_ALLOW: "green", pb.DECISION_THROTTLE: "yellow"}.get(v.decision, "red")
     console = Console(width=None if sys.stdout.isatty() else 120)

@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from chargepath.v1 import admin_pb2 as apb
-from chargepath.v1 import admin_pb2_grpc as apb_grpc
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import admin_pb2 as apb
+from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
+from chargepath_protos.v1 import metering_pb2 as pb
 
 COMMANDS = (
     "plans",

@@ -14,10 +14,10 @@ import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chargepath.store.ledger import LedgerEntry
-from chargepath.v1 import admin_pb2 as apb
-from chargepath.v1 import admin_pb2_grpc as apb_grpc
-from chargepath.v1 import metering_pb2 as pb
-from chargepath.v1 import metering_pb2_grpc as pb_grpc
+from chargepath_protos.v1 import admin_pb2 as apb
+from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
+from chargepath_protos.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 from tests.e2e.conftest import GatewayProcess
 
 

@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from chargepath.store.embedded import EmbeddedRedis
-from chargepath.v1 import metering_pb2 as pb
-from chargepath.v1 import metering_pb2_grpc as pb_grpc
+from chargepath_protos.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 from loadtest import processes
 
 pytestmark = pytest.mark.e2e

@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from chargepath.v1 import metering_pb2 as pb
-from chargepath.v1 import metering_pb2_grpc as pb_grpc
+from chargepath_protos.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 from tests.e2e.conftest import start_gateway
 
 NOT_SERVING, SERVING = 2, 1

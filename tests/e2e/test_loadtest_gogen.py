@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2 as pb
 from loadtest import gogen, processes
 from loadtest.drivers import REQUEST_ID_MISMATCH, CheckFlow
 from loadtest.echo import EchoService

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 
-from chargepath.v1 import admin_pb2 as apb
-from chargepath.v1 import admin_pb2_grpc as apb_grpc
-from chargepath.v1 import metering_pb2 as pb
-from chargepath.v1 import metering_pb2_grpc as pb_grpc
+from chargepath_protos.v1 import admin_pb2 as apb
+from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
+from chargepath_protos.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 from tests.e2e.conftest import start_gateway
 
 

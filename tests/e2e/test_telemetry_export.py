@@ -19,8 +19,8 @@ from opentelemetry.proto.collector.metrics.v1 import (
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from chargepath.store.embedded import free_port
-from chargepath.v1 import metering_pb2 as pb
-from chargepath.v1 import metering_pb2_grpc as pb_grpc
+from chargepath_protos.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 from tests.e2e.conftest import start_gateway
 
 

@@ -22,8 +22,8 @@ from chargepath.app import Gateway
 from chargepath.settings import Settings
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.telemetry import Telemetry
-from chargepath.v1 import metering_pb2 as pb
-from chargepath.v1 import metering_pb2_grpc as pb_grpc
+from chargepath_protos.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

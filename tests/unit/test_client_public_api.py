@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 import chargepath_client
-from chargepath.v1 import metering_pb2 as pb
 from chargepath_client import Decision, LimitKind, Reason, Scope
+from chargepath_protos.v1 import metering_pb2 as pb
 
 pytestmark = pytest.mark.unit
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from chargepath.v1 import metering_pb2 as pb
 from chargepath_client import Decision, LimitKind, Reason, RetryPolicy, Scope, Verdict
 from chargepath_client._retry import Attempts
+from chargepath_protos.v1 import metering_pb2 as pb
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2 as pb
 from loadtest.gogen import (
     GoGeneratorError,
     PhaseReader,

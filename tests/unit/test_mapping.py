@@ -3,7 +3,7 @@ and the numbers agree, so a core enum can go out as it is."""
 
 from chargepath.core.model import Decision, LimitKind, Reason, Scope
 from chargepath.transport import mapping
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2 as pb
 
 
 def test_every_core_enum_maps_to_the_wire_value_of_the_same_name() -> None:

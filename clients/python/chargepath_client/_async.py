@@ -19,12 +19,12 @@ from typing import Literal
 import grpc
 import grpc.aio
 
-from chargepath.v1 import metering_pb2 as pb
 from chargepath_client import _wire
 from chargepath_client._errors import ChargepathError, DeadlineExceeded, from_rpc_error
 from chargepath_client._retry import Attempts, RetryPolicy
 from chargepath_client._stream import UsageStream
 from chargepath_client._verdict import Mode, Verdict
+from chargepath_protos.v1 import metering_pb2 as pb
 
 logger = logging.getLogger("chargepath_client")
 

@@ -47,7 +47,6 @@ from typing import Literal
 import grpc
 import grpc.aio
 
-from chargepath.v1 import metering_pb2 as pb
 from chargepath_client import _wire
 from chargepath_client._errors import (
     ChargepathError,
@@ -67,6 +66,7 @@ from chargepath_client._validation import (
     validate_usage,
 )
 from chargepath_client._verdict import Mode, Verdict
+from chargepath_protos.v1 import metering_pb2 as pb
 
 logger = logging.getLogger("chargepath_client")
 

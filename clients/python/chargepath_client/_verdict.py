@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from google.protobuf import duration_pb2
 
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2 as pb
 
 
 class Mode(enum.StrEnum):

@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from chargepath.v1 import metering_pb2 as pb
 from chargepath_client._validation import validate_usage
 from chargepath_client._verdict import MODES, Mode
+from chargepath_protos.v1 import metering_pb2 as pb
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["MeteringService"].full_name
 CHECK_METHOD = f"/{_SERVICE}/Check"

@@ -32,9 +32,9 @@ from chargepath.store.base import PolicyConflictError, StoreUnavailableError
 from chargepath.store.redis_store import RedisStore
 from chargepath.transport import mapping
 from chargepath.transport.errors import abort, abort_invalid
-from chargepath.v1 import admin_pb2 as apb
-from chargepath.v1 import admin_pb2_grpc as apb_grpc
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import admin_pb2 as apb
+from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
+from chargepath_protos.v1 import metering_pb2 as pb
 
 log = logging.getLogger("chargepath.admin")
 

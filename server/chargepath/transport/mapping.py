@@ -13,7 +13,7 @@ from chargepath.core.model import (
     Usage,
     Verdict,
 )
-from chargepath.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2 as pb
 
 MODES = {pb.MODE_ADMIT: Mode.ADMIT, pb.MODE_REPORT: Mode.REPORT}
 DECISIONS = {

@@ -16,8 +16,8 @@ from chargepath.engine import Engine, new_decision_id
 from chargepath.telemetry import set_rpc_status
 from chargepath.transport.errors import abort, abort_invalid
 from chargepath.transport.mapping import usage_from_pb, verdict_fields
-from chargepath.v1 import metering_pb2 as pb
-from chargepath.v1 import metering_pb2_grpc as pb_grpc
+from chargepath_protos.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 
 log = logging.getLogger("chargepath.transport")
 

@@ -30,7 +30,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63hargepath/
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chargepath.v1.metering_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chargepath_protos.v1.metering_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZJgithub.com/chargepath/chargepath/clients/go/gen/chargepath/v1;chargepathv1'

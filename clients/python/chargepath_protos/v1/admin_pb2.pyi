@@ -1,6 +1,6 @@
 import datetime
 
-from chargepath.v1 import metering_pb2 as _metering_pb2
+from chargepath_protos.v1 import metering_pb2 as _metering_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
