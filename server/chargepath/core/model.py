@@ -106,6 +106,8 @@ class Verdict(NamedTuple):
     trace_id: str = ""
     message: str = ""
     decided_at_ms: int = 0
+    #: for REASON_INVALID_USAGE: what was wrong, as structures (``message`` is their text)
+    violations: tuple[FieldViolation, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
