@@ -17,8 +17,8 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from redis.exceptions import RedisError
 
-from chargepath.core.plans import load_policy_file
 from chargepath.engine import Engine, EngineSettings
+from chargepath.policy_files import load_policy_file
 from chargepath.settings import Settings
 from chargepath.store.base import StoreUnavailableError
 from chargepath.store.embedded import EmbeddedRedis
@@ -102,9 +102,9 @@ class Gateway:
             )
 
         self.server = grpc.aio.server(
-            # The metering service makes its own server spans (telemetry.server_span: one per
-            # Check, one per stream batch); the instrumentation traces the admin, health and
-            # reflection services.
+            # The metering service makes its own server spans (transport.tracing.server_span:
+            # one per Check, one per stream batch); the instrumentation traces the admin, health
+            # and reflection services.
             interceptors=[
                 aio_server_interceptor(
                     tracer_provider=self.telemetry.tracer_provider,

@@ -36,7 +36,7 @@ def _revalidate(data: dict[str, Any], field: str) -> PolicyDocument:
     try:
         return parse_policy(data, source="policy")
     except PolicyError as exc:
-        raise EditError(field, "; ".join(e.removeprefix("policy: ") for e in exc.errors)) from None
+        raise EditError(field, "; ".join(issue.detail for issue in exc.issues)) from None
 
 
 def _tenant(doc: PolicyDocument, name: str, field: str = "tenant") -> TenantSpec:
