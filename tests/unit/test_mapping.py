@@ -37,3 +37,29 @@ def test_verdict_round_trip_keeps_durations_in_ms() -> None:
     assert m.retry_after.ToMilliseconds() == 1234
     assert m.limits[0].reset_after.ToMilliseconds() == 2500 and m.limits[0].remaining == -5
     assert m.decided_at.ToMilliseconds() == 1_800_000_000_123
+
+
+def test_the_violations_of_an_invalid_usage_go_out_as_structures() -> None:
+    from chargepath.core.model import FieldViolation, Verdict
+
+    bad = (
+        FieldViolation("amount", "must be between 1 and 1000000000000, got 0"),
+        FieldViolation("subject.tenant", "is required"),
+    )
+    v = Verdict(
+        request_id="r",
+        decision=Decision.DENY,
+        reason=Reason.INVALID_USAGE,
+        decision_id="d" * 32,
+        policy_version=1,
+        message="; ".join(str(x) for x in bad),
+        violations=bad,
+    )
+    m = pb.Verdict(**mapping.verdict_fields(v))  # type: ignore[arg-type]
+    assert [(f.field, f.description) for f in m.violations] == [
+        ("amount", "must be between 1 and 1000000000000, got 0"),
+        ("subject.tenant", "is required"),
+    ]
+    assert m.message == v.message
+    ok = v._replace(reason=Reason.OK, decision=Decision.ALLOW, message="", violations=())
+    assert len(pb.Verdict(**mapping.verdict_fields(ok)).violations) == 0  # type: ignore[arg-type]

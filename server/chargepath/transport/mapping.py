@@ -122,6 +122,8 @@ def verdict_fields(v: Verdict, view: int = pb.VERDICT_VIEW_FULL) -> Fields:
         out["trace_id"] = v.trace_id
     if v.message:
         out["message"] = v.message
+    if v.violations:
+        out["violations"] = [{"field": fv.field, "description": fv.reason} for fv in v.violations]
     at = v.decided_at_ms
     if at:
         out["decided_at"] = timestamp(at)

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from chargepath.core.model import Decision, InvalidUsageError, Reason, Verdict
+from chargepath.core.model import Decision, FieldViolation, InvalidUsageError, Reason, Verdict
 from chargepath.core.validation import MAX_BATCH
 from chargepath.engine import Engine, new_decision_id
 from chargepath.transport.errors import abort, abort_invalid
@@ -107,7 +107,11 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
 
     async def _decide(self, request: pb.StreamUsageRequest) -> list[Verdict]:
         if len(request.usages) > MAX_BATCH:
-            msg = f"usages: at most {MAX_BATCH} per message, got {len(request.usages)}"
+            too_many = (
+                FieldViolation(
+                    "usages", f"at most {MAX_BATCH} per message, got {len(request.usages)}"
+                ),
+            )
             return [
                 Verdict(
                     request_id=u.request_id[:128],
@@ -115,7 +119,8 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                     reason=Reason.INVALID_USAGE,
                     decision_id=new_decision_id(),
                     policy_version=self.engine.policy.version,
-                    message=msg,
+                    message=str(too_many[0]),
+                    violations=too_many,
                 )
                 for u in request.usages
             ]
