@@ -73,6 +73,11 @@ class AdminStore:
         self.client = store.client
         self._grant = self.client.register_script(read_script("grant.lua"))
 
+    @property
+    def recent_length(self) -> int:
+        """How many recent decisions the trail keeps per tenant (what explain can find)."""
+        return self.store.recent_length
+
     async def grant(
         self, subject: Subject, limit: Limit, amount: int, expires_at_ms: int, note: str
     ) -> tuple[str, int, int] | None:

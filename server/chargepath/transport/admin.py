@@ -27,9 +27,12 @@ from chargepath.core.plans import PolicyDocument, PolicyError, load_policy_text
 from chargepath.core.policy import Limit, Policy
 from chargepath.core.validation import MAX_AMOUNT, check_subject_part, check_tenant
 from chargepath.engine import Engine
-from chargepath.store.admin import AdminStore
-from chargepath.store.base import PolicyConflictError, StoreUnavailableError
-from chargepath.store.redis_store import RedisStore
+from chargepath.store.base import (
+    PolicyConflictError,
+    PolicyStore,
+    StateStore,
+    StoreUnavailableError,
+)
 from chargepath.transport import mapping
 from chargepath.transport.errors import abort, abort_invalid
 from chargepath_protos.v1 import admin_pb2 as apb
@@ -151,15 +154,18 @@ def tenant_limits(policy: Policy, subject: Subject) -> list[tuple[str, Limit]]:
 
 
 class AdminServicer(apb_grpc.AdminServiceServicer):
-    def __init__(self, engine: Engine, store: RedisStore) -> None:
+    """Admin calls on two store contracts: ``policies`` (the versioned document every change
+    is made to) and ``state`` (grants, live counters, the recent-decisions trail)."""
+
+    def __init__(self, engine: Engine, policies: PolicyStore, state: StateStore) -> None:
         self.engine = engine
-        self.store = store
-        self.admin = AdminStore(store)
+        self.policies = policies
+        self.state = state
 
     # -- helpers ------------------------------------------------------------------------
 
     async def _live(self) -> tuple[int, PolicyDocument]:
-        published = await self.store.load_policy()
+        published = await self.policies.load_policy()
         if published is None:
             return 0, PolicyDocument()
         return published.version, published.document
@@ -178,7 +184,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 await abort_invalid(context, [FieldViolation(exc.field, exc.reason)])
             try:
                 published = await self._guard(
-                    context, self.store.publish_policy(new, expected_version=version)
+                    context, self.policies.publish_policy(new, expected_version=version)
                 )
             except PolicyConflictError:
                 continue
@@ -219,7 +225,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             return apb.ApplyPolicyResponse(policy_version=version, changed=False, diff=diff)
         try:
             published = await self._guard(
-                context, self.store.publish_policy(doc, expected_version=version)
+                context, self.policies.publish_policy(doc, expected_version=version)
             )
         except PolicyConflictError:
             await abort(
@@ -332,7 +338,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         if request.HasField("expires_at"):
             expires = request.expires_at.ToMilliseconds()
         result = await self._guard(
-            context, self.admin.grant(subject, limit, request.amount, expires, request.note)
+            context, self.state.grant(subject, limit, request.amount, expires, request.note)
         )
         if result is None:
             await abort_invalid(context, [FieldViolation("expires_at", "is in the past")])
@@ -360,10 +366,10 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             )
         pairs = tenant_limits(policy, subject)
         now, readings, grants = await self._guard(
-            context, self.admin.read_limits(subject, tuple(lim for _, lim in pairs))
+            context, self.state.read_limits(subject, tuple(lim for _, lim in pairs))
         )
         recent = await self._guard(
-            context, self.admin.recent(subject.tenant, subject=subject, count=request.recent or 10)
+            context, self.state.recent(subject.tenant, subject=subject, count=request.recent or 10)
         )
         out = apb.GetStateResponse(
             policy_version=policy.version,
@@ -421,14 +427,14 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         if bad is not None:
             await abort_invalid(context, [bad])
         record = await self._guard(
-            context, self.admin.find_decision(request.tenant, request.decision_id)
+            context, self.state.find_decision(request.tenant, request.decision_id)
         )
         if record is None:
             await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"decision_id: {request.decision_id} is not among the tenant's "
-                f"{self.store.recent_length} most recent decisions",
+                f"{self.state.recent_length} most recent decisions",
             )
         return apb.ExplainDecisionResponse(decision=record_to_pb(record))
 
@@ -441,7 +447,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         decisions = {int(d) for d in request.decisions}
         reasons = {int(r) for r in request.reasons}
         try:
-            async for event in self.admin.watch(request.tenant):
+            async for event in self.state.watch(request.tenant):
                 if event is None:
                     continue
                 if isinstance(event, ThresholdEvent):
