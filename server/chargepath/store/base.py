@@ -36,8 +36,7 @@ from chargepath.core.model import DecisionRecord, Subject, ThresholdEvent, Usage
 from chargepath.core.plans import PolicyDocument
 from chargepath.core.policy import Limit, Resolution
 
-if TYPE_CHECKING:  # result types of the Redis implementation; no redis import at run time
-    from chargepath.store.admin import GrantReading, LimitReading
+if TYPE_CHECKING:  # the ledger's entry type; no redis import at run time
     from chargepath.store.ledger import LedgerEntry
 
 
@@ -79,6 +78,30 @@ class PublishedPolicy:
     version: int
     document: PolicyDocument
     changed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LimitReading:
+    """A limit's live counter: in whole units and milliseconds, on the store's clock."""
+
+    limit: Limit
+    remaining: int
+    capacity: int
+    used: int
+    granted: int
+    reset_after_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class GrantReading:
+    """A live grant of quota ``limit``: ``amount`` units until ``expires_at_ms`` (0: the end
+    of the period)."""
+
+    grant_id: str
+    limit: str
+    amount: int
+    expires_at_ms: int
+    note: str
 
 
 class DecisionStore(Protocol):
