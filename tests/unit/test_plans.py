@@ -186,3 +186,19 @@ def test_resolution_by_scope_and_pattern() -> None:
     ]
     assert not policy.resolve(Subject("cpaas-demo"), "slice.bytes").entitled
     assert not policy.resolve(Subject("stranger"), "api.sms.send").entitled
+
+
+def test_a_bad_plan_given_to_the_admin_api_names_its_field() -> None:
+    from chargepath.core import policy_edit
+
+    doc = load_policy_file(ROOT / "examples" / "plans.yaml")
+    bad = {
+        "name": "x",
+        "limits": [{"name": "l", "metric": "api.sms.send", "rate": {"capacity": 0, "refill": 1}}],
+    }
+    with pytest.raises(policy_edit.EditError) as e:
+        policy_edit.put_plan(doc, bad)
+    assert (e.value.field, e.value.reason) == (
+        "plan",
+        "limits.0.rate.capacity: Input should be greater than 0",
+    )

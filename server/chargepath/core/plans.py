@@ -304,20 +304,30 @@ def parse_policy(
     try:
         return PolicyDocument.model_validate(data)
     except ValidationError as exc:
-        issues = []
-        for err in exc.errors():
-            loc = tuple(
-                p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+        raise PolicyError(_issues(exc, source, yaml_root)) from None
+
+
+def parse_plan(data: Any, *, source: str = "plan") -> PlanSpec:
+    """Validate one decoded plan (paths relative to the plan); raise :class:`PolicyError`."""
+    try:
+        return PlanSpec.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_issues(exc, source, None)) from None
+
+
+def _issues(exc: ValidationError, source: str, yaml_root: yaml.Node | None) -> list[PolicyIssue]:
+    issues = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        issues.append(
+            PolicyIssue(
+                source,
+                ".".join(str(p) for p in loc),
+                _line_of(yaml_root, loc) if yaml_root is not None else None,
+                err["msg"].removeprefix("Value error, "),
             )
-            issues.append(
-                PolicyIssue(
-                    source,
-                    ".".join(str(p) for p in loc),
-                    _line_of(yaml_root, loc) if yaml_root is not None else None,
-                    err["msg"].removeprefix("Value error, "),
-                )
-            )
-        raise PolicyError(issues) from None
+        )
+    return issues
 
 
 def load_policy_text(text: str, *, source: str = "policy") -> PolicyDocument:
