@@ -21,9 +21,9 @@ import redis.asyncio
 
 from chargepath.core.model import Mode as UsageMode
 from chargepath.core.model import Subject, Usage
-from chargepath.core.plans import load_policy_file
 from chargepath.core.policy import Policy
 from chargepath.engine import fingerprint, new_decision_id
+from chargepath.policy_files import load_policy_file
 from chargepath.store.base import DecideItem
 from chargepath.store.redis_store import RedisStore
 from chargepath_protos.v1 import metering_pb2 as pb

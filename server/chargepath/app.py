@@ -8,7 +8,6 @@ import gc
 import logging
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,13 +16,14 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from redis.exceptions import RedisError
 
-from chargepath.core.plans import load_policy_file
 from chargepath.engine import Engine, EngineSettings
+from chargepath.policy_files import load_policy_file
 from chargepath.settings import Settings
-from chargepath.store.base import StoreUnavailableError
+from chargepath.store.admin import AdminStore
+from chargepath.store.base import LedgerStore, StoreUnavailableError
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.ledger import Ledger
-from chargepath.store.redis_store import RedisStore, ledger_key
+from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
 from chargepath.transport.admin import AdminServicer
 from chargepath.transport.metering import MeteringServicer
@@ -102,9 +102,9 @@ class Gateway:
             )
 
         self.server = grpc.aio.server(
-            # The metering service makes its own server spans (telemetry.server_span: one per
-            # Check, one per stream batch); the instrumentation traces the admin, health and
-            # reflection services.
+            # The metering service makes its own server spans (transport.tracing.server_span:
+            # one per Check, one per stream batch); the instrumentation traces the admin, health
+            # and reflection services.
             interceptors=[
                 aio_server_interceptor(
                     tracer_provider=self.telemetry.tracer_provider,
@@ -123,7 +123,7 @@ class Gateway:
             MeteringServicer(self.engine, self.draining), self.server
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.engine, self.store), self.server
+            AdminServicer(self.engine, self.store, AdminStore(self.store)), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -211,7 +211,7 @@ class Gateway:
     async def _flush_aggregates(self) -> None:
         """Move closed ledger aggregates into the ledger, every second, for tenants whose plans
         aggregate admits. Atomic in Redis, so every process may do it."""
-        ledger = Ledger(self.store.client)  # type: ignore[arg-type]
+        ledger: LedgerStore = Ledger.of_store(self.store)
         while not self.draining.is_set():
             await asyncio.sleep(1.0)
             tenants = [t for t, ms in self.engine.policy.aggregate_ms.items() if ms]
@@ -231,14 +231,12 @@ class Gateway:
         """Keep the ``chargepath.ledger.lag`` gauge: per tenant and consumer group, the entries
         billing has not acknowledged yet (the figure to alert on: it grows when billing stops
         reading, and so does Redis memory)."""
-        ledger = Ledger(self.store.client)  # type: ignore[arg-type]
+        ledger: LedgerStore = Ledger.of_store(self.store)
         while not self.draining.is_set():
             lags: dict[tuple[str, str], int] = {}
             for tenant in sorted(self.engine.policy.entitlements)[:max_tenants]:
                 try:
-                    groups: Any = await self.store.client.xinfo_groups(ledger_key(tenant))
-                    for g in groups:
-                        name = str(g["name"])
+                    for name in await ledger.groups(tenant):
                         lags[(tenant, name)] = await ledger.lag(tenant, name)
                 except (RedisError, OSError, LookupError):
                     continue  # no ledger yet, or the store is away: keep the last figures

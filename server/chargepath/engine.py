@@ -166,7 +166,7 @@ class Engine:
             verdict = await self._coalesce(usage, spans.trace_ids[0])
             v = spans.finish([verdict])[0]
         if v.reason is Reason.INVALID_USAGE:
-            raise InvalidUsageError([FieldViolation(*v.message.split(": ", 1))])
+            raise InvalidUsageError(list(v.violations))
         return v
 
     def _coalesce(self, usage: Usage, trace_id: str) -> asyncio.Future[Verdict]:
@@ -236,6 +236,7 @@ class Engine:
                     decision_id=new_decision_id(),
                     policy_version=policy.version,
                     message="; ".join(str(v) for v in bad),
+                    violations=tuple(bad),
                 )
                 self.telemetry.count_invalid()
             else:

@@ -46,7 +46,7 @@ def _worker(settings: dict[str, Any], index: int) -> None:
 
 def supervise(settings: Settings) -> int:
     """Run ``settings.workers`` gateway processes until SIGTERM/SIGINT; the exit code."""
-    from chargepath.core.plans import load_policy_file
+    from chargepath.policy_files import load_policy_file
     from chargepath.store.embedded import EmbeddedRedis
     from chargepath.store.redis_store import RedisStore
 

@@ -4,6 +4,9 @@
 takes its providers as arguments (tests pass in-memory ones). :func:`setup` builds the SDK
 providers from the standard ``OTEL_*`` variables, ``--otel`` and ``--metrics-port``.
 
+It imports no grpc: the engine depends on it. The gRPC server spans and statuses are in
+:mod:`chargepath.transport.tracing`.
+
 Span attributes are low-cardinality: tenant, slice, metric, mode, decision, reason, policy
 version, degraded, replayed, amount. Never a request body, a label value, a key (an API key may
 be a secret) or a credential.
@@ -19,19 +22,15 @@ from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from grpc import StatusCode
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.trace import Span, SpanKind, Status
-from opentelemetry.trace import StatusCode as SpanStatusCode
+from opentelemetry.trace import Span, SpanKind
 
 from chargepath.core.model import Decision, Mode, Reason, Usage, Verdict
 
 log = logging.getLogger("chargepath.telemetry")
 
-_EMPTY_CONTEXT = otel_context.Context()
-_NO_SERVER_SPAN: AbstractContextManager[Span] = nullcontext(trace.INVALID_SPAN)
 _NO_SPAN: AbstractContextManager[Span | None] = nullcontext(None)
 
 
@@ -208,37 +207,6 @@ class Telemetry:
         verdicts; leaving the block without (an error, a cancellation) ends them unfinished."""
         return SpanBatch(self, usages)
 
-    def caller_context(self, metadata: Iterable[tuple[str, Any]] | None) -> otel_context.Context:
-        """The caller's trace context (see :func:`caller_context`); an empty one, without
-        reading the metadata, when tracing is off."""
-        return caller_context(metadata) if self.tracing else _EMPTY_CONTEXT
-
-    def server_span(
-        self, name: str, method: str, parent: otel_context.Context, **attributes: Any
-    ) -> AbstractContextManager[Span]:
-        """The server span ``name`` of one ``Check`` call or one ``StreamUsage`` batch, child of
-        the caller's trace context (``parent``, from :meth:`caller_context`). The servicer
-        makes both, so that Check and stream batches are traced alike: the gRPC
-        instrumentation's stream wrapper fails to detach its context when a client cancels a
-        stream, and one span for a stream that lives for hours helps no one. A gRPC error sets
-        ``rpc.grpc.status_code`` and an error status (see :func:`set_rpc_status`). With tracing
-        off, the invalid span, which records nothing."""
-        if not self.tracing:
-            return _NO_SERVER_SPAN
-        return self.tracer.start_as_current_span(
-            name,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={
-                "rpc.system": "grpc",
-                "rpc.service": "chargepath.v1.MeteringService",
-                "rpc.method": method,
-                **attributes,
-            },
-            record_exception=False,
-            set_status_on_exception=False,
-        )
-
     def store_span(self, tenant: str, size: int) -> AbstractContextManager[Span | None]:
         """A client span around one store script call (child of the current span; none with
         tracing off or under a parent that is not sampled)."""
@@ -278,17 +246,6 @@ class Telemetry:
 
     def store_error(self) -> None:
         self._store_errors.add(1)
-
-
-def caller_context(metadata: Iterable[tuple[str, Any]] | None) -> otel_context.Context:
-    """The caller's trace context from its gRPC metadata (W3C ``traceparent``)."""
-    return propagate.extract({k: v for k, v in metadata or ()})
-
-
-def set_rpc_status(span: Span, code: StatusCode) -> None:
-    """Mark a server span with the gRPC status it ended with (an error for any but OK)."""
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    span.set_status(Status(SpanStatusCode.ERROR, code.name))
 
 
 @dataclasses.dataclass

@@ -177,10 +177,20 @@ def test_stream_bad_item_gets_invalid_usage_and_the_stream_goes_on(
         pb.REASON_INVALID_USAGE,
     ]
     assert first[1].message.startswith("amount:") and first[3].message.startswith("subject.tenant:")
+    # the same reasons as structures, on the wire: nothing to parse out of the message
+    assert [(f.field, f.description) for f in first[1].violations] == [
+        ("amount", "must be between 1 and 1000000000000, got -1")
+    ]
+    assert [f.field for f in first[3].violations] == ["subject.tenant"]
+    assert first[3].message == "; ".join(f"{f.field}: {f.description}" for f in first[3].violations)
+    assert not first[0].violations and not first[2].violations
     assert [v.request_id for v in first] == [u.request_id for u in batches[0].usages]
     assert [v.reason for v in responses[1].verdicts] == [pb.REASON_INVALID_USAGE, pb.REASON_OK]
     assert all(v.reason == pb.REASON_INVALID_USAGE for v in responses[2].verdicts)
     assert "at most 1000" in responses[2].verdicts[0].message
+    assert [(f.field, f.description) for f in responses[2].verdicts[0].violations] == [
+        ("usages", "at most 1000 per message, got 1001")
+    ]
     assert responses[3].verdicts[0].recorded
     recorded = {v.request_id for r in responses for v in r.verdicts if v.recorded}
     rids = ledger_rids(redis_client, "mvno-demo")

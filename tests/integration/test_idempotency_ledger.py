@@ -7,7 +7,15 @@ import random
 
 import redis
 
-from chargepath.core.model import Decision, InvalidUsageError, Mode, Reason, Subject, Usage
+from chargepath.core.model import (
+    Decision,
+    FieldViolation,
+    InvalidUsageError,
+    Mode,
+    Reason,
+    Subject,
+    Usage,
+)
 from chargepath.store.redis_store import RedisStore
 from tests.conftest import ledger_entries as ledger
 from tests.conftest import make_engine
@@ -58,7 +66,15 @@ async def test_request_id_reused_for_another_usage_is_refused(store: RedisStore)
     try:
         await e.check(Usage("dup", Subject("acme", key="k1"), "api.sms.send", 2, Mode.ADMIT))
     except InvalidUsageError as exc:
-        assert exc.violations[0].field == "request_id"
+        # the store's structure reaches the caller as it is, not re-parsed from its text
+        assert exc.violations == [
+            FieldViolation(
+                "request_id", "was already used for a different usage within the dedup window"
+            )
+        ]
+        assert str(exc) == (
+            "request_id: was already used for a different usage within the dedup window"
+        )
     else:
         raise AssertionError("a reused request_id with another amount must be refused")
 
@@ -95,6 +111,9 @@ async def test_stream_resent_from_sequence_zero_counts_nothing_twice(
     old = await e.decide_batch([session_usage(3)])
     assert old[0].reason is Reason.INVALID_USAGE and not old[0].recorded
     assert old[0].message.startswith("sequence:") and "replay window" in old[0].message
+    (violation,) = old[0].violations
+    assert violation.field == "sequence" and "replay window" in violation.reason
+    assert old[0].message == str(violation)
     assert len(ledger(raw_redis, "mvno")) == 315
 
 

@@ -15,8 +15,8 @@ import pytest_asyncio
 import redis
 
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage
-from chargepath.core.plans import load_policy_file
 from chargepath.engine import Engine, EngineSettings
+from chargepath.policy_files import load_policy_file
 from chargepath.store.embedded import find_redis_server
 from chargepath.store.redis_store import RedisStore, ledger_key
 from chargepath.telemetry import Telemetry

@@ -6,12 +6,13 @@ from chargepath.core.model import LimitKind, Scope, Subject
 from chargepath.core.periods import Period
 from chargepath.core.plans import (
     PolicyError,
+    PolicyIssue,
     RateSpec,
     compile_rate,
-    load_policy_file,
     load_policy_text,
 )
 from chargepath.core.policy import Policy
+from chargepath.policy_files import load_policy_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,6 +38,63 @@ plans:
     (line,) = e.value.errors
     assert line.startswith("plans.yaml:8: plans.0.limits.0.rate.capacity:")
     assert "greater than 0" in line
+
+
+def test_policy_errors_are_structures_with_path_and_line() -> None:
+    text = """\
+metrics:
+  - name: api.sms.send
+plans:
+  - name: p
+    limits:
+      - name: burst
+        metric: api.sms.send
+        rate: { capacity: -3, refill: 1 }
+      - name: daily
+        metric: api.sms.send
+        quota: { amount: 5, per: week }
+"""
+    with pytest.raises(PolicyError) as e:
+        load_policy_text(text, source="plans.yaml")
+    first, second = e.value.issues
+    assert (first.source, first.path, first.line) == (
+        "plans.yaml",
+        "plans.0.limits.0.rate.capacity",
+        8,
+    )
+    assert first.message == "Input should be greater than 0"
+    assert (second.path, second.line) == ("plans.0.limits.1.quota.per", 11)
+    assert str(e.value) == "invalid policy:\n  " + "\n  ".join(
+        f"plans.yaml:{i.line}: {i.path}: {i.message}" for i in (first, second)
+    )
+
+
+def test_a_rule_across_fields_names_the_document_as_a_whole() -> None:
+    text = "metrics: [{name: api.sms.send}]\ntenants: [{name: t, plan: nope}]\n"
+    with pytest.raises(PolicyError) as e:
+        load_policy_text(text, source="plans.yaml")
+    (issue,) = e.value.issues
+    assert (issue.path, issue.line, issue.message) == ("", 1, "tenant 't': unknown plan 'nope'")
+    assert str(issue) == "plans.yaml:1: (document): tenant 't': unknown plan 'nope'"
+
+
+def test_text_that_is_not_a_document_is_an_issue_without_a_field() -> None:
+    with pytest.raises(PolicyError) as e:
+        load_policy_text("plans: [oops", source="document")
+    (issue,) = e.value.issues
+    assert issue.path is None and issue.line is None
+    assert issue.message.startswith("not valid YAML: ")
+    assert str(issue) == "document: " + issue.message
+
+
+def test_an_unreadable_file_is_a_policy_error_naming_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(PolicyError) as e:
+        load_policy_file(missing)
+    assert e.value.issues == [
+        PolicyIssue(str(missing), None, None, "cannot read: No such file or directory")
+    ]
+    assert str(e.value) == f"invalid policy:\n  {missing}: cannot read: No such file or directory"
 
 
 @pytest.mark.parametrize(
@@ -128,3 +186,19 @@ def test_resolution_by_scope_and_pattern() -> None:
     ]
     assert not policy.resolve(Subject("cpaas-demo"), "slice.bytes").entitled
     assert not policy.resolve(Subject("stranger"), "api.sms.send").entitled
+
+
+def test_a_bad_plan_given_to_the_admin_api_names_its_field() -> None:
+    from chargepath.core import policy_edit
+
+    doc = load_policy_file(ROOT / "examples" / "plans.yaml")
+    bad = {
+        "name": "x",
+        "limits": [{"name": "l", "metric": "api.sms.send", "rate": {"capacity": 0, "refill": 1}}],
+    }
+    with pytest.raises(policy_edit.EditError) as e:
+        policy_edit.put_plan(doc, bad)
+    assert (e.value.field, e.value.reason) == (
+        "plan",
+        "limits.0.rate.capacity: Input should be greater than 0",
+    )

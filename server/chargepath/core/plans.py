@@ -1,7 +1,9 @@
-"""Plan files: the policy document (metrics, plans, tenants) and its validation.
+"""Plans: the policy document (metrics, plans, tenants) and its validation.
 
 The same document is what ``chargepath serve --plans FILE`` publishes and what the admin API
-accepts. Validation errors name the field by its path and, for files, its line.
+accepts. Validation errors are :class:`PolicyIssue` structures naming the field by its path
+and, for text, its line. This module parses text; reading files is
+:mod:`chargepath.policy_files`'s job.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -238,13 +239,45 @@ def compile_rate(rate: RateSpec) -> CompiledRate:
     return CompiledRate(scale, rate.refill // g, rate.capacity * scale)
 
 
-class PolicyError(ValueError):
-    """A policy document that does not validate. ``errors`` are human-readable lines, each
-    naming the field (dotted path) and, when parsed from a file, its line."""
+@dataclass(frozen=True, slots=True)
+class PolicyIssue:
+    """One reason a policy document was refused, as a structure: shown as text by the CLI
+    (``str``), as a field violation by the admin API, never parsed back out of text.
 
-    def __init__(self, errors: list[str]) -> None:
-        self.errors = errors
-        super().__init__("invalid policy:\n  " + "\n  ".join(errors))
+    ``source`` names the text (a file path; ``document`` for the admin API). ``path`` is the
+    field's dotted path (``plans.0.limits.0.rate.capacity``); ``""`` for a rule on the
+    document as a whole; None when the text is not a document at all (unreadable, not YAML,
+    not a mapping). ``line`` is the 1-based line in the source, None when unknown (a
+    document that was not parsed from text)."""
+
+    source: str
+    path: str | None
+    line: int | None
+    message: str
+
+    @property
+    def detail(self) -> str:
+        """The issue without its source and line: ``path: message``."""
+        if self.path is None:
+            return self.message
+        return f"{self.path or '(document)'}: {self.message}"
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}: " if self.line else f"{self.source}: "
+        return where + self.detail
+
+
+class PolicyError(ValueError):
+    """A policy document that does not validate: every :class:`PolicyIssue` found."""
+
+    def __init__(self, issues: list[PolicyIssue]) -> None:
+        self.issues = issues
+        super().__init__("invalid policy:\n  " + "\n  ".join(self.errors))
+
+    @property
+    def errors(self) -> list[str]:
+        """The issues as human-readable lines (``source:line: path: message``)."""
+        return [str(issue) for issue in self.issues]
 
 
 def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
@@ -271,17 +304,30 @@ def parse_policy(
     try:
         return PolicyDocument.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = tuple(
-                p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+        raise PolicyError(_issues(exc, source, yaml_root)) from None
+
+
+def parse_plan(data: Any, *, source: str = "plan") -> PlanSpec:
+    """Validate one decoded plan (paths relative to the plan); raise :class:`PolicyError`."""
+    try:
+        return PlanSpec.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_issues(exc, source, None)) from None
+
+
+def _issues(exc: ValidationError, source: str, yaml_root: yaml.Node | None) -> list[PolicyIssue]:
+    issues = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        issues.append(
+            PolicyIssue(
+                source,
+                ".".join(str(p) for p in loc),
+                _line_of(yaml_root, loc) if yaml_root is not None else None,
+                err["msg"].removeprefix("Value error, "),
             )
-            path = ".".join(str(p) for p in loc) or "(document)"
-            line = _line_of(yaml_root, loc) if yaml_root is not None else None
-            where = f"{source}:{line}: " if line else f"{source}: "
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}{path}: {msg}")
-        raise PolicyError(lines) from None
+        )
+    return issues
 
 
 def load_policy_text(text: str, *, source: str = "policy") -> PolicyDocument:
@@ -290,23 +336,21 @@ def load_policy_text(text: str, *, source: str = "policy") -> PolicyDocument:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise PolicyError([f"{source}: not valid YAML: {exc}"]) from None
+        raise PolicyError([PolicyIssue(source, None, None, f"not valid YAML: {exc}")]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise PolicyError(
-            [f"{source}: the document must be a mapping with metrics, plans, tenants"]
+            [
+                PolicyIssue(
+                    source,
+                    None,
+                    None,
+                    "the document must be a mapping with metrics, plans, tenants",
+                )
+            ]
         )
     return parse_policy(data, source=source, yaml_root=root)
-
-
-def load_policy_file(path: str | Path) -> PolicyDocument:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyError([f"{p}: cannot read: {exc.strerror}"]) from None
-    return load_policy_text(text, source=str(p))
 
 
 SCOPES = {"tenant": Scope.TENANT, "slice": Scope.SLICE, "key": Scope.KEY}

@@ -11,11 +11,11 @@ from typing import Any
 from chargepath.core.model import Subject
 from chargepath.core.plans import (
     KeySpec,
-    PlanSpec,
     PolicyDocument,
     PolicyError,
     SliceSpec,
     TenantSpec,
+    parse_plan,
     parse_policy,
 )
 from chargepath.core.validation import check_subject_part, check_tenant
@@ -36,7 +36,7 @@ def _revalidate(data: dict[str, Any], field: str) -> PolicyDocument:
     try:
         return parse_policy(data, source="policy")
     except PolicyError as exc:
-        raise EditError(field, "; ".join(e.removeprefix("policy: ") for e in exc.errors)) from None
+        raise EditError(field, "; ".join(issue.detail for issue in exc.issues)) from None
 
 
 def _tenant(doc: PolicyDocument, name: str, field: str = "tenant") -> TenantSpec:
@@ -52,9 +52,9 @@ def _tenant(doc: PolicyDocument, name: str, field: str = "tenant") -> TenantSpec
 def put_plan(doc: PolicyDocument, plan: dict[str, Any]) -> PolicyDocument:
     """Create or replace a plan (validated against the catalog and its assignments)."""
     try:
-        spec = PlanSpec.model_validate(plan)
-    except ValueError as exc:
-        raise EditError("plan", str(exc).splitlines()[-1].strip()) from None
+        spec = parse_plan(plan)
+    except PolicyError as exc:
+        raise EditError("plan", "; ".join(issue.detail for issue in exc.issues)) from None
     data = doc.model_dump(mode="json")
     data["plans"] = [p for p in data["plans"] if p["name"] != spec.name]
     data["plans"].append(spec.model_dump(mode="json"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -30,7 +29,7 @@ from chargepath.core.model import (
 )
 from chargepath.core.periods import period_bounds
 from chargepath.core.policy import Limit
-from chargepath.store.base import StoreUnavailableError
+from chargepath.store.base import GrantReading, LimitReading, StoreUnavailableError
 from chargepath.store.redis_store import (
     RedisStore,
     grants_key,
@@ -38,27 +37,6 @@ from chargepath.store.redis_store import (
     read_script,
     tenant_prefix,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class LimitReading:
-    """A limit's live counter: in whole units and milliseconds, on the store's clock."""
-
-    limit: Limit
-    remaining: int
-    capacity: int
-    used: int
-    granted: int
-    reset_after_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class GrantReading:
-    grant_id: str
-    limit: str
-    amount: int
-    expires_at_ms: int
-    note: str
 
 
 def recent_key(tenant: str) -> str:
@@ -72,6 +50,11 @@ class AdminStore:
         self.store = store
         self.client = store.client
         self._grant = self.client.register_script(read_script("grant.lua"))
+
+    @property
+    def recent_length(self) -> int:
+        """How many recent decisions the trail keeps per tenant (what explain can find)."""
+        return self.store.recent_length
 
     async def grant(
         self, subject: Subject, limit: Limit, amount: int, expires_at_ms: int, note: str

@@ -1,8 +1,17 @@
-"""The store contract.
+"""The store contracts, split by use.
 
-A :class:`MeteringStore` keeps every bucket, quota, dedup record and ledger entry. Its contract:
+* :class:`DecisionStore`: deciding usages (the engine's hot path).
+* :class:`PolicyStore`: publishing and loading the versioned policy document.
+* :class:`MeteringStore`: both, plus liveness; what the engine takes.
+* :class:`StateStore`: grants and live state for the admin API (counters, the recent-decisions
+  trail, watching it).
+* :class:`LedgerStore`: how billing and the gateway read, acknowledge and trim the ledger.
 
-* :meth:`MeteringStore.decide` decides a batch of usages of ONE tenant in one atomic step: for
+This module imports no redis (the engine depends on it); :mod:`chargepath.store.redis_store`,
+:mod:`chargepath.store.admin` and :mod:`chargepath.store.ledger` implement the contracts on
+Redis. The common rules:
+
+* :meth:`DecisionStore.decide` decides a batch of usages of ONE tenant in one atomic step: for
   each usage, in order, the dedup check, the limit checks and debits (all or nothing for admit,
   always for report), the dedup record and the ledger entry are written together or not at all.
   No other decision interleaves with the batch.
@@ -19,12 +28,16 @@ Implementations must be safe to call concurrently from one event loop.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from chargepath.core.model import Usage, Verdict
+from chargepath.core.model import DecisionRecord, Subject, ThresholdEvent, Usage, Verdict
 from chargepath.core.plans import PolicyDocument
-from chargepath.core.policy import Resolution
+from chargepath.core.policy import Limit, Resolution
+
+if TYPE_CHECKING:  # the ledger's entry type; no redis import at run time
+    from chargepath.store.ledger import LedgerEntry
 
 
 class StoreUnavailableError(Exception):
@@ -67,7 +80,38 @@ class PublishedPolicy:
     changed: bool = False
 
 
-class MeteringStore(Protocol):
+@dataclass(frozen=True, slots=True)
+class LimitReading:
+    """A limit's live counter: in whole units and milliseconds, on the store's clock."""
+
+    limit: Limit
+    remaining: int
+    capacity: int
+    used: int
+    granted: int
+    reset_after_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class GrantReading:
+    """A live grant of quota ``limit``: ``amount`` units until ``expires_at_ms`` (0: the end
+    of the period)."""
+
+    grant_id: str
+    limit: str
+    amount: int
+    expires_at_ms: int
+    note: str
+
+
+class DecisionStore(Protocol):
+    """Decides usages. ``decide`` is one atomic step per call (see the module docstring):
+    dedup, limit checks and debits, dedup record and ledger entry, for every usage of the
+    batch, with nothing else interleaved. It raises :class:`StoreUnavailableError` when the
+    store cannot answer (the batch may or may not be applied; a resend with the same ids is
+    safe) and :class:`StalePolicyError` (nothing written) when the tenant is stamped with a
+    newer policy version."""
+
     async def decide(
         self,
         tenant: str,
@@ -80,6 +124,12 @@ class MeteringStore(Protocol):
         ``ok_limits=False``: a verdict with reason OK carries no limit states (the caller's
         basic view; the store keeps them for explain all the same)."""
         ...
+
+
+class PolicyStore(Protocol):
+    """Holds the live policy document under an increasing version. Publishing is atomic: a
+    reader sees the old document or the new one, never a mix. Every call raises
+    :class:`StoreUnavailableError` when the store cannot answer."""
 
     async def publish_policy(
         self,
@@ -101,8 +151,123 @@ class MeteringStore(Protocol):
         """The live policy version (0 if none); cheap, for polling."""
         ...
 
+
+class MeteringStore(DecisionStore, PolicyStore, Protocol):
+    """What the engine decides with: decisions and the policy, plus liveness."""
+
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailableError` unless the store answers."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class StateStore(Protocol):
+    """Grants and live state for the admin API. Amounts are whole units of the limit's
+    metric, times are milliseconds on the store's clock (Redis ``TIME``). Every call raises
+    :class:`StoreUnavailableError` when the store cannot answer. Reads change nothing."""
+
+    #: How many recent decisions the trail keeps per tenant (what explain can find).
+    @property
+    def recent_length(self) -> int: ...
+
+    async def grant(
+        self, subject: Subject, limit: Limit, amount: int, expires_at_ms: int, note: str
+    ) -> tuple[str, int, int] | None:
+        """Add ``amount`` units to quota ``limit`` of ``subject`` until ``expires_at_ms`` (0:
+        the end of the period), atomically with the counter it tops up; (grant id, capacity,
+        remaining) after it, or None (nothing written) if the expiry is already past."""
+        ...
+
+    async def read_limits(
+        self, subject: Subject, limits: tuple[Limit, ...]
+    ) -> tuple[int, list[LimitReading], list[GrantReading]]:
+        """Every limit's live counter for ``subject``, read in one atomic snapshot with the
+        store's clock: (now_ms, a reading per limit in the given order, live grants)."""
+        ...
+
+    async def recent(
+        self, tenant: str, *, subject: Subject | None = None, count: int = 10
+    ) -> list[DecisionRecord]:
+        """The tenant's newest decisions (narrowed to the subject's slice/key if given),
+        newest first, at most ``count``."""
+        ...
+
+    async def find_decision(self, tenant: str, decision_id: str) -> DecisionRecord | None:
+        """The decision with this id, if it is among the tenant's :attr:`recent_length` most
+        recent decisions."""
+        ...
+
+    def watch(self, tenant: str) -> AsyncIterator[DecisionRecord | ThresholdEvent | None]:
+        """New decisions and quota threshold crossings of the tenant as they are written;
+        None now and then when there is none (so a caller can notice it went away). Runs
+        until closed."""
+        ...
+
+
+class LedgerStore(Protocol):
+    """The tenant's billing ledger as billing (``chargepath ledger``) and the gateway read it:
+    an append-only log of recorded usages in the order written, each entry with a stream id
+    (``<ms>-<n>`` on the store's clock). The full contract (exactly once in the ledger, at
+    least once to a consumer group, what is trimmed when) is in :mod:`chargepath.store.ledger`.
+
+    Unlike the decision path, these calls do not translate the backend's errors: a store that
+    cannot be reached raises its client's error (for Redis, ``redis.exceptions.RedisError``
+    or ``OSError``); the callers are background jobs and a CLI that retry or exit."""
+
+    #: Entries per read of an export.
+    page_size: int
+
+    def export(
+        self,
+        tenant: str,
+        since_ms: int | None,
+        until_ms: int | None = None,
+        *,
+        mark: bool = True,
+    ) -> AsyncIterator[LedgerEntry]:
+        """The entries written in ``[since_ms, until_ms)``, oldest first; with ``mark``,
+        marked exported page by page as the caller takes them."""
+        ...
+
+    async def mark_exported(self, tenant: str, last_id: str, *, start_id: str = "-") -> int:
+        """Record that the entries from ``start_id`` to ``last_id`` were exported (the mark
+        only moves forward over a contiguous export), then trim; the number trimmed."""
+        ...
+
+    def consume_batches(
+        self,
+        tenant: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int = 100,
+        block_ms: int = 1000,
+        claim_idle_ms: int | None = None,
+        limit: int | None = None,
+    ) -> AsyncGenerator[list[tuple[str, LedgerEntry]], None]:
+        """Batches of (entry id, entry) delivered to ``consumer`` of ``group`` (created if
+        missing): its own pending entries first, then abandoned ones (``claim_idle_ms``),
+        then new ones. An entry stays pending until :meth:`ack`."""
+        ...
+
+    async def ack(self, tenant: str, group: str, ids: Sequence[str]) -> int:
+        """Acknowledge ``ids`` for ``group``, then trim; the number acknowledged."""
+        ...
+
+    async def groups(self, tenant: str) -> list[str]:
+        """The names of the consumer groups of the tenant's ledger; raises if the tenant has
+        no ledger yet."""
+        ...
+
+    async def lag(self, tenant: str, group: str) -> int:
+        """Entries of the ledger not yet acknowledged by ``group`` (LookupError: no such
+        ledger or group)."""
+        ...
+
+    async def flush_aggregates(self, tenant: str, clock_offset_ms: int = 0) -> int:
+        """Move every ended per-interval aggregate into the ledger, atomically (one entry
+        each); the number written. Safe to call from any number of processes."""
         ...
 
     async def close(self) -> None: ...

@@ -57,7 +57,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from chargepath.store.redis_store import ledger_key, read_script, tenant_prefix
+from chargepath.store.redis_store import (
+    RedisClient,
+    RedisStore,
+    ledger_key,
+    read_script,
+    tenant_prefix,
+)
 
 __all__ = [
     "Ledger",
@@ -227,7 +233,7 @@ class Ledger:
     ``XRANGE`` of an export.
     """
 
-    def __init__(self, client: aioredis.Redis, *, page_size: int = 1000) -> None:
+    def __init__(self, client: RedisClient, *, page_size: int = 1000) -> None:
         self.client = client
         self.page_size = page_size
         self._flush = client.register_script(read_script("flush_aggregates.lua"))
@@ -236,6 +242,12 @@ class Ledger:
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Ledger:
         return cls(aioredis.Redis.from_url(url, decode_responses=True), **kwargs)
+
+    @classmethod
+    def of_store(cls, store: RedisStore, **kwargs: Any) -> Ledger:
+        """The ledger on ``store``'s connections (a gateway's background jobs); closing the
+        store closes them."""
+        return cls(store.client, **kwargs)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -430,6 +442,12 @@ class Ledger:
         for c in await self.client.xinfo_consumers(ledger_key(tenant), group):
             if c["name"] != consumer and int(c["pending"]) == 0 and int(c["idle"]) >= idle_ms:
                 await self.client.xgroup_delconsumer(ledger_key(tenant), group, c["name"])
+
+    async def groups(self, tenant: str) -> list[str]:
+        """The names of the consumer groups of the tenant's ledger (``XINFO GROUPS``); a
+        ``ResponseError`` if the tenant has no ledger yet."""
+        groups: Any = await self.client.xinfo_groups(ledger_key(tenant))
+        return [str(g["name"]) for g in groups]
 
     async def lag(self, tenant: str, group: str) -> int:
         """Entries of the ledger not yet acknowledged by ``group``.

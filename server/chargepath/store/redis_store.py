@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from chargepath.core.model import (
     Decision,
+    FieldViolation,
     LimitKind,
     LimitState,
     Mode,
@@ -56,11 +57,19 @@ FLAG_RECORDED = 2
 FLAG_CONFLICT = 4
 FLAG_WINDOW_MISS = 8
 
-_CONFLICT_MESSAGE = "request_id: was already used for a different usage within the dedup window"
-_WINDOW_MESSAGE = (
-    "sequence: more than the session's replay window behind its highest sequence; whether it "
-    "was recorded is no longer known, so nothing was done"
+# The INVALID_USAGE verdicts the script gives, as structures; ``message`` is their text.
+_CONFLICT = (
+    FieldViolation("request_id", "was already used for a different usage within the dedup window"),
 )
+_WINDOW_MISS = (
+    FieldViolation(
+        "sequence",
+        "more than the session's replay window behind its highest sequence; whether it "
+        "was recorded is no longer known, so nothing was done",
+    ),
+)
+_CONFLICT_MESSAGE = str(_CONFLICT[0])
+_WINDOW_MESSAGE = str(_WINDOW_MISS[0])
 # decide.lua's codes -> enum members (an index instead of an enum call per verdict)
 _DECISIONS: dict[int, Decision] = {d.value: d for d in Decision}
 _REASONS: dict[int, Reason] = {r.value: r for r in Reason}
@@ -328,10 +337,11 @@ class RedisStore:
                     )
                 states = tuple(limits)
             message = ""
+            violations: tuple[FieldViolation, ...] = ()
             if flags & FLAG_CONFLICT:
-                message = _CONFLICT_MESSAGE
+                message, violations = _CONFLICT_MESSAGE, _CONFLICT
             elif flags & FLAG_WINDOW_MISS:
-                message = _WINDOW_MESSAGE
+                message, violations = _WINDOW_MESSAGE, _WINDOW_MISS
             append(
                 Verdict(
                     request_id=item.usage.request_id,
@@ -346,6 +356,7 @@ class RedisStore:
                     message=message,
                     decided_at_ms=now,
                     trace_id=item.trace_id,
+                    violations=violations,
                 )
             )
         return out

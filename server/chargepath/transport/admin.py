@@ -17,7 +17,6 @@ import grpc
 
 from chargepath.core import policy_edit
 from chargepath.core.model import (
-    DecisionRecord,
     FieldViolation,
     LimitKind,
     Subject,
@@ -27,9 +26,12 @@ from chargepath.core.plans import PolicyDocument, PolicyError, load_policy_text
 from chargepath.core.policy import Limit, Policy
 from chargepath.core.validation import MAX_AMOUNT, check_subject_part, check_tenant
 from chargepath.engine import Engine
-from chargepath.store.admin import AdminStore
-from chargepath.store.base import PolicyConflictError, StoreUnavailableError
-from chargepath.store.redis_store import RedisStore
+from chargepath.store.base import (
+    PolicyConflictError,
+    PolicyStore,
+    StateStore,
+    StoreUnavailableError,
+)
 from chargepath.transport import mapping
 from chargepath.transport.errors import abort, abort_invalid
 from chargepath_protos.v1 import admin_pb2 as apb
@@ -42,98 +44,19 @@ Context = Any  # grpc.aio.ServicerContext: grpcio ships no type information
 MAX_DOCUMENT = 1 << 20
 CAS_RETRIES = 10
 
-_SCOPE_NAMES = {pb.SCOPE_TENANT: "tenant", pb.SCOPE_SLICE: "slice", pb.SCOPE_KEY: "key"}
-_SCOPE_VALUES = {v: k for k, v in _SCOPE_NAMES.items()}
-_FAILURE_NAMES = {apb.FAILURE_MODE_DENY: "deny", apb.FAILURE_MODE_ALLOW: "allow"}
-_FAILURE_VALUES = {v: k for k, v in _FAILURE_NAMES.items()}
-_ERROR_LINE = re.compile(r"^document:(?:(\d+):)? ([^:]+): (.*)$")
-
-
-def plan_to_dict(plan: apb.Plan) -> dict[str, Any]:
-    limits = []
-    for lim in plan.limits:
-        d: dict[str, Any] = {
-            "name": lim.name,
-            "metric": lim.metric,
-            "scope": _SCOPE_NAMES.get(lim.scope, "tenant"),
-            "soft": lim.soft,
-        }
-        if lim.HasField("rate"):
-            d["rate"] = {
-                "capacity": lim.rate.capacity,
-                "refill": lim.rate.refill,
-                "per": lim.rate.per or "second",
-            }
-        if lim.HasField("quota"):
-            d["quota"] = {"amount": lim.quota.amount, "per": lim.quota.per}
-        limits.append(d)
-    return {"name": plan.name, "description": plan.description, "limits": limits}
-
-
-def plan_to_pb(plan: Any) -> apb.Plan:
-    out = apb.Plan(name=plan.name, description=plan.description)
-    for lim in plan.limits:
-        m = out.limits.add(
-            name=lim.name, metric=lim.metric, scope=_SCOPE_VALUES[lim.scope], soft=lim.soft
-        )
-        if lim.rate is not None:
-            m.rate.CopyFrom(
-                apb.RateLimit(capacity=lim.rate.capacity, refill=lim.rate.refill, per=lim.rate.per)
-            )
-        if lim.quota is not None:
-            m.quota.CopyFrom(apb.QuotaLimit(amount=lim.quota.amount, per=lim.quota.per))
-    return out
-
-
-def record_to_pb(r: DecisionRecord) -> apb.DecisionRecord:
-    out = apb.DecisionRecord(
-        decision_id=r.decision_id,
-        request_id=r.request_id,
-        subject=pb.Subject(tenant=r.subject.tenant, slice=r.subject.slice, key=r.subject.key),
-        metric=r.metric,
-        amount=r.amount,
-        mode=pb.MODE_REPORT if r.mode == 2 else pb.MODE_ADMIT,
-        decision=mapping.DECISIONS[r.decision],
-        reason=mapping.REASONS[r.reason],
-        policy_version=r.policy_version,
-        decided_at=mapping.timestamp(r.decided_at_ms),
-        trace_id=r.trace_id,
-        retry_after=mapping.duration(r.retry_after_ms),
-    )
-    for c in r.limits:
-        out.limits.add(
-            name=c.name,
-            kind=mapping.KINDS[c.kind],
-            remaining_before=c.remaining_before,
-            remaining_after=c.remaining_after,
-            capacity=c.capacity,
-            exceeded=c.exceeded,
-        )
-    return out
-
-
-def threshold_to_pb(e: ThresholdEvent) -> apb.ThresholdEvent:
-    return apb.ThresholdEvent(
-        subject=pb.Subject(tenant=e.subject.tenant, slice=e.subject.slice, key=e.subject.key),
-        limit=e.limit,
-        percent=e.percent,
-        used=e.used,
-        capacity=e.capacity,
-        at=mapping.timestamp(e.at_ms),
-    )
-
 
 def _subject(m: pb.Subject) -> tuple[Subject, list[FieldViolation]]:
+    subject = mapping.subject_from_pb(m)
     bad = [
         v
         for v in (
-            check_tenant(m.tenant, "subject.tenant"),
-            check_subject_part(m.slice, "subject.slice"),
-            check_subject_part(m.key, "subject.key"),
+            check_tenant(subject.tenant, "subject.tenant"),
+            check_subject_part(subject.slice, "subject.slice"),
+            check_subject_part(subject.key, "subject.key"),
         )
         if v is not None
     ]
-    return Subject(m.tenant, m.slice, m.key), bad
+    return subject, bad
 
 
 def tenant_limits(policy: Policy, subject: Subject) -> list[tuple[str, Limit]]:
@@ -151,15 +74,18 @@ def tenant_limits(policy: Policy, subject: Subject) -> list[tuple[str, Limit]]:
 
 
 class AdminServicer(apb_grpc.AdminServiceServicer):
-    def __init__(self, engine: Engine, store: RedisStore) -> None:
+    """Admin calls on two store contracts: ``policies`` (the versioned document every change
+    is made to) and ``state`` (grants, live counters, the recent-decisions trail)."""
+
+    def __init__(self, engine: Engine, policies: PolicyStore, state: StateStore) -> None:
         self.engine = engine
-        self.store = store
-        self.admin = AdminStore(store)
+        self.policies = policies
+        self.state = state
 
     # -- helpers ------------------------------------------------------------------------
 
     async def _live(self) -> tuple[int, PolicyDocument]:
-        published = await self.store.load_policy()
+        published = await self.policies.load_policy()
         if published is None:
             return 0, PolicyDocument()
         return published.version, published.document
@@ -178,7 +104,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 await abort_invalid(context, [FieldViolation(exc.field, exc.reason)])
             try:
                 published = await self._guard(
-                    context, self.store.publish_policy(new, expected_version=version)
+                    context, self.policies.publish_policy(new, expected_version=version)
                 )
             except PolicyConflictError:
                 continue
@@ -204,22 +130,14 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         try:
             doc = load_policy_text(request.document, source="document")
         except PolicyError as exc:
-            violations = []
-            for line in exc.errors:
-                m = _ERROR_LINE.match(line)
-                if m is None:
-                    violations.append(FieldViolation("document", line.removeprefix("document: ")))
-                    continue
-                where = f"line {m.group(1)}: " if m.group(1) else ""
-                violations.append(FieldViolation(f"document.{m.group(2)}", where + m.group(3)))
-            await abort_invalid(context, violations)
+            await abort_invalid(context, mapping.policy_violations(exc, "document"))
         version, live = await self._guard(context, self._live())
         diff = policy_edit.diff(live if version else None, doc)
         if request.dry_run or not diff:
             return apb.ApplyPolicyResponse(policy_version=version, changed=False, diff=diff)
         try:
             published = await self._guard(
-                context, self.store.publish_policy(doc, expected_version=version)
+                context, self.policies.publish_policy(doc, expected_version=version)
             )
         except PolicyConflictError:
             await abort(
@@ -237,7 +155,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         return apb.GetPolicyResponse(policy_version=version, document=doc.canonical_json())
 
     async def PutPlan(self, request: apb.PutPlanRequest, context: Context) -> apb.PutPlanResponse:
-        plan = plan_to_dict(request.plan)
+        plan = mapping.plan_from_pb(request.plan)
         v = await self._edit(context, lambda doc: policy_edit.put_plan(doc, plan))
         return apb.PutPlanResponse(policy_version=v)
 
@@ -248,13 +166,13 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             await abort(
                 context, grpc.StatusCode.NOT_FOUND, f"name: unknown plan {request.name[:64]!r}"
             )
-        return apb.GetPlanResponse(plan=plan_to_pb(plan), policy_version=version)
+        return apb.GetPlanResponse(plan=mapping.plan_to_pb(plan), policy_version=version)
 
     async def ListPlans(
         self, request: apb.ListPlansRequest, context: Context
     ) -> apb.ListPlansResponse:
         version, doc = await self._guard(context, self._live())
-        plans = [plan_to_pb(p) for p in sorted(doc.plans, key=lambda p: p.name)]
+        plans = [mapping.plan_to_pb(p) for p in sorted(doc.plans, key=lambda p: p.name)]
         return apb.ListPlansResponse(plans=plans, policy_version=version)
 
     async def DeletePlan(
@@ -292,7 +210,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     async def SetFailurePolicy(
         self, request: apb.SetFailurePolicyRequest, context: Context
     ) -> apb.SetFailurePolicyResponse:
-        mode = _FAILURE_NAMES.get(request.mode, "")
+        mode = mapping.FAILURE_MODES.get(request.mode, "")
         v = await self._edit(
             context, lambda doc: policy_edit.set_failure_mode(doc, request.tenant, mode)
         )
@@ -330,9 +248,9 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             )
         expires = 0
         if request.HasField("expires_at"):
-            expires = request.expires_at.ToMilliseconds()
+            expires = mapping.timestamp_ms(request.expires_at)
         result = await self._guard(
-            context, self.admin.grant(subject, limit, request.amount, expires, request.note)
+            context, self.state.grant(subject, limit, request.amount, expires, request.note)
         )
         if result is None:
             await abort_invalid(context, [FieldViolation("expires_at", "is in the past")])
@@ -360,42 +278,16 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             )
         pairs = tenant_limits(policy, subject)
         now, readings, grants = await self._guard(
-            context, self.admin.read_limits(subject, tuple(lim for _, lim in pairs))
+            context, self.state.read_limits(subject, tuple(lim for _, lim in pairs))
         )
         recent = await self._guard(
-            context, self.admin.recent(subject.tenant, subject=subject, count=request.recent or 10)
-        )
-        out = apb.GetStateResponse(
-            policy_version=policy.version,
-            plan=ent.plan or "",
-            slice_plan=ent.slice_plans.get(subject.slice) or "",
-            failure_mode=_FAILURE_VALUES[ent.failure_mode],
-            read_at=mapping.timestamp(now),
-            recent=[record_to_pb(r) for r in recent],
+            context, self.state.recent(subject.tenant, subject=subject, count=request.recent or 10)
         )
         metrics = {lim.name: pattern for pattern, lim in ent.limits}
         for s_limits in ent.slice_limits.values():
             metrics.update({lim.name: pattern for pattern, lim in s_limits})
-        for (plan, lim), r in zip(pairs, readings, strict=True):
-            out.limits.add(
-                name=lim.name,
-                kind=mapping.KINDS[lim.kind],
-                scope=mapping.SCOPES[lim.scope],
-                metric=metrics.get(lim.name, ""),
-                plan=plan,
-                remaining=r.remaining,
-                capacity=r.capacity,
-                refill=lim.refill,
-                per=lim.per,
-                used=r.used,
-                granted=r.granted,
-                reset_after=mapping.duration(r.reset_after_ms),
-                soft=lim.soft,
-            )
-        for g in grants:
-            m = out.grants.add(grant_id=g.grant_id, limit=g.limit, amount=g.amount, note=g.note)
-            if g.expires_at_ms:
-                m.expires_at.FromMilliseconds(g.expires_at_ms)
+        # the suspensions that apply: the subject's own and each broader scope's, once each
+        suspensions: dict[tuple[str, str, str], str] = {}
         for probe in (
             Subject(subject.tenant),
             Subject(subject.tenant, subject.slice),
@@ -403,14 +295,25 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             Subject(subject.tenant, "", subject.key),
         ):
             key = (probe.tenant, probe.slice, probe.key)
-            if key in policy.suspensions and not any(
-                (s.subject.slice, s.subject.key) == key[1:] for s in out.suspensions
-            ):
-                out.suspensions.add(
-                    subject=pb.Subject(tenant=probe.tenant, slice=probe.slice, key=probe.key),
-                    reason=policy.suspensions[key],
-                )
-        return out
+            if key in policy.suspensions:
+                suspensions.setdefault(key, policy.suspensions[key])
+        return apb.GetStateResponse(
+            policy_version=policy.version,
+            plan=ent.plan or "",
+            slice_plan=ent.slice_plans.get(subject.slice) or "",
+            failure_mode=mapping.FAILURE_MODE_VALUES[ent.failure_mode],
+            read_at=mapping.timestamp(now),
+            recent=[mapping.record_to_pb(r) for r in recent],
+            limits=[
+                mapping.limit_state_to_pb(plan, metrics.get(lim.name, ""), lim, r)
+                for (plan, lim), r in zip(pairs, readings, strict=True)
+            ],
+            grants=[mapping.grant_to_pb(g) for g in grants],
+            suspensions=[
+                mapping.suspension_to_pb(Subject(*key), reason)
+                for key, reason in suspensions.items()
+            ],
+        )
 
     async def ExplainDecision(
         self, request: apb.ExplainDecisionRequest, context: Context
@@ -421,16 +324,16 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         if bad is not None:
             await abort_invalid(context, [bad])
         record = await self._guard(
-            context, self.admin.find_decision(request.tenant, request.decision_id)
+            context, self.state.find_decision(request.tenant, request.decision_id)
         )
         if record is None:
             await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"decision_id: {request.decision_id} is not among the tenant's "
-                f"{self.store.recent_length} most recent decisions",
+                f"{self.state.recent_length} most recent decisions",
             )
-        return apb.ExplainDecisionResponse(decision=record_to_pb(record))
+        return apb.ExplainDecisionResponse(decision=mapping.record_to_pb(record))
 
     async def WatchDecisions(
         self, request: apb.WatchDecisionsRequest, context: Context
@@ -441,13 +344,13 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         decisions = {int(d) for d in request.decisions}
         reasons = {int(r) for r in request.reasons}
         try:
-            async for event in self.admin.watch(request.tenant):
+            async for event in self.state.watch(request.tenant):
                 if event is None:
                     continue
                 if isinstance(event, ThresholdEvent):
-                    yield apb.WatchDecisionsResponse(threshold=threshold_to_pb(event))
+                    yield apb.WatchDecisionsResponse(threshold=mapping.threshold_to_pb(event))
                     continue
-                rec = record_to_pb(event)
+                rec = mapping.record_to_pb(event)
                 if decisions and rec.decision not in decisions:
                     continue
                 if reasons and rec.reason not in reasons:

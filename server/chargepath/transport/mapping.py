@@ -1,18 +1,30 @@
-"""The one place where protobuf messages become core types and back."""
+"""The one place where protobuf messages become core types and back, for the metering and
+the admin services alike; the servicers keep only their logic."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from chargepath.core.model import (
     Decision,
+    DecisionRecord,
+    FieldViolation,
     LimitKind,
     LimitState,
     Mode,
     Reason,
     Scope,
     Subject,
+    ThresholdEvent,
     Usage,
     Verdict,
 )
+from chargepath.core.plans import PlanSpec, PolicyError
+from chargepath.core.policy import Limit
+from chargepath.store.base import GrantReading, LimitReading
+from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import metering_pb2 as pb
 
 MODES = {pb.MODE_ADMIT: Mode.ADMIT, pb.MODE_REPORT: Mode.REPORT}
@@ -34,6 +46,11 @@ REASONS = {
 }
 KINDS = {LimitKind.RATE: pb.LIMIT_KIND_RATE, LimitKind.QUOTA: pb.LIMIT_KIND_QUOTA}
 SCOPES = {Scope.TENANT: pb.SCOPE_TENANT, Scope.SLICE: pb.SCOPE_SLICE, Scope.KEY: pb.SCOPE_KEY}
+#: wire scopes and failure modes <-> their names in a policy document
+SCOPE_NAMES = {pb.SCOPE_TENANT: "tenant", pb.SCOPE_SLICE: "slice", pb.SCOPE_KEY: "key"}
+SCOPE_VALUES = {v: k for k, v in SCOPE_NAMES.items()}
+FAILURE_MODES = {apb.FAILURE_MODE_DENY: "deny", apb.FAILURE_MODE_ALLOW: "allow"}
+FAILURE_MODE_VALUES = {v: k for k, v in FAILURE_MODES.items()}
 
 
 def usage_from_pb(m: pb.Usage) -> Usage:
@@ -122,7 +139,145 @@ def verdict_fields(v: Verdict, view: int = pb.VERDICT_VIEW_FULL) -> Fields:
         out["trace_id"] = v.trace_id
     if v.message:
         out["message"] = v.message
+    if v.violations:
+        out["violations"] = [{"field": fv.field, "description": fv.reason} for fv in v.violations]
     at = v.decided_at_ms
     if at:
         out["decided_at"] = timestamp(at)
+    return out
+
+
+# -- admin ------------------------------------------------------------------------------
+
+
+def subject_from_pb(m: pb.Subject) -> Subject:
+    """Map a wire subject; its checks are the core's (validation.check_tenant, ...)."""
+    return Subject(m.tenant, m.slice, m.key)
+
+
+def subject_to_pb(s: Subject) -> pb.Subject:
+    return pb.Subject(tenant=s.tenant, slice=s.slice, key=s.key)
+
+
+def timestamp_ms(m: Timestamp) -> int:
+    """Milliseconds since the Unix epoch of a ``google.protobuf.Timestamp``."""
+    return int(m.ToMilliseconds())
+
+
+def plan_from_pb(plan: apb.Plan) -> dict[str, Any]:
+    """A wire plan as the mapping of a policy document's plan, to be validated by
+    :func:`chargepath.core.policy_edit.put_plan` (unknown enum values become defaults that
+    validation judges)."""
+    limits = []
+    for lim in plan.limits:
+        d: dict[str, Any] = {
+            "name": lim.name,
+            "metric": lim.metric,
+            "scope": SCOPE_NAMES.get(lim.scope, "tenant"),
+            "soft": lim.soft,
+        }
+        if lim.HasField("rate"):
+            d["rate"] = {
+                "capacity": lim.rate.capacity,
+                "refill": lim.rate.refill,
+                "per": lim.rate.per or "second",
+            }
+        if lim.HasField("quota"):
+            d["quota"] = {"amount": lim.quota.amount, "per": lim.quota.per}
+        limits.append(d)
+    return {"name": plan.name, "description": plan.description, "limits": limits}
+
+
+def plan_to_pb(plan: PlanSpec) -> apb.Plan:
+    out = apb.Plan(name=plan.name, description=plan.description)
+    for lim in plan.limits:
+        m = out.limits.add(
+            name=lim.name, metric=lim.metric, scope=SCOPE_VALUES[lim.scope], soft=lim.soft
+        )
+        if lim.rate is not None:
+            m.rate.CopyFrom(
+                apb.RateLimit(capacity=lim.rate.capacity, refill=lim.rate.refill, per=lim.rate.per)
+            )
+        if lim.quota is not None:
+            m.quota.CopyFrom(apb.QuotaLimit(amount=lim.quota.amount, per=lim.quota.per))
+    return out
+
+
+def record_to_pb(r: DecisionRecord) -> apb.DecisionRecord:
+    out = apb.DecisionRecord(
+        decision_id=r.decision_id,
+        request_id=r.request_id,
+        subject=subject_to_pb(r.subject),
+        metric=r.metric,
+        amount=r.amount,
+        mode=pb.MODE_REPORT if r.mode == Mode.REPORT else pb.MODE_ADMIT,
+        decision=DECISIONS[r.decision],
+        reason=REASONS[r.reason],
+        policy_version=r.policy_version,
+        decided_at=timestamp(r.decided_at_ms),
+        trace_id=r.trace_id,
+        retry_after=duration(r.retry_after_ms),
+    )
+    for c in r.limits:
+        out.limits.add(
+            name=c.name,
+            kind=KINDS[c.kind],
+            remaining_before=c.remaining_before,
+            remaining_after=c.remaining_after,
+            capacity=c.capacity,
+            exceeded=c.exceeded,
+        )
+    return out
+
+
+def threshold_to_pb(e: ThresholdEvent) -> apb.ThresholdEvent:
+    return apb.ThresholdEvent(
+        subject=subject_to_pb(e.subject),
+        limit=e.limit,
+        percent=e.percent,
+        used=e.used,
+        capacity=e.capacity,
+        at=timestamp(e.at_ms),
+    )
+
+
+def limit_state_to_pb(plan: str, metric: str, lim: Limit, r: LimitReading) -> apb.LimitState:
+    """The live state of ``lim`` (from ``plan``, counting ``metric``) read as ``r``."""
+    return apb.LimitState(
+        name=lim.name,
+        kind=KINDS[lim.kind],
+        scope=SCOPES[lim.scope],
+        metric=metric,
+        plan=plan,
+        remaining=r.remaining,
+        capacity=r.capacity,
+        refill=lim.refill,
+        per=lim.per,
+        used=r.used,
+        granted=r.granted,
+        reset_after=duration(r.reset_after_ms),
+        soft=lim.soft,
+    )
+
+
+def grant_to_pb(g: GrantReading) -> apb.GrantState:
+    out = apb.GrantState(grant_id=g.grant_id, limit=g.limit, amount=g.amount, note=g.note)
+    if g.expires_at_ms:
+        out.expires_at.FromMilliseconds(g.expires_at_ms)
+    return out
+
+
+def suspension_to_pb(subject: Subject, reason: str) -> apb.Suspension:
+    return apb.Suspension(subject=subject_to_pb(subject), reason=reason)
+
+
+def policy_violations(err: PolicyError, field: str = "document") -> list[FieldViolation]:
+    """The issues of a refused policy document as field violations of the request's
+    ``field``: ``document.<path>`` (``document`` for the document as a whole, or text that
+    is not a document), described as ``line N: message`` when the line is known."""
+    out = []
+    for issue in err.issues:
+        where = f"line {issue.line}: " if issue.line else ""
+        name = f"{field}.{issue.path}" if issue.path else field
+        out.append(FieldViolation(name, where + issue.message))
     return out

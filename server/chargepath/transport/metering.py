@@ -10,12 +10,12 @@ from typing import Any
 
 import grpc
 
-from chargepath.core.model import Decision, InvalidUsageError, Reason, Verdict
+from chargepath.core.model import Decision, FieldViolation, InvalidUsageError, Reason, Verdict
 from chargepath.core.validation import MAX_BATCH
 from chargepath.engine import Engine, new_decision_id
-from chargepath.telemetry import set_rpc_status
 from chargepath.transport.errors import abort, abort_invalid
 from chargepath.transport.mapping import usage_from_pb, verdict_fields
+from chargepath.transport.tracing import caller_context, server_span, set_rpc_status
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 
@@ -40,8 +40,8 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
 
     async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
         telemetry = self.engine.telemetry
-        parent = telemetry.caller_context(context.invocation_metadata())
-        with telemetry.server_span(CHECK_SPAN, "Check", parent) as span:
+        parent = caller_context(telemetry, context.invocation_metadata())
+        with server_span(telemetry, CHECK_SPAN, "Check", parent) as span:
             usage = usage_from_pb(request.usage)
             try:
                 verdict = await self.engine.check(usage)
@@ -63,7 +63,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         telemetry = self.engine.telemetry
         telemetry.open_streams.add(1)
         # the caller's W3C traceparent: every batch span of this stream is its child
-        caller = telemetry.caller_context(context.invocation_metadata())
+        caller = caller_context(telemetry, context.invocation_metadata())
         drain = asyncio.ensure_future(self.draining.wait())
         try:
             while True:
@@ -81,7 +81,8 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                     return
                 assert isinstance(request, pb.StreamUsageRequest)
                 try:
-                    with telemetry.server_span(
+                    with server_span(
+                        telemetry,
                         BATCH_SPAN,
                         "StreamUsage",
                         caller,
@@ -106,7 +107,11 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
 
     async def _decide(self, request: pb.StreamUsageRequest) -> list[Verdict]:
         if len(request.usages) > MAX_BATCH:
-            msg = f"usages: at most {MAX_BATCH} per message, got {len(request.usages)}"
+            too_many = (
+                FieldViolation(
+                    "usages", f"at most {MAX_BATCH} per message, got {len(request.usages)}"
+                ),
+            )
             return [
                 Verdict(
                     request_id=u.request_id[:128],
@@ -114,7 +119,8 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                     reason=Reason.INVALID_USAGE,
                     decision_id=new_decision_id(),
                     policy_version=self.engine.policy.version,
-                    message=msg,
+                    message=str(too_many[0]),
+                    violations=too_many,
                 )
                 for u in request.usages
             ]
