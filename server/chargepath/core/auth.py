@@ -262,6 +262,11 @@ def _canonical_secret(secret: str) -> bool:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == secret
 
 
+def secret_digest(secret: str) -> bytes:
+    """SHA-256 of the secret (32 bytes); :func:`hash_secret` is its hex form."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
 def hash_secret(secret: str) -> str:
     """SHA-256 of the secret, hex. What the store keeps instead of the secret.
 
@@ -270,7 +275,7 @@ def hash_secret(secret: str) -> str:
     milliseconds of CPU on every cache miss of every gateway process, which a flood of bad keys
     would turn into a denial of service.
     """
-    return hashlib.sha256(secret.encode("ascii")).hexdigest()
+    return secret_digest(secret).hex()
 
 
 def secret_matches(secret: str, secret_hash: str) -> bool:

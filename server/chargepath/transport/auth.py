@@ -25,17 +25,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import hmac
 import inspect
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from redis.exceptions import RedisError
 
 from chargepath.core.auth import (
+    KEY_ID_LENGTH,
+    KEY_LENGTH,
+    KEY_PREFIX,
     MISSING_CREDENTIAL,
     FailedAttempts,
     KeyFormatError,
@@ -46,6 +51,7 @@ from chargepath.core.auth import (
     authorize,
     needs_credential,
     parse_key,
+    secret_digest,
     secret_matches,
 )
 from chargepath.store.base import StoreUnavailableError
@@ -66,6 +72,8 @@ _CODES = {
     RefusalKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     RefusalKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
 }
+_KEY_ID_START = len(KEY_PREFIX)
+_KEY_ID_END = _KEY_ID_START + KEY_ID_LENGTH
 _INVALID = Refusal(RefusalKind.UNAUTHENTICATED, "invalid API key")
 _NOT_BEARER = Refusal(
     RefusalKind.UNAUTHENTICATED,
@@ -105,6 +113,25 @@ def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     return token.strip()
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A cache entry: a key that was valid when looked up, with what each call needs ready."""
+
+    record: KeyRecord
+    principal: Principal
+    digest: bytes  # SHA-256 of the secret
+    until_ms: int | None  # expiry or scheduled revocation, whichever is first
+
+
+def _verified(record: KeyRecord) -> _Verified | None:
+    try:
+        digest = bytes.fromhex(record.secret_hash)
+    except ValueError:
+        return None  # a damaged record never matches; it is not cached
+    ends = [t for t in (record.expires_ms, record.revoked_ms) if t is not None]
+    return _Verified(record, record.principal(), digest, min(ends) if ends else None)
+
+
 class Authenticator:
     """Verifies API keys against a :class:`RedisKeyStore`, with a cache of verified keys.
 
@@ -131,7 +158,7 @@ class Authenticator:
             if attempts is not None
             else FailedAttempts(lambda: time.monotonic_ns() // 1_000_000)
         )
-        self._cache: OrderedDict[str, KeyRecord] = OrderedDict()
+        self._cache: OrderedDict[str, _Verified] = OrderedDict()
         self._cache_size = cache_size
         self._poll_interval_s = poll_interval_s
         self._lookup_timeout_s = lookup_timeout_s
@@ -181,6 +208,21 @@ class Authenticator:
         :class:`StoreUnavailableError` if the key is not cached and the store cannot say."""
         if token is None:
             return MISSING_CREDENTIAL
+        # The path of nearly every call: a cached key id whose secret hashes to the cached
+        # digest (which also proves the text is a well-formed key). No parsing, no Redis.
+        entry = self._cache.get(token[_KEY_ID_START:_KEY_ID_END])
+        if (
+            entry is not None
+            and len(token) == KEY_LENGTH
+            and token.startswith(KEY_PREFIX)
+            and token[_KEY_ID_END] == "_"
+            and hmac.compare_digest(secret_digest(token[_KEY_ID_END + 1 :]), entry.digest)
+        ):
+            self.cache_hits += 1
+            if entry.until_ms is not None and entry.until_ms <= (now := self._wall_ms()):
+                return self._refuse_ended(entry.record, peer, now)
+            self._cache.move_to_end(entry.record.key_id)
+            return entry.principal
         if not token:
             self._attempts.record(peer)
             return _NOT_BEARER
@@ -189,11 +231,6 @@ class Authenticator:
         except KeyFormatError as exc:
             self._attempts.record(peer)
             return Refusal(RefusalKind.UNAUTHENTICATED, f"invalid credential: {exc}")
-        record = self._cache.get(key.key_id)
-        if record is not None and secret_matches(key.secret, record.secret_hash):
-            self.cache_hits += 1
-            self._cache.move_to_end(key.key_id)
-            return self._check(record, peer)
         wait_ms = self._attempts.retry_after_ms(peer)
         if wait_ms:
             return Refusal(
@@ -201,7 +238,7 @@ class Authenticator:
                 "too many failed authentication attempts from this address; "
                 f"retry in {-(-wait_ms // 1000)} s",
             )
-        if record is not None:  # a cached key id with a wrong secret
+        if entry is not None:  # a cached key id with a wrong secret
             self.cache_hits += 1
             self._attempts.record(peer)
             return _INVALID
@@ -214,22 +251,22 @@ class Authenticator:
         if record is None or not secret_matches(key.secret, record.secret_hash):
             self._attempts.record(peer)
             return _INVALID
-        result = self._check(record, peer)
-        if isinstance(result, Principal) and generation == self._generation:
-            self._cache[key.key_id] = record
+        now = self._wall_ms()
+        if record.refusal_at(now) is not None:
+            return self._refuse_ended(record, peer, now)
+        verified = _verified(record)
+        if verified is not None and generation == self._generation:
+            self._cache[key.key_id] = verified
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return result
+        return record.principal()
 
-    def _check(self, record: KeyRecord, peer: str) -> Principal | Refusal:
-        # Only the holder of the secret gets here, so saying "revoked" or "expired" tells
-        # nothing to anyone else, and tells the operator what to fix.
-        why = record.refusal_at(self._wall_ms())
-        if why is None:
-            return record.principal()
+    def _refuse_ended(self, record: KeyRecord, peer: str, now_ms: int) -> Refusal:
+        """A key past its expiry or revocation at ``now_ms``. Only the holder of the secret gets
+        here, so saying which tells nothing to anyone else, and tells the operator what to fix."""
         self._cache.pop(record.key_id, None)
         self._attempts.record(peer)
-        return Refusal(RefusalKind.UNAUTHENTICATED, f"API key {why}")
+        return Refusal(RefusalKind.UNAUTHENTICATED, f"API key {record.refusal_at(now_ms)}")
 
     async def _poll_epoch(self) -> None:
         while True:
@@ -285,6 +322,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> None:
         self._authenticator = authenticator
         self._identity_principal = identity_principal
+        # method -> (the handler, its guarded version): built once per method, not per call.
+        # Bounded by the methods that have a handler.
+        self._guarded: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -295,7 +335,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = handler_call_details.method
         if handler is None or not needs_credential(method):
             return handler
-        return _guarded(handler, lambda context: self._admit(method, context))
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = _guarded(handler, lambda context: self._admit(method, context))
+        self._guarded[method] = (handler, guarded)
+        return guarded
 
     async def _admit(self, method: str, context: Any) -> None:
         token = bearer_token(context.invocation_metadata())
