@@ -8,7 +8,6 @@ import grpc
 import pytest
 
 from chargepath_client import AsyncClient, Client, InvalidUsage, validate_usage
-from chargepath_client._errors import from_rpc_error, invalid_usage_from_message, public_field
 
 pytestmark = pytest.mark.unit
 
@@ -137,84 +136,3 @@ def test_the_sync_client_validates_before_sending() -> None:
     with Client("127.0.0.1:9") as client, pytest.raises(InvalidUsage) as caught:
         client.check("cpaas-demo", "api.sms.send", 1, labels={"k": "v" * 300})
     assert caught.value.field == "labels"
-
-
-@pytest.mark.parametrize(
-    ("path", "field"),
-    [
-        ("subject.tenant", "tenant"),
-        ("usage.subject.key", "key"),
-        ("usages[3].amount", "amount"),
-        ("request_id", "request_id"),
-        ("labels[country]", "labels"),
-        ('usage.labels["country"]', "labels"),
-    ],
-)
-def test_server_field_paths_map_to_argument_names(path: str, field: str) -> None:
-    assert public_field(path) == field
-
-
-def test_a_server_message_is_parsed_into_field_and_reason() -> None:
-    error = invalid_usage_from_message(
-        "subject.tenant: must be 1 to 64 characters; amount: must be between 1 and 10"
-    )
-    assert error.field == "tenant"
-    assert error.reason.startswith("must be 1 to 64 characters")
-    assert invalid_usage_from_message("no field here").field == "usage"
-
-
-class _FakeRpcError(grpc.RpcError):
-    """Just enough of a failed call for the status mapping (no network)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, trailing: Any = ()) -> None:
-        self._code, self._details, self._trailing = code, details, trailing
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> Any:
-        return self._trailing
-
-
-def test_invalid_argument_uses_the_bad_request_detail() -> None:
-    from google.protobuf import any_pb2
-    from google.rpc import code_pb2, error_details_pb2, status_pb2
-
-    detail = any_pb2.Any()
-    detail.Pack(
-        error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field="subject.slice", description="must be up to 128 characters"
-                ),
-                error_details_pb2.BadRequest.FieldViolation(
-                    field="amount", description="must be between 1 and 1000000000000"
-                ),
-            ]
-        )
-    )
-    message = "something else entirely"
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
-    error = from_rpc_error(
-        _FakeRpcError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            message,
-            (("grpc-status-details-bin", status.SerializeToString()),),
-        ),
-        request_id="r-1",
-    )
-    assert isinstance(error, InvalidUsage)
-    assert (error.field, error.reason) == ("slice", "must be up to 128 characters")
-    assert error.violations[1] == ("amount", "must be between 1 and 1000000000000")
-    assert error.request_id == "r-1"
-
-
-def test_invalid_argument_without_detail_falls_back_to_the_message() -> None:
-    error = from_rpc_error(
-        _FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "amount: must be between 1 and 10")
-    )
-    assert isinstance(error, InvalidUsage)
-    assert (error.field, error.reason) == ("amount", "must be between 1 and 10")
