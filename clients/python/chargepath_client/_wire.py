@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from chargepath_client._validation import validate_usage
+from chargepath_client._validation import validate_occurred_at, validate_usage
 from chargepath_client._verdict import MODES, Mode
 from chargepath_protos.v1 import metering_pb2 as pb
 
@@ -107,6 +107,7 @@ def usage(
             labels=labels,
             request_id=request_id,
         )
+        validate_occurred_at(occurred_at)
     message = pb.Usage(
         request_id=request_id if request_id is not None else new_id(),
         subject=pb.Subject(tenant=tenant, slice=slice, key=key),
