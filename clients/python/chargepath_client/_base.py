@@ -159,7 +159,8 @@ class BaseClient:
         - `tls_server_name`: the name the gateway's certificate is checked against, when it is
           not the host of `target` (an address, a tunnel).
         - `api_key`: sent as `authorization: Bearer <api_key>` with every call and stream.
-          It is kept only in the call metadata: no attribute, repr, log or error shows it.
+          Kept only in the private call metadata: no public attribute, repr, log line or
+          error message shows it.
         """
         if default_deadline <= 0:
             raise ValueError("default_deadline must be positive")
