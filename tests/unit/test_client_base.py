@@ -186,6 +186,8 @@ async def test_the_api_key_stays_out_of_attributes_and_reprs(cls: type[Any]) -> 
     ("options", "message"),
     [
         ({"api_key": ""}, "api_key"),
+        ({"api_key": API_KEY + "\n"}, "api_key"),
+        ({"api_key": "clé"}, "api_key"),
         ({"api_key": API_KEY, "metadata": [("Authorization", "Bearer other")]}, "api_key"),
         ({"tls_cert": b"cert"}, "tls_key"),
         ({"tls_key": b"key"}, "tls_key"),

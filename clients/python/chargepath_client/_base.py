@@ -65,9 +65,11 @@ def call_metadata(metadata: Sequence[tuple[str, str]], api_key: str | None) -> _
     joined = _wire.metadata(metadata)
     if api_key is None:
         return joined
-    if not api_key or any(key == AUTHORIZATION for key, _ in joined):
-        # The message names neither the key nor the metadata value: both are secrets.
-        raise ValueError("api_key must be non-empty and not also given as authorization metadata")
+    # Messages name neither the key nor the metadata value: both are secrets.
+    if not (api_key.isascii() and api_key.isprintable() and api_key.strip() == api_key != ""):
+        raise ValueError("api_key must be printable ASCII, without surrounding spaces")
+    if any(key == AUTHORIZATION for key, _ in joined):
+        raise ValueError("give the api key as api_key or as authorization metadata, not both")
     return ((AUTHORIZATION, f"Bearer {api_key}"), *joined)
 
 
