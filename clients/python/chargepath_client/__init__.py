@@ -38,6 +38,16 @@ the same id, exponential backoff and jitter, within the call's overall deadline
 (`default_deadline`, or `deadline=` per call). The gateway answers a repeat from its record
 (`verdict.replayed`), so nothing is counted twice. See `RetryPolicy`.
 
+TLS and credentials: plaintext unless told otherwise. `tls_ca=` (a PEM file or bytes) verifies
+the gateway's certificate, `tls_cert=`/`tls_key=` present a client certificate (mutual TLS),
+`tls_server_name=` checks the certificate against another name than the target's host, and
+`api_key=` goes as `authorization: Bearer <key>` with every call and stream:
+
+    async with AsyncClient(
+        "gateway.example:50051", tls_ca="ca.pem", api_key=os.environ["CHARGEPATH_API_KEY"]
+    ) as client:
+        ...
+
 Validation: arguments are checked against the server's rules before sending; a bad one
 raises `InvalidUsage` (a `ValueError`) naming the field, as does the server's
 INVALID_ARGUMENT:

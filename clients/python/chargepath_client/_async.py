@@ -9,7 +9,6 @@ async with AsyncClient("127.0.0.1:50051") as client:
 from __future__ import annotations
 
 import asyncio
-import logging
 import weakref
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -20,56 +19,30 @@ import grpc
 import grpc.aio
 
 from chargepath_client import _wire
-from chargepath_client._errors import ChargepathError, DeadlineExceeded, from_rpc_error
-from chargepath_client._retry import Attempts, RetryPolicy
+from chargepath_client._base import BaseClient, CheckAttempts
+from chargepath_client._retry import RetryPolicy
 from chargepath_client._stream import UsageStream
 from chargepath_client._verdict import Mode, Verdict
 from chargepath_protos.v1 import metering_pb2 as pb
 
-logger = logging.getLogger("chargepath_client")
 
-
-class AsyncClient:
-    """Asyncio client of a Chargepath gateway.
-
-    - `target`: "host:port" of the gateway.
-    - `credentials`: `grpc.ssl_channel_credentials(...)` (and friends) for TLS/mTLS; None
-      for a plaintext channel.
-    - `metadata`: (key, value) pairs sent with every call, e.g. a tenant credential.
-    - `default_deadline`: seconds a `check`/`report` may take in all, retries included.
-    - `retry`: what is retried and how (see `RetryPolicy`).
-    - `validate`: check arguments client-side before sending (turn off only to exercise
-      the server's own validation).
-    - `options`: extra grpc channel options.
+class AsyncClient(BaseClient):
+    """Asyncio client of a Chargepath gateway (the options are `__init__`'s).
 
     Use it as an async context manager, or call `close()`. One client (one channel) serves
     any number of concurrent calls and streams; create it once per process.
     """
 
-    def __init__(
+    def _connect(
         self,
-        target: str = "127.0.0.1:50051",
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        default_deadline: float = 2.0,
-        retry: RetryPolicy | None = None,
-        validate: bool = True,
-        options: Sequence[tuple[str, int | str]] = (),
+        credentials: grpc.ChannelCredentials | None,
+        options: Sequence[tuple[str, int | str]],
     ) -> None:
-        if default_deadline <= 0:
-            raise ValueError("default_deadline must be positive")
-        self.target = target
-        self.default_deadline = default_deadline
-        self.retry = retry if retry is not None else RetryPolicy()
-        self.validate = validate
-        self._metadata = _wire.metadata(metadata)
         self._streams: weakref.WeakSet[UsageStream] = weakref.WeakSet()
-        channel_options = [*_wire.DEFAULT_CHANNEL_OPTIONS, *options]
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
+            self._channel = grpc.aio.secure_channel(self.target, credentials, options=options)
         self._check: _wire.CheckCall = self._channel.unary_unary(
             _wire.CHECK_METHOD,
             request_serializer=pb.CheckRequest.SerializeToString,
@@ -121,19 +94,10 @@ class AsyncClient:
         exception. `request_id` defaults to a new UUID; every retry reuses it, so the usage
         is never counted twice. `deadline` (seconds) overrides `default_deadline`.
         """
-        return await self._decide(
-            Mode.ADMIT,
-            tenant=tenant,
-            metric=metric,
-            amount=amount,
-            slice=slice,
-            key=key,
-            labels=labels,
-            request_id=request_id,
-            occurred_at=None,
-            deadline=deadline,
-            metadata=metadata,
+        usage = self._usage(
+            Mode.ADMIT, tenant, metric, amount, slice, key, labels, request_id, None
         )
+        return await self._decide(self._check_attempts(usage, deadline, metadata))
 
     async def report(
         self,
@@ -156,19 +120,10 @@ class AsyncClient:
         means nothing was recorded and the usage should be reported again with the same
         `request_id`. `occurred_at` defaults to the time the gateway receives it.
         """
-        return await self._decide(
-            Mode.REPORT,
-            tenant=tenant,
-            metric=metric,
-            amount=amount,
-            slice=slice,
-            key=key,
-            labels=labels,
-            request_id=request_id,
-            occurred_at=occurred_at,
-            deadline=deadline,
-            metadata=metadata,
+        usage = self._usage(
+            Mode.REPORT, tenant, metric, amount, slice, key, labels, request_id, occurred_at
         )
+        return await self._decide(self._check_attempts(usage, deadline, metadata))
 
     def stream(
         self,
@@ -206,53 +161,14 @@ class AsyncClient:
         self._streams.add(stream)
         return stream
 
-    async def _decide(
-        self,
-        mode: Mode,
-        *,
-        tenant: str,
-        metric: str,
-        amount: int,
-        slice: str,
-        key: str,
-        labels: Mapping[str, str] | None,
-        request_id: str | None,
-        occurred_at: datetime | None,
-        deadline: float | None,
-        metadata: Sequence[tuple[str, str]] | None,
-    ) -> Verdict:
-        request = _wire.check_request(
-            mode,
-            validate=self.validate,
-            tenant=tenant,
-            metric=metric,
-            amount=amount,
-            slice=slice,
-            key=key,
-            labels=labels,
-            request_id=request_id,
-            occurred_at=occurred_at,
-        )
-        request_id = request.usage.request_id
-        call_metadata = _wire.metadata(self._metadata, metadata)
-        attempts = Attempts(self.retry, deadline if deadline is not None else self.default_deadline)
-        last_error: ChargepathError | None = None
-        while (timeout := attempts.start()) is not None:
+    async def _decide(self, attempts: CheckAttempts) -> Verdict:
+        while (timeout := attempts.next_timeout()) is not None:
             try:
-                response = await self._check(request, timeout=timeout, metadata=call_metadata)
-            except grpc.aio.AioRpcError as error:
-                last_error = from_rpc_error(error, request_id=request_id)
-                pause = attempts.retry_after(error.code(), error.details())
-                if pause is None:
-                    raise last_error from error
-                logger.info(
-                    "check %s: attempt %d failed with %s, retrying in %.3fs",
-                    request_id,
-                    attempts.made,
-                    error.code().name,
-                    pause,
+                response = await self._check(
+                    attempts.request, timeout=timeout, metadata=attempts.metadata
                 )
-                await asyncio.sleep(pause)
-                continue
-            return Verdict.from_pb(response.verdict)
-        raise last_error or DeadlineExceeded("deadline exceeded", request_id=request_id)
+            except grpc.aio.AioRpcError as error:
+                await asyncio.sleep(attempts.pause_after(error))
+            else:
+                return attempts.verdict(response)
+        raise attempts.exhausted()

@@ -10,6 +10,7 @@ status code it stands for (`None` when the error was detected client-side withou
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import cast
 
 import grpc
@@ -17,6 +18,8 @@ import grpc
 # googleapis-common-protos ships .pyi files but no py.typed marker.
 from google.rpc import error_details_pb2  # type: ignore[import-untyped, unused-ignore]
 from grpc_status import rpc_status
+
+from chargepath_protos.v1 import metering_pb2 as pb
 
 
 class ChargepathError(Exception):
@@ -123,10 +126,10 @@ _BY_CODE: dict[grpc.StatusCode, type[ChargepathError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
-# Server field paths look like "usage.subject.tenant", "usages[3].amount" or
-# 'usage.labels["country"]'; users know the argument names ("tenant", "amount", "labels").
+# Server field paths look like "usage.subject.tenant", "usages[3].amount",
+# 'usage.labels["country"]' or "labels.region"; users know the argument names ("tenant",
+# "amount", "labels").
 _FIELD_PREFIX = re.compile(r"^(?:usages?(?:\[\d+\])?\.)?(?:subject\.)?")
-_MESSAGE_FIELD = re.compile(r"^\s*([A-Za-z_][\w.\[\]\"']*)\s*:\s*(.+)$", re.DOTALL)
 
 
 def public_field(path: str) -> str:
@@ -137,12 +140,28 @@ def public_field(path: str) -> str:
     return field or path
 
 
-def invalid_usage_from_message(message: str, *, request_id: str | None = None) -> InvalidUsage:
-    """Parse "field: reason" (the convention of the server's messages) into InvalidUsage."""
-    match = _MESSAGE_FIELD.match(message)
-    if match is None:
-        return InvalidUsage("usage", message or "invalid", request_id=request_id)
-    return InvalidUsage(public_field(match.group(1)), match.group(2).strip(), request_id=request_id)
+def invalid_usage(
+    violations: Iterable[tuple[str, str]], details: str, *, request_id: str | None = None
+) -> InvalidUsage:
+    """The InvalidUsage of the server's structured (field path, description) violations.
+
+    `details` is the server's text for people; it is never parsed. With no violation (a
+    gateway too old to send them) the error names the whole `usage` and quotes the text.
+    """
+    public = tuple((public_field(path), reason or details) for path, reason in violations)
+    if not public:
+        return InvalidUsage("usage", details or "invalid", request_id=request_id)
+    field, reason = public[0]
+    return InvalidUsage(field, reason, request_id=request_id, violations=public)
+
+
+def invalid_usage_from_verdict(verdict: pb.Verdict) -> InvalidUsage:
+    """The InvalidUsage of a REASON_INVALID_USAGE verdict (a stream's), from `violations`."""
+    return invalid_usage(
+        ((v.field, v.description) for v in verdict.violations),
+        verdict.message,
+        request_id=verdict.request_id,
+    )
 
 
 def _bad_request(error: grpc.RpcError) -> error_details_pb2.BadRequest | None:
@@ -168,13 +187,9 @@ def from_rpc_error(error: grpc.RpcError, *, request_id: str | None = None) -> Ch
     details = error.details() or code.name
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         bad_request = _bad_request(error)
-        if bad_request is not None and bad_request.field_violations:
-            violations = tuple(
-                (public_field(v.field), v.description or details)
-                for v in bad_request.field_violations
-            )
-            field, reason = violations[0]
-            return InvalidUsage(field, reason, request_id=request_id, violations=violations)
-        return invalid_usage_from_message(details, request_id=request_id)
+        violations = [] if bad_request is None else bad_request.field_violations
+        return invalid_usage(
+            ((v.field, v.description) for v in violations), details, request_id=request_id
+        )
     cls = _BY_CODE.get(code, ChargepathError)
     return cls(f"{code.name}: {details}", code=code, request_id=request_id)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -56,14 +57,13 @@ from chargepath_client._errors import (
     StreamFull,
     Unavailable,
     from_rpc_error,
-    invalid_usage_from_message,
+    invalid_usage_from_verdict,
 )
 from chargepath_client._retry import RetryPolicy
 from chargepath_client._validation import (
     SEQUENCE_MAX,
     validate_request_id,
     validate_session_id,
-    validate_usage,
 )
 from chargepath_client._verdict import Mode, Verdict
 from chargepath_protos.v1 import metering_pb2 as pb
@@ -132,6 +132,8 @@ class UsageStream:
         self._retry = retry
         self._metadata = metadata
         self._validate = validate
+        # Builds (and unless told not to, validates) a usage of this session.
+        self._usage = functools.partial(_wire.usage, validate=validate, session_id=self.session_id)
         self._view = pb.VERDICT_VIEW_BASIC if view == "basic" else pb.VERDICT_VIEW_FULL
         self._next_sequence = first_sequence
 
@@ -252,22 +254,14 @@ class UsageStream:
             raise StreamClosed(f"stream {self.session_id} is broken: {self._broken}")
         if self._closing:
             raise StreamClosed(f"stream {self.session_id} is closed")
-        mode = Mode(mode)
-        if self._validate:
-            validate_usage(
-                tenant=tenant,
-                metric=metric,
-                amount=amount,
-                slice=slice,
-                key=key,
-                labels=labels,
-                request_id=request_id,
-            )
-        elif request_id is not None:
+        if not self._validate and request_id is not None:
             validate_request_id(request_id)  # the futures are matched by it
+        usage = self._usage(
+            Mode(mode), tenant, metric, amount, slice, key, labels, request_id, occurred_at
+        )
         if len(self._pending) >= self._max_in_flight:
             raise StreamFull(f"{self._max_in_flight} usages already pending")
-        request_id = request_id if request_id is not None else _wire.new_id()
+        request_id = usage.request_id
         if request_id in self._sequence_of:
             raise InvalidUsage("request_id", "a usage with this id is already pending")
 
@@ -275,23 +269,9 @@ class UsageStream:
         if sequence > SEQUENCE_MAX:
             raise InvalidUsage("sequence", f"the session has used up its {SEQUENCE_MAX} sequences")
         self._next_sequence += 1
+        usage.sequence = sequence
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
-        self._pending[sequence] = _Pending(
-            _wire.usage(
-                request_id=request_id,
-                tenant=tenant,
-                metric=metric,
-                amount=amount,
-                mode=mode,
-                slice=slice,
-                key=key,
-                labels=labels,
-                occurred_at=occurred_at,
-                session_id=self.session_id,
-                sequence=sequence,
-            ),
-            future,
-        )
+        self._pending[sequence] = _Pending(usage, future)
         self._sequence_of[request_id] = sequence
         self._unsent.append(sequence)
         if len(self._pending) >= self._max_in_flight:
@@ -491,9 +471,7 @@ class UsageStream:
             if item.future.done():
                 continue
             if raw.reason == pb.REASON_INVALID_USAGE:
-                item.future.set_exception(
-                    invalid_usage_from_message(raw.message, request_id=raw.request_id)
-                )
+                item.future.set_exception(invalid_usage_from_verdict(raw))
             else:
                 item.future.set_result(Verdict.from_pb(raw))
         if len(self._pending) < self._max_in_flight:

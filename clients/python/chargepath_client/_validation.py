@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 
 from chargepath_client._errors import InvalidUsage
 
@@ -23,6 +24,7 @@ LABEL_VALUE_MAX = 256
 REQUEST_ID_MAX = 128
 SESSION_ID_MAX = 128
 SEQUENCE_MAX = 2**53 - 1  # the server keeps sequences exact in Lua numbers (doubles)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _TENANT = re.compile(r"[A-Za-z0-9._-]+")
 _SUBJECT_PART = re.compile(r"[A-Za-z0-9._~@+=/-]*")
@@ -54,6 +56,19 @@ def validate_request_id(request_id: object) -> None:
 def validate_session_id(session_id: object) -> None:
     """Raise InvalidUsage unless `session_id` is 1 to 128 printable ASCII characters."""
     _check_id("session_id", session_id, SESSION_ID_MAX)
+
+
+def validate_occurred_at(occurred_at: object) -> None:
+    """Raise InvalidUsage unless `occurred_at` is None or a datetime not before 1970-01-01
+    UTC (a naive one is taken as UTC, as protobuf takes it)."""
+    if occurred_at is None:
+        return
+    if not isinstance(occurred_at, datetime):
+        raise InvalidUsage("occurred_at", f"must be a datetime, not {type(occurred_at).__name__}")
+    if occurred_at.tzinfo is None:
+        occurred_at = occurred_at.replace(tzinfo=UTC)
+    if occurred_at < EPOCH:
+        raise InvalidUsage("occurred_at", "must not be before 1970-01-01")
 
 
 def validate_usage(

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from chargepath_client._validation import validate_usage
+from chargepath_client._validation import validate_occurred_at, validate_usage
 from chargepath_client._verdict import MODES, Mode
 from chargepath_protos.v1 import metering_pb2 as pb
 
@@ -81,38 +81,7 @@ def metadata(*parts: Sequence[tuple[str, str | bytes]] | None) -> Metadata:
 
 
 def usage(
-    *,
-    request_id: str,
-    tenant: str,
-    metric: str,
-    amount: int,
     mode: Mode,
-    slice: str = "",
-    key: str = "",
-    labels: Mapping[str, str] | None = None,
-    occurred_at: datetime | None = None,
-    session_id: str = "",
-    sequence: int = 0,
-) -> pb.Usage:
-    message = pb.Usage(
-        request_id=request_id,
-        subject=pb.Subject(tenant=tenant, slice=slice, key=key),
-        metric=metric,
-        amount=amount,
-        mode=MODES[mode],
-        labels=dict(labels) if labels else None,
-        session_id=session_id,
-        sequence=sequence,
-    )
-    if occurred_at is not None:
-        message.occurred_at.FromDatetime(occurred_at)
-    return message
-
-
-def check_request(
-    mode: Mode,
-    *,
-    validate: bool,
     tenant: str,
     metric: str,
     amount: int,
@@ -121,9 +90,13 @@ def check_request(
     labels: Mapping[str, str] | None,
     request_id: str | None,
     occurred_at: datetime | None,
-) -> pb.CheckRequest:
-    """Validate (unless told not to) and build the CheckRequest of one usage; a request id
-    is generated if none is given. Every retry sends this same message."""
+    *,
+    validate: bool,
+    session_id: str = "",
+) -> pb.Usage:
+    """Validate (unless told not to) and build one usage; a request id is generated if none
+    is given. Every retry (or resend on a stream) sends this same message; a stream sets
+    `sequence` once the usage is accepted."""
     if validate:
         validate_usage(
             tenant=tenant,
@@ -134,16 +107,16 @@ def check_request(
             labels=labels,
             request_id=request_id,
         )
-    return pb.CheckRequest(
-        usage=usage(
-            request_id=request_id if request_id is not None else new_id(),
-            tenant=tenant,
-            metric=metric,
-            amount=amount,
-            mode=mode,
-            slice=slice,
-            key=key,
-            labels=labels,
-            occurred_at=occurred_at,
-        )
+        validate_occurred_at(occurred_at)
+    message = pb.Usage(
+        request_id=request_id if request_id is not None else new_id(),
+        subject=pb.Subject(tenant=tenant, slice=slice, key=key),
+        metric=metric,
+        amount=amount,
+        mode=MODES[mode],
+        labels=dict(labels) if labels else None,
+        session_id=session_id,
     )
+    if occurred_at is not None:
+        message.occurred_at.FromDatetime(occurred_at)
+    return message
