@@ -21,7 +21,6 @@ from chargepath.store.base import StoreUnavailableError
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.keys import (
     EPOCH_KEY,
-    EVENTS_CHANNEL,
     INDEX_KEY,
     KeyNotFoundError,
     KeyNotRotatableError,
@@ -95,14 +94,15 @@ async def test_list_all_or_by_tenant_oldest_first(keys: RedisKeyStore) -> None:
 async def test_every_change_bumps_the_epoch_and_is_published(
     keys: RedisKeyStore, raw_redis: redis.Redis
 ) -> None:
-    pubsub = await keys.events()
-    await pubsub.subscribe(EVENTS_CHANNEL)
-    await pubsub.get_message(timeout=1.0)  # the subscribe confirmation
+    async with keys.changes() as changed:
+        await _events_then_epoch(keys, raw_redis, changed)
 
+
+async def _events_then_epoch(
+    keys: RedisKeyStore, raw_redis: redis.Redis, changed: AsyncIterator[str]
+) -> None:
     async def next_event() -> str:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-        assert message is not None
-        return str(message["data"])
+        return await asyncio.wait_for(anext(changed), 1.0)
 
     assert await keys.epoch() == 0
     _, key = await keys.create("tenant-a", Role.METER)
@@ -116,8 +116,8 @@ async def test_every_change_bumps_the_epoch_and_is_published(
     assert int(raw_redis.get(EPOCH_KEY) or 0) == 3
     await keys.revoke(new_key.key_id)  # already revoked: no change, no event
     assert await keys.epoch() == 3
-    assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2) is None
-    await pubsub.aclose()
+    with pytest.raises(TimeoutError):
+        await next_event()
 
 
 async def test_rotate_copies_the_key_and_revokes_the_old_one(keys: RedisKeyStore) -> None:
@@ -228,22 +228,15 @@ async def test_concurrent_bootstraps_make_one_key(keys: RedisKeyStore, tmp_path:
 async def test_keys_on_a_redis_cluster(cluster: list[int]) -> None:  # noqa: F811
     keys = RedisKeyStore.from_url(f"redis://127.0.0.1:{cluster[0]}", cluster=True)
     try:
-        pubsub = await keys.events()
-        await pubsub.subscribe(EVENTS_CHANNEL)
-        record, key = await keys.create("tenant-a", Role.METER, None, "on a cluster")
-        assert await keys.get(key.key_id) == record
-        new, _ = await keys.rotate(key.key_id, grace_s=5)
-        revoked = await keys.revoke(key.key_id)
-        assert revoked.revoked_ms is not None
-        assert {r.key_id for r in await keys.list("tenant-a")} == {key.key_id, new.key_id}
-        assert await keys.epoch() == 3
-        heard = []
-        deadline = time.monotonic() + 2
-        while len(heard) < 4 and time.monotonic() < deadline:
-            m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-            if m is not None:
-                heard.append(m["data"])
+        async with keys.changes() as changed:
+            record, key = await keys.create("tenant-a", Role.METER, None, "on a cluster")
+            assert await keys.get(key.key_id) == record
+            new, _ = await keys.rotate(key.key_id, grace_s=5)
+            revoked = await keys.revoke(key.key_id)
+            assert revoked.revoked_ms is not None
+            assert {r.key_id for r in await keys.list("tenant-a")} == {key.key_id, new.key_id}
+            assert await keys.epoch() == 3
+            heard = [await asyncio.wait_for(anext(changed), 2.0) for _ in range(4)]
         assert heard == [key.key_id, key.key_id, new.key_id, key.key_id]
-        await pubsub.aclose()
     finally:
         await keys.close()

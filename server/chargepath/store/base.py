@@ -29,9 +29,11 @@ Implementations must be safe to call concurrently from one event loop.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from chargepath.core.auth import ApiKey, KeyRecord, Role
 from chargepath.core.model import DecisionRecord, Subject, ThresholdEvent, Usage, Verdict
 from chargepath.core.plans import PolicyDocument
 from chargepath.core.policy import Limit, Resolution
@@ -271,3 +273,56 @@ class LedgerStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class KeyNotFoundError(LookupError):
+    """No API key has this id."""
+
+
+class KeyNotRotatableError(Exception):
+    """The key is revoked (or already rotated) or expired: make a new one instead."""
+
+
+class KeyStore(Protocol):
+    """API keys, stored hashed (SHA-256 of the secret; never the secret itself).
+
+    Every change (create, rotate, revoke) is one atomic step on the store's clock that also
+    moves the change counter (:meth:`epoch`) and announces the key id to :meth:`changes`
+    listeners, so that every gateway process can drop a cached key within a second. Any failure
+    to reach the store raises :class:`StoreUnavailableError`.
+    """
+
+    async def create(
+        self,
+        tenant: str | None,
+        role: Role,
+        expires_ms: int | None = None,
+        description: str = "",
+    ) -> tuple[KeyRecord, ApiKey]:
+        """A new key; the returned :class:`ApiKey` holds the plaintext, shown once."""
+        ...
+
+    async def get(self, key_id: str) -> KeyRecord | None: ...
+
+    async def list(self, tenant: str | None = None) -> list[KeyRecord]: ...
+
+    async def rotate(self, key_id: str, grace_s: float = 0.0) -> tuple[KeyRecord, ApiKey]:
+        """A new key with the same tenant, role, expiry and description; the old one is revoked
+        after ``grace_s``. Raises :class:`KeyNotFoundError` or :class:`KeyNotRotatableError`."""
+        ...
+
+    async def revoke(self, key_id: str) -> KeyRecord:
+        """Revoke now (never later than an earlier scheduled revocation). Raises
+        :class:`KeyNotFoundError`."""
+        ...
+
+    async def epoch(self) -> int:
+        """The change counter: it moves on every change. Cheap, for polling."""
+        ...
+
+    def changes(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+        """A subscription to changes: ``async with store.changes() as ids`` yields the id of
+        each key changed from the moment the context is entered. A broken subscription raises
+        :class:`StoreUnavailableError` from the iterator; changes made while not subscribed are
+        not replayed (poll :meth:`epoch` for those)."""
+        ...

@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,11 @@ from chargepath.core.auth import (
     parse_key,
     secret_matches,
 )
-from chargepath.store.base import StoreUnavailableError
+from chargepath.store.base import (
+    KeyNotFoundError,
+    KeyNotRotatableError,
+    StoreUnavailableError,
+)
 
 log = logging.getLogger("chargepath.auth")
 
@@ -65,14 +70,6 @@ RedisClient = aioredis.Redis | RedisCluster
 
 def record_key(key_id: str) -> str:
     return f"{KEY_PREFIX}{key_id}"
-
-
-class KeyNotFoundError(LookupError):
-    """No key has this id."""
-
-
-class KeyNotRotatableError(Exception):
-    """The key is revoked (or already rotated) or expired: make a new one instead."""
 
 
 def _script(name: str) -> str:
@@ -259,9 +256,10 @@ class RedisKeyStore:
             raise _unavailable(exc) from exc
         return int(value or 0)
 
-    async def events(self) -> PubSub:
-        """A pub/sub connection of its own, not yet subscribed; the caller subscribes to
-        :data:`EVENTS_CHANNEL` (each message is the key id of a changed key) and closes it."""
+    @contextlib.asynccontextmanager
+    async def changes(self) -> AsyncIterator[AsyncIterator[str]]:
+        """Subscribe to :data:`EVENTS_CHANNEL` on a pub/sub connection of its own; yields an
+        iterator of changed key ids. Redis errors come out as StoreUnavailableError."""
         if isinstance(self.client, RedisCluster):
             # The cluster client learns the slot map on its first command; a pub/sub
             # connection picks its node from that map.
@@ -269,7 +267,27 @@ class RedisKeyStore:
                 await self.client.initialize()
             except (RedisError, OSError) as exc:
                 raise _unavailable(exc) from exc
-        return self.client.pubsub()
+        pubsub = self.client.pubsub()
+        try:
+            try:
+                await pubsub.subscribe(EVENTS_CHANNEL)
+            except (RedisError, OSError) as exc:
+                raise _unavailable(exc) from exc
+            yield self._changed_ids(pubsub)
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    async def _changed_ids(pubsub: PubSub) -> AsyncIterator[str]:
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            except (RedisError, OSError) as exc:
+                raise _unavailable(exc) from exc
+            if message is not None and message.get("type") == "message":
+                data = message["data"]
+                yield data.decode() if isinstance(data, bytes) else str(data)
 
     @staticmethod
     def _record(key_id: str, fields: Any) -> KeyRecord | None:

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from redis.exceptions import RedisError
 
 from chargepath.core.auth import (
     KEY_ID_LENGTH,
@@ -54,8 +53,7 @@ from chargepath.core.auth import (
     secret_digest,
     secret_matches,
 )
-from chargepath.store.base import StoreUnavailableError
-from chargepath.store.keys import EVENTS_CHANNEL, RedisKeyStore
+from chargepath.store.base import KeyStore, StoreUnavailableError
 from chargepath.transport.errors import abort
 
 log = logging.getLogger("chargepath.auth")
@@ -133,7 +131,8 @@ def _verified(record: KeyRecord) -> _Verified | None:
 
 
 class Authenticator:
-    """Verifies API keys against a :class:`RedisKeyStore`, with a cache of verified keys.
+    """Verifies API keys against a :class:`~chargepath.store.base.KeyStore`, with a cache of
+    verified keys.
 
     ``await start()`` runs the change subscriber and the epoch poll; ``await close()`` stops
     them. :meth:`authenticate` works without ``start()`` too (tests), but then nothing evicts
@@ -143,7 +142,7 @@ class Authenticator:
 
     def __init__(
         self,
-        keys: RedisKeyStore,
+        keys: KeyStore,
         *,
         attempts: FailedAttempts | None = None,
         cache_size: int = 10_000,
@@ -282,26 +281,16 @@ class Authenticator:
     async def _listen(self) -> None:
         while True:
             try:
-                pubsub = await self._keys.events()
-            except StoreUnavailableError:
-                await asyncio.sleep(self._poll_interval_s)
-                continue
-            try:
-                await pubsub.subscribe(EVENTS_CHANNEL)
-                # Changes made while not subscribed were not heard: start clean.
-                self.clear()
-                self._subscribed.set()
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if message is not None and message.get("type") == "message":
-                        data = message["data"]
-                        self.evict(data.decode() if isinstance(data, bytes) else str(data))
-            except (RedisError, OSError) as exc:
+                async with self._keys.changes() as changed:
+                    # Changes made while not subscribed were not heard: start clean.
+                    self.clear()
+                    self._subscribed.set()
+                    async for key_id in changed:
+                        self.evict(key_id)
+            except StoreUnavailableError as exc:
                 log.debug("auth events: %s; resubscribing", exc)
             finally:
                 self._subscribed.clear()
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(self._poll_interval_s)
 
 

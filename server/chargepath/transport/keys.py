@@ -18,8 +18,12 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from chargepath.core.auth import KeyRecord, Role, is_key_id
 from chargepath.core.model import FieldViolation
 from chargepath.core.validation import check_tenant
-from chargepath.store.base import StoreUnavailableError
-from chargepath.store.keys import KeyNotFoundError, KeyNotRotatableError, RedisKeyStore
+from chargepath.store.base import (
+    KeyNotFoundError,
+    KeyNotRotatableError,
+    KeyStore,
+    StoreUnavailableError,
+)
 from chargepath.transport.errors import abort, abort_invalid
 from chargepath_protos.v1 import keys_pb2, keys_pb2_grpc
 
@@ -63,12 +67,12 @@ def _check_key_id(key_id: str) -> FieldViolation | None:
 
 
 class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
-    """KeyService on a :class:`RedisKeyStore`. ``wall_ms`` is the clock that a requested expiry
+    """KeyService on a :class:`KeyStore`. ``wall_ms`` is the clock that a requested expiry
     must lie after (the gateway's clock, as the authenticator checks expiry against it)."""
 
     def __init__(
         self,
-        keys: RedisKeyStore,
+        keys: KeyStore,
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self._keys = keys
