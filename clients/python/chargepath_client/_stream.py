@@ -71,6 +71,10 @@ from chargepath_protos.v1 import metering_pb2 as pb
 logger = logging.getLogger("chargepath_client")
 
 MAX_BATCH = 1_000  # the server's limit of usages per StreamUsageRequest
+# The gateway's default session replay window (`--session-window`): a resend more than this many
+# sequences behind the session's highest is refused, so no more than this many usages are ever
+# written and unanswered at once.
+REPLAY_WINDOW = 128
 
 
 @dataclass(slots=True)
@@ -144,6 +148,7 @@ class UsageStream:
         # answered yet (time written, size), oldest first.
         self._unsent: deque[int] = deque()
         self._in_flight: deque[tuple[float, int]] = deque()
+        self._sent_unanswered = 0
         self._last_answer = 0.0
 
         self._runner: asyncio.Task[None] | None = None
@@ -358,6 +363,7 @@ class UsageStream:
         # Everything unanswered goes (again) on this connection, in sequence order.
         self._unsent = deque(self._pending)
         self._in_flight.clear()
+        self._sent_unanswered = 0
         self._stalled = False
         self._last_answer = time.monotonic()
         writer = asyncio.create_task(self._write(call))
@@ -391,16 +397,25 @@ class UsageStream:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            # At most REPLAY_WINDOW usages written and unanswered: after a reconnect every one
+            # of them is then within the gateway's replay window of the session's highest
+            # sequence, so a resend is answered from its record, never refused as too old.
+            room = REPLAY_WINDOW - self._sent_unanswered
+            if room <= 0:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
             if len(self._unsent) < self._batch_size and self._linger > 0 and not self._closing:
                 await asyncio.sleep(self._linger)
             batch: list[pb.Usage] = []
-            while self._unsent and len(batch) < self._batch_size:
+            while self._unsent and len(batch) < min(self._batch_size, room):
                 item = self._pending.get(self._unsent.popleft())
                 if item is not None:
                     batch.append(item.usage)
             if not batch:
                 continue
             self._in_flight.append((time.monotonic(), len(batch)))
+            self._sent_unanswered += len(batch)
             try:
                 await call.write(pb.StreamUsageRequest(usages=batch, view=self._view))
             except grpc.aio.AioRpcError:
@@ -452,6 +467,8 @@ class UsageStream:
         self._last_answer = time.monotonic()
         if self._in_flight:
             _, size = self._in_flight.popleft()
+            self._sent_unanswered -= size
+            self._wakeup.set()  # room in the replay window: the writer may go on
             if size != len(response.verdicts):
                 logger.warning(
                     "stream %s: batch of %d usages got %d verdicts",
