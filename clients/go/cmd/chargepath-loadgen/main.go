@@ -6,7 +6,9 @@
 // calls: this program only sends the calls and times them.
 //
 // Start-up: the flags give the target, the number of connections (each its own ClientConn, so
-// its own TCP connection) and what to put in every request. Once every connection is ready it
+// its own TCP connection), TLS (--tls-ca, --tls-cert/--tls-key, as the example's; plaintext
+// without them) and what to put in every request. The Python side sends the API key in each
+// phase's METADATA rather than as --api-key, which would show on the command line. Once every connection is ready it
 // prints "ready"; if one is not within 10 s it prints the reason on stderr and exits 1.
 //
 // Protocol: one command per line on stdin, one event per line on stdout, fields separated by
