@@ -113,46 +113,45 @@ def _read(path: Path, what: str) -> bytes:
         raise TlsConfigError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
 
 
+CHAIN, KEY, CLIENT_CA = "TLS certificate chain", "TLS private key", "TLS client CA"
+
+
+class _EncryptedKeyError(Exception):
+    pass
+
+
 def _no_password() -> bytes:
-    raise TlsConfigError("encrypted")
+    # Without a callback, OpenSSL would prompt on the terminal for the key's password.
+    raise _EncryptedKeyError
 
 
-def _check_cert_chain(path: Path, data: bytes) -> None:
-    what = "TLS certificate chain"
+def _check_certificates(what: str, path: Path, data: bytes) -> None:
+    """Every certificate in the file parses (a chain, or a bundle of CAs)."""
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise TlsConfigError(f"{what} {path}: no PEM certificate in it (BEGIN CERTIFICATE)")
     try:
         ssl.create_default_context(cafile=str(path))
     except ssl.SSLError as exc:
         raise TlsConfigError(f"{what} {path}: not a valid PEM certificate: {exc.reason}") from None
+
+
+def _encrypted(path: Path) -> TlsConfigError:
+    return TlsConfigError(f"{KEY} {path}: is encrypted; gRPC needs an unencrypted key")
 
 
 def _check_private_key(path: Path, data: bytes) -> None:
-    what = "TLS private key"
     if b"PRIVATE KEY-----" not in data:
-        raise TlsConfigError(f"{what} {path}: no PEM private key in it (BEGIN ... PRIVATE KEY)")
+        raise TlsConfigError(f"{KEY} {path}: no PEM private key in it (BEGIN ... PRIVATE KEY)")
     if b"ENCRYPTED PRIVATE KEY" in data or b"Proc-Type: 4,ENCRYPTED" in data:
-        raise TlsConfigError(f"{what} {path}: is encrypted; gRPC needs an unencrypted key")
-
-
-def _check_client_ca(path: Path, data: bytes) -> None:
-    what = "TLS client CA"
-    if b"-----BEGIN CERTIFICATE-----" not in data:
-        raise TlsConfigError(f"{what} {path}: no PEM certificate in it (BEGIN CERTIFICATE)")
-    try:
-        ssl.create_default_context(cafile=str(path))
-    except ssl.SSLError as exc:
-        raise TlsConfigError(f"{what} {path}: not a valid PEM certificate: {exc.reason}") from None
+        raise _encrypted(path)
 
 
 def _check_pair(files: TlsFiles) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(files.cert_chain, files.private_key, password=_no_password)
-    except TlsConfigError:
-        raise TlsConfigError(
-            f"TLS private key {files.private_key}: is encrypted; gRPC needs an unencrypted key"
-        ) from None
+    except _EncryptedKeyError:
+        raise _encrypted(files.private_key) from None
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise TlsConfigError(
@@ -160,7 +159,7 @@ def _check_pair(files: TlsFiles) -> None:
                 "match: the key is not the one the certificate was issued for"
             ) from None
         raise TlsConfigError(
-            f"TLS private key {files.private_key}: not a valid PEM private key: {exc.reason or exc}"
+            f"{KEY} {files.private_key}: not a valid PEM private key: {exc.reason or exc}"
         ) from None
     except OSError as exc:  # the file went away since it was read
         raise TlsConfigError(
@@ -172,21 +171,18 @@ def load_material(files: TlsFiles) -> CertificateMaterial:
     """Read and check the files as they are now. Raises :class:`TlsConfigError` if one is
     missing, unreadable or not PEM, if the key is encrypted or is not the certificate's, or if
     a file changed while it was being read (a replacement in progress: try again later)."""
-    chain = _read(files.cert_chain, "TLS certificate chain")
-    key = _read(files.private_key, "TLS private key")
-    ca = _read(files.client_ca, "TLS client CA") if files.client_ca is not None else None
-    _check_cert_chain(files.cert_chain, chain)
+    chain = _read(files.cert_chain, CHAIN)
+    key = _read(files.private_key, KEY)
+    ca = _read(files.client_ca, CLIENT_CA) if files.client_ca is not None else None
+    _check_certificates(CHAIN, files.cert_chain, chain)
     _check_private_key(files.private_key, key)
     if files.client_ca is not None and ca is not None:
-        _check_client_ca(files.client_ca, ca)
+        _check_certificates(CLIENT_CA, files.client_ca, ca)
     # ssl checks the pair by path: the bytes grpc gets must be the ones it checked.
     _check_pair(files)
-    again = [
-        _read(files.cert_chain, "TLS certificate chain"),
-        _read(files.private_key, "TLS private key"),
-    ]
+    again = [_read(files.cert_chain, CHAIN), _read(files.private_key, KEY)]
     if files.client_ca is not None:
-        again.append(_read(files.client_ca, "TLS client CA"))
+        again.append(_read(files.client_ca, CLIENT_CA))
     if again != [chain, key, *([ca] if ca is not None else [])]:
         raise TlsFilesChangingError(
             f"TLS files {', '.join(map(str, files.paths()))}: changed while being read"
