@@ -265,22 +265,12 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
             parser.error(str(exc))
 
 
-def _redacted(argv: list[str]) -> list[str]:
-    """``argv`` without the API key's value: reports are shared, keys are secrets."""
-    out = []
-    hide = False
-    for arg in argv:
-        if hide:
-            out.append(REDACTED)
-            hide = False
-        elif arg == "--api-key":
-            out.append(arg)
-            hide = True
-        elif arg.startswith("--api-key="):
-            out.append(f"--api-key={REDACTED}")
-        else:
-            out.append(arg)
-    return out
+def _redacted(argv: list[str], api_key: str) -> list[str]:
+    """``argv`` without the API key: reports are shared, keys are secrets. (By value, not by
+    option name: argparse also takes an abbreviation such as ``--api``.)"""
+    if not api_key:
+        return argv
+    return [arg.replace(api_key, REDACTED) for arg in argv]
 
 
 def _slug(text: str) -> str:
@@ -392,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tool": "chargepath-loadtest",
         "command": args.command,
         "scenario": scenario,
-        "argv": _redacted(list(argv if argv is not None else sys.argv[1:])),
+        "argv": _redacted(list(argv if argv is not None else sys.argv[1:]), args.api_key),
         "run_id": run_id,
         "started_at": started_at,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

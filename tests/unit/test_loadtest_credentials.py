@@ -55,7 +55,9 @@ def test_problems_name_the_option(tmp_path: Path) -> None:
 
 
 def test_the_report_keeps_no_api_key() -> None:
-    argv = ["check", "--api-key", KEY, "--api-key=" + KEY, "--rate", "5"]
-    assert cli._redacted(argv) == [
-        "check", "--api-key", "(redacted)", "--api-key=(redacted)", "--rate", "5",
+    argv = ["check", "--api-key", KEY, f"--api-key={KEY}", "--api", KEY, "--rate", "5"]
+    assert cli._redacted(argv, KEY) == [
+        "check", "--api-key", "(redacted)", "--api-key=(redacted)", "--api", "(redacted)",
+        "--rate", "5",
     ]  # fmt: skip
+    assert cli._redacted(argv, "") == argv
