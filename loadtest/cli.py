@@ -17,7 +17,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.markup import escape
 
-from loadtest import gogen, processes, report
+from loadtest import credentials, gogen, processes, report
 from loadtest.runner import Measurement, PhasePlan, WorkerError, WorkerPool, measure
 from loadtest.worker import FlowSpec, TargetSpec, WorkerSpec
 from loadtest.workload import WorkloadError, load_workload
@@ -30,6 +30,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_RATE = 1000.0
 SMOKE_RATE = 100.0
 SMOKE_SECONDS = 10.0
+REDACTED = "(redacted)"
 
 Scenario = Literal["check", "stream", "mixed"]
 SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed")
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="gRPC metadata sent with every call (repeatable), e.g. credentials",
     )
+    security = common.add_argument_group("credentials (gRPC targets: gateway, echo ceiling)")
+    credentials.add_arguments(security)
     search = common.add_argument_group("find-max")
     search.add_argument(
         "--find-max",
@@ -190,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--only", choices=("redis", "echo"), help="run only this ceiling (default: both)"
         )
+        p.add_argument(
+            "--echo-tls-cert",
+            default="",
+            metavar="FILE",
+            help="serve the echo ceiling over TLS with this certificate chain (PEM, with "
+            "--echo-tls-key), to measure TLS against the ceiling; the client side trusts "
+            "--tls-ca",
+        )
+        p.add_argument(
+            "--echo-tls-key", default="", metavar="FILE", help="the echo ceiling's private key"
+        )
     compare.add_argument("--target", default=DEFAULT_TARGET, help=target_help)
     compare.add_argument("--target-pid", type=int, action="append", default=[], help=pid_help)
     ceiling.set_defaults(target_pid=[])
@@ -236,6 +250,10 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         )
     for item in args.metadata:
         need("=" in item, f"--metadata {item!r}: expected KEY=VALUE")
+    for problem in credentials.from_args(args).problems():
+        parser.error(problem)
+    echo_tls = (getattr(args, "echo_tls_cert", ""), getattr(args, "echo_tls_key", ""))
+    need(all(echo_tls) or not any(echo_tls), "--echo-tls-cert and --echo-tls-key go together")
     if args.generator == "go":
         need(
             scenario != "stream",
@@ -247,18 +265,30 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
             parser.error(str(exc))
 
 
+def _redacted(argv: list[str], api_key: str) -> list[str]:
+    """``argv`` without the API key: reports are shared, keys are secrets. (By value, not by
+    option name: argparse also takes an abbreviation such as ``--api``.)"""
+    if not api_key:
+        return argv
+    return [arg.replace(api_key, REDACTED) for arg in argv]
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 @contextlib.contextmanager
-def _target(kind: str, address: str, pids: Sequence[int]) -> Iterator[tuple[str, tuple[int, ...]]]:
+def _target(
+    kind: str, address: str, pids: Sequence[int], args: argparse.Namespace
+) -> Iterator[tuple[str, tuple[int, ...]]]:
     """The address (and process ids, when known) of what to load, started if it is ours."""
     if kind == "redis":
         with processes.redis_server() as (where, pid):
             yield where, (pid,)
     elif kind == "echo":
-        with processes.echo_server() as (where, pid):
+        with processes.echo_server(
+            tls_cert=getattr(args, "echo_tls_cert", ""), tls_key=getattr(args, "echo_tls_key", "")
+        ) as (where, pid):
             yield where, (pid,)
     else:
         yield address, tuple(pids)
@@ -313,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failure = None
     try:
         for label, kind, address in targets:
-            with _target(kind, address, args.target_pid) as (where, pids):
+            with _target(kind, address, args.target_pid, args) as (where, pids):
                 spec = WorkerSpec(
                     target=TargetSpec(
                         kind="redis" if kind == "redis" else "grpc",
@@ -321,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         connections=args.connections,
                         timeout_s=args.timeout,
                         metadata=metadata,
+                        credentials=credentials.from_args(args),
                     ),
                     flows=flows_for(
                         scenario, args, "python" if kind == "redis" else args.generator
@@ -351,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tool": "chargepath-loadtest",
         "command": args.command,
         "scenario": scenario,
-        "argv": list(argv if argv is not None else sys.argv[1:]),
+        "argv": _redacted(list(argv if argv is not None else sys.argv[1:]), args.api_key),
         "run_id": run_id,
         "started_at": started_at,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -361,7 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": {
+            k: str(v) if isinstance(v, Path) else REDACTED if k == "api_key" and v else v
+            for k, v in vars(args).items()
+        },
         "measurements": [report.measurement_json(m) for m in measurements],
     }
     gateway = next((m for m in measurements if m.label == "gateway"), None)

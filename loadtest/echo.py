@@ -8,6 +8,10 @@ measures what gRPC, protobuf and the load generator cost on this machine, and no
 Run it with ``python -m loadtest.echo [--port N]``; it prints ``listening on HOST:PORT`` once
 it accepts calls, and stops on SIGTERM or SIGINT.
 
+With ``--tls-cert FILE --tls-key FILE`` it serves over TLS (and with ``--tls-client-ca FILE``,
+mTLS), with the gateway's TLS credentials (:mod:`chargepath.transport.tls`): the ceiling of a
+gateway that serves TLS.
+
 With ``--redis-url URL`` every Check call and every stream message first awaits one Redis round
 trip through redis.asyncio (an ``EVALSHA`` of a script that returns at once, on a pool like the
 gateway's store): the floor of any gateway of this stack that consults Redis once per call,
@@ -21,12 +25,14 @@ import asyncio
 import signal
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import redis.asyncio
 import uvloop
 
+from chargepath.transport.tls import ServerCertificates, TlsConfigError, TlsFiles
 from chargepath_protos.v1 import metering_pb2 as pb
 
 SERVICE = "chargepath.v1.MeteringService"
@@ -158,7 +164,7 @@ class EchoService:
         )
 
 
-async def serve(host: str, port: int, redis_url: str = "") -> None:
+async def serve(host: str, port: int, redis_url: str = "", tls: TlsFiles | None = None) -> None:
     client = None
     if redis_url:
         pool = redis.asyncio.BlockingConnectionPool.from_url(
@@ -169,7 +175,10 @@ async def serve(host: str, port: int, redis_url: str = "") -> None:
     await service.prepare()
     server = grpc.aio.server()
     server.add_generic_rpc_handlers([service.handler()])
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", ServerCertificates(tls).credentials())
     await server.start()
     print(f"listening on {host}:{bound}", flush=True)
     stop = asyncio.Event()
@@ -192,8 +201,29 @@ def main(argv: list[str] | None = None) -> int:
         help="await one Redis round trip (EVALSHA of a script that returns at once) per Check "
         "call and per stream message before answering",
     )
+    parser.add_argument("--tls-cert", default="", metavar="FILE", help="serve TLS: cert chain")
+    parser.add_argument("--tls-key", default="", metavar="FILE", help="serve TLS: private key")
+    parser.add_argument(
+        "--tls-client-ca",
+        default="",
+        metavar="FILE",
+        help="mTLS: require client certificates issued by a CA in this file",
+    )
     args = parser.parse_args(argv)
-    uvloop.run(serve(args.host, args.port, args.redis_url))
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            parser.error("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
+        tls = TlsFiles(
+            Path(args.tls_cert),
+            Path(args.tls_key),
+            Path(args.tls_client_ca) if args.tls_client_ca else None,
+        )
+        try:  # a bad file is one line, not a traceback
+            ServerCertificates(tls)
+        except TlsConfigError as exc:
+            parser.error(str(exc))
+    uvloop.run(serve(args.host, args.port, args.redis_url, tls))
     return 0
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chargepath_protos.v1 import metering_pb2 as pb
+from loadtest.credentials import PLAINTEXT, ClientCredentials
 from loadtest.drivers import Flow, Metadata
 from loadtest.schedule import Schedule
 from loadtest.stats import DEGRADED_OFFSET, FlowRecorder
@@ -65,9 +66,15 @@ def require_binary() -> Path:
 
 
 def start_args(
-    binary: Path, target: str, connections: int, workload: Workload, id_prefix: str
+    binary: Path,
+    target: str,
+    connections: int,
+    workload: Workload,
+    id_prefix: str,
+    credentials: ClientCredentials = PLAINTEXT,
 ) -> list[str]:
-    """The command line that starts the generator for ``workload``'s Check requests."""
+    """The command line that starts the generator for ``workload``'s Check requests, over TLS
+    if ``credentials`` say so (their API key travels in each phase's metadata instead)."""
     args = [
         str(binary),
         "--target",
@@ -87,7 +94,7 @@ def start_args(
     ]
     if workload.spread == "hot":
         args += ["--hot-key", HOT_KEY]
-    return args
+    return args + credentials.go_args()
 
 
 def phase_command(
@@ -223,9 +230,11 @@ class GoCheckFlow(Flow):
         metadata: Metadata,
         max_in_flight: int,
         name: str = "check",
+        credentials: ClientCredentials = PLAINTEXT,
     ) -> GoCheckFlow:
-        """Start the generator and wait until its connections to ``target`` are ready."""
-        args = start_args(require_binary(), target, connections, workload, id_prefix)
+        """Start the generator and wait until its connections to ``target`` are ready.
+        ``metadata`` goes with every call (include the API key in it)."""
+        args = start_args(require_binary(), target, connections, workload, id_prefix, credentials)
         proc = await asyncio.create_subprocess_exec(
             *args,
             stdin=asyncio.subprocess.PIPE,

@@ -111,12 +111,18 @@ def redis_server() -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def echo_server(redis_url: str = "") -> Iterator[tuple[str, int]]:
+def echo_server(
+    redis_url: str = "", *, tls_cert: str = "", tls_key: str = "", tls_client_ca: str = ""
+) -> Iterator[tuple[str, int]]:
     """``python -m loadtest.echo`` in a subprocess (with one round trip to ``redis_url`` per
-    call or message, if given); yields ``(HOST:PORT, pid)``."""
+    call or message, if given; over TLS with ``tls_cert`` and ``tls_key``, and mTLS with
+    ``tls_client_ca``, if given); yields ``(HOST:PORT, pid)``."""
     floor = ["--redis-url", redis_url] if redis_url else []
+    tls = ["--tls-cert", tls_cert, "--tls-key", tls_key] if tls_cert else []
+    if tls_client_ca:
+        tls += ["--tls-client-ca", tls_client_ca]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loadtest.echo", "--port", "0", *floor],
+        [sys.executable, "-m", "loadtest.echo", "--port", "0", *floor, *tls],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,

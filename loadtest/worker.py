@@ -24,6 +24,7 @@ import redis.asyncio
 import uvloop
 
 from loadtest import ceiling_redis
+from loadtest.credentials import PLAINTEXT, ClientCredentials
 from loadtest.drivers import CheckFlow, Flow, Metadata, RedisBatchFlow, StreamFlow
 from loadtest.gogen import GoCheckFlow, GoGeneratorError
 from loadtest.schedule import Schedule
@@ -50,13 +51,19 @@ class FlowSpec:
 
 @dataclass(frozen=True, slots=True)
 class TargetSpec:
-    """What the workers load: a gRPC MeteringService, or Redis itself (the Redis ceiling)."""
+    """What the workers load: a gRPC MeteringService, or Redis itself (the Redis ceiling).
+    ``credentials`` (TLS, API key) apply to a gRPC target only."""
 
     kind: Literal["grpc", "redis"]
     address: str
     connections: int
     timeout_s: float = 5.0
     metadata: Metadata = ()
+    credentials: ClientCredentials = PLAINTEXT
+
+    def call_metadata(self) -> Metadata:
+        """What every call carries: ``metadata``, and the API key if there is one."""
+        return self.credentials.call_metadata(self.metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +184,11 @@ async def _open_channels(target: TargetSpec) -> list[grpc.aio.Channel]:
     # A local subchannel pool gives each channel its own TCP connection; by default, channels
     # with the same target and options share one.
     options = [("grpc.use_local_subchannel_pool", 1)]
+    tls = target.credentials.channel_credentials()
     channels = [
         grpc.aio.insecure_channel(target.address, options=options)
+        if tls is None
+        else grpc.aio.secure_channel(target.address, tls, options=options)
         for _ in range(target.connections)
     ]
     try:
@@ -186,7 +196,8 @@ async def _open_channels(target: TargetSpec) -> list[grpc.aio.Channel]:
             asyncio.gather(*(ch.channel_ready() for ch in channels)), timeout=10.0
         )
     except TimeoutError:
-        raise ConnectionError(f"no gRPC server answers at {target.address}") from None
+        over = " over TLS (is it a TLS server, with a certificate --tls-ca trusts?)" if tls else ""
+        raise ConnectionError(f"no gRPC server answers at {target.address}{over}") from None
     return channels
 
 
@@ -228,16 +239,17 @@ async def _grpc_flow(
             workload=spec.workload,
             id_prefix=f"{prefix}-{fs.name}",
             timeout_s=spec.target.timeout_s,
-            metadata=spec.target.metadata,
+            metadata=spec.target.call_metadata(),
             max_in_flight=spec.max_in_flight,
             name=fs.name,
+            credentials=spec.target.credentials,
         )
     if fs.kind == "check":
         return CheckFlow(
             channels,
             CheckRequests(spec.workload, f"{prefix}-{fs.name}"),
             timeout_s=spec.target.timeout_s,
-            metadata=spec.target.metadata,
+            metadata=spec.target.call_metadata(),
             max_in_flight=spec.max_in_flight,
             name=fs.name,
         )
@@ -247,7 +259,7 @@ async def _grpc_flow(
         workload=spec.workload,
         batch=fs.batch,
         session_prefix=f"{prefix}-{fs.name}",
-        metadata=spec.target.metadata,
+        metadata=spec.target.call_metadata(),
         max_in_flight=spec.max_in_flight,
         name=fs.name,
     )

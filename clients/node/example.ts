@@ -14,6 +14,7 @@ import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 
 import {
+  type ChannelCredentials,
   type ClientDuplexStream,
   credentials,
   Metadata,
@@ -42,6 +43,12 @@ interface Options {
   scriptPath: string;
   dropAfter: number;
   deadlineMs: number;
+  /** TLS (any of the three set) and its files; plaintext when none is. */
+  tlsCa: string;
+  tlsCert: string;
+  tlsKey: string;
+  /** Sent as "authorization: Bearer <key>" metadata on every call; "" sends none. */
+  apiKey: string;
 }
 
 /**
@@ -66,10 +73,16 @@ class RpcError extends Error {
 }
 
 const USAGE = `usage: ${PROGRAM} [--addr HOST:PORT] [--script FILE] [--drop-after N] [--deadline-ms MS]
+       [--tls-ca FILE] [--tls-cert FILE --tls-key FILE] [--api-key KEY]
   --addr HOST:PORT    gateway address (default "127.0.0.1:50051")
   --script FILE       JSON script of Check usages and stream batches (default: built-in demo)
   --drop-after N      cancel the stream after N responses, reconnect and resend every batch (0: never)
-  --deadline-ms MS    deadline of each call (a whole stream is one call), in milliseconds (default 5000)`;
+  --deadline-ms MS    deadline of each call (a whole stream is one call), in milliseconds (default 5000)
+  --tls-ca FILE       TLS: trust the CA certificates in this PEM file (default: plaintext; with only
+                      --tls-cert/--tls-key, the system's CAs)
+  --tls-cert FILE     mTLS: the client certificate chain, a PEM file (with --tls-key)
+  --tls-key FILE      mTLS: the client certificate's private key, an unencrypted PEM file (with --tls-cert)
+  --api-key KEY       send "authorization: Bearer KEY" metadata on every call`;
 
 function parseIntFlag(name: string, value: string): number {
   if (!/^-?\d+$/.test(value)) {
@@ -88,6 +101,10 @@ function parseOptions(argv: string[]): Options | undefined {
         script: { type: "string", default: "" },
         "drop-after": { type: "string", default: "0" },
         "deadline-ms": { type: "string", default: "5000" },
+        "tls-ca": { type: "string", default: "" },
+        "tls-cert": { type: "string", default: "" },
+        "tls-key": { type: "string", default: "" },
+        "api-key": { type: "string", default: "" },
         help: { type: "boolean", short: "h", default: false },
       },
       strict: true,
@@ -112,7 +129,71 @@ function parseOptions(argv: string[]): Options | undefined {
   if (deadlineMs <= 0) {
     throw new UsageError("--deadline-ms must be more than 0");
   }
-  return { addr: values.addr, scriptPath: values.script, dropAfter, deadlineMs };
+  if ((values["tls-cert"] === "") !== (values["tls-key"] === "")) {
+    throw new UsageError("--tls-cert and --tls-key go together");
+  }
+  if (!/^[\x20-\x7e]*$/.test(values["api-key"])) {
+    throw new UsageError("--api-key must be printable ASCII");
+  }
+  return {
+    addr: values.addr,
+    scriptPath: values.script,
+    dropAfter,
+    deadlineMs,
+    tlsCa: values["tls-ca"],
+    tlsCert: values["tls-cert"],
+    tlsKey: values["tls-key"],
+    apiKey: values["api-key"],
+  };
+}
+
+/** A PEM file named by a flag; a file that cannot be read is a bad command line. */
+function readPem(flag: string, path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (err) {
+    // "ENOENT: no such file or directory, open '...'" -> "no such file or directory"
+    const reason = (err as Error).message.replace(/^[A-Z]+: /, "").replace(/, \w+ '.*'$/, "");
+    throw new UsageError(`${flag} ${path}: cannot read: ${reason}`);
+  }
+}
+
+/**
+ * The channel's credentials: plaintext by default, TLS when a --tls-* flag is given
+ * (trusting --tls-ca, else the system's CAs), with a client certificate for mTLS.
+ */
+function channelCredentials(opts: Options): ChannelCredentials {
+  if (opts.tlsCa === "" && opts.tlsCert === "") {
+    return credentials.createInsecure();
+  }
+  let ca: Buffer | null = null;
+  if (opts.tlsCa !== "") {
+    ca = readPem("--tls-ca", opts.tlsCa);
+    if (!ca.includes("-----BEGIN CERTIFICATE-----")) {
+      throw new UsageError(`--tls-ca ${opts.tlsCa}: no PEM certificate in it`);
+    }
+  }
+  const key = opts.tlsKey === "" ? null : readPem("--tls-key", opts.tlsKey);
+  const chain = opts.tlsCert === "" ? null : readPem("--tls-cert", opts.tlsCert);
+  try {
+    return credentials.createSsl(ca, key, chain);
+  } catch (err) {
+    const files = opts.tlsCert === "" ? `--tls-ca ${opts.tlsCa}` : `--tls-cert ${opts.tlsCert}, --tls-key ${opts.tlsKey}`;
+    throw new UsageError(`${files}: ${(err as Error).message}`);
+  }
+}
+
+/**
+ * The metadata of every call: the API key, if any. grpc-js's call credentials are refused on
+ * a plaintext channel, and a gateway on loopback may take keys without TLS, so the key travels
+ * as plain call metadata.
+ */
+function callMetadata(opts: Options): Metadata {
+  const metadata = new Metadata();
+  if (opts.apiKey !== "") {
+    metadata.set("authorization", `Bearer ${opts.apiKey}`);
+  }
+  return metadata;
 }
 
 // Protobuf JSON accepts a field by its proto name or its lowerCamelCase JSON name. ts-proto's
@@ -359,10 +440,15 @@ function deadlineIn(ms: number): Date {
   return new Date(Date.now() + ms);
 }
 
-function check(client: MeteringServiceClient, deadlineMs: number, usage: Usage): Promise<Verdict> {
+function check(
+  client: MeteringServiceClient,
+  metadata: Metadata,
+  deadlineMs: number,
+  usage: Usage,
+): Promise<Verdict> {
   return new Promise((resolve, reject) => {
     const request = { usage, view: VerdictView.VERDICT_VIEW_FULL };
-    client.check(request, new Metadata(), { deadline: deadlineIn(deadlineMs) }, (err, resp) => {
+    client.check(request, metadata, { deadline: deadlineIn(deadlineMs) }, (err, resp) => {
       if (err !== null) {
         reject(new RpcError("Check", err));
       } else if (resp.verdict === undefined) {
@@ -432,11 +518,12 @@ class ResponseReader {
  */
 async function streamOnce(
   client: MeteringServiceClient,
+  metadata: Metadata,
   deadlineMs: number,
   batches: Usage[][],
   dropAfter: number,
 ): Promise<boolean> {
-  const call = client.streamUsage({ deadline: deadlineIn(deadlineMs) });
+  const call = client.streamUsage(metadata, { deadline: deadlineIn(deadlineMs) });
   const reader = new ResponseReader(call);
   for (const [i, batch] of batches.entries()) {
     call.write({ usages: batch, view: VerdictView.VERDICT_VIEW_FULL });
@@ -463,17 +550,24 @@ async function streamOnce(
 }
 
 async function execute(opts: Options, work: Workload): Promise<void> {
-  // Plaintext: the example targets a local gateway. A deployment passes TLS credentials.
-  // The channel connects lazily: an unreachable gateway shows up as UNAVAILABLE on the call.
-  const client = new MeteringServiceClient(opts.addr, credentials.createInsecure());
+  // Plaintext unless a --tls-* flag is given. The channel connects lazily: an unreachable
+  // gateway, or a failed TLS handshake, shows up as UNAVAILABLE on the call.
+  const client = new MeteringServiceClient(opts.addr, channelCredentials(opts));
+  const metadata = callMetadata(opts);
   try {
     for (const usage of work.checks) {
-      printVerdict(await check(client, opts.deadlineMs, usage));
+      printVerdict(await check(client, metadata, opts.deadlineMs, usage));
     }
     if (work.batches.length === 0) {
       return;
     }
-    const dropped = await streamOnce(client, opts.deadlineMs, work.batches, opts.dropAfter);
+    const dropped = await streamOnce(
+      client,
+      metadata,
+      opts.deadlineMs,
+      work.batches,
+      opts.dropAfter,
+    );
     if (!dropped) {
       if (opts.dropAfter > 0) {
         process.stderr.write(
@@ -487,7 +581,7 @@ async function execute(opts: Options, work: Workload): Promise<void> {
       `${PROGRAM}: cancelled the stream after ${opts.dropAfter} responses; reconnecting and ` +
         `resending all ${work.batches.length} batches of session "${work.sessionId}"\n`,
     );
-    await streamOnce(client, opts.deadlineMs, work.batches, 0);
+    await streamOnce(client, metadata, opts.deadlineMs, work.batches, 0);
   } finally {
     client.close();
   }

@@ -30,6 +30,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	chargepathv1 "github.com/chargepath/chargepath/clients/go/gen/chargepath/v1"
+	"github.com/chargepath/chargepath/clients/go/internal/clientcreds"
 	"github.com/chargepath/chargepath/clients/go/internal/grpccode"
 )
 
@@ -42,6 +43,7 @@ type options struct {
 	scriptPath string
 	dropAfter  int
 	deadline   time.Duration
+	creds      clientcreds.Flags // --tls-ca, --tls-cert, --tls-key, --api-key
 }
 
 // workload is what to send: Check usages first, then one StreamUsage session whose batches
@@ -128,8 +130,11 @@ func parseFlags(args []string) (options, error) {
 	scriptPath := fs.String("script", "", "JSON script of Check usages and stream batches (default: built-in demo)")
 	dropAfter := fs.Int("drop-after", 0, "cancel the stream after N responses, reconnect and resend every batch (0: never)")
 	deadlineMs := fs.Int("deadline-ms", 5000, "deadline of each call (a whole stream is one call), in milliseconds")
+	var creds clientcreds.Flags
+	creds.Register(fs)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: %s [--addr HOST:PORT] [--script FILE] [--drop-after N] [--deadline-ms MS]\n", program)
+		fmt.Fprintf(fs.Output(), "usage: %s [--addr HOST:PORT] [--script FILE] [--drop-after N] [--deadline-ms MS]\n"+
+			"       [--tls-ca FILE] [--tls-cert FILE --tls-key FILE] [--api-key KEY]\n", program)
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -144,11 +149,15 @@ func parseFlags(args []string) (options, error) {
 	if *deadlineMs <= 0 {
 		return options{}, &usageError{"--deadline-ms must be more than 0"}
 	}
+	if err := creds.Check(); err != nil {
+		return options{}, &usageError{err.Error()}
+	}
 	return options{
 		addr:       *addr,
 		scriptPath: *scriptPath,
 		dropAfter:  *dropAfter,
 		deadline:   time.Duration(*deadlineMs) * time.Millisecond,
+		creds:      creds,
 	}, nil
 }
 
@@ -236,9 +245,13 @@ func demoWorkload() workload {
 }
 
 func execute(opts options, work workload) error {
-	// Plaintext: the example targets a local gateway. A deployment passes TLS credentials.
-	// grpc.Dial connects lazily: an unreachable gateway shows up as UNAVAILABLE on the call.
-	conn, err := grpc.Dial(opts.addr, grpc.WithInsecure())
+	// Plaintext unless a --tls-* flag is given. grpc.Dial connects lazily: an unreachable
+	// gateway, or a failed TLS handshake, shows up as UNAVAILABLE on the call.
+	dialOpts, err := opts.creds.DialOptions()
+	if err != nil {
+		return &usageError{err.Error()}
+	}
+	conn, err := grpc.Dial(opts.addr, dialOpts...)
 	if err != nil {
 		return &usageError{fmt.Sprintf("bad --addr %q: %v", opts.addr, err)}
 	}

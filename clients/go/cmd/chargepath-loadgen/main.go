@@ -6,7 +6,9 @@
 // calls: this program only sends the calls and times them.
 //
 // Start-up: the flags give the target, the number of connections (each its own ClientConn, so
-// its own TCP connection) and what to put in every request. Once every connection is ready it
+// its own TCP connection), TLS (--tls-ca, --tls-cert/--tls-key, as the example's; plaintext
+// without them) and what to put in every request. The Python side sends the API key in each
+// phase's METADATA rather than as --api-key, which would show on the command line. Once every connection is ready it
 // prints "ready"; if one is not within 10 s it prints the reason on stderr and exits 1.
 //
 // Protocol: one command per line on stdin, one event per line on stdout, fields separated by
@@ -62,6 +64,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	chargepathv1 "github.com/chargepath/chargepath/clients/go/gen/chargepath/v1"
+	"github.com/chargepath/chargepath/clients/go/internal/clientcreds"
 	"github.com/chargepath/chargepath/clients/go/internal/grpccode"
 )
 
@@ -373,13 +376,24 @@ func parsePhase(fields []string) (*phase, error) {
 	return p, nil
 }
 
-func dial(target string, connections int) ([]*grpc.ClientConn, error) {
+func dial(target string, connections int, creds *clientcreds.Flags) ([]*grpc.ClientConn, error) {
+	dialOpts, err := creds.DialOptions()
+	if err != nil {
+		return nil, err
+	}
+	dialOpts = append(dialOpts, grpc.WithBlock())
+	if creds.TLS() {
+		// grpc-go retries a failed TLS handshake until the timeout; this says why it failed
+		// (e.g. "x509: certificate signed by unknown authority") instead of only timing out.
+		dialOpts = append(dialOpts, grpc.WithReturnConnectionError())
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), dialTimeout)
 	defer cancel()
 	conns := make([]*grpc.ClientConn, 0, connections)
 	for c := 0; c < connections; c++ {
-		// Plaintext, as the Python generator. Every Dial is its own ClientConn and TCP connection.
-		conn, err := grpc.DialContext(ctx, target, grpc.WithInsecure(), grpc.WithBlock())
+		// Plaintext or TLS as the Python generator's. Every Dial is its own ClientConn and TCP
+		// connection.
+		conn, err := grpc.DialContext(ctx, target, dialOpts...)
 		if err != nil {
 			for _, open := range conns {
 				open.Close()
@@ -399,7 +413,7 @@ func fatalf(format string, args ...any) {
 
 func main() {
 	fs := flag.NewFlagSet(program, flag.ExitOnError)
-	target := fs.String("target", "127.0.0.1:50051", "gRPC target, HOST:PORT (plaintext)")
+	target := fs.String("target", "127.0.0.1:50051", "gRPC target, HOST:PORT (plaintext unless a --tls-* flag is given)")
 	connections := fs.Int("connections", 2, "gRPC connections (each its own TCP connection)")
 	idPrefix := fs.String("id-prefix", "", "request ids are PREFIX-n, n counting every call sent (required)")
 	tenant := fs.String("tenant", "cpaas-demo", "the subject's tenant")
@@ -407,6 +421,8 @@ func main() {
 	amount := fs.Int64("amount", 1, "the usage's amount")
 	keys := fs.Int64("keys", 1000, "call n goes to key key-NNNNN of n % keys")
 	hotKey := fs.String("hot-key", "", "every call goes to this key (overrides --keys)")
+	var creds clientcreds.Flags
+	creds.Register(fs)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: %s --target HOST:PORT --id-prefix PREFIX [flags]\n"+
 			"Driven over stdin/stdout by loadtest/gogen.py; the protocol is in this program's source.\n", program)
@@ -424,7 +440,7 @@ func main() {
 		fatalf("--keys must be at least 1")
 	}
 
-	conns, err := dial(*target, *connections)
+	conns, err := dial(*target, *connections, &creds)
 	if err != nil {
 		fatalf("%v", err)
 	}
