@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
         proto-lint clients loadtest-smoke clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ setup: $(STAMP) ## Create .venv and install Chargepath with its dev tools (redis
 run: setup ## Set up, then serve the demo plans on :50051 with an embedded redis-server
 	$(VENV)/bin/chargepath serve --plans $(PLANS)
 
-serve: run
+serve: run ## Same as run
 
 clients: setup ## Install the Node.js and Go toolchains and generate their stubs
 	bash scripts/setup-node.sh

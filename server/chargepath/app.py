@@ -1,12 +1,17 @@
-"""The one place that wires the gateway together: store, engine, telemetry, servicers."""
+"""The one place that builds the gateway and wires it together, as envoyproxy/ratelimit's
+``runner.go`` does: :func:`build` constructs every collaborator (store, engine, ledger,
+servicers, the gRPC server, the background jobs) and nothing else in the gateway constructs
+one; :class:`Gateway` then starts them in order, wires the servicers to the server, serves and
+stops. The process layer (:mod:`chargepath.supervisor`, :mod:`chargepath.cli`) sits on top:
+nothing here imports it."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -14,9 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
-from redis.exceptions import RedisError
 
+from chargepath.core.plans import PolicyDocument
 from chargepath.engine import Engine, EngineSettings
+from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, StoreProbe
 from chargepath.policy_files import load_policy_file
 from chargepath.settings import Settings
 from chargepath.store.admin import AdminStore
@@ -35,141 +41,16 @@ METERING = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
-class Gateway:
-    """A running gateway. ``await start()``, then ``await stop()`` (what SIGTERM does)."""
+class ServingStatus:
+    """What the gRPC health service answers for the server ("") and the metering service:
+    SERVING while the store answers. Each change is logged; setting the same status again is
+    a no-op."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
-        self.settings = settings
-        self.embedded: EmbeddedRedis | None = None
-        self.draining = asyncio.Event()
-        self.health = HealthServicer()
-        self.server: grpc.aio.Server | None = None
-        self.port = 0
-        self._tasks: list[asyncio.Task[None]] = []
+    def __init__(self, health: HealthServicer) -> None:
+        self.health = health
         self._serving: bool | None = None
-        self.telemetry = telemetry or Telemetry()
 
-    async def start(self) -> None:
-        s = self.settings
-        url = s.redis_url
-        if not url:
-            self.embedded = EmbeddedRedis(Path(s.data_dir) / "redis", fsync=s.redis_fsync)
-            await asyncio.to_thread(self.embedded.start)
-            version = _redis_version(self.embedded.binary)
-            log.info(
-                "embedded redis-server %s started on %s (binary %s); data and AOF in %s",
-                version,
-                self.embedded.url,
-                self.embedded.binary,
-                self.embedded.data_dir,
-            )
-            url = self.embedded.url
-        else:
-            log.info("using Redis at %s", _redact(url))
-        self.store = RedisStore.from_url(
-            url,
-            cluster=s.redis_cluster,
-            connect_timeout=max(s.store_timeout_ms / 1000, 0.5),
-            dedup_window_ms=s.dedup_window_s * 1000,
-            session_ttl_ms=s.session_ttl_s * 1000,
-            recent_length=s.recent_decisions,
-            clock_offset_ms=s.clock_offset_ms,
-        )
-        self.engine = Engine(
-            self.store,
-            EngineSettings(
-                store_timeout_s=s.store_timeout_ms / 1000,
-                store_timeout_per_usage_s=s.store_timeout_per_usage_ms / 1000,
-                breaker_failures=s.breaker_failures,
-                breaker_cooldown_s=s.breaker_cooldown_ms / 1000,
-            ),
-            self.telemetry,
-        )
-        await self._wait_for_store()
-        if s.plans:
-            document = load_policy_file(s.plans)
-            published = await self.store.publish_policy(document)
-            log.info(
-                "policy from %s is version %d (%s)",
-                s.plans,
-                published.version,
-                "published" if published.changed else "unchanged",
-            )
-        await self.engine.reload_policy()
-        if self.engine.policy.version == 0:
-            log.warning(
-                "no policy in the store: every usage is DENY NO_ENTITLEMENT until one is published"
-            )
-
-        self.server = grpc.aio.server(
-            # The metering service makes its own server spans (transport.tracing.server_span:
-            # one per Check, one per stream batch); the instrumentation traces the admin, health
-            # and reflection services.
-            interceptors=[
-                aio_server_interceptor(
-                    tracer_provider=self.telemetry.tracer_provider,
-                    filter_=filters.negate(filters.service_name(METERING)),
-                )
-            ],
-            options=[
-                ("grpc.max_receive_message_length", s.max_message_bytes),
-                ("grpc.max_send_message_length", s.max_message_bytes),
-                ("grpc.so_reuseport", 1),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.http2.max_pings_without_data", 0),
-            ],
-        )
-        metering_pb2_grpc.add_MeteringServiceServicer_to_server(
-            MeteringServicer(self.engine, self.draining), self.server
-        )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.engine, self.store, AdminStore(self.store)), self.server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (
-                METERING,
-                ADMIN,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self.server,
-        )
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
-        await self.server.start()
-        await self._set_serving(True)
-        self._tasks = [
-            asyncio.create_task(self._probe_store(), name="probe-store"),
-            asyncio.create_task(self._poll_policy(), name="poll-policy"),
-            asyncio.create_task(self._flush_aggregates(), name="flush-aggregates"),
-            asyncio.create_task(self._measure_ledger_lag(), name="ledger-lag"),
-        ]
-        # Long-lived objects (modules, the policy, the servicers) leave the GC's view, and
-        # young collections run less often: with thousands of open streams a full collection
-        # otherwise stalls every stream for hundreds of milliseconds.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
-        log.info(
-            "serving chargepath.v1 on %s:%d (policy version %d)",
-            s.host,
-            self.port,
-            self.engine.policy.version,
-        )
-
-    async def _wait_for_store(self, attempts: int = 100) -> None:
-        for i in range(attempts):
-            try:
-                await self.store.ping()
-                return
-            except StoreUnavailableError as exc:
-                if i == attempts - 1:
-                    raise
-                if i % 10 == 0:
-                    log.warning("waiting for the store: %s", exc)
-                await asyncio.sleep(0.1)
-
-    async def _set_serving(self, serving: bool) -> None:
+    async def set(self, serving: bool) -> None:
         if serving == self._serving:
             return
         self._serving = serving
@@ -186,81 +67,235 @@ class Gateway:
             "SERVING" if serving else "NOT_SERVING (store unreachable)",
         )
 
-    async def _probe_store(self) -> None:
-        period = self.settings.health_probe_ms / 1000
-        timeout = max(self.settings.store_timeout_ms / 1000, 0.2)
-        while not self.draining.is_set():
-            try:
-                await asyncio.wait_for(self.store.ping(), timeout)
-                ok = True
-            except (StoreUnavailableError, TimeoutError):
-                ok = False
-            if not self.draining.is_set():
-                await self._set_serving(ok)
-            await asyncio.sleep(period)
 
-    async def _poll_policy(self) -> None:
-        period = self.settings.policy_poll_ms / 1000
-        while not self.draining.is_set():
-            await asyncio.sleep(period)
-            with contextlib.suppress(StoreUnavailableError, TimeoutError):
-                version = await asyncio.wait_for(self.store.policy_version(), 1.0)
-                if version > self.engine.policy.version:
-                    await asyncio.wait_for(self.engine.reload_policy(version), 2.0)
+@dataclass(frozen=True, slots=True)
+class Components:
+    """Everything one gateway process is made of, as :func:`build` made it: constructed but not
+    started. No connection is open, no process runs, no port is bound, no job runs yet."""
 
-    async def _flush_aggregates(self) -> None:
-        """Move closed ledger aggregates into the ledger, every second, for tenants whose plans
-        aggregate admits. Atomic in Redis, so every process may do it."""
-        ledger: LedgerStore = Ledger.of_store(self.store)
-        while not self.draining.is_set():
-            await asyncio.sleep(1.0)
-            tenants = [t for t, ms in self.engine.policy.aggregate_ms.items() if ms]
-            for tenant in tenants:
-                try:
-                    await asyncio.wait_for(
-                        ledger.flush_aggregates(
-                            tenant, clock_offset_ms=self.settings.clock_offset_ms
-                        ),
-                        1.0,
-                    )
-                except (RedisError, OSError, TimeoutError) as exc:
-                    log.warning("ledger aggregates of %s not flushed yet: %s", tenant, exc)
-                    break
+    settings: Settings
+    telemetry: Telemetry
+    #: The redis-server this process starts and stops; None when ``settings.redis_url`` is set.
+    embedded: EmbeddedRedis | None
+    #: The Redis URL the store uses: ``settings.redis_url`` or the embedded server's.
+    redis_url: str
+    store: RedisStore
+    engine: Engine
+    ledger: LedgerStore
+    #: Set when the gateway starts to drain (SIGTERM): streams and jobs end on it.
+    draining: asyncio.Event
+    serving: ServingStatus
+    metering: MeteringServicer
+    admin: AdminServicer
+    server: grpc.aio.Server
+    jobs: tuple[Job, ...]
 
-    async def _measure_ledger_lag(self, max_tenants: int = 1000) -> None:
-        """Keep the ``chargepath.ledger.lag`` gauge: per tenant and consumer group, the entries
-        billing has not acknowledged yet (the figure to alert on: it grows when billing stops
-        reading, and so does Redis memory)."""
-        ledger: LedgerStore = Ledger.of_store(self.store)
-        while not self.draining.is_set():
-            lags: dict[tuple[str, str], int] = {}
-            for tenant in sorted(self.engine.policy.entitlements)[:max_tenants]:
-                try:
-                    for name in await ledger.groups(tenant):
-                        lags[(tenant, name)] = await ledger.lag(tenant, name)
-                except (RedisError, OSError, LookupError):
-                    continue  # no ledger yet, or the store is away: keep the last figures
-            if lags:
-                self.telemetry.ledger_lag = lags
-            await asyncio.sleep(self.settings.ledger_lag_interval_ms / 1000)
+
+def embedded_redis(settings: Settings) -> EmbeddedRedis | None:
+    """The embedded redis-server the settings ask for, not started: one with its data and AOF
+    under ``data_dir`` when no Redis URL is set, else None. Raises FileNotFoundError when no
+    redis-server binary can be found."""
+    if settings.redis_url:
+        return None
+    return EmbeddedRedis(Path(settings.data_dir) / "redis", fsync=settings.redis_fsync)
+
+
+def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
+    """Construct every collaborator of one gateway process from its settings. No I/O; call it
+    with an event loop running (the gRPC server binds to it). ``telemetry``: the process's,
+    from :func:`chargepath.telemetry.setup`; default the global providers'."""
+    s = settings
+    telemetry = telemetry or Telemetry()
+    embedded = embedded_redis(s)
+    url = embedded.url if embedded is not None else s.redis_url
+    store = RedisStore.from_url(
+        url,
+        cluster=s.redis_cluster,
+        connect_timeout=max(s.store_timeout_ms / 1000, 0.5),
+        dedup_window_ms=s.dedup_window_s * 1000,
+        session_ttl_ms=s.session_ttl_s * 1000,
+        recent_length=s.recent_decisions,
+        clock_offset_ms=s.clock_offset_ms,
+    )
+    engine = Engine(
+        store,
+        EngineSettings(
+            store_timeout_s=s.store_timeout_ms / 1000,
+            store_timeout_per_usage_s=s.store_timeout_per_usage_ms / 1000,
+            breaker_failures=s.breaker_failures,
+            breaker_cooldown_s=s.breaker_cooldown_ms / 1000,
+        ),
+        telemetry,
+    )
+    ledger: LedgerStore = Ledger.of_store(store)
+    draining = asyncio.Event()
+    serving = ServingStatus(HealthServicer())
+    server = grpc.aio.server(
+        # The metering service makes its own server spans (transport.tracing.server_span: one
+        # per Check, one per stream batch); the instrumentation traces the admin, health and
+        # reflection services.
+        interceptors=[
+            aio_server_interceptor(
+                tracer_provider=telemetry.tracer_provider,
+                filter_=filters.negate(filters.service_name(METERING)),
+            )
+        ],
+        options=[
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 1),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ],
+    )
+    jobs: tuple[Job, ...] = (
+        StoreProbe(
+            store,
+            serving.set,
+            period_s=s.health_probe_ms / 1000,
+            timeout_s=max(s.store_timeout_ms / 1000, 0.2),
+        ),
+        PolicyWatch(store, engine, period_s=s.policy_poll_ms / 1000),
+        AggregateFlush(ledger, engine, clock_offset_ms=s.clock_offset_ms),
+        LedgerLag(ledger, engine, telemetry, period_s=s.ledger_lag_interval_ms / 1000),
+    )
+    return Components(
+        settings=s,
+        telemetry=telemetry,
+        embedded=embedded,
+        redis_url=url,
+        store=store,
+        engine=engine,
+        ledger=ledger,
+        draining=draining,
+        serving=serving,
+        metering=MeteringServicer(engine, draining),
+        admin=AdminServicer(engine, store, AdminStore(store)),
+        server=server,
+        jobs=jobs,
+    )
+
+
+class Gateway:
+    """One gateway process's server. ``await start()`` builds, wires and starts it; ``await
+    stop()`` drains and stops it (what SIGTERM does), also after a start that failed."""
+
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
+        self.settings = settings
+        self.telemetry = telemetry
+        self.parts: Components | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        parts = self.parts = build(self.settings, self.telemetry)
+        await self._open_store(parts)
+        self._wire(parts)
+        await parts.server.start()
+        await parts.serving.set(True)
+        self._tasks = [
+            asyncio.create_task(job.run(parts.draining), name=job.name) for job in parts.jobs
+        ]
+        # Long-lived objects (modules, the policy, the servicers) leave the GC's view, and
+        # young collections run less often: with thousands of open streams a full collection
+        # otherwise stalls every stream for hundreds of milliseconds.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
+        log.info(
+            "serving chargepath.v1 on %s:%d (policy version %d)",
+            self.settings.host,
+            self.port,
+            parts.engine.policy.version,
+        )
+
+    async def _open_store(self, parts: Components) -> None:
+        """Start the embedded Redis (if any), wait for the store, publish the plan file (if
+        any) and load the live policy into the engine."""
+        s = self.settings
+        if parts.embedded is not None:
+            await asyncio.to_thread(parts.embedded.start)
+            log.info(
+                "embedded redis-server %s started on %s (binary %s); data and AOF in %s",
+                _redis_version(parts.embedded.binary),
+                parts.embedded.url,
+                parts.embedded.binary,
+                parts.embedded.data_dir,
+            )
+        else:
+            log.info("using Redis at %s", _redact(parts.redis_url))
+        await _wait_for_store(parts.store)
+        if s.plans:
+            document = load_policy_file(s.plans)
+            published = await parts.store.publish_policy(document)
+            log.info(
+                "policy from %s is version %d (%s)",
+                s.plans,
+                published.version,
+                "published" if published.changed else "unchanged",
+            )
+        await parts.engine.reload_policy()
+        if parts.engine.policy.version == 0:
+            log.warning(
+                "no policy in the store: every usage is DENY NO_ENTITLEMENT until one is published"
+            )
+
+    def _wire(self, parts: Components) -> None:
+        """Put the servicers on the server and bind its port."""
+        metering_pb2_grpc.add_MeteringServiceServicer_to_server(parts.metering, parts.server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(parts.admin, parts.server)
+        health_pb2_grpc.add_HealthServicer_to_server(parts.serving.health, parts.server)
+        reflection.enable_server_reflection(
+            (
+                METERING,
+                ADMIN,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            parts.server,
+        )
+        self.port = parts.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, streams end after the batch in hand, unary calls finish within
-        the grace period; then the store and the embedded Redis stop."""
+        the grace period; then the jobs, the store and the embedded Redis stop."""
         log.info("draining (grace %.1fs)", self.settings.drain_grace_s)
-        self.draining.set()
-        await self.health.enter_graceful_shutdown()
-        if self.server is not None:
-            await self.server.stop(self.settings.drain_grace_s)
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if hasattr(self, "store"):
-            await self.store.close()
-        if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.stop)
-            log.info("embedded redis-server stopped")
+        parts = self.parts
+        if parts is not None:
+            parts.draining.set()
+            await parts.serving.health.enter_graceful_shutdown()
+            await parts.server.stop(self.settings.drain_grace_s)
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await parts.store.close()
+            if parts.embedded is not None:
+                await asyncio.to_thread(parts.embedded.stop)
+                log.info("embedded redis-server stopped")
         log.info("stopped")
+
+
+async def _wait_for_store(store: RedisStore, attempts: int = 100) -> None:
+    for i in range(attempts):
+        try:
+            await store.ping()
+            return
+        except StoreUnavailableError as exc:
+            if i == attempts - 1:
+                raise
+            if i % 10 == 0:
+                log.warning("waiting for the store: %s", exc)
+            await asyncio.sleep(0.1)
+
+
+async def publish_policy(redis_url: str, document: PolicyDocument) -> int:
+    """Publish ``document`` through a store of its own, closed on return; the live version.
+    What the supervisor does once for all its workers before they start."""
+    store = RedisStore.from_url(redis_url, connect_timeout=2.0)
+    try:
+        return (await store.publish_policy(document)).version
+    finally:
+        await store.close()
 
 
 def _redis_version(binary: str) -> str:

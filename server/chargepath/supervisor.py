@@ -1,5 +1,7 @@
-"""``chargepath serve --workers N``: N gateway processes on one port (SO_REUSEPORT), so that a
-multi-core machine is used; the kernel spreads connections across them.
+"""Gateway processes. :func:`run_gateway` serves in this process until SIGTERM/SIGINT.
+
+:func:`supervise` (``chargepath serve --workers N``) runs N gateway processes on one port
+(SO_REUSEPORT), so that a multi-core machine is used; the kernel spreads connections across them.
 
 The supervisor owns what is shared: the embedded Redis (if no Redis URL is given) and the plan
 file (published once). Each worker is a full, stateless gateway; all state is in Redis, so
@@ -18,46 +20,63 @@ import os
 import signal
 import time
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Any
 
+import uvloop
+
+from chargepath import app, telemetry
+from chargepath.logs import configure_logging
+from chargepath.policy_files import load_policy_file
 from chargepath.settings import Settings
 
 log = logging.getLogger("chargepath.supervisor")
 
 
-def _worker(settings: dict[str, Any], index: int) -> None:
-    from chargepath import telemetry
-    from chargepath.cli import run_gateway
-    from chargepath.logs import configure_logging
-
-    s = Settings(**settings)
-    configure_logging(s.log_format, s.log_level, worker=index)
+def run_gateway(settings: Settings, worker: int = 0) -> None:
+    """Serve one gateway in this process until SIGTERM/SIGINT, with this process's telemetry
+    (flushed on return). Worker ``worker`` of a supervisor serves its Prometheus metrics on
+    ``metrics_port + worker``."""
     otel = telemetry.setup(
-        otel=s.otel,
-        metrics_port=s.metrics_port + index if s.metrics_port else 0,
-        metrics_host=s.metrics_host,
+        otel=settings.otel,
+        metrics_port=settings.metrics_port + worker if settings.metrics_port else 0,
+        metrics_host=settings.metrics_host,
     )
     try:
-        run_gateway(s, otel.telemetry)
+        if settings.event_loop == "uvloop":
+            uvloop.install()
+        asyncio.run(_serve(settings, otel.telemetry))
     finally:
         otel.shutdown()
 
 
+async def _serve(settings: Settings, otel: telemetry.Telemetry) -> None:
+    gateway = app.Gateway(settings, otel)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+        await stop.wait()
+    finally:
+        await gateway.stop()
+
+
+def _worker(settings: dict[str, Any], index: int) -> None:
+    s = Settings(**settings)
+    configure_logging(s.log_format, s.log_level, worker=index)
+    run_gateway(s, worker=index)
+
+
 def supervise(settings: Settings) -> int:
     """Run ``settings.workers`` gateway processes until SIGTERM/SIGINT; the exit code."""
-    from chargepath.policy_files import load_policy_file
-    from chargepath.store.embedded import EmbeddedRedis
-    from chargepath.store.redis_store import RedisStore
-
     document = load_policy_file(settings.plans) if settings.plans else None
     if settings.port == 0:
         log.error("--workers > 1 needs a fixed --port (workers share it with SO_REUSEPORT)")
         return 2
-    embedded: EmbeddedRedis | None = None
     shared = dataclasses.replace(settings)
-    if not shared.redis_url:
-        embedded = EmbeddedRedis(Path(settings.data_dir) / "redis", fsync=settings.redis_fsync)
+    embedded = app.embedded_redis(shared)
+    if embedded is not None:
         embedded.start()
         log.info(
             "embedded redis-server started on %s (binary %s); data and AOF in %s",
@@ -68,16 +87,7 @@ def supervise(settings: Settings) -> int:
         shared.redis_url = embedded.url
     try:
         if document is not None:
-            doc = document
-
-            async def publish() -> int:
-                store = RedisStore.from_url(shared.redis_url, connect_timeout=2.0)
-                try:
-                    return (await store.publish_policy(doc)).version
-                finally:
-                    await store.close()
-
-            version = asyncio.run(publish())
+            version = asyncio.run(app.publish_policy(shared.redis_url, document))
             log.info("policy from %s is version %d", shared.plans, version)
             shared.plans = ""
         return _run_workers(shared)

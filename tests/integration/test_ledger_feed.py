@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from chargepath.cli_ledger import LedgerCliError, parse_time_ms, resolve_redis_url
+from chargepath.cli.ledger import LedgerCliError, parse_time_ms, resolve_redis_url
 from chargepath.core.model import Decision, Mode, Subject, Usage, Verdict
 from chargepath.engine import Engine
 from chargepath.store.embedded import EmbeddedRedis
@@ -51,10 +51,10 @@ tenants:
 # parser of their own.
 SHIM = (
     "import argparse, sys\n"
-    "from chargepath.cli_ledger import add_ledger_parser, run_ledger\n"
+    "from chargepath.cli.ledger import add_parser, run\n"
     "p = argparse.ArgumentParser(prog='chargepath')\n"
-    "add_ledger_parser(p.add_subparsers(dest='command', required=True))\n"
-    "sys.exit(run_ledger(p.parse_args(sys.argv[1:])))\n"
+    "add_parser(p.add_subparsers(dest='command', required=True))\n"
+    "sys.exit(run(p.parse_args(sys.argv[1:])))\n"
 )
 
 

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from chargepath.cli import render
 from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
 from chargepath_protos.v1 import metering_pb2 as pb
@@ -38,7 +39,9 @@ COMMANDS = (
 )
 
 
-def add_admin_parsers(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
+    """Register the admin commands (:data:`COMMANDS`) on the ``chargepath`` subparsers."""
+
     def target(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
         p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
@@ -100,12 +103,13 @@ def add_admin_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def run_admin(args: argparse.Namespace) -> int:
-    console = Console(width=None if sys.stdout.isatty() else 140)
+def run(args: argparse.Namespace) -> int:
+    """Run one admin command against ``--target``; returns the exit status."""
+    out = render.console(140)
     with grpc.insecure_channel(args.target) as channel:
         stub = apb_grpc.AdminServiceStub(channel)
         try:
-            return _dispatch(args, stub, console)
+            return _dispatch(args, stub, out)
         except grpc.RpcError as err:
             print(f"chargepath: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
@@ -189,11 +193,11 @@ def _dispatch(args: argparse.Namespace, stub: Any, console: Console) -> int:
             print(json.dumps(MessageToDict(s, preserving_proto_field_name=True), indent=2))
             return 0
         if not args.watch:
-            console.print(render_state(stub.GetState(req_s, timeout=t)))
+            console.print(render.state(stub.GetState(req_s, timeout=t)))
             return 0
         with Live(console=console, auto_refresh=False) as live:
             while True:
-                live.update(render_state(stub.GetState(req_s, timeout=t)), refresh=True)
+                live.update(render.state(stub.GetState(req_s, timeout=t)), refresh=True)
                 time.sleep(args.interval)
     if cmd == "explain":
         e = stub.ExplainDecision(
@@ -202,7 +206,7 @@ def _dispatch(args: argparse.Namespace, stub: Any, console: Console) -> int:
         if args.json:
             print(json.dumps(MessageToDict(e.decision, preserving_proto_field_name=True), indent=2))
         else:
-            console.print(render_explain(e.decision))
+            console.print(render.explanation(e.decision))
         return 0
     # tail
     req_w = apb.WatchDecisionsRequest(
@@ -217,10 +221,10 @@ def _dispatch(args: argparse.Namespace, stub: Any, console: Console) -> int:
             th = event.threshold
             console.print(
                 f"[bold magenta]quota {th.limit} at {th.percent}%[/] ({th.used}/{th.capacity}) "
-                f"{_who(th.subject)}"
+                f"{render.who(th.subject)}"
             )
         else:
-            console.print(_decision_line(event.decision))
+            console.print(render.decision_line(event.decision))
     return 0
 
 
@@ -236,121 +240,3 @@ def _parse_time(text: str) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(when)
     return ts
-
-
-def human_ms(ms: int) -> str:
-    if ms < 10_000:
-        return f"{ms} ms"
-    secs = ms // 1000
-    parts = [
-        (secs // 86400, "d"),
-        (secs % 86400 // 3600, "h"),
-        (secs % 3600 // 60, "m"),
-        (secs % 60, "s"),
-    ]
-    return " ".join(f"{n}{u}" for n, u in parts if n) or "0s"
-
-
-def _name(enum: Any, value: int, prefix: str) -> str:
-    return str(enum.Name(value)).removeprefix(prefix)
-
-
-def _who(s: pb.Subject) -> str:
-    return "/".join(x for x in (s.tenant, s.slice, s.key) if x)
-
-
-def _decision_line(d: apb.DecisionRecord) -> str:
-    decision = _name(pb.Decision, d.decision, "DECISION_")
-    colour = {"ALLOW": "green", "THROTTLE": "yellow"}.get(decision, "red")
-    at = d.decided_at.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
-    return (
-        f"{at} [bold {colour}]{decision:8}[/] {_name(pb.Reason, d.reason, 'REASON_'):24} "
-        f"{_who(d.subject):32} {d.metric} {d.amount} ({_name(pb.Mode, d.mode, 'MODE_').lower()}) "
-        f"v{d.policy_version} {d.decision_id}"
-    )
-
-
-def render_state(s: apb.GetStateResponse) -> Any:
-    from rich.console import Group
-    from rich.text import Text
-
-    head = Text(
-        f"policy v{s.policy_version}  plan {s.plan or '-'}"
-        + (f"  slice plan {s.slice_plan}" if s.slice_plan else "")
-        + f"  failure policy {_name(apb.FailureMode, s.failure_mode, 'FAILURE_MODE_').lower()}"
-        + f"  read at {s.read_at.ToDatetime().isoformat()}Z"
-    )
-    parts: list[Any] = [head]
-    for sus in s.suspensions:
-        parts.append(Text(f"SUSPENDED {_who(sus.subject)}: {sus.reason}", style="bold red"))
-    limits = Table(
-        "limit",
-        "plan",
-        "kind",
-        "scope",
-        "metric",
-        "remaining",
-        "capacity",
-        "refill",
-        "used",
-        "granted",
-        "resets in",
-        title="limits",
-    )
-    for lim in s.limits:
-        kind = _name(pb.LimitKind, lim.kind, "LIMIT_KIND_").lower()
-        limits.add_row(
-            lim.name + (" (soft)" if lim.soft else ""),
-            lim.plan,
-            kind,
-            _name(pb.Scope, lim.scope, "SCOPE_").lower(),
-            lim.metric,
-            str(lim.remaining),
-            str(lim.capacity),
-            f"{lim.refill}/{lim.per}" if kind == "rate" else f"per {lim.per}",
-            str(lim.used) if kind == "quota" else "",
-            str(lim.granted) if kind == "quota" else "",
-            human_ms(lim.reset_after.ToMilliseconds()),
-        )
-    parts.append(limits)
-    if s.grants:
-        grants = Table("grant", "limit", "amount", "expires", "note", title="grants")
-        for g in s.grants:
-            expires = (
-                g.expires_at.ToDatetime().isoformat() if g.HasField("expires_at") else "period end"
-            )
-            grants.add_row(g.grant_id, g.limit, str(g.amount), expires, g.note)
-        parts.append(grants)
-    if s.recent:
-        parts.append(Text("recent decisions", style="bold"))
-        parts.extend(Text.from_markup(_decision_line(d)) for d in s.recent)
-    return Group(*parts)
-
-
-def render_explain(d: apb.DecisionRecord) -> Any:
-    from rich.console import Group
-    from rich.text import Text
-
-    lines: list[Any] = [
-        Text.from_markup(_decision_line(d)),
-        Text(
-            f"request {d.request_id}  trace {d.trace_id or '-'}  at {d.decided_at.ToJsonString()}"
-            + (
-                f"  retry after {human_ms(d.retry_after.ToMilliseconds())}"
-                if d.retry_after.ToMilliseconds()
-                else ""
-            )
-        ),
-    ]
-    table = Table("limit", "kind", "remaining before", "remaining after", "capacity", "")
-    for c in d.limits:
-        table.add_row(
-            c.name,
-            _name(pb.LimitKind, c.kind, "LIMIT_KIND_").lower(),
-            str(c.remaining_before),
-            str(c.remaining_after),
-            str(c.capacity),
-            "[red]exceeded[/]" if c.exceeded else "",
-        )
-    lines.append(table)
-    return Group(*lines)

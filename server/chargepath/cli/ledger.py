@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from chargepath.store.ledger import LedgerEntry
+    from chargepath.store.ledger import Ledger, LedgerEntry
 
 DEFAULT_DATA_DIR = ".chargepath"
 
@@ -75,7 +75,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_ledger_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:
     """Register ``ledger export`` and ``ledger consume`` on the ``chargepath`` subparsers."""
     ledger = subparsers.add_parser(
         "ledger",
@@ -148,14 +148,12 @@ def resolve_redis_url(args: argparse.Namespace, env: dict[str, str] | None = Non
 class _Writer:
     """Entries to a text stream as JSON lines or CSV (header first)."""
 
-    def __init__(self, out: TextIO, fmt: str) -> None:
+    def __init__(self, out: TextIO, fmt: str, csv_header: list[str]) -> None:
         self.out = out
         self.fmt = fmt
         self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
         if self._csv is not None:
-            from chargepath.store.ledger import LedgerEntry
-
-            self._csv.writerow(LedgerEntry.csv_header())
+            self._csv.writerow(csv_header)
 
     def write(self, entry: LedgerEntry) -> None:
         if self._csv is not None:
@@ -167,16 +165,29 @@ class _Writer:
         self.out.flush()
 
 
-def run_ledger(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``chargepath ledger <export|consume>``; returns the exit status."""
+    # Start-up time: redis-py and the store (about half a second of imports) load only when a
+    # ledger command runs, not for check and the admin commands.
     from redis.exceptions import RedisError
+
+    from chargepath.store.ledger import Ledger, LedgerEntry
 
     try:
         url = resolve_redis_url(args)
+        header = LedgerEntry.csv_header()
         if args.ledger_command == "export":
-            return asyncio.run(_export(url, args))
+            return asyncio.run(
+                _export(Ledger.from_url(url), _Writer(sys.stdout, args.format, header), args)
+            )
         if args.ledger_command == "consume":
-            return asyncio.run(_consume(url, args))
+            if args.max is not None and args.max <= 0:
+                return 0
+            if args.batch <= 0:
+                raise LedgerCliError("--batch must be positive")
+            return asyncio.run(
+                _consume(Ledger.from_url(url), _Writer(sys.stdout, args.format, header), args)
+            )
         raise LedgerCliError(f"unknown ledger command {args.ledger_command!r}")
     except LedgerCliError as exc:
         print(f"chargepath ledger: {exc}", file=sys.stderr)
@@ -193,11 +204,9 @@ def run_ledger(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _export(url: str, args: argparse.Namespace) -> int:
-    from chargepath.store.ledger import Ledger
-
-    ledger = Ledger.from_url(url)
-    out = _Writer(sys.stdout, args.format)
+async def _export(ledger: Ledger, out: _Writer, args: argparse.Namespace) -> int:
+    """Print the entries of the range, then (unless ``--no-mark``) mark each page exported once
+    it is flushed to stdout; closes ``ledger``."""
     since: int | None = args.since
     first = "-" if not since or since <= 0 else f"{since}-0"
     try:
@@ -221,23 +230,17 @@ async def _export(url: str, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _consume(url: str, args: argparse.Namespace) -> int:
-    if args.max is not None and args.max <= 0:
-        return 0
-    if args.batch <= 0:
-        raise LedgerCliError("--batch must be positive")
+async def _consume(ledger: Ledger, out: _Writer, args: argparse.Namespace) -> int:
+    """Print and acknowledge batches until ``--max``, ``--idle-exit-s`` or a signal; closes
+    ``ledger``."""
     consumer = args.consumer or default_consumer_name()
     claim_ms = (
         int(args.claim_idle_s * 1000) if args.claim_idle_s and args.claim_idle_s > 0 else None
     )
-    from chargepath.store.ledger import Ledger
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    ledger = Ledger.from_url(url)
-    out = _Writer(sys.stdout, args.format)
     out.flush()
     block_ms = 1000
     if args.idle_exit_s is not None:

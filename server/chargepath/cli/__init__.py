@@ -1,0 +1,32 @@
+"""The ``chargepath`` command: ``serve`` runs a gateway, ``check`` asks one for a verdict."""
+
+# The process layer, imported by nothing else in chargepath. One module per group of commands,
+# each adding its parsers and running them: serve (the gateway, through chargepath.supervisor),
+# check (one verdict), admin (the AdminService commands), ledger (the billing feed); render
+# holds the terminal output they share. The module docstring above is `chargepath --help`.
+
+from __future__ import annotations
+
+import argparse
+
+from chargepath import __version__
+from chargepath.cli import admin, check, ledger, serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script ``chargepath``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="chargepath", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"chargepath {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve.add_parser(sub)
+    check.add_parser(sub)
+    admin.add_parsers(sub)
+    ledger.add_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve.run(args)
+    if args.command in admin.COMMANDS:
+        return admin.run(args)
+    if args.command == "ledger":
+        return ledger.run(args)
+    return check.run(args)

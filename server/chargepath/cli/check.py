@@ -1,0 +1,68 @@
+"""``chargepath check``: send one usage to a running gateway and print its verdict.
+
+Exit status: 0 for ALLOW (or any verdict with ``--json``), 3 for THROTTLE or DENY, 1 when the
+call itself fails (its gRPC status is printed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_status import rpc_status
+
+from chargepath.cli import render
+from chargepath_protos.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "check",
+        help="ask a running gateway for a verdict",
+        description="Send one usage to a gateway and print its verdict.",
+    )
+    p.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--metric", required=True)
+    p.add_argument("--amount", type=int, default=1)
+    p.add_argument("--slice", default="")
+    p.add_argument("--key", default="")
+    p.add_argument("--report", action="store_true", help="MODE_REPORT (default MODE_ADMIT)")
+    p.add_argument("--request-id", help="default: a new UUID")
+    p.add_argument("--label", action="append", default=[], metavar="K=V")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+    usage = pb.Usage(
+        request_id=args.request_id or str(uuid.uuid4()),
+        subject=pb.Subject(tenant=args.tenant, slice=args.slice, key=args.key),
+        metric=args.metric,
+        amount=args.amount,
+        mode=pb.MODE_REPORT if args.report else pb.MODE_ADMIT,
+        labels=labels,
+    )
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.MeteringServiceStub(channel)
+        try:
+            response = stub.Check(pb.CheckRequest(usage=usage), timeout=args.timeout)
+        except grpc.RpcError as err:
+            code = err.code()
+            status = rpc_status.from_call(err)
+            print(f"chargepath: {code.name}: {err.details()}", file=sys.stderr)
+            if status is not None and args.json:
+                print(json.dumps({"code": code.name, "message": status.message}))
+            return 1
+    v = response.verdict
+    if args.json:
+        print(json.dumps(MessageToDict(v, preserving_proto_field_name=True), indent=2))
+        return 0
+    render.verdict(render.console(120), v)
+    return 0 if v.decision == pb.DECISION_ALLOW else 3

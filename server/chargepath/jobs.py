@@ -1,0 +1,161 @@
+"""The background jobs of a gateway process.
+
+:func:`chargepath.app.build` constructs them and :class:`chargepath.app.Gateway` starts one task
+per job once the server serves, then cancels them when it stops. Each job runs until
+``draining`` is set. None of them is on the path of a decision: a decision is right without
+them (the store refuses a decision on a stale policy version, and every write is atomic in
+Redis); they keep the health service, the policy in memory, the ledger feed and the ledger
+metrics current. A job survives a store that fails or is slow: it tries again next period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from redis.exceptions import RedisError
+
+from chargepath.engine import Engine
+from chargepath.store.base import LedgerStore, MeteringStore, StoreUnavailableError
+from chargepath.telemetry import Telemetry
+
+log = logging.getLogger("chargepath")
+
+
+class Job(Protocol):
+    """A periodic task of a gateway process."""
+
+    #: Name of the asyncio task (seen in task dumps and stall reports).
+    name: str
+
+    async def run(self, draining: asyncio.Event) -> None:
+        """Repeat until ``draining`` is set; may also be cancelled at any await."""
+        ...
+
+
+class StoreProbe:
+    """Every ``period_s`` (``health_probe_ms``), ping the store within ``timeout_s`` and pass
+    the outcome to ``set_serving``: the health service turns NOT_SERVING at most one period
+    plus ``timeout_s`` after the store stops answering, and SERVING again at most one period
+    after it answers. It probes first, then sleeps. Once the gateway drains, it reports
+    nothing more (draining owns the health status then)."""
+
+    name = "probe-store"
+
+    def __init__(
+        self,
+        store: MeteringStore,
+        set_serving: Callable[[bool], Awaitable[None]],
+        *,
+        period_s: float,
+        timeout_s: float,
+    ) -> None:
+        self.store = store
+        self.set_serving = set_serving
+        self.period_s = period_s
+        self.timeout_s = timeout_s
+
+    async def run(self, draining: asyncio.Event) -> None:
+        while not draining.is_set():
+            try:
+                await asyncio.wait_for(self.store.ping(), self.timeout_s)
+                ok = True
+            except (StoreUnavailableError, TimeoutError):
+                ok = False
+            if not draining.is_set():
+                await self.set_serving(ok)
+            await asyncio.sleep(self.period_s)
+
+
+class PolicyWatch:
+    """Every ``period_s`` (``policy_poll_ms``), read the store's policy version and, when it is
+    newer than the engine's, reload the policy: a policy published by any process (another
+    gateway, the admin API, the supervisor) is in this process's memory at most one period plus
+    3 s (the bounds on the two store calls) later, even if no decision of its own met the new
+    version first. A failed or slow read is skipped until the next period."""
+
+    name = "poll-policy"
+
+    def __init__(self, store: MeteringStore, engine: Engine, *, period_s: float) -> None:
+        self.store = store
+        self.engine = engine
+        self.period_s = period_s
+
+    async def run(self, draining: asyncio.Event) -> None:
+        while not draining.is_set():
+            await asyncio.sleep(self.period_s)
+            with contextlib.suppress(StoreUnavailableError, TimeoutError):
+                version = await asyncio.wait_for(self.store.policy_version(), 1.0)
+                if version > self.engine.policy.version:
+                    await asyncio.wait_for(self.engine.reload_policy(version), 2.0)
+
+
+class AggregateFlush:
+    """Every second, move the ledger aggregates whose interval has ended into the ledger, for
+    each tenant whose plans aggregate admits (``ledger: {mode: aggregate}``): a closed
+    aggregate reaches the ledger about a second after its interval ends. Each flush is one
+    atomic script, so every gateway process may run it and an aggregate is still written once.
+    A flush that fails or takes over a second ends the round (logged); the next round retries."""
+
+    name = "flush-aggregates"
+
+    def __init__(self, ledger: LedgerStore, engine: Engine, *, clock_offset_ms: int = 0) -> None:
+        self.ledger = ledger
+        self.engine = engine
+        self.clock_offset_ms = clock_offset_ms
+
+    async def run(self, draining: asyncio.Event) -> None:
+        while not draining.is_set():
+            await asyncio.sleep(1.0)
+            tenants = [t for t, ms in self.engine.policy.aggregate_ms.items() if ms]
+            for tenant in tenants:
+                try:
+                    await asyncio.wait_for(
+                        self.ledger.flush_aggregates(tenant, clock_offset_ms=self.clock_offset_ms),
+                        1.0,
+                    )
+                except (RedisError, OSError, TimeoutError) as exc:
+                    log.warning("ledger aggregates of %s not flushed yet: %s", tenant, exc)
+                    break
+
+
+class LedgerLag:
+    """Every ``period_s`` (``ledger_lag_interval_ms``), measure per tenant (the first
+    ``max_tenants`` by name) and consumer group the ledger entries billing has not acknowledged
+    yet, and hand them to the ``chargepath.ledger.lag`` gauge: the figure to alert on, since it
+    grows when billing stops reading, and so does Redis memory. It measures first, then sleeps.
+    A tenant that cannot be read (no ledger yet, or the store is away) is left out of the
+    round; a round that reads nothing keeps the last figures."""
+
+    name = "ledger-lag"
+
+    def __init__(
+        self,
+        ledger: LedgerStore,
+        engine: Engine,
+        telemetry: Telemetry,
+        *,
+        period_s: float,
+        max_tenants: int = 1000,
+    ) -> None:
+        self.ledger = ledger
+        self.engine = engine
+        self.telemetry = telemetry
+        self.period_s = period_s
+        self.max_tenants = max_tenants
+
+    async def run(self, draining: asyncio.Event) -> None:
+        while not draining.is_set():
+            lags: dict[tuple[str, str], int] = {}
+            for tenant in sorted(self.engine.policy.entitlements)[: self.max_tenants]:
+                try:
+                    for name in await self.ledger.groups(tenant):
+                        lags[(tenant, name)] = await self.ledger.lag(tenant, name)
+                except (RedisError, OSError, LookupError):
+                    continue
+            if lags:
+                self.telemetry.ledger_lag = lags
+            await asyncio.sleep(self.period_s)
