@@ -56,6 +56,8 @@ async def test_usages_come_back_in_append_order_and_leave_only_when_settled(
         assert stats.depth == 53 and stats.appended == 53
         assert stats.oldest_age_ms == 4200
         assert stats.health_detail() == "spool: 53 usages, oldest 4.2 s"
+        clock.now += 800
+        assert spool.snapshot().oldest_age_ms == 5000  # ages without I/O
 
         head = await spool.head(100)
         # gather starts its tasks in order, and the spool keeps the order they appended in
@@ -78,7 +80,7 @@ async def test_usages_come_back_in_append_order_and_leave_only_when_settled(
         stats = await spool.stats()
         assert (stats.depth, stats.replayed, stats.dropped) == (49, 3, 1)
         assert stats.bytes == sum(len(r.entry.encode()) for r in left)
-        assert stats.oldest_age_ms == 3200  # "a" has gone: the oldest is now a "b"
+        assert stats.oldest_age_ms == 4000  # "a" has gone: the oldest is now a "b"
     finally:
         await spool.close()
 
@@ -118,6 +120,27 @@ async def test_a_full_spool_refuses_and_evicts_nothing(tmp_path: Path) -> None:
         stats = await spool.stats()
         assert stats.bytes == 2 * one and stats.depth == 2
     finally:
+        await spool.close()
+
+
+async def test_a_write_that_fails_refuses_the_usage_and_the_spool_recovers(
+    tmp_path: Path,
+) -> None:
+    """A spool that cannot write (here: another process holds the write lock past the busy
+    timeout) answers "not spooled" instead of leaving the verdict waiting."""
+    spool = Spool(tmp_path / SPOOL_FILE, busy_timeout_ms=100)
+    await spool.open()
+    blocker = sqlite3.connect(tmp_path / SPOOL_FILE, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        assert await spool.append_all([spooled("x"), spooled("y")]) == [False, False]
+        blocker.execute("ROLLBACK")
+        assert await spool.append(spooled("z"))
+        stats = await spool.stats()
+        assert (stats.depth, stats.appended, stats.refused) == (1, 1, 2)
+        assert [r.entry.usage.request_id for r in await spool.head(10)] == ["z"]
+    finally:
+        blocker.close()
         await spool.close()
 
 

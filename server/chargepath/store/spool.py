@@ -239,6 +239,7 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         self._stats = SpoolStats(max_entries=max_entries, max_bytes=max_bytes)
+        self._oldest_at_ms: int | None = None  # when the oldest usage was spooled, if any
         self._closed = False
 
     # -- life cycle -----------------------------------------------------------------------
@@ -315,9 +316,12 @@ class Spool:
         return self._stats
 
     def snapshot(self) -> SpoolStats:
-        """The stats as of this process's last spool operation, without I/O: for metric
-        callbacks and the health report."""
-        return self._stats
+        """The stats without I/O, for metric callbacks and the health report: depth and bytes
+        as of this process's last spool operation, the oldest usage's age as of now."""
+        oldest = self._oldest_at_ms
+        if oldest is None:
+            return self._stats
+        return replace(self._stats, oldest_age_ms=max(0, self._clock_ms() - oldest))
 
     # -- the spool thread -----------------------------------------------------------------
 
@@ -400,7 +404,7 @@ class Spool:
                 else:
                     result = None
             self._refresh(self._connection())
-        except (sqlite3.Error, OSError, ValueError, SpoolClosedError) as exc:
+        except Exception as exc:  # the caller gets it; the thread lives on for the others
             self._deliver(job, error=exc)
             return
         self._deliver(job, result)
@@ -427,7 +431,7 @@ class Spool:
                     "INSERT INTO spool_usage (spooled_at_ms, size, body) VALUES (?, ?, ?)", rows
                 )
                 db.execute("UPDATE spool_meta SET depth = ?, bytes = ? WHERE id = 1", (depth, size))
-        except (sqlite3.Error, OSError, SpoolClosedError) as exc:
+        except Exception as exc:  # refused, never left waiting: the engine awaits the answer
             log.error("spool: %d usage(s) not spooled: %s", sum(len(j[1]) for j in jobs), exc)
             refused = sum(len(j[1]) for j in jobs)
             self._stats = replace(self._stats, refused=self._stats.refused + refused)
@@ -446,7 +450,7 @@ class Spool:
         )
         try:
             self._refresh(db)
-        except sqlite3.Error as exc:
+        except Exception as exc:
             log.warning("spool: stats not refreshed: %s", exc)
         for job, flags in zip(jobs, accepted, strict=True):
             self._deliver(job, flags)
@@ -520,6 +524,7 @@ class Spool:
     def _refresh(self, db: sqlite3.Connection) -> None:
         depth, size = db.execute("SELECT depth, bytes FROM spool_meta").fetchone()
         oldest = db.execute("SELECT spooled_at_ms FROM spool_usage ORDER BY seq LIMIT 1").fetchone()
+        self._oldest_at_ms = oldest[0] if oldest else None
         age = max(0, self._clock_ms() - oldest[0]) if oldest else 0
         self._stats = replace(self._stats, depth=depth, bytes=size, oldest_age_ms=age)
 
