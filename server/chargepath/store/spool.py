@@ -363,18 +363,30 @@ class Spool:
 
     @staticmethod
     def _deliver(job: _Job, result: Any = None, error: BaseException | None = None) -> None:
-        future, loop = job[2], job[3]
+        Spool._deliver_all([job], [result], error)
 
-        def resolve() -> None:
-            if future.done():  # the caller went away; the work is done all the same
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
+    @staticmethod
+    def _deliver_all(
+        jobs: Sequence[_Job], results: Sequence[Any], error: BaseException | None = None
+    ) -> None:
+        """Answer ``jobs`` with one wake-up of each waiting event loop (not one per job: under
+        load a group commit answers hundreds of appends)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        for job, result in zip(jobs, results, strict=True):
+            by_loop.setdefault(job[3], []).append((job[2], result))
 
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            loop.call_soon_threadsafe(resolve)
+        def resolve(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
+            for future, result in answers:
+                if future.done():  # the caller went away; the work is done all the same
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+
+        for loop, answers in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(resolve, answers)
 
     def _answer(self, job: _Job) -> None:
         kind, payload = job[0], job[1]
@@ -435,8 +447,7 @@ class Spool:
             log.error("spool: %d usage(s) not spooled: %s", sum(len(j[1]) for j in jobs), exc)
             refused = sum(len(j[1]) for j in jobs)
             self._stats = replace(self._stats, refused=self._stats.refused + refused)
-            for job in jobs:
-                self._deliver(job, [False] * len(job[1]))
+            self._deliver_all(jobs, [[False] * len(job[1]) for job in jobs])
             return
         n_ok = sum(f.count(True) for f in accepted)
         n_refused = sum(f.count(False) for f in accepted)
@@ -452,8 +463,7 @@ class Spool:
             self._refresh(db)
         except Exception as exc:
             log.warning("spool: stats not refreshed: %s", exc)
-        for job, flags in zip(jobs, accepted, strict=True):
-            self._deliver(job, flags)
+        self._deliver_all(jobs, accepted)
 
     def _connect(self) -> None:
         db = sqlite3.connect(
