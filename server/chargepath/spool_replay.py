@@ -232,16 +232,23 @@ class SpoolReplayer:
         now = self.clock_ms()
         settled = {seq for seq, _ in outcomes}
         counts = {o: sum(1 for _, x in outcomes if x is o) for o in Outcome}
+        past_window = sum(
+            1
+            for r in records
+            if r.seq in settled and now - r.entry.spooled_at_ms > self.dedup_window_ms
+        )
+        if past_window:
+            log.warning(
+                "%d spooled usage(s) replayed later than the dedup window after they were "
+                "spooled: had their first attempt committed late, they are now doubled",
+                past_window,
+            )
         return ReplayRound(
             claimed=True,
             replayed=counts[Outcome.REPLAYED],
             already_recorded=counts[Outcome.ALREADY_RECORDED],
             dropped=counts[Outcome.DROPPED],
-            past_window=sum(
-                1
-                for r in records
-                if r.seq in settled and now - r.entry.spooled_at_ms > self.dedup_window_ms
-            ),
+            past_window=past_window,
             left=(await self.spool.stats()).depth,
             store_error=error,
         )

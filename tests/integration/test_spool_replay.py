@@ -85,8 +85,12 @@ async def test_spooled_reports_are_replayed_in_order_each_once(
     entries[7] = degraded(entries[7].usage._replace(occurred_at_ms=123), SPOOLED_AT + 7)
     assert all(await spool.append_all(entries))
 
-    totals = await drain(replayer(spool, store, engine, batch_size=7))
-    assert totals == {Outcome.REPLAYED: 30, Outcome.ALREADY_RECORDED: 0, Outcome.DROPPED: 0}
+    r = replayer(spool, store, engine, batch_size=7, clock_ms=lambda: SPOOLED_AT + 600_003)
+    first = await r.replay_once()
+    # r{i} was spooled at SPOOLED_AT + i: r0, r1, r2 more than the 600 s dedup window ago
+    assert (first.replayed, first.past_window) == (7, 3)
+    totals = await drain(r)
+    assert totals[Outcome.REPLAYED] == 23 and not totals[Outcome.DROPPED]
 
     for tenant in ("mvno", "strict"):
         mine = [e for e in entries if e.usage.subject.tenant == tenant]
