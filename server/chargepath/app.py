@@ -20,10 +20,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-from chargepath.core.plans import PolicyDocument
 from chargepath.engine import Engine, EngineSettings
 from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, StoreProbe
-from chargepath.policy_files import load_policy_file
+from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
 from chargepath.settings import Settings
 from chargepath.store.admin import AdminStore
 from chargepath.store.base import LedgerStore, StoreUnavailableError
@@ -226,14 +225,7 @@ class Gateway:
             log.info("using Redis at %s", _redact(parts.redis_url))
         await _wait_for_store(parts.store)
         if s.plans:
-            document = load_policy_file(s.plans)
-            published = await parts.store.publish_policy(document)
-            log.info(
-                "policy from %s is version %d (%s)",
-                s.plans,
-                published.version,
-                "published" if published.changed else "unchanged",
-            )
+            await apply_plan_file(parts.store, s.plans, _plans_mode(s))
         await parts.engine.reload_policy()
         if parts.engine.policy.version == 0:
             log.warning(
@@ -288,14 +280,27 @@ async def _wait_for_store(store: RedisStore, attempts: int = 100) -> None:
             await asyncio.sleep(0.1)
 
 
-async def publish_policy(redis_url: str, document: PolicyDocument) -> int:
-    """Publish ``document`` through a store of its own, closed on return; the live version.
-    What the supervisor does once for all its workers before they start."""
-    store = RedisStore.from_url(redis_url, connect_timeout=2.0)
+async def apply_plans(settings: Settings) -> int:
+    """Apply the plan file ``settings.plans`` through a store of its own, closed on return, as
+    a gateway does at start (:mod:`chargepath.policy_sync`); the live version. What the
+    supervisor does once for all its workers before they start."""
+    store = RedisStore.from_url(
+        settings.redis_url, cluster=settings.redis_cluster, connect_timeout=2.0
+    )
     try:
-        return (await store.publish_policy(document)).version
+        await _wait_for_store(store)
+        return await apply_plan_file(store, settings.plans, _plans_mode(settings))
     finally:
         await store.close()
+
+
+def _plans_mode(settings: Settings) -> PlansMode:
+    for mode in PLANS_MODES:
+        if settings.plans_mode == mode:
+            return mode
+    raise ValueError(
+        f"plans mode {settings.plans_mode!r}: expected one of {', '.join(PLANS_MODES)}"
+    )
 
 
 def _redis_version(binary: str) -> str:

@@ -22,6 +22,10 @@ class Settings:
     data_dir: str = ".chargepath"
     #: Policy file (YAML) to publish at start; empty: serve the policy already in the store.
     plans: str = ""
+    #: How the plan file meets the live policy at start (chargepath.policy_sync): "merge"
+    #: keeps the changes made through the admin API unless the file changes the same field;
+    #: "replace" makes the file win wholesale.
+    plans_mode: str = "merge"
     #: Bound on every store call for one usage: past it the tenant's failure policy decides.
     store_timeout_ms: int = 50
     #: Added to the bound per further usage of a batch (a batch of 64: 50 + 63 x 0.5 ms),

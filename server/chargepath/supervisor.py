@@ -4,9 +4,10 @@
 (SO_REUSEPORT), so that a multi-core machine is used; the kernel spreads connections across them.
 
 The supervisor owns what is shared: the embedded Redis (if no Redis URL is given) and the plan
-file (published once). Each worker is a full, stateless gateway; all state is in Redis, so
-workers need no coordination. A worker that dies is restarted; SIGTERM drains every worker,
-then stops the embedded Redis.
+file, applied once as a single gateway applies it (:mod:`chargepath.policy_sync`); workers,
+restarted ones included, never apply it again. Each worker is a full, stateless gateway; all
+state is in Redis, so workers need no coordination. A worker that dies is restarted; SIGTERM
+drains every worker, then stops the embedded Redis.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def _worker(settings: dict[str, Any], index: int) -> None:
 
 def supervise(settings: Settings) -> int:
     """Run ``settings.workers`` gateway processes until SIGTERM/SIGINT; the exit code."""
-    document = load_policy_file(settings.plans) if settings.plans else None
+    if settings.plans:
+        load_policy_file(settings.plans)  # an invalid file fails before anything starts
     if settings.port == 0:
         log.error("--workers > 1 needs a fixed --port (workers share it with SO_REUSEPORT)")
         return 2
@@ -86,9 +88,8 @@ def supervise(settings: Settings) -> int:
         )
         shared.redis_url = embedded.url
     try:
-        if document is not None:
-            version = asyncio.run(app.publish_policy(shared.redis_url, document))
-            log.info("policy from %s is version %d", shared.plans, version)
+        if shared.plans:
+            asyncio.run(app.apply_plans(shared))
             shared.plans = ""
         return _run_workers(shared)
     finally:

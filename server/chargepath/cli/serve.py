@@ -19,7 +19,13 @@ def add_parser(sub: Any) -> None:
         description="Run the gateway. Without --redis-url it starts an embedded redis-server "
         "with its data and AOF under --data-dir. Flags override CHARGEPATH_* variables.",
     )
-    p.add_argument("--plans", help="policy file (YAML) to publish at start")
+    p.add_argument("--plans", help="policy file (YAML) to apply at start")
+    p.add_argument(
+        "--plans-mode",
+        choices=["merge", "replace"],
+        help="merge (default): apply only what the file changed since it was last applied, "
+        "keeping changes made through the admin API; replace: the file wins wholesale",
+    )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 50051; 0 picks one)")
     p.add_argument(
@@ -51,10 +57,12 @@ def run(args: argparse.Namespace) -> int:
     # about half a second of imports) loads only when ``serve`` runs, not for the other commands.
     from chargepath import supervisor
     from chargepath.core.plans import PolicyError
+    from chargepath.policy_sync import PLANS_MODES
 
     try:
         settings = Settings.from_env(
             plans=args.plans,
+            plans_mode=args.plans_mode,
             host=args.host,
             port=args.port,
             workers=args.workers,
@@ -71,6 +79,13 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         print(f"chargepath: {exc}", file=sys.stderr)
+        return 2
+    if settings.plans_mode not in PLANS_MODES:
+        print(
+            f"chargepath: plans mode {settings.plans_mode!r}: expected one of "
+            f"{', '.join(PLANS_MODES)}",
+            file=sys.stderr,
+        )
         return 2
     configure_logging(settings.log_format, settings.log_level)
     if settings.workers == 0:

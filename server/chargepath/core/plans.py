@@ -8,6 +8,7 @@ and, for text, its line. This module parses text; reading files is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -212,6 +213,10 @@ class PolicyDocument(_Strict):
     def canonical_json(self) -> str:
         """A stable serialisation: equal documents give equal strings."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of :meth:`canonical_json`: equal documents, equal digests."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 
 def _no_duplicates(names: Iterable[str], what: str) -> None:

@@ -83,6 +83,18 @@ class PublishedPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class AppliedPlanFile:
+    """The plan file last applied at a gateway's start, as the store remembers it: the base
+    the next start compares a plan file with (see :mod:`chargepath.policy_sync`)."""
+
+    #: The live policy version once the file was applied.
+    version: int
+    #: SHA-256 of the file's canonical JSON (comments and layout do not count).
+    sha: str
+    document: PolicyDocument
+
+
+@dataclass(frozen=True, slots=True)
 class LimitReading:
     """A limit's live counter: in whole units and milliseconds, on the store's clock."""
 
@@ -151,6 +163,27 @@ class PolicyStore(Protocol):
 
     async def policy_version(self) -> int:
         """The live policy version (0 if none); cheap, for polling."""
+        ...
+
+
+class PlanFileStore(PolicyStore, Protocol):
+    """A policy store that also remembers the plan file last applied at a start, written in
+    the same atomic step as the document computed from it."""
+
+    async def publish_policy(
+        self,
+        document: PolicyDocument,
+        *,
+        force: bool = False,
+        expected_version: int | None = None,
+        plan_file: PolicyDocument | None = None,
+    ) -> PublishedPolicy:
+        """As :meth:`PolicyStore.publish_policy`; with ``plan_file``, also record it as the
+        file applied (even when ``document`` is the live one already)."""
+        ...
+
+    async def load_plan_file(self) -> AppliedPlanFile | None:
+        """The plan file last applied at a start, or None if none was recorded."""
         ...
 
 

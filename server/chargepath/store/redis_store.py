@@ -4,7 +4,9 @@ Key layout (every key of a tenant shares the hash tag ``{tenant}``, so a decisio
 in one slot and the scripts run unchanged on Redis Cluster):
 
 =============================  ==========================================================
-``cp:policy``                  hash: ``v`` live version, ``sha`` digest, ``doc`` JSON
+``cp:policy``                  hash: ``v`` live version, ``sha`` digest, ``doc`` JSON; the
+                               plan file last applied at a start: ``file_doc`` JSON,
+                               ``file_sha`` digest, ``file_v`` version then
 ``cp:{T}:ent``                 hash: ``v`` policy version stamped on the tenant
 ``cp:{T}:ledger``              stream: one entry per recorded usage (billing reads it)
 ``cp:{T}:d:<request_id>``      string: the first verdict of a request id, for the dedup window
@@ -20,7 +22,6 @@ redis-py reloads them on NOSCRIPT (e.g. after a Redis restart).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import resources
 from typing import Any
@@ -43,6 +44,7 @@ from chargepath.core.model import (
 from chargepath.core.plans import PolicyDocument
 from chargepath.core.policy import Limit
 from chargepath.store.base import (
+    AppliedPlanFile,
     DecideItem,
     PolicyConflictError,
     PublishedPolicy,
@@ -367,18 +369,20 @@ class RedisStore:
         *,
         force: bool = False,
         expected_version: int | None = None,
+        plan_file: PolicyDocument | None = None,
     ) -> PublishedPolicy:
         body = document.canonical_json()
-        sha = hashlib.sha256(body.encode()).hexdigest()
         try:
             previous = await self.load_policy()
             version, changed = await self._publish(
                 keys=[POLICY_KEY],
                 args=[
                     body,
-                    sha,
+                    document.digest(),
                     "1" if force else "0",
                     "" if expected_version is None else expected_version,
+                    "" if plan_file is None else plan_file.canonical_json(),
+                    "" if plan_file is None else plan_file.digest(),
                 ],
             )
             if version == -1:
@@ -400,6 +404,15 @@ class RedisStore:
         if v is None or doc is None:
             return None
         return PublishedPolicy(int(v), PolicyDocument.model_validate_json(doc))
+
+    async def load_plan_file(self) -> AppliedPlanFile | None:
+        try:
+            v, sha, doc = await self.client.hmget(POLICY_KEY, ["file_v", "file_sha", "file_doc"])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        if v is None or sha is None or doc is None:
+            return None
+        return AppliedPlanFile(int(v), str(sha), PolicyDocument.model_validate_json(doc))
 
     async def policy_version(self) -> int:
         try:

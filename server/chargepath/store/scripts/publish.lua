@@ -1,22 +1,32 @@
 -- publish.lua: make a policy document the live one, with the next version number.
 --
--- KEYS[1]  the policy hash: "v" version, "sha" digest of the document, "doc" canonical JSON
+-- KEYS[1]  the policy hash: "v" version, "sha" digest of the document, "doc" canonical JSON;
+--          and the plan file last applied at a gateway's start: "file_doc" its canonical
+--          JSON, "file_sha" its digest, "file_v" the live version once it was applied
 -- ARGV[1]  canonical JSON of the new document
 -- ARGV[2]  its digest
 -- ARGV[3]  "1" to publish even when the digest is unchanged (a forced new version)
 -- ARGV[4]  the version the change was computed from ("" for any): a compare-and-set, so two
 --          admin changes made at once cannot overwrite each other
+-- ARGV[5]  canonical JSON of the plan file the document was computed from at a start; ""
+--          for a change made through the admin API (the file record is left as it is)
+-- ARGV[6]  that plan file's digest ("" with ARGV[5])
 -- Reply:   {version, changed (0/1)}, or {-1, live version} when ARGV[4] is not the live one
 -- Invariant: versions only grow; an unchanged document keeps its version, so restarting
--- gateways on the same plan file does not churn versions.
+-- gateways on the same plan file does not churn versions. The document and the record of the
+-- file it came from are written together, so the next start compares against exactly them.
 local cur = redis.call('HMGET', KEYS[1], 'v', 'sha')
 local v = tonumber(cur[1] or '0')
 if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= v then
   return {-1, v}
 end
-if cur[2] == ARGV[2] and ARGV[3] ~= '1' then
-  return {v, 0}
+local changed = 0
+if cur[2] ~= ARGV[2] or ARGV[3] == '1' then
+  v = v + 1
+  changed = 1
+  redis.call('HSET', KEYS[1], 'v', v, 'sha', ARGV[2], 'doc', ARGV[1])
 end
-v = v + 1
-redis.call('HSET', KEYS[1], 'v', v, 'sha', ARGV[2], 'doc', ARGV[1])
-return {v, 1}
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'file_doc', ARGV[5], 'file_sha', ARGV[6], 'file_v', v)
+end
+return {v, changed}
