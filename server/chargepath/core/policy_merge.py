@@ -93,6 +93,17 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _outline(item: dict[str, Any]) -> str:
+    """An added item in one short line: its set fields, its named lists by their length."""
+    parts = []
+    for k, v in item.items():
+        if k in ("name", "slice") or v in (None, "", [], {}):
+            continue
+        parts.append(f"{len(v)} {k}" if isinstance(v, _Named) else f"{k}={_plain(v)!r}")
+    text = ", ".join(parts)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 @dataclass(frozen=True, slots=True)
 class FieldChange:
     """One difference between two documents: a field (or a named item) ``old`` -> ``new``,
@@ -116,12 +127,7 @@ class FieldChange:
             return f"- {where}"
         if self.sign == "+":
             if isinstance(self.new, dict):
-                fields = {
-                    k: v
-                    for k, v in self.new.items()
-                    if k not in ("name", "slice") and v not in (None, "", [], {})
-                }
-                return f"+ {where} {_show(fields)}" if fields else f"+ {where}"
+                return f"+ {where} {_outline(self.new)}".rstrip()
             return f"+ {where}: {_show(self.new)}"
         return f"~ {where}: {_show(self.old)} -> {_show(self.new)}"
 
