@@ -126,7 +126,7 @@ async def apply_plan_file(store: PlanFileStore, path: str, mode: PlansMode = "me
         applied = await store.load_plan_file()
         plan = plan_start(file, live, applied, mode, source=path)
         if plan.document is None:
-            _log_start(path, plan, plan.live_version)
+            _log_start(path, plan, plan.live_version, published=False)
             return plan.live_version
         try:
             published = await store.publish_policy(
@@ -134,13 +134,15 @@ async def apply_plan_file(store: PlanFileStore, path: str, mode: PlansMode = "me
             )
         except PolicyConflictError:
             continue
-        _log_start(path, plan, published.version)
+        _log_start(path, plan, published.version, published=published.changed)
         return published.version
     raise PolicyConflictError(await store.policy_version())
 
 
-def _log_start(path: str, plan: StartPlan, version: int) -> None:
-    """The start's log: one line saying what was done, then the changes field by field."""
+def _log_start(path: str, plan: StartPlan, version: int, *, published: bool) -> None:
+    """The start's log: one line saying what was done, then the changes field by field.
+    ``version``: the live version afterwards; ``published``: whether it is a new one."""
+    outcome = f"published as version {version}" if published else f"version {version} kept"
     if plan.outcome == "first":
         log.info(
             "plan file %s published as policy version %d (no live policy before)", path, version
@@ -155,6 +157,9 @@ def _log_start(path: str, plan: StartPlan, version: int) -> None:
             version,
             plan.runtime_changes,
         )
+    elif plan.outcome == "replaced" and not plan.dropped:
+        log.info("plan file %s (--plans-mode replace): live policy %s", path, outcome)
+        return
     elif plan.outcome == "replaced":
         log.warning(
             "plan file %s replaces live policy version %d (--plans-mode replace): now version "
@@ -169,24 +174,23 @@ def _log_start(path: str, plan: StartPlan, version: int) -> None:
     else:
         if plan.has_record:
             log.info(
-                "plan file %s changed since version %d: %s; published as version %d, runtime "
-                "changes since kept unless the file changes the same field (%d overridden)",
+                "plan file %s changed since version %d: %s; live policy %s, runtime changes "
+                "since kept unless the file changes the same field (%d overridden)",
                 path,
                 plan.applied_version,
                 summary(plan.file_changes),
-                version,
+                outcome,
                 len(plan.overrides),
             )
             _log_fields("plan file change:", plan.file_changes, logging.INFO)
         else:
             log.warning(
                 "plan file %s: no record of the plan file applied before (a store written by "
-                "an older chargepath); merged onto live policy version %d as version %d: "
-                "fields the file sets win, fields it leaves at their default keep their "
-                "live value",
+                "an older chargepath); merged onto live policy version %d, %s: fields the "
+                "file sets win, fields it leaves at their default keep their live value",
                 path,
                 plan.live_version,
-                version,
+                outcome,
             )
         for o in plan.overrides[:MAX_FIELD_LINES]:
             log.warning("plan file wins over a runtime change: %s", o)
