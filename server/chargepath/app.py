@@ -21,6 +21,7 @@ from chargepath.policy_files import load_policy_file
 from chargepath.settings import Settings
 from chargepath.store.admin import AdminStore
 from chargepath.store.base import LedgerStore, StoreUnavailableError
+from chargepath.store.connect import RedisTarget, ReplicaWait
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
@@ -51,8 +52,8 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
-        url = s.redis_url
-        if not url:
+        target = s.redis_target()
+        if target.embedded:
             self.embedded = EmbeddedRedis(Path(s.data_dir) / "redis", fsync=s.redis_fsync)
             await asyncio.to_thread(self.embedded.start)
             version = _redis_version(self.embedded.binary)
@@ -63,17 +64,23 @@ class Gateway:
                 self.embedded.binary,
                 self.embedded.data_dir,
             )
-            url = self.embedded.url
+            target = RedisTarget(url=self.embedded.url)
         else:
-            log.info("using Redis at %s", _redact(url))
-        self.store = RedisStore.from_url(
-            url,
-            cluster=s.redis_cluster,
+            log.info("using Redis at %s", target.describe())
+        self.store = RedisStore.connect(
+            target,
             connect_timeout=max(s.store_timeout_ms / 1000, 0.5),
             dedup_window_ms=s.dedup_window_s * 1000,
             session_ttl_ms=s.session_ttl_s * 1000,
             recent_length=s.recent_decisions,
             clock_offset_ms=s.clock_offset_ms,
+            replica_wait=ReplicaWait(
+                s.redis_wait_replicas,
+                s.redis_wait_timeout_ms,
+                meter=self.telemetry.meter_provider.get_meter("chargepath"),
+            )
+            if s.redis_wait_replicas
+            else None,
         )
         self.engine = Engine(
             self.store,
@@ -269,11 +276,3 @@ def _redis_version(binary: str) -> str:
         return next((w[2:] for w in out.stdout.split() if w.startswith("v=")), "?")
     except (OSError, subprocess.SubprocessError):
         return "?"
-
-
-def _redact(url: str) -> str:
-    """A URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

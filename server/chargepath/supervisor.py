@@ -56,7 +56,7 @@ def supervise(settings: Settings) -> int:
         return 2
     embedded: EmbeddedRedis | None = None
     shared = dataclasses.replace(settings)
-    if not shared.redis_url:
+    if shared.redis_target().embedded:
         embedded = EmbeddedRedis(Path(settings.data_dir) / "redis", fsync=settings.redis_fsync)
         embedded.start()
         log.info(
@@ -71,7 +71,7 @@ def supervise(settings: Settings) -> int:
             doc = document
 
             async def publish() -> int:
-                store = RedisStore.from_url(shared.redis_url, connect_timeout=2.0)
+                store = RedisStore.connect(shared.redis_target(), connect_timeout=2.0)
                 try:
                     return (await store.publish_policy(doc)).version
                 finally:
