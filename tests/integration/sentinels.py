@@ -62,15 +62,23 @@ class Node:
 
 
 class SentinelDeployment:
-    """``replicas`` replicas of a master, watched by three sentinels (quorum 2, master down
-    after ``down_after_ms``). :meth:`start` returns once every sentinel sees the master, the
-    replicas and the two other sentinels."""
+    """``replicas`` replicas of a master (started with ``master_args`` too), watched by three
+    sentinels (quorum 2, master down after ``down_after_ms``). :meth:`start` returns once
+    every sentinel sees the master, the replicas and the two other sentinels."""
 
-    def __init__(self, folder: Path, *, replicas: int = 1, down_after_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        replicas: int = 1,
+        down_after_ms: int = 1000,
+        master_args: tuple[str, ...] = (),
+    ) -> None:
         self.binary = find_redis_server()
         self.folder = folder
         self.replica_count = replicas
         self.down_after_ms = down_after_ms
+        self.master_args = list(master_args)
         self.master: Node | None = None
         self.replicas: list[Node] = []
         self.sentinels: list[Node] = []
@@ -92,7 +100,7 @@ class SentinelDeployment:
         return Node(self.binary, self.folder / name, [*args, *extra], port)
 
     def start(self, timeout: float = 30.0) -> None:
-        self.master = self._data_node("master", [])
+        self.master = self._data_node("master", self.master_args)
         self.master.wait_up()
         for i in range(self.replica_count):
             node = self._data_node(
