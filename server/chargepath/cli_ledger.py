@@ -13,7 +13,9 @@ Both commands first flush the ledger aggregates whose interval has ended (plans 
 ``ledger: {mode: aggregate}``), and ``consume`` keeps doing so every second.
 
 The Redis URL is ``--redis-url``, else ``CHARGEPATH_REDIS_URL``, else the file
-``<data-dir>/redis/url`` that the embedded Redis of ``chargepath serve`` writes.
+``<data-dir>/redis/url`` that the embedded Redis of ``chargepath serve`` writes; with
+``--redis-cluster`` it is a cluster node. Or Redis Sentinel: ``--redis-sentinel`` and
+``--redis-master`` (or their ``CHARGEPATH_*`` variables, as for ``serve``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from chargepath.store.connect import RedisTarget
     from chargepath.store.ledger import LedgerEntry
 
 DEFAULT_DATA_DIR = ".chargepath"
@@ -68,6 +71,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redis-url", help="Redis URL (default: CHARGEPATH_REDIS_URL, else <data-dir>/redis/url)"
     )
+    p.add_argument("--redis-cluster", action="store_true", default=None, help="a cluster node")
+    p.add_argument("--redis-sentinel", help="Redis Sentinel instead: host:port,host:port,...")
+    p.add_argument("--redis-master", help="with --redis-sentinel: the monitored master's name")
     p.add_argument(
         "--data-dir",
         help="folder of the embedded Redis whose URL to use "
@@ -145,6 +151,30 @@ def resolve_redis_url(args: argparse.Namespace, env: dict[str, str] | None = Non
     return url
 
 
+def resolve_redis_target(
+    args: argparse.Namespace, env: dict[str, str] | None = None
+) -> RedisTarget:
+    """The sentinels if given (flags or ``CHARGEPATH_*``), else :func:`resolve_redis_url`."""
+    from chargepath.settings import Settings
+
+    env = dict(os.environ) if env is None else env
+    try:
+        if getattr(args, "redis_sentinel", None) or env.get("CHARGEPATH_REDIS_SENTINEL"):
+            return Settings.from_env(
+                env,
+                redis_sentinel=getattr(args, "redis_sentinel", None),
+                redis_master=getattr(args, "redis_master", None),
+                redis_url="",
+            ).redis_target()
+        return Settings.from_env(
+            env,
+            redis_url=resolve_redis_url(args, env),
+            redis_cluster=getattr(args, "redis_cluster", None),
+        ).redis_target()
+    except ValueError as exc:
+        raise LedgerCliError(str(exc)) from None
+
+
 class _Writer:
     """Entries to a text stream as JSON lines or CSV (header first)."""
 
@@ -172,11 +202,11 @@ def run_ledger(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
     try:
-        url = resolve_redis_url(args)
+        target = resolve_redis_target(args)
         if args.ledger_command == "export":
-            return asyncio.run(_export(url, args))
+            return asyncio.run(_export(target, args))
         if args.ledger_command == "consume":
-            return asyncio.run(_consume(url, args))
+            return asyncio.run(_consume(target, args))
         raise LedgerCliError(f"unknown ledger command {args.ledger_command!r}")
     except LedgerCliError as exc:
         print(f"chargepath ledger: {exc}", file=sys.stderr)
@@ -193,10 +223,10 @@ def run_ledger(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _export(url: str, args: argparse.Namespace) -> int:
+async def _export(target: RedisTarget, args: argparse.Namespace) -> int:
     from chargepath.store.ledger import Ledger
 
-    ledger = Ledger.from_url(url)
+    ledger = Ledger.connect(target)
     out = _Writer(sys.stdout, args.format)
     since: int | None = args.since
     first = "-" if not since or since <= 0 else f"{since}-0"
@@ -221,7 +251,7 @@ async def _export(url: str, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _consume(url: str, args: argparse.Namespace) -> int:
+async def _consume(target: RedisTarget, args: argparse.Namespace) -> int:
     if args.max is not None and args.max <= 0:
         return 0
     if args.batch <= 0:
@@ -236,7 +266,7 @@ async def _consume(url: str, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    ledger = Ledger.from_url(url)
+    ledger = Ledger.connect(target)
     out = _Writer(sys.stdout, args.format)
     out.flush()
     block_ms = 1000

@@ -6,6 +6,8 @@ and consumer group, and the API key store with its change feed."""
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import uuid
 from pathlib import Path
 
@@ -164,3 +166,15 @@ async def check_every_surface(gateway: Gateway, target: RedisTarget) -> None:
             assert await asyncio.wait_for(anext(changed), 5.0) == record.key_id
     finally:
         await keys.close()
+
+
+async def ledger_cli_lines(*where: str, tenant: str = "mvno-demo") -> list[dict[str, object]]:
+    """``chargepath ledger export --no-mark`` of ``tenant`` with the Redis options ``where``
+    (a real process): its JSON lines."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chargepath", "ledger", "export", "--tenant", tenant, "--no-mark",
+        *where, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    return [json.loads(line) for line in out.decode().splitlines()]

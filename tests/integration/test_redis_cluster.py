@@ -21,7 +21,7 @@ from chargepath.settings import Settings
 from chargepath.store.embedded import find_redis_server
 from chargepath.store.redis_store import RedisStore, ledger_key
 from chargepath.telemetry import Telemetry
-from tests.integration.surfaces import check_every_surface, start_gateway
+from tests.integration.surfaces import check_every_surface, ledger_cli_lines, start_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOTS = 16384
@@ -173,3 +173,5 @@ async def test_every_surface_on_a_cluster(cluster: list[int]) -> None:
         await check_every_surface(gateway, settings.redis_target())
     finally:
         await gateway.stop()
+    lines = await ledger_cli_lines("--redis-url", settings.redis_url, "--redis-cluster")
+    assert [line["metric"] for line in lines] == ["slice.bytes"] * 6

@@ -29,7 +29,7 @@ from chargepath.telemetry import Telemetry
 from tests.conftest import ledger_entries
 from tests.integration.policies import OPEN
 from tests.integration.sentinels import MASTER_NAME, SentinelDeployment
-from tests.integration.surfaces import check_every_surface, start_gateway
+from tests.integration.surfaces import check_every_surface, ledger_cli_lines, start_gateway
 
 
 @pytest.fixture
@@ -51,6 +51,10 @@ async def test_every_surface_through_sentinel(deployment: SentinelDeployment) ->
         await check_every_surface(gateway, settings.redis_target())
     finally:
         await gateway.stop()
+    lines = await ledger_cli_lines(
+        "--redis-sentinel", deployment.sentinel_option, "--redis-master", MASTER_NAME
+    )
+    assert [line["metric"] for line in lines] == ["slice.bytes"]
     # it all went to the master, and from there to its replica
     assert deployment.master is not None
     with deployment.master.client() as m, deployment.replicas[0].client() as r:
