@@ -50,8 +50,9 @@ def usage(key: str, amount: int = 1, *, request_id: str = "", **kw: object) -> p
     return pb.Usage(**fields)  # type: ignore[arg-type]
 
 
-async def check_every_surface(gateway: Gateway, target: RedisTarget) -> None:
-    """Asserts that each surface works on ``target`` (the Redis ``gateway`` runs on)."""
+async def check_every_surface(gateway: Gateway, target: RedisTarget) -> str:
+    """Asserts that each surface works on ``target`` (the Redis ``gateway`` runs on); returns
+    the request id of the report it made (tenant mvno-demo)."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         meter = pb_grpc.MeteringServiceStub(channel)
         admin = apb_grpc.AdminServiceStub(channel)
@@ -79,6 +80,14 @@ async def check_every_surface(gateway: Gateway, target: RedisTarget) -> None:
         await asyncio.gather(reader, return_exceptions=True)
         assert watched and set(watched) <= set(sent)
 
+        async def monthly_used() -> int:
+            state = await admin.GetState(
+                apb.GetStateRequest(subject=pb.Subject(tenant="cpaas-demo", key="s-1")),
+                timeout=5,
+            )
+            return next(lim.used for lim in state.limits if lim.name == "sms-monthly")
+
+        before = await monthly_used()
         # decisions and dedup
         first_usage = usage("s-1", 3)
         first = await check(first_usage)
@@ -89,9 +98,10 @@ async def check_every_surface(gateway: Gateway, target: RedisTarget) -> None:
         )
         again = await check(first_usage)
         assert again.replayed and again.decision_id == first.decision_id
+        report_id = str(uuid.uuid4())
         report = await check(
             pb.Usage(
-                request_id=str(uuid.uuid4()),
+                request_id=report_id,
                 subject=pb.Subject(tenant="mvno-demo", slice="1-000001"),
                 metric="slice.bytes",
                 amount=1000,
@@ -123,7 +133,8 @@ async def check_every_surface(gateway: Gateway, target: RedisTarget) -> None:
         )
         assert [(g.limit, g.amount, g.note) for g in state.grants] == [("voice-daily", 10, "T-1")]
         by_name = {lim.name: lim for lim in state.limits}
-        assert by_name["sms-per-key"].remaining == 17
+        assert 17 <= by_name["sms-per-key"].remaining < 20  # refills at 10/s
+        assert by_name["sms-monthly"].used == before + 3 + 1  # s-1's 3 units, then s-2's 1
         assert by_name["voice-daily"].capacity == 5010
         assert first.decision_id in [r.decision_id for r in state.recent]
         explained = (
@@ -166,6 +177,7 @@ async def check_every_surface(gateway: Gateway, target: RedisTarget) -> None:
             assert await asyncio.wait_for(anext(changed), 5.0) == record.key_id
     finally:
         await keys.close()
+    return report_id
 
 
 async def ledger_cli_lines(*where: str, tenant: str = "mvno-demo") -> list[dict[str, object]]:

@@ -48,13 +48,13 @@ async def test_every_surface_through_sentinel(deployment: SentinelDeployment) ->
     )
     gateway = await start_gateway(settings)
     try:
-        await check_every_surface(gateway, settings.redis_target())
+        report_id = await check_every_surface(gateway, settings.redis_target())
     finally:
         await gateway.stop()
     lines = await ledger_cli_lines(
         "--redis-sentinel", deployment.sentinel_option, "--redis-master", MASTER_NAME
     )
-    assert [line["metric"] for line in lines] == ["slice.bytes"]
+    assert [line["request_id"] for line in lines] == [report_id]
     # it all went to the master, and from there to its replica
     assert deployment.master is not None
     with deployment.master.client() as m, deployment.replicas[0].client() as r:
@@ -180,15 +180,18 @@ async def test_without_wait_a_failover_is_measured(
     assert run.unreplicated == set()  # nothing measures replication without WAIT
 
 
-async def test_min_replicas_to_write_closes_the_forced_failover_window(tmp_path: Path) -> None:
+async def test_min_replicas_to_write_narrows_the_forced_failover_window(tmp_path: Path) -> None:
     """A forced failover promotes the replica while the old master still takes writes, until
-    the sentinels name the new one; those are lost. With ``min-replicas-to-write 1`` on the
-    master, the old master refuses writes as soon as its replica leaves (the verdicts are
-    degraded, not recorded), so nothing acknowledged is lost, even without WAIT."""
+    the sentinels name the new one (about a second): without more, those are lost. With
+    ``min-replicas-to-write 1`` on the master, the old master refuses writes as soon as its
+    replica leaves (those verdicts are degraded, not recorded); what is still lost is what
+    the replica dropped unread at its promotion, about one batch per connection, and WAIT
+    counted each of those as unreplicated."""
     deployment = SentinelDeployment(tmp_path, master_args=("--min-replicas-to-write", "1"))
     try:
         deployment.start()
-        run = await _failover_under_load(deployment, "failover", wait=False)
+        run = await _failover_under_load(deployment, "failover", wait=True)
     finally:
         deployment.stop()
-    assert run.missing == set()
+    assert run.missing <= run.unreplicated
+    assert len(run.missing) <= 2 * 3 * 8  # two batches per driver at most
