@@ -26,6 +26,7 @@ from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
 from chargepath.settings import Settings
 from chargepath.store.admin import AdminStore
 from chargepath.store.base import LedgerStore, StoreUnavailableError
+from chargepath.store.connect import RedisTarget, ReplicaWait
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
@@ -74,10 +75,11 @@ class Components:
 
     settings: Settings
     telemetry: Telemetry
-    #: The redis-server this process starts and stops; None when ``settings.redis_url`` is set.
+    #: The redis-server this process starts and stops; None when the settings name a Redis
+    #: (URL, cluster or sentinels).
     embedded: EmbeddedRedis | None
-    #: The Redis URL the store uses: ``settings.redis_url`` or the embedded server's.
-    redis_url: str
+    #: Where the store's Redis is: the settings' target or the embedded server's URL.
+    redis_target: RedisTarget
     store: RedisStore
     engine: Engine
     ledger: LedgerStore
@@ -94,7 +96,7 @@ def embedded_redis(settings: Settings) -> EmbeddedRedis | None:
     """The embedded redis-server the settings ask for, not started: one with its data and AOF
     under ``data_dir`` when no Redis URL is set, else None. Raises FileNotFoundError when no
     redis-server binary can be found."""
-    if settings.redis_url:
+    if not settings.redis_target().embedded:
         return None
     return EmbeddedRedis(Path(settings.data_dir) / "redis", fsync=settings.redis_fsync)
 
@@ -106,15 +108,21 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
     s = settings
     telemetry = telemetry or Telemetry()
     embedded = embedded_redis(s)
-    url = embedded.url if embedded is not None else s.redis_url
-    store = RedisStore.from_url(
-        url,
-        cluster=s.redis_cluster,
+    target = RedisTarget(url=embedded.url) if embedded is not None else s.redis_target()
+    store = RedisStore.connect(
+        target,
         connect_timeout=max(s.store_timeout_ms / 1000, 0.5),
         dedup_window_ms=s.dedup_window_s * 1000,
         session_ttl_ms=s.session_ttl_s * 1000,
         recent_length=s.recent_decisions,
         clock_offset_ms=s.clock_offset_ms,
+        replica_wait=ReplicaWait(
+            s.redis_wait_replicas,
+            s.redis_wait_timeout_ms,
+            meter=telemetry.meter_provider.get_meter("chargepath"),
+        )
+        if s.redis_wait_replicas
+        else None,
     )
     engine = Engine(
         store,
@@ -162,7 +170,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         settings=s,
         telemetry=telemetry,
         embedded=embedded,
-        redis_url=url,
+        redis_target=target,
         store=store,
         engine=engine,
         ledger=ledger,
@@ -222,7 +230,7 @@ class Gateway:
                 parts.embedded.data_dir,
             )
         else:
-            log.info("using Redis at %s", _redact(parts.redis_url))
+            log.info("using Redis at %s", parts.redis_target.describe())
         await _wait_for_store(parts.store)
         if s.plans:
             await apply_plan_file(parts.store, s.plans, _plans_mode(s))
@@ -284,9 +292,7 @@ async def apply_plans(settings: Settings) -> int:
     """Apply the plan file ``settings.plans`` through a store of its own, closed on return, as
     a gateway does at start (:mod:`chargepath.policy_sync`); the live version. What the
     supervisor does once for all its workers before they start."""
-    store = RedisStore.from_url(
-        settings.redis_url, cluster=settings.redis_cluster, connect_timeout=2.0
-    )
+    store = RedisStore.connect(settings.redis_target(), connect_timeout=2.0)
     try:
         await _wait_for_store(store)
         return await apply_plan_file(store, settings.plans, _plans_mode(settings))
@@ -309,11 +315,3 @@ def _redis_version(binary: str) -> str:
         return next((w[2:] for w in out.stdout.split() if w.startswith("v=")), "?")
     except (OSError, subprocess.SubprocessError):
         return "?"
-
-
-def _redact(url: str) -> str:
-    """A URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

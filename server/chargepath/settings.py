@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chargepath.store.connect import RedisTarget
 
 
 @dataclass(slots=True)
@@ -19,6 +22,22 @@ class Settings:
     redis_url: str = ""
     #: Treat ``redis_url`` as a Redis Cluster seed node.
     redis_cluster: bool = False
+    #: Redis Sentinel instead of ``redis_url``: the sentinels as ``host:port,host:port``...
+    redis_sentinel: str = ""
+    #: ... and the name of the master they monitor (``sentinel monitor <name> ...``).
+    redis_master: str = ""
+    #: Credentials of the master a sentinel names (with ``redis_url`` they are in the URL).
+    redis_username: str = ""
+    redis_password: str = ""
+    #: Credentials of the sentinels themselves (``requirepass`` or an ACL user).
+    redis_sentinel_username: str = ""
+    redis_sentinel_password: str = ""
+    #: After each decision batch, WAIT for this many replicas (0: no WAIT). A verdict is
+    #: returned once they hold the batch, or after ``redis_wait_timeout_ms`` (then it is
+    #: still recorded on the master and counted as unreplicated: store.connect.ReplicaWait).
+    redis_wait_replicas: int = 0
+    #: WAIT's timeout; must stay below ``store_timeout_ms``.
+    redis_wait_timeout_ms: int = 20
     data_dir: str = ".chargepath"
     #: Policy file (YAML) to publish at start; empty: serve the policy already in the store.
     plans: str = ""
@@ -74,7 +93,41 @@ class Settings:
         for k, v in overrides.items():
             if v is not None:
                 setattr(s, k, v)
+        s.redis_target()
+        s.validate_replica_wait()
         return s
+
+    def redis_target(self) -> RedisTarget:
+        """Where Redis is, validated (a :class:`RedisSettingsError`, a ``ValueError`` whose
+        one-line message names the option)."""
+        from chargepath.store.connect import RedisTarget, parse_sentinels
+
+        sentinels = parse_sentinels(self.redis_sentinel) if self.redis_sentinel.strip() else ()
+        return RedisTarget(
+            url=self.redis_url,
+            cluster=self.redis_cluster,
+            sentinels=sentinels,
+            master=self.redis_master,
+            username=self.redis_username,
+            password=self.redis_password,
+            sentinel_username=self.redis_sentinel_username,
+            sentinel_password=self.redis_sentinel_password,
+        ).validate()
+
+    def validate_replica_wait(self) -> None:
+        """One-line errors for the WAIT options."""
+        if not self.redis_wait_replicas:
+            return
+        if self.redis_wait_replicas < 0:
+            raise ValueError(f"--redis-wait-replicas: {self.redis_wait_replicas} is negative")
+        if self.redis_cluster:
+            raise ValueError("--redis-wait-replicas: not supported with --redis-cluster")
+        if not 0 < self.redis_wait_timeout_ms < self.store_timeout_ms:
+            raise ValueError(
+                f"--redis-wait-timeout-ms: {self.redis_wait_timeout_ms} must be between 1 and "
+                f"--store-timeout-ms ({self.store_timeout_ms}) - 1, or the store timeout "
+                "answers before WAIT does"
+            )
 
 
 def _convert(name: str, raw: str, default: Any) -> Any:

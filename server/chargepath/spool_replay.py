@@ -57,7 +57,8 @@ from chargepath.store.base import (
     StalePolicyError,
     StoreUnavailableError,
 )
-from chargepath.store.redis_store import RedisClient, tenant_prefix
+from chargepath.store.connect import RedisClient
+from chargepath.store.redis_store import tenant_prefix
 from chargepath.store.spool import (
     Outcome,
     Spool,

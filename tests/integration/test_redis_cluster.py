@@ -17,9 +17,11 @@ import redis
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage
 from chargepath.engine import Engine, EngineSettings
 from chargepath.policy_files import load_policy_file
+from chargepath.settings import Settings
 from chargepath.store.embedded import find_redis_server
 from chargepath.store.redis_store import RedisStore, ledger_key
 from chargepath.telemetry import Telemetry
+from tests.integration.surfaces import check_every_surface, ledger_cli_lines, start_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOTS = 16384
@@ -160,3 +162,16 @@ async def test_decisions_dedup_and_ledger_on_a_cluster(engine: Engine, cluster: 
         assert nodes.xlen(ledger_key("mvno-demo")) == 5
     finally:
         nodes.close()
+
+
+async def test_every_surface_on_a_cluster(cluster: list[int]) -> None:
+    """Admin (suspend, grant, state, explain, watch), ledger export and consumer group, policy
+    publish and load, and the key store with its change feed, all on the cluster."""
+    settings = Settings(redis_url=f"redis://127.0.0.1:{cluster[0]}", redis_cluster=True)
+    gateway = await start_gateway(settings)
+    try:
+        report_id = await check_every_surface(gateway, settings.redis_target())
+    finally:
+        await gateway.stop()
+    lines = await ledger_cli_lines("--redis-url", settings.redis_url, "--redis-cluster")
+    assert report_id in [line["request_id"] for line in lines]

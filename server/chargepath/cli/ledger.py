@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from chargepath.store.connect import RedisTarget
     from chargepath.store.ledger import Ledger, LedgerEntry
 
 DEFAULT_DATA_DIR = ".chargepath"
@@ -68,6 +69,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redis-url", help="Redis URL (default: CHARGEPATH_REDIS_URL, else <data-dir>/redis/url)"
     )
+    p.add_argument("--redis-cluster", action="store_true", default=None, help="a cluster node")
+    p.add_argument("--redis-sentinel", help="Redis Sentinel instead: host:port,host:port,...")
+    p.add_argument("--redis-master", help="with --redis-sentinel: the monitored master's name")
     p.add_argument(
         "--data-dir",
         help="folder of the embedded Redis whose URL to use "
@@ -145,6 +149,30 @@ def resolve_redis_url(args: argparse.Namespace, env: dict[str, str] | None = Non
     return url
 
 
+def resolve_redis_target(
+    args: argparse.Namespace, env: dict[str, str] | None = None
+) -> RedisTarget:
+    """The sentinels if given (flags or ``CHARGEPATH_*``), else :func:`resolve_redis_url`."""
+    from chargepath.settings import Settings
+
+    env = dict(os.environ) if env is None else env
+    try:
+        if getattr(args, "redis_sentinel", None) or env.get("CHARGEPATH_REDIS_SENTINEL"):
+            return Settings.from_env(
+                env,
+                redis_sentinel=getattr(args, "redis_sentinel", None),
+                redis_master=getattr(args, "redis_master", None),
+                redis_url="",
+            ).redis_target()
+        return Settings.from_env(
+            env,
+            redis_url=resolve_redis_url(args, env),
+            redis_cluster=getattr(args, "redis_cluster", None),
+        ).redis_target()
+    except ValueError as exc:
+        raise LedgerCliError(str(exc)) from None
+
+
 class _Writer:
     """Entries to a text stream as JSON lines or CSV (header first)."""
 
@@ -174,11 +202,11 @@ def run(args: argparse.Namespace) -> int:
     from chargepath.store.ledger import Ledger, LedgerEntry
 
     try:
-        url = resolve_redis_url(args)
+        target = resolve_redis_target(args)
         header = LedgerEntry.csv_header()
         if args.ledger_command == "export":
             return asyncio.run(
-                _export(Ledger.from_url(url), _Writer(sys.stdout, args.format, header), args)
+                _export(Ledger.connect(target), _Writer(sys.stdout, args.format, header), args)
             )
         if args.ledger_command == "consume":
             if args.max is not None and args.max <= 0:
@@ -186,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             if args.batch <= 0:
                 raise LedgerCliError("--batch must be positive")
             return asyncio.run(
-                _consume(Ledger.from_url(url), _Writer(sys.stdout, args.format, header), args)
+                _consume(Ledger.connect(target), _Writer(sys.stdout, args.format, header), args)
             )
         raise LedgerCliError(f"unknown ledger command {args.ledger_command!r}")
     except LedgerCliError as exc:

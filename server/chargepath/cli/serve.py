@@ -41,6 +41,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data-dir", help="folder of the embedded Redis (default .chargepath)")
     p.add_argument("--store-timeout-ms", type=int, help="bound on every store call (default 50)")
     p.add_argument("--dedup-window-s", type=int, help="request id dedup window (default 600)")
+    p.add_argument("--redis-sentinel", help="Redis Sentinel instead: host:port,host:port,...")
+    p.add_argument("--redis-master", help="with --redis-sentinel: the monitored master's name")
+    p.add_argument("--redis-wait-replicas", type=int, help="WAIT for N replicas per decision batch")
+    p.add_argument("--redis-wait-timeout-ms", type=int, help="WAIT's timeout (default 20)")
     p.add_argument("--redis-fsync", choices=["everysec", "always"], help="embedded AOF fsync")
     p.add_argument(
         "--otel",
@@ -68,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             redis_url=args.redis_url,
             redis_cluster=args.redis_cluster,
+            redis_sentinel=args.redis_sentinel,
+            redis_master=args.redis_master,
+            redis_wait_replicas=args.redis_wait_replicas,
+            redis_wait_timeout_ms=args.redis_wait_timeout_ms,
             data_dir=args.data_dir,
             store_timeout_ms=args.store_timeout_ms,
             dedup_window_s=args.dedup_window_s,

@@ -94,15 +94,18 @@ class AdminStore:
         """Every limit's live counter for ``subject``, read in one transaction with the
         store's clock: (now_ms, readings, live grants)."""
         t = subject.tenant
+        notes_key = f"{tenant_prefix(t)}gnotes"
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.time()
+                # TIME through a script keyed on the tenant: the same reply, and on Redis
+                # Cluster it routes to the tenant's node (a cluster pipeline refuses TIME).
+                pipe.eval("return redis.call('TIME')", 1, notes_key)
                 for lim in limits:
                     pipe.hmget(
                         limit_key(t, lim, subject.slice, subject.key), ["l", "t", "p", "u", "s"]
                     )
                     pipe.hgetall(grants_key(t, lim, subject.slice, subject.key))
-                pipe.hgetall(f"{tenant_prefix(t)}gnotes")
+                pipe.hgetall(notes_key)
                 raw = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc

@@ -35,7 +35,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
@@ -56,6 +55,7 @@ from chargepath.store.base import (
     KeyNotRotatableError,
     StoreUnavailableError,
 )
+from chargepath.store.connect import RedisClient, RedisTarget, connect
 
 log = logging.getLogger("chargepath.auth")
 
@@ -64,8 +64,6 @@ INDEX_KEY = "cp:{auth}:keys"
 EPOCH_KEY = "cp:{auth}:epoch"
 EVENTS_CHANNEL = "cp:auth:events"
 OPERATOR_KEY_FILE = "operator.key"
-
-RedisClient = aioredis.Redis | RedisCluster
 
 
 def record_key(key_id: str) -> str:
@@ -106,16 +104,13 @@ class RedisKeyStore:
     def from_url(
         cls, url: str, *, cluster: bool = False, connect_timeout: float = 1.0
     ) -> RedisKeyStore:
-        client: RedisClient
-        if cluster:
-            client = RedisCluster.from_url(
-                url, decode_responses=True, socket_connect_timeout=connect_timeout
-            )
-        else:
-            client = aioredis.Redis.from_url(
-                url, decode_responses=True, socket_connect_timeout=connect_timeout
-            )
-        return cls(client)
+        return cls.connect(RedisTarget(url=url, cluster=cluster), connect_timeout=connect_timeout)
+
+    @classmethod
+    def connect(cls, target: RedisTarget, *, connect_timeout: float = 1.0) -> RedisKeyStore:
+        """Keys on their own connections to ``target`` (one node, a cluster, or Sentinel's
+        master)."""
+        return cls(connect(target, connect_timeout=connect_timeout))
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -54,11 +54,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from chargepath.store.connect import RedisClient, RedisTarget, connect
 from chargepath.store.redis_store import (
-    RedisClient,
     RedisStore,
     ledger_key,
     read_script,
@@ -240,8 +239,14 @@ class Ledger:
         self._trim = client.register_script(read_script("trim_ledger.lua"))
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> Ledger:
-        return cls(aioredis.Redis.from_url(url, decode_responses=True), **kwargs)
+    def from_url(cls, url: str, *, cluster: bool = False, **kwargs: Any) -> Ledger:
+        return cls.connect(RedisTarget(url=url, cluster=cluster), **kwargs)
+
+    @classmethod
+    def connect(cls, target: RedisTarget, *, connect_timeout: float = 1.0, **kwargs: Any) -> Ledger:
+        """A ledger on its own connections to ``target`` (one node, a cluster, or
+        Sentinel's master); :meth:`close` closes them."""
+        return cls(connect(target, connect_timeout=connect_timeout), **kwargs)
 
     @classmethod
     def of_store(cls, store: RedisStore, **kwargs: Any) -> Ledger:

@@ -27,8 +27,6 @@ from importlib import resources
 from typing import Any
 
 import msgpack
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from chargepath.core.model import (
@@ -51,6 +49,7 @@ from chargepath.store.base import (
     StalePolicyError,
     StoreUnavailableError,
 )
+from chargepath.store.connect import RedisClient, RedisTarget, ReplicaWait, connect
 
 POLICY_KEY = "cp:policy"
 
@@ -121,9 +120,6 @@ def grants_key(tenant: str, limit: Limit, slice_: str, key: str) -> str:
     return f"{tenant_prefix(tenant)}g:{limit.name}:{sl}:{k}"
 
 
-RedisClient = aioredis.Redis | RedisCluster
-
-
 class RedisStore:
     """Chargepath's store on Redis (or Valkey, or Redis Cluster) through redis.asyncio.
 
@@ -143,8 +139,11 @@ class RedisStore:
         session_window: int = 128,
         recent_length: int = 1000,
         clock_offset_ms: int = 0,
+        replica_wait: ReplicaWait | None = None,
     ) -> None:
         self.client = client
+        #: WAIT after each decision batch (high availability; None: no WAIT).
+        self.replica_wait = replica_wait
         self.dedup_window_ms = dedup_window_ms
         self.session_ttl_ms = session_ttl_ms
         self.session_window = session_window
@@ -158,26 +157,17 @@ class RedisStore:
     def from_url(
         cls, url: str, *, cluster: bool = False, connect_timeout: float = 0.05, **kwargs: Any
     ) -> RedisStore:
-        client: RedisClient
-        if cluster:
-            client = RedisCluster.from_url(
-                url, decode_responses=True, socket_connect_timeout=connect_timeout
-            )
-        else:
-            # A blocking pool: a burst beyond the pool waits for a connection (within the
-            # caller's store timeout) instead of failing with "Too many connections". Redis is
-            # single-threaded, so more connections than this would not decide faster.
-            tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url,
-                decode_responses=True,
-                socket_connect_timeout=connect_timeout,
-                max_connections=64,
-                timeout=None,
-                **tcp,
-            )
-            client = aioredis.Redis.from_pool(pool)  # closes the pool with the client
-        return cls(client, **kwargs)
+        return cls.connect(RedisTarget(url=url, cluster=cluster), connect_timeout, **kwargs)
+
+    @classmethod
+    def connect(
+        cls, target: RedisTarget, connect_timeout: float = 0.05, **kwargs: Any
+    ) -> RedisStore:
+        """A store on ``target`` (one node, a cluster, or Sentinel's master). A blocking pool:
+        a burst beyond it waits for a connection (within the caller's store timeout) instead
+        of failing with "Too many connections". Redis is single-threaded, so more connections
+        than this would not decide faster."""
+        return cls(connect(target, connect_timeout=connect_timeout, pool_size=64), **kwargs)
 
     async def decide(
         self,
@@ -284,7 +274,12 @@ class RedisStore:
             "1" if ok_limits else "0",
         ]
         try:
-            reply = await self._decide(keys=keys, args=args)
+            if self.replica_wait is None:
+                reply = await self._decide(keys=keys, args=args)
+            else:  # HA: the same EVALSHA, then WAIT on its connection (connect.ReplicaWait)
+                reply = await self.replica_wait.run(
+                    self.client, self._decide, keys, args, len(items)
+                )
         except RedisError as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         except OSError as exc:
