@@ -26,12 +26,14 @@ from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, StorePr
 from chargepath.policy_files import load_policy_file
 from chargepath.settings import Settings
 from chargepath.store.admin import AdminStore
+from chargepath.store.audit import AuditStream
 from chargepath.store.base import LedgerStore, StoreUnavailableError
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
 from chargepath.transport.admin import AdminServicer
+from chargepath.transport.audit import AuditInterceptor
 from chargepath.transport.metering import MeteringServicer
 from chargepath_protos.v1 import admin_pb2, admin_pb2_grpc, metering_pb2, metering_pb2_grpc
 
@@ -128,6 +130,9 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         telemetry,
     )
     ledger: LedgerStore = Ledger.of_store(store)
+    # The audit trail of admin calls; its interceptor comes first, outside authentication,
+    # so that refused calls are audited too (transport/audit.py).
+    audit = AuditStream(store.client)
     draining = asyncio.Event()
     serving = ServingStatus(HealthServicer())
     server = grpc.aio.server(
@@ -135,10 +140,11 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         # per Check, one per stream batch); the instrumentation traces the admin, health and
         # reflection services.
         interceptors=[
+            AuditInterceptor(audit),
             aio_server_interceptor(
                 tracer_provider=telemetry.tracer_provider,
                 filter_=filters.negate(filters.service_name(METERING)),
-            )
+            ),
         ],
         options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -170,7 +176,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         draining=draining,
         serving=serving,
         metering=MeteringServicer(engine, draining),
-        admin=AdminServicer(engine, store, AdminStore(store)),
+        admin=AdminServicer(engine, store, AdminStore(store), audit),
         server=server,
         jobs=jobs,
     )
@@ -218,7 +224,7 @@ class Gateway:
             log.info(
                 "embedded redis-server %s started on %s (binary %s); data and AOF in %s",
                 _redis_version(parts.embedded.binary),
-                parts.embedded.url,
+                _redact(parts.embedded.url),
                 parts.embedded.binary,
                 parts.embedded.data_dir,
             )
