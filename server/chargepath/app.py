@@ -224,7 +224,7 @@ class Gateway:
             log.info(
                 "embedded redis-server %s started on %s (binary %s); data and AOF in %s",
                 _redis_version(parts.embedded.binary),
-                _redact(parts.embedded.url),
+                parts.embedded.redacted_url,
                 parts.embedded.binary,
                 parts.embedded.data_dir,
             )
