@@ -206,12 +206,12 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 f"{request.expected_version}; review the diff again",
             )
         previous = live if version else None
+        if audit is not None:  # also when refused below: the tenants it would have affected
+            audit.add_tenants(policy_edit.affected_tenants(previous, doc))
         removals = policy_edit.removals(previous, doc)
         if removals and not request.prune:
             await abort_prune_needed(context, removals)
         diff = policy_edit.diff(previous, doc)
-        if audit is not None:
-            audit.add_tenants(policy_edit.affected_tenants(previous, doc))
         response = apb.ApplyPolicyResponse(
             policy_version=version,
             changed=False,

@@ -203,8 +203,12 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, trail: AuditLog, *, refusals: FailedAttempts | None = None) -> None:
         self._trail = trail
-        self._refusals = refusals or FailedAttempts(
-            lambda: time.monotonic_ns() // 1_000_000, burst=20, interval_ms=3000
+        self._refusals = (
+            refusals
+            if refusals is not None
+            else FailedAttempts(
+                lambda: time.monotonic_ns() // 1_000_000, burst=20, interval_ms=3000
+            )
         )
         self.suppressed = 0
         # method -> (the handler, its audited version): built once per method.
