@@ -95,8 +95,9 @@ class Components:
 
 def embedded_redis(settings: Settings) -> EmbeddedRedis | None:
     """The embedded redis-server the settings ask for, not started: one with its data and AOF
-    under ``data_dir`` when no Redis URL is set, else None. Raises FileNotFoundError when no
-    redis-server binary can be found."""
+    under ``data_dir`` when no Redis URL is set, else None. Its password (part of its URL) is
+    read from the data dir if one was kept there, the only I/O of :func:`build`. Raises
+    FileNotFoundError when no redis-server binary can be found."""
     if settings.redis_url:
         return None
     return EmbeddedRedis(Path(settings.data_dir) / "redis", fsync=settings.redis_fsync)
