@@ -25,6 +25,7 @@ from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, StorePr
 from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
 from chargepath.settings import Settings
 from chargepath.store.admin import AdminStore
+from chargepath.store.audit import AuditStream
 from chargepath.store.base import LedgerStore, StoreUnavailableError
 from chargepath.store.connect import RedisTarget, ReplicaWait
 from chargepath.store.embedded import EmbeddedRedis
@@ -32,6 +33,7 @@ from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
 from chargepath.transport.admin import AdminServicer
+from chargepath.transport.audit import AuditInterceptor
 from chargepath.transport.metering import MeteringServicer
 from chargepath_protos.v1 import admin_pb2, admin_pb2_grpc, metering_pb2, metering_pb2_grpc
 
@@ -94,8 +96,9 @@ class Components:
 
 def embedded_redis(settings: Settings) -> EmbeddedRedis | None:
     """The embedded redis-server the settings ask for, not started: one with its data and AOF
-    under ``data_dir`` when no Redis URL is set, else None. Raises FileNotFoundError when no
-    redis-server binary can be found."""
+    under ``data_dir`` when no Redis URL is set, else None. Its password (part of its URL) is
+    read from the data dir if one was kept there, the only I/O of :func:`build`. Raises
+    FileNotFoundError when no redis-server binary can be found."""
     if not settings.redis_target().embedded:
         return None
     return EmbeddedRedis(Path(settings.data_dir) / "redis", fsync=settings.redis_fsync)
@@ -135,6 +138,9 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         telemetry,
     )
     ledger: LedgerStore = Ledger.of_store(store)
+    # The audit trail of admin calls; its interceptor comes first, outside authentication,
+    # so that refused calls are audited too (transport/audit.py).
+    audit = AuditStream(store.client)
     draining = asyncio.Event()
     serving = ServingStatus(HealthServicer())
     server = grpc.aio.server(
@@ -142,10 +148,11 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         # per Check, one per stream batch); the instrumentation traces the admin, health and
         # reflection services.
         interceptors=[
+            AuditInterceptor(audit),
             aio_server_interceptor(
                 tracer_provider=telemetry.tracer_provider,
                 filter_=filters.negate(filters.service_name(METERING)),
-            )
+            ),
         ],
         options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -177,7 +184,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         draining=draining,
         serving=serving,
         metering=MeteringServicer(engine, draining),
-        admin=AdminServicer(engine, store, AdminStore(store)),
+        admin=AdminServicer(engine, store, AdminStore(store), audit),
         server=server,
         jobs=jobs,
     )
@@ -225,7 +232,7 @@ class Gateway:
             log.info(
                 "embedded redis-server %s started on %s (binary %s); data and AOF in %s",
                 _redis_version(parts.embedded.binary),
-                parts.embedded.url,
+                parts.embedded.redacted_url,
                 parts.embedded.binary,
                 parts.embedded.data_dir,
             )

@@ -82,7 +82,7 @@ def supervise(settings: Settings) -> int:
         embedded.start()
         log.info(
             "embedded redis-server started on %s (binary %s); data and AOF in %s",
-            embedded.url,
+            embedded.redacted_url,
             embedded.binary,
             embedded.data_dir,
         )

@@ -17,6 +17,8 @@ import grpc
 import yaml
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -52,6 +54,13 @@ def add_parsers(sub: Any) -> None:
     p = target(psub.add_parser("apply", help="publish a policy file (shows the diff first)"))
     p.add_argument("file")
     p.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="allow removing plans and tenants that are live but not in the file: shows them "
+        "first and asks for confirmation",
+    )
+    p.add_argument("--yes", action="store_true", help="with --prune: do not ask")
     target(psub.add_parser("list", help="list the plans"))
     p = target(psub.add_parser("show", help="show one plan"))
     p.add_argument("name")
@@ -122,21 +131,7 @@ def _dispatch(args: argparse.Namespace, stub: Any, console: Console) -> int:
     cmd = args.command
     if cmd == "plans":
         if args.plans_command == "apply":
-            text = Path(args.file).read_text(encoding="utf-8")
-            r = stub.ApplyPolicy(
-                apb.ApplyPolicyRequest(document=text, dry_run=args.dry_run), timeout=t
-            )
-            for line in r.diff:
-                colour = {"+": "green", "-": "red"}.get(line[:1], "yellow")
-                console.print(f"[{colour}]{line}[/]", highlight=False, markup=True)
-            if not r.diff:
-                console.print("no change")
-            if args.dry_run and r.diff:
-                console.print(f"dry run: live policy version {r.policy_version}, nothing changed")
-            else:
-                new = " (new)" if r.changed else ""
-                console.print(f"live policy version {r.policy_version}{new}")
-            return 0
+            return _apply(args, stub, console)
         if args.plans_command == "list":
             lr = stub.ListPlans(apb.ListPlansRequest(), timeout=t)
             table = Table("plan", "limits", "description", title=f"policy v{lr.policy_version}")
@@ -226,6 +221,87 @@ def _dispatch(args: argparse.Namespace, stub: Any, console: Console) -> int:
         else:
             console.print(render.decision_line(event.decision))
     return 0
+
+
+def _apply(args: argparse.Namespace, stub: Any, console: Console) -> int:
+    """``plans apply``. Without ``--prune`` a file that leaves out live plans or tenants is
+    refused by the gateway (the list is shown). With ``--prune`` a dry run shows the diff and
+    what will be removed, the user confirms (or ``--yes``), and the file is applied only if
+    the live policy is still the version that was previewed."""
+    text = Path(args.file).read_text(encoding="utf-8")
+    t = args.timeout
+    try:
+        r = stub.ApplyPolicy(
+            apb.ApplyPolicyRequest(
+                document=text, dry_run=args.dry_run or args.prune, prune=args.prune
+            ),
+            timeout=t,
+        )
+    except grpc.RpcError as err:
+        removals = _prune_violations(err)
+        if not removals:
+            raise
+        console.print("the file leaves out what is live:")
+        for subject in removals:
+            console.print(f"[red]- {subject}[/]", highlight=False)
+        console.print(
+            "nothing changed; to remove them: chargepath plans apply FILE --prune", highlight=False
+        )
+        return 1
+    _print_diff(r, console)
+    if args.dry_run or not r.diff:
+        if args.dry_run and r.diff:
+            console.print(f"dry run: live policy version {r.policy_version}, nothing changed")
+        else:
+            console.print(f"live policy version {r.policy_version}")
+        return 0
+    if args.prune:
+        removals = [f"plan {n}" for n in r.removed_plans] + [
+            f"tenant {n}" for n in r.removed_tenants
+        ]
+        if removals and not args.yes:
+            if not sys.stdin.isatty():
+                console.print(
+                    "not removing without confirmation: pass --yes (stdin is no terminal)"
+                )
+                return 1
+            answer = console.input(f"remove {', '.join(removals)}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                console.print("nothing changed")
+                return 1
+        r = stub.ApplyPolicy(
+            apb.ApplyPolicyRequest(document=text, prune=True, expected_version=r.policy_version),
+            timeout=t,
+        )
+    new = " (new)" if r.changed else ""
+    console.print(f"live policy version {r.policy_version}{new}")
+    return 0
+
+
+def _print_diff(r: Any, console: Console) -> None:
+    for line in r.diff:
+        colour = {"+": "green", "-": "red"}.get(line[:1], "yellow")
+        console.print(f"[{colour}]{line}[/]", highlight=False, markup=True)
+    if not r.diff:
+        console.print("no change")
+    if r.removed_plans or r.removed_tenants:
+        gone = [f"plan {n}" for n in r.removed_plans] + [f"tenant {n}" for n in r.removed_tenants]
+        console.print(f"[bold red]removes {', '.join(gone)}[/]", highlight=False)
+
+
+def _prune_violations(err: grpc.RpcError) -> list[str]:
+    """The plans and tenants ("plans/<name>") of a FAILED_PRECONDITION that asks for prune."""
+    if err.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+        return []
+    status = rpc_status.from_call(err)
+    out: list[str] = []
+    for detail in status.details if status is not None else ():
+        failure = error_details_pb2.PreconditionFailure()
+        if detail.Unpack(failure):
+            out += [
+                v.subject.replace("s/", " ", 1) for v in failure.violations if v.type == "PRUNE"
+            ]
+    return out
 
 
 def _parse_time(text: str) -> Timestamp:

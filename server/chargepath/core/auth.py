@@ -116,6 +116,8 @@ PERMISSIONS: Final[Mapping[str, Access]] = MappingProxyType(
         _ADMIN + "WatchDecisions": Access(_VIEWER, tenant_field="tenant"),
         # Reads across tenants: the policy document and plans name every tenant's terms.
         _ADMIN + "GetPolicy": Access(_OPERATOR),
+        # The audit trail names every tenant's changes and every key id.
+        _ADMIN + "ListAuditEvents": Access(_OPERATOR),
         _ADMIN + "GetPlan": Access(_OPERATOR),
         _ADMIN + "ListPlans": Access(_OPERATOR),
         # Changes.

@@ -6,9 +6,10 @@ returns a document that does not validate, so an admin call that fails changes n
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from chargepath.core.model import Subject
+from chargepath.core.model import FieldViolation, Subject
 from chargepath.core.plans import (
     KeySpec,
     PolicyDocument,
@@ -181,3 +182,76 @@ def _diff(path: str, a: Any, b: Any, out: list[str]) -> None:
 def _short(v: Any) -> str:
     text = repr(v) if not isinstance(v, dict) else "{" + ", ".join(sorted(map(str, v))) + "}"
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# Whole-document changes (ApplyPolicy).
+
+
+def check_not_empty(text: str, doc: PolicyDocument | None) -> FieldViolation | None:
+    """Why a whole policy document must not replace the live one, if it is empty: no text
+    (absent, empty or whitespace), or a document with no plans and no tenants (``{}``,
+    ``null``, only a metric catalog). Replacing the policy with one would leave every tenant
+    without an entitlement, so it is refused rather than applied."""
+    if not text.strip():
+        return FieldViolation("document", "is empty: send a policy document with plans and tenants")
+    if doc is not None and not doc.plans and not doc.tenants:
+        return FieldViolation(
+            "document",
+            "has no plans and no tenants: applying it would remove the whole policy",
+        )
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """A plan or a tenant of the live policy that a new document leaves out."""
+
+    kind: Literal["plan", "tenant"]
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+def removals(old: PolicyDocument | None, new: PolicyDocument) -> list[Removal]:
+    """The plans and tenants of ``old`` (the live document) that ``new`` removes: the plans
+    first, each kind by name. Applying them takes an explicit prune."""
+    if old is None:
+        return []
+    plans = {p.name for p in new.plans}
+    tenants = {t.name for t in new.tenants}
+    return [Removal("plan", p.name) for p in sorted(old.plans, key=lambda p: p.name)
+            if p.name not in plans] + [
+        Removal("tenant", t.name)
+        for t in sorted(old.tenants, key=lambda t: t.name)
+        if t.name not in tenants
+    ]  # fmt: skip
+
+
+def affected_tenants(old: PolicyDocument | None, new: PolicyDocument) -> set[str]:
+    """The tenants whose terms differ between ``old`` and ``new``: added, removed or changed
+    tenants, and the tenants (in either document) assigned to a plan that was added, removed
+    or changed, at the tenant or at one of its slices."""
+    before = {t.name: t for t in old.tenants} if old else {}
+    after = {t.name: t for t in new.tenants}
+    old_plans = {p.name: p for p in old.plans} if old else {}
+    new_plans = {p.name: p for p in new.plans}
+    changed_plans = {
+        name
+        for name in set(old_plans) | set(new_plans)
+        if old_plans.get(name) != new_plans.get(name)
+    }
+    out = {name for name in set(before) | set(after) if before.get(name) != after.get(name)}
+    for t in [*before.values(), *after.values()]:
+        assigned = {t.plan} | {s.plan for s in t.slices}
+        if assigned & changed_plans:
+            out.add(t.name)
+    if old is not None and old.metrics != new.metrics:
+        # a catalog change can change which metrics a pattern counts: every plan's tenants
+        out |= set(before) | set(after)
+    return out
+
+
+def tenants_of_plan(doc: PolicyDocument, plan: str) -> set[str]:
+    """The tenants assigned to ``plan``, at the tenant or at one of its slices."""
+    return {t.name for t in doc.tenants if t.plan == plan or any(s.plan == plan for s in t.slices)}

@@ -6,6 +6,7 @@
 * :class:`StateStore`: grants and live state for the admin API (counters, the recent-decisions
   trail, watching it).
 * :class:`LedgerStore`: how billing and the gateway read, acknowledge and trim the ledger.
+* :class:`AuditLog`: the append-only trail of admin calls.
 
 This module imports no redis (the engine depends on it); :mod:`chargepath.store.redis_store`,
 :mod:`chargepath.store.admin` and :mod:`chargepath.store.ledger` implement the contracts on
@@ -33,6 +34,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from chargepath.core.audit import AuditEvent
 from chargepath.core.auth import ApiKey, KeyRecord, Role
 from chargepath.core.model import DecisionRecord, Subject, ThresholdEvent, Usage, Verdict
 from chargepath.core.plans import PolicyDocument
@@ -151,10 +153,14 @@ class PolicyStore(Protocol):
         *,
         force: bool = False,
         expected_version: int | None = None,
+        audit: AuditEvent | None = None,
     ) -> PublishedPolicy:
         """Make ``document`` live under the next version and stamp every tenant it names or
         named. Returns only once every stamp is written (read-your-writes). With
-        ``expected_version``, raise :class:`PolicyConflictError` unless it is the live one."""
+        ``expected_version``, raise :class:`PolicyConflictError` unless it is the live one.
+        With ``audit``, append that event to the audit trail in the same atomic step as the
+        version change (also when the document is unchanged; not on a conflict), with the
+        versions before and after as the store saw them."""
         ...
 
     async def load_policy(self) -> PublishedPolicy | None:
@@ -176,6 +182,7 @@ class PlanFileStore(PolicyStore, Protocol):
         *,
         force: bool = False,
         expected_version: int | None = None,
+        audit: AuditEvent | None = None,
         plan_file: PolicyDocument | None = None,
     ) -> PublishedPolicy:
         """As :meth:`PolicyStore.publish_policy`; with ``plan_file``, also record it as the
@@ -306,6 +313,24 @@ class LedgerStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class AuditLog(Protocol):
+    """The trail of admin calls, oldest first. Entries are appended, never edited; the only
+    removal is a length cap on the oldest (documented by the implementation). Times are the
+    store's clock. Every call raises :class:`StoreUnavailableError` when the store cannot
+    answer."""
+
+    async def append(self, event: AuditEvent) -> str:
+        """Append ``event`` (its ``at_ms`` and ``event_id`` are ignored); the new event id."""
+        ...
+
+    async def read(
+        self, *, after: str = "", since_ms: int = 0, tenant: str = "", limit: int = 100
+    ) -> tuple[list[AuditEvent], str]:
+        """Up to ``limit`` events after the cursor ``after`` (else from ``since_ms``), only
+        those affecting ``tenant`` if given; (events, the cursor to read on from)."""
+        ...
 
 
 class KeyNotFoundError(LookupError):

@@ -5,12 +5,23 @@ ships. Data and the append-only file live in ``data_dir`` so that an acknowledge
 survives a restart of Redis (``appendfsync everysec``: a crash of Redis loses nothing it
 answered; a crash of the machine can lose up to one second; ``fsync="always"`` loses nothing
 at a cost in throughput).
+
+It is not open to anyone who can reach 127.0.0.1: it requires a password (``requirepass``),
+generated on first start (256 random bits) and kept in ``<data_dir>/password`` (mode 0600,
+reused across restarts, so the AOF and every URL handed out stay valid). The password goes to
+redis-server on its standard input, never on its command line (which any local user can read
+in ``ps``), and the URL that carries it (:attr:`EmbeddedRedis.url`, also written to
+``<data_dir>/url``, mode 0600, for the CLI's ``ledger`` commands) is never logged. A password
+rather than a Unix socket: every client keeps working unchanged over TCP (the gateway, the CLI,
+redis-cli, the load generator's ceiling, tests' fixtures), and a file's mode guards it the same
+way a socket's folder would.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -44,11 +55,38 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class EmbeddedRedis:
-    """A redis-server child process on 127.0.0.1.
+PASSWORD_FILE = "password"
+URL_FILE = "url"
 
-    ``port`` 0 picks a free port. Call :meth:`start` then use :attr:`url`; :meth:`stop` shuts
-    it down cleanly (SIGTERM, which flushes the AOF), :meth:`kill` simulates a crash.
+
+def read_password(data_dir: Path) -> str | None:
+    """The password kept in ``data_dir``, or None if there is none (or it cannot be read)."""
+    try:
+        text = (data_dir / PASSWORD_FILE).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text or None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600: a new file beside it, created 0600 (never
+    readable by others, even for a moment), renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+class EmbeddedRedis:
+    """A redis-server child process on 127.0.0.1, with a password.
+
+    ``port`` 0 picks a free port. Call :meth:`start` then use :attr:`url` (which carries the
+    password); :meth:`stop` shuts it down cleanly (SIGTERM, which flushes the AOF), :meth:`kill`
+    simulates a crash. The password is the one in ``<data_dir>/password`` if that file exists
+    (read here), else a new one, written there by :meth:`start`.
     """
 
     def __init__(
@@ -66,18 +104,31 @@ class EmbeddedRedis:
         self.binary = binary or find_redis_server()
         self.maxmemory = maxmemory
         self.process: subprocess.Popen[bytes] | None = None
+        kept = read_password(self.data_dir)
+        # url-safe base64: no character needs escaping in a URL
+        self.password = kept or secrets.token_urlsafe(32)
+        self._password_kept = kept is not None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL clients connect with; it carries the password: never log it."""
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL without its password, for logs."""
+        return f"redis://***@127.0.0.1:{self.port}/0"
 
     @property
     def log_file(self) -> Path:
         return self.data_dir / "redis.log"
 
     def command(self) -> list[str]:
+        """The command line: it holds no secret. "-" as the first argument makes redis-server
+        read more configuration from its stdin, where :meth:`start` writes the password."""
         cmd = [
             self.binary,
+            "-",
             "--bind",
             "127.0.0.1",
             "--port",
@@ -106,10 +157,19 @@ class EmbeddedRedis:
         return cmd
 
     def start(self, timeout: float = 10.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self._password_kept:
+            write_private(self.data_dir / PASSWORD_FILE, self.password + "\n")
+            self._password_kept = True
         self.process = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self.command(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"requirepass {self.password}\n".encode())
+        self.process.stdin.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -126,7 +186,7 @@ class EmbeddedRedis:
                 raise RuntimeError(f"redis-server exited at start: {err or log}")
             if self._answers():
                 # where operator tools (chargepath ledger ...) find the embedded Redis
-                (self.data_dir / "url").write_text(self.url + "\n")
+                write_private(self.data_dir / URL_FILE, self.url + "\n")
                 return
             time.sleep(0.02)
         self.stop()
@@ -135,8 +195,14 @@ class EmbeddedRedis:
     def _answers(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                s.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
+                reply = b""
+                while reply.count(b"\r\n") < 2:
+                    chunk = s.recv(64)
+                    if not chunk:
+                        return False
+                    reply += chunk
+                return reply == b"+OK\r\n+PONG\r\n"
         except OSError:
             return False
 

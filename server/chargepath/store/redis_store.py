@@ -7,6 +7,7 @@ in one slot and the scripts run unchanged on Redis Cluster):
 ``cp:policy``                  hash: ``v`` live version, ``sha`` digest, ``doc`` JSON; the
                                plan file last applied at a start: ``file_doc`` JSON,
                                ``file_sha`` digest, ``file_v`` version then
+``cp:{cp:policy}:audit``       stream: the audit trail of admin calls (store/audit.py)
 ``cp:{T}:ent``                 hash: ``v`` policy version stamped on the tenant
 ``cp:{T}:ledger``              stream: one entry per recorded usage (billing reads it)
 ``cp:{T}:d:<request_id>``      string: the first verdict of a request id, for the dedup window
@@ -29,6 +30,7 @@ from typing import Any
 import msgpack
 from redis.exceptions import RedisError
 
+from chargepath.core.audit import AuditEvent
 from chargepath.core.model import (
     Decision,
     FieldViolation,
@@ -41,6 +43,8 @@ from chargepath.core.model import (
 )
 from chargepath.core.plans import PolicyDocument
 from chargepath.core.policy import Limit
+from chargepath.store.audit import AUDIT_KEY, event_fields
+from chargepath.store.audit import MAX_ENTRIES as AUDIT_MAX_ENTRIES
 from chargepath.store.base import (
     AppliedPlanFile,
     DecideItem,
@@ -364,22 +368,25 @@ class RedisStore:
         *,
         force: bool = False,
         expected_version: int | None = None,
+        audit: AuditEvent | None = None,
         plan_file: PolicyDocument | None = None,
     ) -> PublishedPolicy:
         body = document.canonical_json()
+        keys = [POLICY_KEY]
+        args: list[str | int] = [
+            body,
+            document.digest(),
+            "1" if force else "0",
+            "" if expected_version is None else expected_version,
+            "" if plan_file is None else plan_file.canonical_json(),
+            "" if plan_file is None else plan_file.digest(),
+        ]
+        if audit is not None:
+            keys.append(AUDIT_KEY)
+            args += [AUDIT_MAX_ENTRIES, *event_fields(audit, versions=False)]
         try:
             previous = await self.load_policy()
-            version, changed = await self._publish(
-                keys=[POLICY_KEY],
-                args=[
-                    body,
-                    document.digest(),
-                    "1" if force else "0",
-                    "" if expected_version is None else expected_version,
-                    "" if plan_file is None else plan_file.canonical_json(),
-                    "" if plan_file is None else plan_file.digest(),
-                ],
-            )
+            version, changed = await self._publish(keys=keys, args=args)
             if version == -1:
                 raise PolicyConflictError(int(changed))
             tenants = {t.name for t in document.tenants}

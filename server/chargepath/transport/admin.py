@@ -3,6 +3,10 @@
 Every change is a compare-and-set of the whole policy document (retried on conflict), then a
 publish that stamps every tenant, so when a call returns no gateway decides with an older
 version. Bad input is INVALID_ARGUMENT naming the field and changes nothing.
+
+Each change is audited (:mod:`chargepath.transport.audit`): a policy change hands its audit
+event to the store, which appends it in the same atomic step as the new version; the
+interceptor appends the event of every other call (grants, refusals, errors) when it ends.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from chargepath.core import policy_edit
 from chargepath.core.model import (
@@ -27,12 +34,14 @@ from chargepath.core.policy import Limit, Policy
 from chargepath.core.validation import MAX_AMOUNT, check_subject_part, check_tenant
 from chargepath.engine import Engine
 from chargepath.store.base import (
+    AuditLog,
     PolicyConflictError,
     PolicyStore,
     StateStore,
     StoreUnavailableError,
 )
 from chargepath.transport import mapping
+from chargepath.transport.audit import pending_audit
 from chargepath.transport.errors import abort, abort_invalid
 from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
@@ -43,6 +52,35 @@ log = logging.getLogger("chargepath.admin")
 Context = Any  # grpc.aio.ServicerContext: grpcio ships no type information
 MAX_DOCUMENT = 1 << 20
 CAS_RETRIES = 10
+MAX_AUDIT_PAGE = 1000
+
+
+async def abort_prune_needed(context: Context, removals: list[policy_edit.Removal]) -> None:
+    """FAILED_PRECONDITION listing what a document without ``prune`` would remove, with a
+    google.rpc.PreconditionFailure detail: one violation per plan or tenant (type "PRUNE",
+    subject "plans/<name>" or "tenants/<name>")."""
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type="PRUNE",
+                    subject=f"{r.kind}s/{r.name}",
+                    description=f"{r} is live and not in the document",
+                )
+                for r in removals
+            ]
+        )
+    )
+    names = ", ".join(str(r) for r in removals[:20])
+    more = f" and {len(removals) - 20} more" if len(removals) > 20 else ""
+    status = status_pb2.Status(
+        code=code_pb2.FAILED_PRECONDITION,
+        message=f"the document would remove {names}{more}; set prune to remove them",
+        details=[detail],
+    )
+    await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("abort_with_status returned")
 
 
 def _subject(m: pb.Subject) -> tuple[Subject, list[FieldViolation]]:
@@ -77,10 +115,17 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     """Admin calls on two store contracts: ``policies`` (the versioned document every change
     is made to) and ``state`` (grants, live counters, the recent-decisions trail)."""
 
-    def __init__(self, engine: Engine, policies: PolicyStore, state: StateStore) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        policies: PolicyStore,
+        state: StateStore,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.engine = engine
         self.policies = policies
         self.state = state
+        self.audit = audit
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -102,12 +147,24 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 if exc.not_found:
                     await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
                 await abort_invalid(context, [FieldViolation(exc.field, exc.reason)])
+            audit = pending_audit()
+            if audit is not None:
+                audit.add_tenants(policy_edit.affected_tenants(doc if version else None, new))
             try:
                 published = await self._guard(
-                    context, self.policies.publish_policy(new, expected_version=version)
+                    context,
+                    self.policies.publish_policy(
+                        new,
+                        expected_version=version,
+                        audit=audit.event() if audit is not None else None,
+                    ),
                 )
             except PolicyConflictError:
                 continue
+            if audit is not None:
+                audit.policy_version_before = version
+                audit.policy_version_after = published.version
+                audit.written = True
             await self.engine.reload_policy(published.version)
             log.info("policy version %d published by the admin API", published.version)
             return int(published.version)
@@ -127,17 +184,51 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     ) -> apb.ApplyPolicyResponse:
         if len(request.document) > MAX_DOCUMENT:
             await abort_invalid(context, [FieldViolation("document", "at most 1 MiB")])
+        empty = policy_edit.check_not_empty(request.document, None)
+        if empty is not None:
+            await abort_invalid(context, [empty])
         try:
             doc = load_policy_text(request.document, source="document")
         except PolicyError as exc:
             await abort_invalid(context, mapping.policy_violations(exc, "document"))
+        empty = policy_edit.check_not_empty(request.document, doc)
+        if empty is not None:
+            await abort_invalid(context, [empty])
         version, live = await self._guard(context, self._live())
-        diff = policy_edit.diff(live if version else None, doc)
+        audit = pending_audit()
+        if audit is not None:
+            audit.policy_version_before = audit.policy_version_after = version
+        if request.HasField("expected_version") and request.expected_version != version:
+            await abort(
+                context,
+                grpc.StatusCode.ABORTED,
+                f"expected_version: the live policy is version {version}, not "
+                f"{request.expected_version}; review the diff again",
+            )
+        previous = live if version else None
+        if audit is not None:  # also when refused below: the tenants it would have affected
+            audit.add_tenants(policy_edit.affected_tenants(previous, doc))
+        removals = policy_edit.removals(previous, doc)
+        if removals and not request.prune:
+            await abort_prune_needed(context, removals)
+        diff = policy_edit.diff(previous, doc)
+        response = apb.ApplyPolicyResponse(
+            policy_version=version,
+            changed=False,
+            diff=diff,
+            removed_plans=[r.name for r in removals if r.kind == "plan"],
+            removed_tenants=[r.name for r in removals if r.kind == "tenant"],
+        )
         if request.dry_run or not diff:
-            return apb.ApplyPolicyResponse(policy_version=version, changed=False, diff=diff)
+            return response
         try:
             published = await self._guard(
-                context, self.policies.publish_policy(doc, expected_version=version)
+                context,
+                self.policies.publish_policy(
+                    doc,
+                    expected_version=version,
+                    audit=audit.event() if audit is not None else None,
+                ),
             )
         except PolicyConflictError:
             await abort(
@@ -145,8 +236,13 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 grpc.StatusCode.ABORTED,
                 "the policy changed while applying; review the diff again",
             )
+        if audit is not None:
+            audit.policy_version_after = published.version
+            audit.written = True
         await self.engine.reload_policy(published.version)
-        return apb.ApplyPolicyResponse(policy_version=published.version, changed=True, diff=diff)
+        response.policy_version = published.version
+        response.changed = True
+        return response
 
     async def GetPolicy(
         self, request: apb.GetPolicyRequest, context: Context
@@ -360,3 +456,38 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             await abort(context, grpc.StatusCode.UNAVAILABLE, "store unavailable; watch again")
         except asyncio.CancelledError:
             raise
+
+    # -- audit --------------------------------------------------------------------------
+
+    async def ListAuditEvents(
+        self, request: apb.ListAuditEventsRequest, context: Context
+    ) -> apb.ListAuditEventsResponse:
+        bad: list[FieldViolation] = []
+        if request.tenant and (v := check_tenant(request.tenant, "tenant")) is not None:
+            bad.append(v)
+        if not 0 <= request.limit <= MAX_AUDIT_PAGE:
+            bad.append(FieldViolation("limit", f"must be between 0 and {MAX_AUDIT_PAGE}"))
+        if request.after and not re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", request.after):
+            bad.append(FieldViolation("after", "must be a cursor from a previous response"))
+        since_ms = 0
+        if request.HasField("since"):
+            if not 0 <= request.since.nanos < 1_000_000_000 or request.since.seconds < 0:
+                bad.append(FieldViolation("since", "is not a valid timestamp"))
+            else:
+                since_ms = mapping.timestamp_ms(request.since)
+        if bad:
+            await abort_invalid(context, bad)
+        if self.audit is None:
+            await abort(context, grpc.StatusCode.UNIMPLEMENTED, "this gateway keeps no audit trail")
+        events, cursor = await self._guard(
+            context,
+            self.audit.read(
+                after=request.after,
+                since_ms=since_ms,
+                tenant=request.tenant,
+                limit=request.limit or 100,
+            ),
+        )
+        return apb.ListAuditEventsResponse(
+            events=[mapping.audit_event_to_pb(e) for e in events], next_cursor=cursor
+        )

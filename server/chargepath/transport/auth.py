@@ -349,12 +349,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 )
         if isinstance(principal, Refusal):
             await abort(context, _CODES[principal.kind], principal.message)
+        # grpc.aio serves each call in a task of its own, with its own copy of the context:
+        # the principal is seen by this call's handler only. Set before the role check, so
+        # that an outer interceptor (the audit) can name the caller of a refused call.
+        _PRINCIPAL.set(principal)
         refusal = authorize(principal, method)
         if refusal is not None:
             await abort(context, _CODES[refusal.kind], refusal.message)
-        # grpc.aio serves each call in a task of its own, with its own copy of the context:
-        # the principal is seen by this call's handler only.
-        _PRINCIPAL.set(principal)
 
 
 def _guarded(handler: Any, admit: Callable[[Any], Awaitable[None]]) -> Any:

@@ -24,6 +24,7 @@ from chargepath.store.base import (
     KeyStore,
     StoreUnavailableError,
 )
+from chargepath.transport.audit import pending_audit
 from chargepath.transport.errors import abort, abort_invalid
 from chargepath_protos.v1 import keys_pb2, keys_pb2_grpc
 
@@ -160,6 +161,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no key {request.key_id}")
         except KeyNotRotatableError as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        _audit_tenant(record)
         response = keys_pb2.RotateKeyResponse(key=api_key(record), secret_key=key.plaintext)
         if previous is not None:
             response.previous.CopyFrom(api_key(previous))
@@ -174,7 +176,15 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
             await _unavailable(context)
         except KeyNotFoundError:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no key {request.key_id}")
+        _audit_tenant(record)
         return keys_pb2.RevokeKeyResponse(key=api_key(record))
+
+
+def _audit_tenant(record: KeyRecord) -> None:
+    """Name the key's tenant in the call's audit event (the request names only the key id)."""
+    audit = pending_audit()
+    if audit is not None and record.tenant:
+        audit.add_tenants([record.tenant])
 
 
 async def _unavailable(context: Any) -> NoReturn:

@@ -7,6 +7,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from chargepath.core.audit import AuditEvent
 from chargepath.core.model import (
     Decision,
     DecisionRecord,
@@ -281,3 +282,19 @@ def policy_violations(err: PolicyError, field: str = "document") -> list[FieldVi
         name = f"{field}.{issue.path}" if issue.path else field
         out.append(FieldViolation(name, where + issue.message))
     return out
+
+
+def audit_event_to_pb(e: AuditEvent) -> apb.AuditEvent:
+    return apb.AuditEvent(
+        event_id=e.event_id,
+        at=timestamp(e.at_ms),
+        identity=e.identity,
+        role=e.role,
+        method=e.method,
+        summary=e.summary,
+        tenants=list(e.tenants),
+        policy_version_before=e.policy_version_before,
+        policy_version_after=e.policy_version_after,
+        outcome=e.outcome,
+        detail=e.detail,
+    )

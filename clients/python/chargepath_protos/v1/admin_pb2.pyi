@@ -22,22 +22,30 @@ FAILURE_MODE_DENY: FailureMode
 FAILURE_MODE_ALLOW: FailureMode
 
 class ApplyPolicyRequest(_message.Message):
-    __slots__ = ("document", "dry_run")
+    __slots__ = ("document", "dry_run", "prune", "expected_version")
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     document: str
     dry_run: bool
-    def __init__(self, document: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    prune: bool
+    expected_version: int
+    def __init__(self, document: _Optional[str] = ..., dry_run: _Optional[bool] = ..., prune: _Optional[bool] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
 class ApplyPolicyResponse(_message.Message):
-    __slots__ = ("policy_version", "changed", "diff")
+    __slots__ = ("policy_version", "changed", "diff", "removed_plans", "removed_tenants")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     DIFF_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_PLANS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_TENANTS_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     changed: bool
     diff: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, policy_version: _Optional[int] = ..., changed: _Optional[bool] = ..., diff: _Optional[_Iterable[str]] = ...) -> None: ...
+    removed_plans: _containers.RepeatedScalarFieldContainer[str]
+    removed_tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, policy_version: _Optional[int] = ..., changed: _Optional[bool] = ..., diff: _Optional[_Iterable[str]] = ..., removed_plans: _Optional[_Iterable[str]] = ..., removed_tenants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetPolicyRequest(_message.Message):
     __slots__ = ()
@@ -400,3 +408,49 @@ class WatchDecisionsResponse(_message.Message):
     decision: DecisionRecord
     threshold: ThresholdEvent
     def __init__(self, decision: _Optional[_Union[DecisionRecord, _Mapping]] = ..., threshold: _Optional[_Union[ThresholdEvent, _Mapping]] = ...) -> None: ...
+
+class ListAuditEventsRequest(_message.Message):
+    __slots__ = ("tenant", "since", "after", "limit")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    since: _timestamp_pb2.Timestamp
+    after: str
+    limit: int
+    def __init__(self, tenant: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., after: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListAuditEventsResponse(_message.Message):
+    __slots__ = ("events", "next_cursor")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
+    next_cursor: str
+    def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
+
+class AuditEvent(_message.Message):
+    __slots__ = ("event_id", "at", "identity", "role", "method", "summary", "tenants", "policy_version_before", "policy_version_after", "outcome", "detail")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_AFTER_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    at: _timestamp_pb2.Timestamp
+    identity: str
+    role: str
+    method: str
+    summary: str
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    policy_version_before: int
+    policy_version_after: int
+    outcome: str
+    detail: str
+    def __init__(self, event_id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., identity: _Optional[str] = ..., role: _Optional[str] = ..., method: _Optional[str] = ..., summary: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ..., policy_version_before: _Optional[int] = ..., policy_version_after: _Optional[int] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -108,6 +108,11 @@ class AdminServiceStub:
                 request_serializer=chargepath_dot_v1_dot_admin__pb2.WatchDecisionsRequest.SerializeToString,
                 response_deserializer=chargepath_dot_v1_dot_admin__pb2.WatchDecisionsResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/chargepath.v1.AdminService/ListAuditEvents',
+                request_serializer=chargepath_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=chargepath_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -119,6 +124,11 @@ class AdminServiceServicer:
 
     def ApplyPolicy(self, request, context):
         """ApplyPolicy replaces the whole policy with a document in the plan-file format (YAML or JSON).
+        An empty document (no text, `{}`, `null`, or no plans and no tenants) is INVALID_ARGUMENT.
+        A document that leaves out plans or tenants of the live policy is FAILED_PRECONDITION
+        unless `prune` is set; the status carries a google.rpc.PreconditionFailure with one
+        violation per plan or tenant that would go (type "PRUNE", subject "plans/<name>" or
+        "tenants/<name>").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,6 +225,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """ListAuditEvents reads the audit trail: one event per call of a mutating AdminService or
+        KeyService RPC, refused calls included, oldest first. Operators only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -287,6 +305,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.WatchDecisions,
                     request_deserializer=chargepath_dot_v1_dot_admin__pb2.WatchDecisionsRequest.FromString,
                     response_serializer=chargepath_dot_v1_dot_admin__pb2.WatchDecisionsResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=chargepath_dot_v1_dot_admin__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=chargepath_dot_v1_dot_admin__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -671,6 +694,33 @@ class AdminService:
             '/chargepath.v1.AdminService/WatchDecisions',
             chargepath_dot_v1_dot_admin__pb2.WatchDecisionsRequest.SerializeToString,
             chargepath_dot_v1_dot_admin__pb2.WatchDecisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chargepath.v1.AdminService/ListAuditEvents',
+            chargepath_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+            chargepath_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,152 @@
+"""An external Redis with an ACL user that has only what Chargepath needs: a whole gateway
+(decisions, admin changes and state, the audit trail, API keys, its background jobs) and the
+billing side (ledger export, a consumer group) run through ``redis://user:pass@host:port``,
+and the same user is refused everything else."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+import redis
+
+from chargepath.app import Gateway
+from chargepath.core.auth import Role
+from chargepath.settings import Settings
+from chargepath.store.embedded import EmbeddedRedis
+from chargepath.store.keys import RedisKeyStore
+from chargepath.store.ledger import Ledger
+from chargepath_protos.v1 import admin_pb2 as apb
+from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
+from chargepath_protos.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+USER = "chargepath-acl-test"
+
+#: The ACL rule of a Redis user for Chargepath (gateways and the ledger commands): its keys and
+#: channels only (every one starts with "cp:"), and only the commands it sends, directly or from
+#: its scripts. No KEYS, FLUSHALL, CONFIG, DEBUG, SCRIPT FLUSH, or keys of other applications.
+ACL_RULE = (
+    "on resetkeys ~cp:* resetchannels &cp:* -@all "
+    "+ping +hello +auth +time +multi +exec +discard +evalsha +script|load +script|exists "
+    "+get +set +del +exists +incr +pexpire +getrange +setrange "
+    "+hget +hmget +hset +hgetall +hdel +hincrby +sadd +smembers "
+    "+publish +subscribe +unsubscribe "
+    "+xadd +xrange +xrevrange +xread +xreadgroup +xack +xtrim +xlen +xpending +xautoclaim "
+    "+xgroup|create +xgroup|delconsumer +xinfo|stream +xinfo|groups +xinfo|consumers"
+)
+
+
+@pytest.fixture
+def acl_url(redis_server: EmbeddedRedis, raw_redis: redis.Redis) -> Iterator[str]:
+    password = secrets.token_urlsafe(24)
+    raw_redis.execute_command("ACL", "SETUSER", USER, "reset", f">{password}", *ACL_RULE.split())
+    yield f"redis://{USER}:{password}@127.0.0.1:{redis_server.port}/0"
+    raw_redis.execute_command("ACL", "DELUSER", USER)
+
+
+@pytest_asyncio.fixture
+async def gateway(acl_url: str) -> AsyncIterator[Gateway]:
+    settings = Settings(
+        port=0,
+        redis_url=acl_url,
+        plans=str(ROOT / "examples" / "plans.yaml"),
+        ledger_lag_interval_ms=100,
+        health_probe_ms=100,
+    )
+    gw = Gateway(settings)
+    await gw.start()
+    yield gw
+    await gw.stop()
+
+
+def check(tenant: str = "cpaas-demo", key: str = "acl-key") -> pb.CheckRequest:
+    return pb.CheckRequest(
+        usage=pb.Usage(
+            request_id=str(uuid.uuid4()),
+            subject=pb.Subject(tenant=tenant, key=key),
+            metric="api.sms.send",
+            amount=1,
+            mode=pb.MODE_ADMIT,
+        )
+    )
+
+
+async def test_a_gateway_and_the_ledger_work_through_an_acl_user(
+    gateway: Gateway, acl_url: str, raw_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as ch:
+        meter = pb_grpc.MeteringServiceStub(ch)
+        admin = apb_grpc.AdminServiceStub(ch)
+        first = (await meter.Check(check())).verdict
+        assert first.decision == pb.DECISION_ALLOW and first.recorded and not first.degraded
+        suspended = await admin.Suspend(
+            apb.SuspendRequest(subject=pb.Subject(tenant="cpaas-demo", key="acl-key"))
+        )
+        denied = (await meter.Check(check())).verdict
+        assert (denied.decision, denied.reason) == (pb.DECISION_DENY, pb.REASON_SUSPENDED)
+        assert denied.policy_version == suspended.policy_version
+        state = await admin.GetState(
+            apb.GetStateRequest(subject=pb.Subject(tenant="cpaas-demo", key="acl-key"))
+        )
+        assert state.policy_version == suspended.policy_version and state.limits
+        assert [r.decision_id for r in state.recent][:2] == [denied.decision_id, first.decision_id]
+        audit = await admin.ListAuditEvents(apb.ListAuditEventsRequest(tenant="cpaas-demo"))
+        assert [(e.method, e.outcome) for e in audit.events] == [("Suspend", "OK")]
+
+    # API keys: scripts, the index and the change channel
+    keys = RedisKeyStore.from_url(acl_url)
+    try:
+        record, _ = await keys.create("cpaas-demo", Role.METER, None, "acl")
+        assert (await keys.get(record.key_id)) == record
+        async with keys.changes() as changed:
+            await keys.revoke(record.key_id)
+            assert await anext(changed) == record.key_id
+    finally:
+        await keys.close()
+
+    # billing: an export, then a consumer group that acknowledges (and so trims) the entry
+    ledger = Ledger.from_url(acl_url)
+    try:
+        exported = [e async for e in ledger.export("cpaas-demo", None, mark=False)]
+        assert [e.amount for e in exported] == [1]
+        batches = ledger.consume_batches("cpaas-demo", "billing", "c1", count=10, block_ms=10)
+        batch = await anext(batches)
+        await batches.aclose()
+        assert [e.request_id for _, e in batch] == [e.request_id for e in exported]
+        assert await ledger.ack("cpaas-demo", "billing", [i for i, _ in batch]) == 1
+    finally:
+        await ledger.close()
+    # the background jobs (health probe, policy watch, ledger lag, aggregates) ran too
+    await asyncio.sleep(0.3)
+    assert "NOPERM" not in caplog.text and "permission" not in caplog.text.lower()
+
+
+def test_the_acl_user_is_refused_everything_else(acl_url: str, raw_redis: redis.Redis) -> None:
+    raw_redis.set("other-app:secret", "x")
+    client = redis.Redis.from_url(acl_url, decode_responses=True)
+    try:
+        for command in (
+            ("FLUSHALL",),
+            ("CONFIG", "GET", "requirepass"),
+            ("KEYS", "*"),
+            ("GET", "other-app:secret"),
+            ("ACL", "LIST"),
+            ("SCRIPT", "FLUSH"),
+            ("EVAL", "return 1", "0"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.execute_command(*command)
+        assert client.ping() is True
+    finally:
+        client.close()
+    assert raw_redis.get("other-app:secret") == "x"
