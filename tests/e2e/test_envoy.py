@@ -351,3 +351,10 @@ def test_rlqs_stream_for_a_fail_closed_tenant_while_redis_is_down(tmp_path: Path
         stream.close()
         assert gw.stop() == 0
         gw.redis.stop()
+
+
+def test_too_many_descriptors_are_invalid(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        ask(rls, *[sms("k1")] * 65)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "descriptors: at most 64" in e.value.details()  # type: ignore[attr-defined]

@@ -41,6 +41,7 @@ from envoy.type.v3 import ratelimit_strategy_pb2
 from chargepath.core.auth import may_act_for
 from chargepath.core.model import (
     Decision,
+    FieldViolation,
     InvalidUsageError,
     LimitKind,
     LimitState,
@@ -53,7 +54,7 @@ from chargepath.core.plans import RATE_PERIOD_MS
 from chargepath.core.policy import DescriptorRoute, Limit
 from chargepath.engine import Engine
 from chargepath.transport.auth import current_principal
-from chargepath.transport.errors import abort
+from chargepath.transport.errors import abort, abort_invalid
 from chargepath.transport.tracing import caller_context, server_span, set_rpc_status
 
 log = logging.getLogger("chargepath.transport")
@@ -78,6 +79,8 @@ _UNITS = {
 #: varies: ``t`` in ``RateLimit`` says when it resets).
 _QUOTA_WINDOW_S = {"hour": 3600, "day": 86400}
 _UINT32_MAX = 2**32 - 1
+#: Descriptors in one RLS request: Envoy sends one per rate_limits entry that applies, a few.
+MAX_DESCRIPTORS = 64
 #: What a fail-closed tenant's OVER_LIMIT during a store outage suggests: the breaker's cooldown.
 STORE_DOWN_RETRY_S = 1
 
@@ -208,6 +211,18 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
             parent,
             **{"rpc.service": RLS_SERVICE, "chargepath.envoy.domain": request.domain},
         ) as span:
+            if len(request.descriptors) > MAX_DESCRIPTORS:
+                set_rpc_status(span, grpc.StatusCode.INVALID_ARGUMENT)
+                await abort_invalid(
+                    context,
+                    [
+                        FieldViolation(
+                            "descriptors",
+                            f"at most {MAX_DESCRIPTORS} per request, "
+                            f"got {len(request.descriptors)}",
+                        )
+                    ],
+                )
             policy = self.engine.policy
             default_amount = max(1, request.hits_addend)
             jobs = []
