@@ -376,3 +376,38 @@ def test_bucket_actions() -> None:
     )
     rule = allow.quota_assignment_action.rate_limit_strategy.blanket_rule
     assert rule == strategy.RateLimitStrategy.ALLOW_ALL
+
+
+def test_the_example_rlqs_config_is_a_valid_bootstrap_whose_buckets_are_mapped() -> None:
+    from envoy.extensions.filters.http.rate_limit_quota.v3 import rate_limit_quota_pb2 as rlq
+    from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2,
+    )
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+    from envoy.type.matcher.v3 import http_inputs_pb2
+
+    data = yaml.safe_load((ROOT / "examples" / "envoy" / "envoy-rlqs.yaml").read_text())
+    boot = json_format.ParseDict(data, bootstrap_pb2.Bootstrap())
+    hcm = http_connection_manager_pb2.HttpConnectionManager()
+    assert boot.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    config = rlq.RateLimitQuotaFilterConfig()
+    assert hcm.http_filters[0].typed_config.Unpack(config)
+    assert config.domain == "cpaas-edge"
+    assert config.rlqs_server.envoy_grpc.cluster_name == "chargepath"
+    settings = rlq.RateLimitQuotaBucketSettings()
+    assert config.bucket_matchers.on_no_match.action.typed_config.Unpack(settings)
+    bucket = {}
+    for key, value in settings.bucket_id_builder.bucket_id_builder.items():
+        if value.HasField("string_value"):
+            bucket[key] = value.string_value
+        else:
+            header = http_inputs_pb2.HttpRequestHeaderMatchInput()
+            assert value.custom_value.typed_config.Unpack(header)
+            bucket[key] = {"x-chargepath-tenant": "cpaas-demo", "x-api-key": "key-1"}[
+                header.header_name
+            ]
+    p = Policy(load_policy_file(ROOT / "examples" / "plans.yaml"), 1)
+    r = p.route_bucket(config.domain, bucket)
+    assert r.matched and r.subject == Subject("cpaas-demo", "", "key-1")
+    assert r.metric == "api.sms.send"
