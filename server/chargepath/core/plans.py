@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from chargepath.core.model import Scope
 from chargepath.core.validation import METRIC_RE, TENANT_RE
@@ -164,12 +165,71 @@ class TenantSpec(_Strict):
         return self
 
 
+#: What a descriptor entry's value becomes in the subject of the usage (``subject:``).
+SubjectPart = Literal["tenant", "slice", "key"]
+
+
+class DescriptorSpec(_Strict):
+    """One node of an Envoy domain's descriptor tree, as in envoyproxy/ratelimit's config: it
+    matches the descriptor entry at its depth by ``key`` and, if given, ``value`` (an entry
+    with that exact value is matched before a node without ``value``). ``subject`` makes the
+    entry's value the usage's tenant, slice or key. A node with ``metric`` ends a descriptor:
+    a descriptor whose last entry matches it is one usage of that metric (the amount is the
+    request's ``hits_addend``, default 1). ``shadow_mode``: decided and counted as usual, but
+    always answered OK (with the headers), as envoyproxy/ratelimit's shadow mode."""
+
+    key: Annotated[str, Field(min_length=1, max_length=256)]
+    value: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    subject: SubjectPart | None = None
+    metric: str | None = None
+    shadow_mode: bool = False
+    descriptors: list[DescriptorSpec] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> DescriptorSpec:
+        if self.metric is None and not self.descriptors:
+            raise ValueError(
+                f"descriptor {self.key!r}: a node needs a 'metric' or nested 'descriptors'"
+            )
+        _no_duplicates(
+            (f"{d.key}={d.value if d.value is not None else '*'}" for d in self.descriptors),
+            "descriptor (key, value)",
+        )
+        return self
+
+
+class EnvoyDomainSpec(_Strict):
+    """How Envoy's rate limit requests (RLS) and quota buckets (RLQS) of one ``domain`` become
+    usages. ``tenant``: the tenant of every descriptor of the domain (a tenant's own Envoy);
+    otherwise a node with ``subject: tenant`` names it. ``strict``: a descriptor that matches
+    no node is OVER_LIMIT; by default it is OK and nothing is counted, as in
+    envoyproxy/ratelimit. ``shadow_mode`` applies to every descriptor of the domain."""
+
+    domain: Annotated[str, Field(min_length=1, max_length=256)]
+    tenant: str | None = None
+    strict: bool = False
+    shadow_mode: bool = False
+    descriptors: list[DescriptorSpec] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> EnvoyDomainSpec:
+        if self.tenant is not None and not TENANT_RE.fullmatch(self.tenant):
+            raise ValueError("tenant: must be 1 to 64 characters of [A-Za-z0-9._-]")
+        _no_duplicates(
+            (f"{d.key}={d.value if d.value is not None else '*'}" for d in self.descriptors),
+            "descriptor (key, value)",
+        )
+        return self
+
+
 class PolicyDocument(_Strict):
-    """The whole policy: the metric catalog, the plans, and the tenants assigned to them."""
+    """The whole policy: the metric catalog, the plans, the tenants assigned to them, and how
+    Envoy's descriptors map onto tenants and metrics (``envoy``)."""
 
     metrics: list[MetricSpec] = []
     plans: list[PlanSpec] = []
     tenants: list[TenantSpec] = []
+    envoy: list[EnvoyDomainSpec] = []
 
     @model_validator(mode="after")
     def _cross_check(self) -> PolicyDocument:
@@ -208,15 +268,73 @@ class PolicyDocument(_Strict):
                             f"tenant {t.name!r}, slice {s.name!r}: limit {lim.name!r} is in both "
                             "the tenant's and the slice's plan; limit names must differ"
                         )
+        _no_duplicates((d.domain for d in self.envoy), "envoy domain")
+        issues = _envoy_issues(self.envoy, frozenset(metrics))
+        if issues:
+            raise ValidationError.from_exception_data(
+                "PolicyDocument",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("envoy_mapping", message), loc=loc, input=None
+                    )
+                    for loc, message in issues
+                ],
+            )
         return self
 
     def canonical_json(self) -> str:
-        """A stable serialisation: equal documents give equal strings."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """A stable serialisation: equal documents give equal strings. A document without an
+        ``envoy`` section serialises as it did before the section existed, so that its
+        published version does not change."""
+        data = self.model_dump(mode="json")
+        if not data["envoy"]:
+            del data["envoy"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
         """SHA-256 (hex) of :meth:`canonical_json`: equal documents, equal digests."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+def _envoy_issues(
+    domains: list[EnvoyDomainSpec], metrics: frozenset[str]
+) -> list[tuple[tuple[int | str, ...], str]]:
+    """The rules of the Envoy mapping that need the whole document, each with the path of the
+    field it concerns (so a plan file's error names its line): a metric in the catalog, a
+    tenant on the path of every node with a metric, a subject part bound once per path."""
+    out: list[tuple[tuple[int | str, ...], str]] = []
+
+    def walk(
+        nodes: list[DescriptorSpec], loc: tuple[int | str, ...], bound: frozenset[str]
+    ) -> None:
+        for i, node in enumerate(nodes):
+            here = (*loc, "descriptors", i)
+            now = bound
+            if node.subject is not None:
+                if node.subject in bound:
+                    out.append(((*here, "subject"), f"the {node.subject} is already given above"))
+                now = bound | {node.subject}
+            if node.metric is not None:
+                if node.metric not in metrics:
+                    out.append(
+                        (
+                            (*here, "metric"),
+                            f"unknown metric {node.metric!r}: not in the catalog",
+                        )
+                    )
+                if "tenant" not in now:
+                    out.append(
+                        (
+                            here,
+                            "no tenant for this descriptor: set the domain's 'tenant', or "
+                            "'subject: tenant' on an entry above",
+                        )
+                    )
+            walk(node.descriptors, here, now)
+
+    for d, domain in enumerate(domains):
+        walk(domain.descriptors, ("envoy", d), frozenset({"tenant"} if domain.tenant else ()))
+    return out
 
 
 def _no_duplicates(names: Iterable[str], what: str) -> None:

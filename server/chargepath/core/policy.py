@@ -6,12 +6,21 @@ exactly one Policy, so no decision mixes two versions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import NamedTuple
 
 from chargepath.core.model import LimitKind, Scope, Subject
 from chargepath.core.periods import Period
-from chargepath.core.plans import SCOPES, LimitSpec, PolicyDocument, compile_rate
+from chargepath.core.plans import (
+    SCOPES,
+    DescriptorSpec,
+    EnvoyDomainSpec,
+    LimitSpec,
+    PolicyDocument,
+    compile_rate,
+)
 
 PERIODS = {"hour": Period.HOUR, "day": Period.DAY, "month": Period.MONTH}
 
@@ -99,6 +108,54 @@ class Resolution:
     aggregate_ms: int = 0
 
 
+class DescriptorRoute(NamedTuple):
+    """What an Envoy descriptor (or RLQS bucket) is, by the policy's ``envoy`` mapping.
+
+    ``matched`` False: no node of its domain matches it (or the domain is not mapped); then
+    ``strict`` says whether it is refused (OVER_LIMIT) or let through uncounted. Otherwise it is
+    one usage of ``metric`` by ``subject``; ``shadow``: answered OK whatever the decision."""
+
+    matched: bool
+    subject: Subject = Subject("")
+    metric: str = ""
+    shadow: bool = False
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _DescriptorNode:
+    subject: str | None
+    metric: str | None
+    shadow: bool
+    #: (entry key, entry value or None for any value) -> node, in the file's order
+    children: dict[tuple[str, str | None], _DescriptorNode] = field(default_factory=dict)
+
+    @classmethod
+    def tree(cls, specs: list[DescriptorSpec]) -> dict[tuple[str, str | None], _DescriptorNode]:
+        return {
+            (d.key, d.value): cls(d.subject, d.metric, d.shadow_mode, cls.tree(d.descriptors))
+            for d in specs
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _EnvoyDomain:
+    tenant: str
+    strict: bool
+    shadow: bool
+    children: dict[tuple[str, str | None], _DescriptorNode]
+
+    @classmethod
+    def of(cls, spec: EnvoyDomainSpec) -> _EnvoyDomain:
+        return cls(
+            spec.tenant or "", spec.strict, spec.shadow_mode, _DescriptorNode.tree(spec.descriptors)
+        )
+
+
+_UNKNOWN = DescriptorRoute(False)
+_UNKNOWN_STRICT = DescriptorRoute(False, strict=True)
+
+
 class Policy:
     """An immutable, versioned, compiled policy document."""
 
@@ -148,6 +205,7 @@ class Policy:
                 slice_limits=slice_limits,
             )
         self._cache: dict[tuple[str, str, bool, bool, str], Resolution] = {}
+        self.envoy_domains = {d.domain: _EnvoyDomain.of(d) for d in document.envoy}
 
     @classmethod
     def empty(cls) -> Policy:
@@ -190,3 +248,67 @@ class Policy:
             if probe is not None and probe in self.suspensions:
                 return self.suspensions[probe]
         return None
+
+    def route_descriptor(self, domain: str, entries: Sequence[tuple[str, str]]) -> DescriptorRoute:
+        """Map one Envoy rate limit descriptor (its entries in order) of ``domain``, as
+        envoyproxy/ratelimit matches its config: entry by entry down the tree, an exact
+        ``value`` before a node without one; the last entry must land on a node with a
+        metric. The values are not checked here: a bad tenant or key is the usage's
+        validation's to refuse."""
+        d = self.envoy_domains.get(domain)
+        if d is None:
+            return _UNKNOWN
+        children = d.children
+        node: _DescriptorNode | None = None
+        parts = {"tenant": d.tenant, "slice": "", "key": ""}
+        shadow = d.shadow
+        for key, value in entries:
+            node = children.get((key, value)) or children.get((key, None))
+            if node is None:
+                break
+            if node.subject is not None:
+                parts[node.subject] = value
+            shadow = shadow or node.shadow
+            children = node.children
+        if node is None or node.metric is None:
+            return _UNKNOWN_STRICT if d.strict else _UNKNOWN
+        return DescriptorRoute(
+            True,
+            Subject(parts["tenant"], parts["slice"], parts["key"]),
+            node.metric,
+            shadow,
+            d.strict,
+        )
+
+    def route_bucket(self, domain: str, bucket: Mapping[str, str]) -> DescriptorRoute:
+        """Map an RLQS bucket id (an unordered map) like a descriptor whose entries are in the
+        order of the first path down the tree (in the file's order, an exact value before a
+        node without one) that uses every entry of the bucket and ends on a metric."""
+        d = self.envoy_domains.get(domain)
+        if d is None:
+            return _UNKNOWN
+        path = _bucket_path(d.children, dict(bucket))
+        if path is None:
+            return _UNKNOWN_STRICT if d.strict else _UNKNOWN
+        return self.route_descriptor(domain, path)
+
+
+def _bucket_path(
+    children: dict[tuple[str, str | None], _DescriptorNode], left: dict[str, str]
+) -> list[tuple[str, str]] | None:
+    """The entries of ``left`` in the order of a path down ``children`` that uses them all and
+    ends on a node with a metric; None if there is none. Depth-first: trees are small."""
+    for (key, value), node in children.items():
+        if key not in left or value not in (None, left[key]):
+            continue
+        if value is None and (key, left[key]) in children:
+            continue  # the exact node is tried instead, as route_descriptor would pick it
+        rest = {k: v for k, v in left.items() if k != key}
+        if not rest:
+            if node.metric is not None:
+                return [(key, left[key])]
+            continue
+        tail = _bucket_path(node.children, rest)
+        if tail is not None:
+            return [(key, left[key]), *tail]
+    return None

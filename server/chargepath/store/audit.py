@@ -21,7 +21,7 @@ refused calls; at about 300 bytes an entry the cap is about 30 MB. Archive older
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -76,6 +76,10 @@ def _unavailable(exc: BaseException) -> StoreUnavailableError:
     return StoreUnavailableError(f"{type(exc).__name__}: {exc}")
 
 
+if TYPE_CHECKING:
+    from chargepath.store.redis_store import RedisStore
+
+
 class AuditStream:
     """The :class:`~chargepath.store.base.AuditLog` on a Redis client (decoded responses).
 
@@ -87,6 +91,11 @@ class AuditStream:
 
     def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
         self.client = client
+
+    @classmethod
+    def of_store(cls, store: RedisStore) -> AuditStream:
+        """The trail on ``store``'s connections; closing the store closes them."""
+        return cls(store.client)
 
     async def append(self, event: AuditEvent) -> str:
         try:
