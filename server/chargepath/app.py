@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +22,16 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from chargepath.engine import Engine, EngineSettings
-from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, StoreProbe
+from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, SpoolReplay, StoreProbe
 from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
 from chargepath.settings import Settings
+from chargepath.spool_replay import RedisSessionSlots, SpoolReplayer
 from chargepath.store.admin import AdminStore
 from chargepath.store.base import LedgerStore, StoreUnavailableError
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
+from chargepath.store.spool import SPOOL_FILE, Spool
 from chargepath.telemetry import Telemetry
 from chargepath.transport.admin import AdminServicer
 from chargepath.transport.metering import MeteringServicer
@@ -42,11 +45,12 @@ ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 class ServingStatus:
     """What the gRPC health service answers for the server ("") and the metering service:
-    SERVING while the store answers. Each change is logged; setting the same status again is
-    a no-op."""
+    SERVING while the store answers. Each change is logged, with ``detail()`` (the spool's
+    line) when given; setting the same status again is a no-op."""
 
-    def __init__(self, health: HealthServicer) -> None:
+    def __init__(self, health: HealthServicer, detail: Callable[[], str] | None = None) -> None:
         self.health = health
+        self.detail = detail
         self._serving: bool | None = None
 
     async def set(self, serving: bool) -> None:
@@ -62,8 +66,9 @@ class ServingStatus:
             await self.health.set(name, status)
         log.log(
             logging.INFO if serving else logging.ERROR,
-            "health: %s",
+            "health: %s%s",
             "SERVING" if serving else "NOT_SERVING (store unreachable)",
+            f"; {self.detail()}" if self.detail is not None else "",
         )
 
 
@@ -79,6 +84,8 @@ class Components:
     #: The Redis URL the store uses: ``settings.redis_url`` or the embedded server's.
     redis_url: str
     store: RedisStore
+    #: The outage spool (``<data_dir>/spool.sqlite3``), not open yet; None when disabled.
+    spool: Spool | None
     engine: Engine
     ledger: LedgerStore
     #: Set when the gateway starts to drain (SIGTERM): streams and jobs end on it.
@@ -116,6 +123,17 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         recent_length=s.recent_decisions,
         clock_offset_ms=s.clock_offset_ms,
     )
+    # -- the outage spool (issue #13, item 4): written by the engine's degraded path,
+    # replayed by the SpoolReplay job, exported by telemetry, summed up in the health log.
+    spool = (
+        Spool(
+            Path(s.data_dir) / SPOOL_FILE,
+            max_entries=s.spool_max_entries,
+            max_bytes=s.spool_max_bytes,
+        )
+        if s.spool_max_entries > 0
+        else None
+    )
     engine = Engine(
         store,
         EngineSettings(
@@ -123,12 +141,33 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
             store_timeout_per_usage_s=s.store_timeout_per_usage_ms / 1000,
             breaker_failures=s.breaker_failures,
             breaker_cooldown_s=s.breaker_cooldown_ms / 1000,
+            spool_timeout_s=s.spool_timeout_ms / 1000,
         ),
         telemetry,
+        spool=spool,
     )
+    spool_jobs: tuple[Job, ...] = ()
+    if spool is not None:
+        telemetry.observe_spool(spool.snapshot)
+        spool_jobs = (
+            SpoolReplay(
+                SpoolReplayer(
+                    spool,
+                    store,
+                    lambda: engine.policy,
+                    engine.reload_policy,
+                    session_slots=RedisSessionSlots(store.client, store.session_window),
+                    store_timeout_s=max(s.store_timeout_ms / 1000 * 20, 1.0),
+                    dedup_window_ms=s.dedup_window_s * 1000,
+                )
+            ),
+        )
     ledger: LedgerStore = Ledger.of_store(store)
     draining = asyncio.Event()
-    serving = ServingStatus(HealthServicer())
+    serving = ServingStatus(
+        HealthServicer(),
+        (lambda: spool.snapshot().health_detail()) if spool is not None else None,
+    )
     server = grpc.aio.server(
         # The metering service makes its own server spans (transport.tracing.server_span: one
         # per Check, one per stream batch); the instrumentation traces the admin, health and
@@ -157,6 +196,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         PolicyWatch(store, engine, period_s=s.policy_poll_ms / 1000),
         AggregateFlush(ledger, engine, clock_offset_ms=s.clock_offset_ms),
         LedgerLag(ledger, engine, telemetry, period_s=s.ledger_lag_interval_ms / 1000),
+        *spool_jobs,
     )
     return Components(
         settings=s,
@@ -164,6 +204,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         embedded=embedded,
         redis_url=url,
         store=store,
+        spool=spool,
         engine=engine,
         ledger=ledger,
         draining=draining,
@@ -188,6 +229,10 @@ class Gateway:
 
     async def start(self) -> None:
         parts = self.parts = build(self.settings, self.telemetry)
+        if parts.spool is not None:
+            # before the store: usages an earlier run left in it are replayed once it answers
+            stats = await parts.spool.open()
+            log.info("outage spool %s: %s", parts.spool.path, stats.health_detail())
         await self._open_store(parts)
         self._wire(parts)
         await parts.server.start()
@@ -260,6 +305,8 @@ class Gateway:
             for t in self._tasks:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if parts.spool is not None:  # after the server and the replay: nobody writes now
+                await parts.spool.close()
             await parts.store.close()
             if parts.embedded is not None:
                 await asyncio.to_thread(parts.embedded.stop)
