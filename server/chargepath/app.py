@@ -229,11 +229,12 @@ class Gateway:
 
     async def start(self) -> None:
         parts = self.parts = build(self.settings, self.telemetry)
+        await self._open_store(parts)
         if parts.spool is not None:
-            # before the store: usages an earlier run left in it are replayed once it answers
+            # before the server serves (the engine writes it); usages an earlier run left in
+            # it are replayed by the SpoolReplay job like any other
             stats = await parts.spool.open()
             log.info("outage spool %s: %s", parts.spool.path, stats.health_detail())
-        await self._open_store(parts)
         self._wire(parts)
         await parts.server.start()
         await parts.serving.set(True)
