@@ -412,23 +412,14 @@ class Engine:
         return out
 
     async def _append(self, spool: Spool, entries: Sequence[SpooledUsage]) -> list[bool]:
-        """``spool.append_all`` within ``spool_timeout_s``; all False past it or on an error.
-        A write that times out still runs to its end (the verdicts have said "not spooled":
-        a usage it does put on disk is replayed under its request id, which also answers the
-        client's resend of it within the dedup window)."""
-        write = asyncio.ensure_future(spool.append_all(entries))
+        """``spool.append_all`` bounded by ``spool_timeout_s`` (the wait for the spool's write
+        lock: past it the usages are withdrawn, never written); all False on an error."""
         try:
-            return await asyncio.wait_for(asyncio.shield(write), self.settings.spool_timeout_s)
-        except TimeoutError:
-            write.add_done_callback(_retrieve)
-            log.error(
-                "spool write slower than %.0f ms: %d usage(s) answered as not spooled",
-                self.settings.spool_timeout_s * 1000,
-                len(entries),
-            )
+            accepted = await spool.append_all(entries, timeout_s=self.settings.spool_timeout_s)
         except SpoolClosedError:
             log.error("spool closed: %d usage(s) answered as not spooled", len(entries))
-        return [False] * len(entries)
+            return [False] * len(entries)
+        return accepted
 
 
 def spoolable(item: DecideItem, verdict: Verdict) -> bool:
@@ -450,9 +441,3 @@ def _degraded_message(failure_mode: str, *, spooled: bool, refused: bool = False
             "not spooled (spool full or unavailable): nothing recorded, resend it with the same ids"
         )
     return head + "nothing recorded, resend reports with the same ids"
-
-
-def _retrieve(task: asyncio.Future[list[bool]]) -> None:
-    """Consume a late spool write's outcome (nobody awaits it any more)."""
-    if not task.cancelled():
-        task.exception()

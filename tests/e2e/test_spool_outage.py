@@ -68,6 +68,8 @@ class Answer:
     degraded: bool
     decision_id: str
     at: float
+    #: decision, reason and message, for a failure's report
+    why: str = ""
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Traffic:
             v.degraded,
             v.decision_id,
             time.monotonic(),
+            f"{pb.Decision.Name(v.decision)} {pb.Reason.Name(v.reason)}: {v.message}",
         )
         assert v.request_id == usage.request_id
         assert not (v.recorded and v.spooled)
@@ -357,5 +360,5 @@ def test_spooled_usages_reach_the_ledger_once_through_a_redis_crash_and_a_gatewa
     assert spooled and neither  # both kinds of outage verdict happened
     assert {a.tenant for a in spooled} == set(TENANTS)
     assert (missing, doubled) == ([], [])
-    assert neither_billed == []
+    assert neither_billed == [], neither_billed[:3]
     assert len(replayed) == len(spooled)

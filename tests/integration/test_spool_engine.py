@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,33 +213,35 @@ async def test_a_closed_spool_or_none_spools_nothing(outage: Outage) -> None:
     assert v.message.endswith("nothing recorded, resend reports with the same ids")
 
 
-async def test_a_spool_write_past_its_bound_is_not_acknowledged(tmp_path: Path) -> None:
-    """Another process holds the spool file's write lock: the write waits past the engine's
-    bound, so the verdict says not spooled. The write goes through once the lock is gone, and
-    the usage is replayed under its request id: the client's resend counts once."""
+async def test_a_spool_write_past_its_bound_is_withdrawn_never_written(tmp_path: Path) -> None:
+    """Another process holds the spool file's write lock past the engine's bound: the verdict
+    says not spooled, and the usage is withdrawn, so it never reaches the file (nothing the
+    client was told "resend" is recorded behind its back). The client's resend counts once."""
     o = await open_outage(tmp_path, None, spool_timeout_s=0.2)
     blocker = sqlite3.connect(tmp_path / SPOOL_FILE, isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")
+        started = time.perf_counter()
         slow = await o.engine.check(report("slow"))
+        assert time.perf_counter() - started < 1.0
         assert slow.degraded and not slow.spooled and not slow.recorded
         assert "not spooled" in slow.message
         blocker.execute("ROLLBACK")
-        for _ in range(100):
-            if (await o.spool.stats()).depth:
-                break
-            await asyncio.sleep(0.02)
-        assert [r.entry.usage.request_id for r in await o.spool.head(10)] == ["slow"]
+        fast = await o.engine.check(report("fast"))  # the lock is free again
+        assert fast.spooled
+        stats = await o.spool.stats()
+        assert [r.entry.usage.request_id for r in await o.spool.head(10)] == ["fast"]
+        assert (stats.appended, stats.refused) == (1, 1)
         await o.replay()
         for _ in range(50):  # the client's resend, once the engine's breaker lets it through
             resent: Verdict = await o.engine.check(report("slow"))
             if not resent.degraded:
                 break
             await asyncio.sleep(0.05)
-        assert resent.recorded and resent.replayed
+        assert resent.recorded and not resent.replayed
         raw = o.raw()
         try:
-            assert [x.request_id for x in ledger_entries(raw, "open")] == ["slow"]
+            assert sorted(x.request_id for x in ledger_entries(raw, "open")) == ["fast", "slow"]
         finally:
             raw.close()
     finally:
