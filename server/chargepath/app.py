@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,10 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from chargepath.engine import Engine, EngineSettings
-from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, StoreProbe
+from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, SpoolReplay, StoreProbe
 from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
 from chargepath.settings import Settings
+from chargepath.spool_replay import RedisSessionSlots, SpoolReplayer
 from chargepath.store.admin import AdminStore
 from chargepath.store.audit import AuditStream
 from chargepath.store.base import LedgerStore, StoreUnavailableError
@@ -31,6 +33,7 @@ from chargepath.store.connect import RedisTarget, ReplicaWait
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
+from chargepath.store.spool import SPOOL_FILE, Spool
 from chargepath.telemetry import Telemetry
 from chargepath.transport.admin import AdminServicer
 from chargepath.transport.audit import AuditInterceptor
@@ -46,11 +49,12 @@ ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 class ServingStatus:
     """What the gRPC health service answers for the server ("") and the metering service:
-    SERVING while the store answers. Each change is logged; setting the same status again is
-    a no-op."""
+    SERVING while the store answers. Each change is logged, with ``detail()`` (the spool's
+    line) when given; setting the same status again is a no-op."""
 
-    def __init__(self, health: HealthServicer) -> None:
+    def __init__(self, health: HealthServicer, detail: Callable[[], str] | None = None) -> None:
         self.health = health
+        self.detail = detail
         self._serving: bool | None = None
 
     async def set(self, serving: bool) -> None:
@@ -66,8 +70,9 @@ class ServingStatus:
             await self.health.set(name, status)
         log.log(
             logging.INFO if serving else logging.ERROR,
-            "health: %s",
+            "health: %s%s",
             "SERVING" if serving else "NOT_SERVING (store unreachable)",
+            f"; {self.detail()}" if self.detail is not None else "",
         )
 
 
@@ -84,6 +89,8 @@ class Components:
     #: Where the store's Redis is: the settings' target or the embedded server's URL.
     redis_target: RedisTarget
     store: RedisStore
+    #: The outage spool (``<data_dir>/spool.sqlite3``), not open yet; None when disabled.
+    spool: Spool | None
     engine: Engine
     ledger: LedgerStore
     #: Set when the gateway starts to drain (SIGTERM): streams and jobs end on it.
@@ -128,6 +135,17 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         if s.redis_wait_replicas
         else None,
     )
+    # -- the outage spool (issue #13, item 4): written by the engine's degraded path,
+    # replayed by the SpoolReplay job, exported by telemetry, summed up in the health log.
+    spool = (
+        Spool(
+            Path(s.data_dir) / SPOOL_FILE,
+            max_entries=s.spool_max_entries,
+            max_bytes=s.spool_max_bytes,
+        )
+        if s.spool_max_entries > 0
+        else None
+    )
     engine = Engine(
         store,
         EngineSettings(
@@ -135,15 +153,36 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
             store_timeout_per_usage_s=s.store_timeout_per_usage_ms / 1000,
             breaker_failures=s.breaker_failures,
             breaker_cooldown_s=s.breaker_cooldown_ms / 1000,
+            spool_timeout_s=s.spool_timeout_ms / 1000,
         ),
         telemetry,
+        spool=spool,
     )
+    spool_jobs: tuple[Job, ...] = ()
+    if spool is not None:
+        telemetry.observe_spool(spool.snapshot)
+        spool_jobs = (
+            SpoolReplay(
+                SpoolReplayer(
+                    spool,
+                    store,
+                    lambda: engine.policy,
+                    engine.reload_policy,
+                    session_slots=RedisSessionSlots(store.client, store.session_window),
+                    store_timeout_s=max(s.store_timeout_ms / 1000 * 20, 1.0),
+                    dedup_window_ms=s.dedup_window_s * 1000,
+                )
+            ),
+        )
     ledger: LedgerStore = Ledger.of_store(store)
     # The audit trail of admin calls; its interceptor comes first, outside authentication,
     # so that refused calls are audited too (transport/audit.py).
     audit = AuditStream.of_store(store)
     draining = asyncio.Event()
-    serving = ServingStatus(HealthServicer())
+    serving = ServingStatus(
+        HealthServicer(),
+        (lambda: spool.snapshot().health_detail()) if spool is not None else None,
+    )
     server = grpc.aio.server(
         # The metering and Envoy services make their own server spans (transport.tracing.
         # server_span: one per Check, RLS call or stream message); the instrumentation traces
@@ -177,6 +216,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         PolicyWatch(store, engine, period_s=s.policy_poll_ms / 1000),
         AggregateFlush(ledger, engine, clock_offset_ms=s.clock_offset_ms),
         LedgerLag(ledger, engine, telemetry, period_s=s.ledger_lag_interval_ms / 1000),
+        *spool_jobs,
     )
     return Components(
         settings=s,
@@ -184,6 +224,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         embedded=embedded,
         redis_target=target,
         store=store,
+        spool=spool,
         engine=engine,
         ledger=ledger,
         draining=draining,
@@ -209,6 +250,11 @@ class Gateway:
     async def start(self) -> None:
         parts = self.parts = build(self.settings, self.telemetry)
         await self._open_store(parts)
+        if parts.spool is not None:
+            # before the server serves (the engine writes it); usages an earlier run left in
+            # it are replayed by the SpoolReplay job like any other
+            stats = await parts.spool.open()
+            log.info("outage spool %s: %s", parts.spool.path, stats.health_detail())
         self._wire(parts)
         await parts.server.start()
         await parts.serving.set(True)
@@ -281,6 +327,8 @@ class Gateway:
             for t in self._tasks:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if parts.spool is not None:  # after the server and the replay: nobody writes now
+                await parts.spool.close()
             await parts.store.close()
             if parts.embedded is not None:
                 await asyncio.to_thread(parts.embedded.stop)

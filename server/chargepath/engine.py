@@ -1,8 +1,9 @@
 """The engine: turns usages into verdicts with a store, a versioned policy, and the tenant's
 failure policy when the store cannot answer.
 
-It knows nothing of gRPC or Redis: it speaks core types and the store contract
-(:class:`~chargepath.store.base.MeteringStore`).
+It knows nothing of gRPC or Redis: it speaks core types, the store contract
+(:class:`~chargepath.store.base.MeteringStore`) and, for the usages it answers while the store
+is away, the spool (:class:`~chargepath.store.spool.Spool`, a local file).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from chargepath.core.allowance import LocalAllowance
@@ -35,6 +36,7 @@ from chargepath.store.base import (
     StalePolicyError,
     StoreUnavailableError,
 )
+from chargepath.store.spool import Spool, SpoolClosedError, SpooledUsage
 from chargepath.telemetry import Telemetry
 
 log = logging.getLogger("chargepath.engine")
@@ -51,12 +53,14 @@ class EngineSettings:
     ``store_timeout_per_usage_s`` per further usage of a batch): past it the failure policy
     decides.
     ``breaker_failures`` consecutive store failures open the breaker for
-    ``breaker_cooldown_s``."""
+    ``breaker_cooldown_s``. ``spool_timeout_s`` bounds the spool write a degraded verdict
+    waits for (past it, the usage counts as not spooled)."""
 
     store_timeout_s: float = 0.05
     store_timeout_per_usage_s: float = 0.0005
     breaker_failures: int = 5
     breaker_cooldown_s: float = 1.0
+    spool_timeout_s: float = 0.5
 
 
 def monotonic_ms() -> int:
@@ -93,11 +97,15 @@ class Engine:
         settings: EngineSettings,
         telemetry: Telemetry,
         *,
+        spool: Spool | None = None,
         clock_ms: Callable[[], int] = monotonic_ms,
     ) -> None:
         self.store = store
         self.settings = settings
         self.telemetry = telemetry
+        #: Where the usages answered while the store is away go (None: nowhere; their
+        #: verdicts then say neither recorded nor spooled). Opened and closed by its owner.
+        self.spool = spool
         self.policy = Policy.empty()
         self.breaker = CircuitBreaker(
             clock_ms,
@@ -281,7 +289,7 @@ class Engine:
                 for u, did, trace_id in zip(usages, ids, trace_ids, strict=True)
             ]
             if not self.breaker.allow():
-                return self._degraded(policy, items, "circuit breaker open")
+                return await self._spool(self._degraded(policy, items, "circuit breaker open"))
             started = time.perf_counter()
             try:
                 with self.telemetry.store_span(tenant, len(items)):
@@ -302,21 +310,24 @@ class Engine:
                 try:
                     policy = await self.reload_policy(exc.stamped_version)
                 except StoreUnavailableError:
-                    return self._degraded(policy, items, "policy reload failed")
+                    return await self._spool(self._degraded(policy, items, "policy reload failed"))
                 continue
             except (StoreUnavailableError, TimeoutError) as exc:
                 self.breaker.failure()
                 self.telemetry.store_error()
                 reason = str(exc) or "store timeout"
-                return self._degraded(policy, items, reason)
+                return await self._spool(self._degraded(policy, items, reason))
             self.telemetry.store_latency(time.perf_counter() - started)
             self.breaker.success()
             return verdicts
         log.error("tenant %s: policy still stale after %d reloads", tenant, STALE_RETRIES)
-        return self._degraded(policy, items, "policy reload did not converge")
+        return await self._spool(self._degraded(policy, items, "policy reload did not converge"))
 
-    def _degraded(self, policy: Policy, items: list[DecideItem], why: str) -> list[Verdict]:
-        """Verdicts by the tenant's failure policy; nothing is recorded."""
+    def _degraded(
+        self, policy: Policy, items: list[DecideItem], why: str
+    ) -> tuple[list[DecideItem], list[Verdict]]:
+        """Verdicts by the tenant's failure policy, with their items (for :meth:`_spool`);
+        nothing is recorded."""
         self._degraded_since_log += len(items)
         now = time.monotonic()
         if now - self._degraded_logged_at >= 1.0:  # at most one line a second in an outage
@@ -356,8 +367,77 @@ class Engine:
                     recorded=False,
                     degraded=True,
                     trace_id=item.trace_id,
-                    message="store unavailable: decided by the tenant's failure policy "
-                    f"({res.failure_mode}); nothing recorded, resend reports with the same ids",
+                    message=_degraded_message(res.failure_mode, spooled=False),
                 )
             )
+        return items, out
+
+    async def _spool(self, degraded: tuple[list[DecideItem], list[Verdict]]) -> list[Verdict]:
+        """Write to the spool every usage of a degraded batch that the client may act on: a
+        report of an entitled subject (the usage happened whatever the failure policy said),
+        and an admit the failure policy allowed (the work goes ahead). A verdict says
+        ``spooled`` only once its usage is on disk; a usage refused (spool full, a disk
+        error, no spool, or a write slower than ``spool_timeout_s``) keeps a verdict that
+        says neither recorded nor spooled, so the client keeps the obligation to resend."""
+        items, verdicts = degraded
+        if self.spool is None:
+            return verdicts
+        picked = [
+            i for i, (item, v) in enumerate(zip(items, verdicts, strict=True)) if spoolable(item, v)
+        ]
+        if not picked:
+            return verdicts
+        entries = [
+            SpooledUsage(
+                items[i].usage,
+                # the replay is keyed on the request id, also for a stream usage (whose item
+                # carries no fingerprint: its dedup is the session's)
+                items[i].fingerprint or fingerprint(items[i].usage),
+                items[i].decision_id,
+                items[i].trace_id,
+            )
+            for i in picked
+        ]
+        accepted = await self._append(self.spool, entries)
+        out = list(verdicts)
+        for i, ok in zip(picked, accepted, strict=True):
+            v = verdicts[i]
+            mode = items[i].resolution.failure_mode
+            out[i] = v._replace(
+                spooled=ok,
+                message=_degraded_message(mode, spooled=True)
+                if ok
+                else _degraded_message(mode, spooled=False, refused=True),
+            )
         return out
+
+    async def _append(self, spool: Spool, entries: Sequence[SpooledUsage]) -> list[bool]:
+        """``spool.append_all`` bounded by ``spool_timeout_s`` (the wait for the spool's write
+        lock: past it the usages are withdrawn, never written); all False on an error."""
+        try:
+            accepted = await spool.append_all(entries, timeout_s=self.settings.spool_timeout_s)
+        except SpoolClosedError:
+            log.error("spool closed: %d usage(s) answered as not spooled", len(entries))
+            return [False] * len(entries)
+        return accepted
+
+
+def spoolable(item: DecideItem, verdict: Verdict) -> bool:
+    """Whether a degraded verdict's usage goes to the spool: a report the store would record
+    (an entitled subject's, suspended or not), or an admit the failure policy allowed."""
+    if item.usage.mode is Mode.REPORT:
+        return item.resolution.entitled
+    return verdict.decision is Decision.ALLOW
+
+
+def _degraded_message(failure_mode: str, *, spooled: bool, refused: bool = False) -> str:
+    head = f"store unavailable: decided by the tenant's failure policy ({failure_mode}); "
+    if spooled:
+        return head + (
+            "spooled: recorded once the store is back, under the same ids (no resend needed)"
+        )
+    if refused:
+        return head + (
+            "not spooled (spool full or unavailable): nothing recorded, resend it with the same ids"
+        )
+    return head + "nothing recorded, resend reports with the same ids"

@@ -5,7 +5,8 @@ per job once the server serves, then cancels them when it stops. Each job runs u
 ``draining`` is set. None of them is on the path of a decision: a decision is right without
 them (the store refuses a decision on a stale policy version, and every write is atomic in
 Redis); they keep the health service, the policy in memory, the ledger feed and the ledger
-metrics current. A job survives a store that fails or is slow: it tries again next period.
+metrics current, and replay the outage spool. A job survives a store that fails or is slow:
+it tries again next period.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Protocol
 from redis.exceptions import RedisError
 
 from chargepath.engine import Engine
+from chargepath.spool_replay import SpoolReplayer
 from chargepath.store.base import LedgerStore, MeteringStore, StoreUnavailableError
 from chargepath.telemetry import Telemetry
 
@@ -159,3 +161,20 @@ class LedgerLag:
             if lags:
                 self.telemetry.ledger_lag = lags
             await asyncio.sleep(self.period_s)
+
+
+class SpoolReplay:
+    """Replay the outage spool into the store (:class:`chargepath.spool_replay.SpoolReplayer`):
+    batch after batch while it holds usages and the store answers, else one look every
+    ``idle_s`` (a store still away costs one failed attempt per look). Every process of a
+    data folder runs it; the one holding the spool's replay lease replays. Usages left by an
+    earlier run, of this process or another, are replayed like the others."""
+
+    name = "replay-spool"
+
+    def __init__(self, replayer: SpoolReplayer, *, idle_s: float = 1.0) -> None:
+        self.replayer = replayer
+        self.idle_s = idle_s
+
+    async def run(self, draining: asyncio.Event) -> None:
+        await self.replayer.run(draining, idle_s=self.idle_s)

@@ -70,6 +70,15 @@ class Settings:
     #: How often the ledger lag of every consumer group is measured for the metrics.
     ledger_lag_interval_ms: int = 10_000
     max_message_bytes: int = 4 * 1024 * 1024
+    # -- the outage spool (<data_dir>/spool.sqlite3; chargepath.store.spool) --
+    #: Usages answered during a store outage and kept on disk until replayed; past it (or
+    #: past ``spool_max_bytes`` of encoded usages) a usage is refused, not spooled, and its
+    #: verdict says so. 0: no spool (an outage's verdicts are neither recorded nor spooled).
+    spool_max_entries: int = 1_000_000
+    spool_max_bytes: int = 512 * 1024 * 1024
+    #: Bound on the spool write (one fsync, shared by the usages answered meanwhile) that a
+    #: degraded verdict waits for; past it the usage counts as not spooled.
+    spool_timeout_ms: int = 500
     #: Shorthand for the OTEL_TRACES_EXPORTER/OTEL_METRICS_EXPORTER defaults: none, console, otlp.
     otel: str = ""
     #: Port of the Prometheus scrape endpoint (/metrics); 0: none.

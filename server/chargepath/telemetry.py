@@ -18,9 +18,9 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
@@ -28,6 +28,9 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind
 
 from chargepath.core.model import Decision, Mode, Reason, Usage, Verdict
+
+if TYPE_CHECKING:
+    from chargepath.store.spool import SpoolStats
 
 log = logging.getLogger("chargepath.telemetry")
 
@@ -201,6 +204,61 @@ class Telemetry:
             Observation(lag, {"tenant": tenant, "group": group})
             for (tenant, group), lag in list(self.ledger_lag.items())
         ]
+
+    # -- the outage spool (chargepath.store.spool) ---------------------------------------------
+
+    def observe_spool(self, snapshot: Callable[[], SpoolStats]) -> None:
+        """Export the spool of this process: ``snapshot`` (``Spool.snapshot``, no I/O) is
+        read when a reader collects. Depth, bytes and the oldest usage's age describe the
+        spool file (shared by the processes of one data folder); the counters are this
+        process's."""
+        meter = self.meter_provider.get_meter("chargepath")
+        meter.create_observable_gauge(
+            "chargepath.spool.depth",
+            callbacks=[lambda _o: [Observation(snapshot().depth)]],
+            unit="{usage}",
+            description="Usages in the outage spool, waiting to be replayed into the store",
+        )
+        meter.create_observable_gauge(
+            "chargepath.spool.size",
+            callbacks=[lambda _o: [Observation(snapshot().bytes)]],
+            unit="By",
+            description="Bytes of the usages in the outage spool (bounded by spool_max_bytes)",
+        )
+        meter.create_observable_gauge(
+            "chargepath.spool.oldest_age",
+            callbacks=[lambda _o: [Observation(snapshot().oldest_age_ms / 1000)]],
+            unit="s",
+            description="Age of the oldest usage in the outage spool (0 when empty)",
+        )
+
+        def usages(_options: CallbackOptions) -> Iterable[Observation]:
+            s = snapshot()
+            return [
+                Observation(n, {"outcome": outcome})
+                for outcome, n in (
+                    ("appended", s.appended),
+                    ("refused", s.refused),
+                    ("replayed", s.replayed),
+                    ("already_recorded", s.already_recorded),
+                    ("dropped", s.dropped),
+                )
+            ]
+
+        meter.create_observable_counter(
+            "chargepath.spool.usages",
+            callbacks=[usages],
+            unit="{usage}",
+            description="Usages appended to the spool, refused by it (full or a disk error), "
+            "and settled by the replay (replayed, already_recorded, dropped)",
+        )
+        meter.create_observable_counter(
+            "chargepath.spool.commits",
+            callbacks=[lambda _o: [Observation(snapshot().append_commits)]],
+            unit="{commit}",
+            description="Spool append transactions (one fsync each; appended / commits is the "
+            "mean group commit)",
+        )
 
     def decision_spans(self, usages: Sequence[Usage]) -> SpanBatch:
         """The decision spans of a batch, as a context manager: ``finish`` them with the

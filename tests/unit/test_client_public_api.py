@@ -42,3 +42,17 @@ def test_every_enum_value_of_the_contract_has_a_client_member(
 ) -> None:
     names = {name.removeprefix(prefix).lower() for name, _ in pb_enum.items()}
     assert names == {member.value for member in client_enum}
+
+
+def test_the_client_verdict_carries_every_field_of_the_wire_verdict() -> None:
+    """A new field of `chargepath.v1.Verdict` (e.g. `spooled`) must reach the client's own
+    Verdict. `violations` is left out on purpose: an invalid usage raises `InvalidUsage`."""
+    import dataclasses
+
+    from chargepath_client import Verdict
+
+    wire = {f.name for f in pb.Verdict.DESCRIPTOR.fields} - {"violations"}
+    assert wire == {f.name for f in dataclasses.fields(Verdict)} - {"raw"}
+    flags = pb.Verdict(degraded=True, spooled=True)
+    v = Verdict.from_pb(flags)
+    assert (v.degraded, v.spooled, v.recorded, v.replayed) == (True, True, False, False)

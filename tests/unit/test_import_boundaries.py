@@ -4,7 +4,8 @@
   OpenTelemetry, and nothing of chargepath outside ``chargepath.core``.
 - ``chargepath.engine`` decides with core types and the store contracts: no grpc, no redis,
   no generated code, and from chargepath only the core, the store contracts
-  (``chargepath.store.base``), telemetry and the store deadline.
+  (``chargepath.store.base``), the outage spool (``chargepath.store.spool``: a local SQLite
+  file, written by the engine's degraded path), telemetry and the store deadline.
 - ``chargepath.transport`` speaks gRPC but reaches the store only through its contracts: it
   imports with redis blocked.
 
@@ -77,7 +78,12 @@ def test_the_core_imports_no_wire_no_redis_no_telemetry_and_nothing_outside_core
 
 def test_the_engine_imports_no_wire_and_no_redis() -> None:
     _, loaded = _import(["chargepath.engine"], [*WIRE, *REDIS])
-    allowed = ("chargepath.core", "chargepath.store.base", "chargepath.telemetry")
+    allowed = (
+        "chargepath.core",
+        "chargepath.store.base",
+        "chargepath.store.spool",
+        "chargepath.telemetry",
+    )
     assert "chargepath.engine" in loaded
     strays = [
         m
@@ -92,7 +98,9 @@ def test_the_transport_reaches_the_store_only_through_its_contracts() -> None:
     imported, loaded = _import(["chargepath.transport"], REDIS)
     assert {"chargepath.transport.admin", "chargepath.transport.metering"} <= set(imported)
     stores = [m for m in loaded if m.startswith("chargepath.store.")]
-    assert stores == ["chargepath.store.base"]
+    # the spool comes in with the engine (its degraded path writes it); it is a local file,
+    # not a way to the Redis store
+    assert stores == ["chargepath.store.base", "chargepath.store.spool"]
 
 
 @pytest.mark.parametrize(

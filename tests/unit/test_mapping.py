@@ -151,3 +151,13 @@ def test_admin_records_and_grants_keep_times_in_ms() -> None:
     g = mapping.grant_to_pb(GrantReading("g1", "daily", 10, 1_800_000_000_500, "n"))
     assert g.expires_at.ToMilliseconds() == 1_800_000_000_500
     assert not mapping.grant_to_pb(GrantReading("g2", "daily", 1, 0, "")).HasField("expires_at")
+
+
+def test_spooled_goes_out_only_when_set() -> None:
+    from chargepath.core.model import Verdict
+
+    v = Verdict("r", Decision.ALLOW, Reason.STORE_UNAVAILABLE, "d" * 32, 1, degraded=True)
+    assert not pb.Verdict(**mapping.verdict_fields(v)).spooled  # type: ignore[arg-type]
+    assert "spooled" not in mapping.verdict_fields(v)
+    m = pb.Verdict(**mapping.verdict_fields(v._replace(spooled=True)))  # type: ignore[arg-type]
+    assert m.spooled and m.degraded and not m.recorded

@@ -70,3 +70,41 @@ def test_counts_are_cumulative_sums_by_decision_reason_and_degraded() -> None:
     assert {k: v for k, v in second.items() if k != key} == {
         k: v for k, v in first.items() if k != key
     }
+
+
+def test_the_spool_is_exported_from_its_snapshot_when_a_reader_collects() -> None:
+    from chargepath.store.spool import SpoolStats
+
+    reader = InMemoryMetricReader()
+    t = Telemetry(TracerProvider(), MeterProvider(metric_readers=[reader]), tracing=False)
+    stats = SpoolStats(depth=3, bytes=900, oldest_age_ms=4200, appended=5, refused=1)
+    t.observe_spool(lambda: stats)
+    data = reader.get_metrics_data()
+    assert data is not None
+    got = {
+        (m.name, tuple(sorted(p.attributes.items()))): p.value  # type: ignore[union-attr]
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name.startswith("chargepath.spool")
+        for p in m.data.data_points  # type: ignore[union-attr]
+    }
+    assert got[("chargepath.spool.depth", ())] == 3
+    assert got[("chargepath.spool.size", ())] == 900
+    assert got[("chargepath.spool.oldest_age", ())] == 4.2
+    assert got[("chargepath.spool.usages", (("outcome", "appended"),))] == 5
+    assert got[("chargepath.spool.usages", (("outcome", "refused"),))] == 1
+    assert got[("chargepath.spool.usages", (("outcome", "replayed"),))] == 0
+    assert got[("chargepath.spool.commits", ())] == 0
+    stats = SpoolStats(depth=0, replayed=3)  # read again at the next collection
+    data = reader.get_metrics_data()
+    assert data is not None
+    depth = [
+        p.value  # type: ignore[union-attr]
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "chargepath.spool.depth"
+        for p in m.data.data_points  # type: ignore[union-attr]
+    ]
+    assert depth == [0]

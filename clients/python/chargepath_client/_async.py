@@ -116,9 +116,10 @@ class AsyncClient(BaseClient):
         """Report: `tenant` has used `amount` units of `metric`.
 
         Always recorded and debited, even past a limit; the verdict says whether to go on
-        (ALLOW), slow down (THROTTLE, `retry_after`) or stop (DENY). Check `recorded`: False
-        means nothing was recorded and the usage should be reported again with the same
-        `request_id`. `occurred_at` defaults to the time the gateway receives it.
+        (ALLOW), slow down (THROTTLE, `retry_after`) or stop (DENY). Check `recorded` and
+        `spooled`: both False means nothing was recorded and the usage should be reported
+        again with the same `request_id`. `occurred_at` defaults to the time the gateway
+        receives it.
         """
         usage = self._usage(
             Mode.REPORT, tenant, metric, amount, slice, key, labels, request_id, occurred_at

@@ -122,7 +122,10 @@ class Verdict:
     `retry_after` is in seconds (0.0 when the decision has none). `replayed` is True when
     this is the stored answer to an earlier attempt with the same request id (or stream
     session and sequence): nothing was counted again. `recorded` is True once the usage is
-    in the ledger. `raw` is the `chargepath.v1.Verdict` protobuf message it was made from.
+    in the ledger. `spooled` (with `degraded`, never with `recorded`) is True when the store
+    was unavailable and the gateway wrote the usage to its local disk: it reaches the ledger,
+    once, when the store is back, and needs no resend. `raw` is the `chargepath.v1.Verdict`
+    protobuf message it was made from.
     """
 
     request_id: str
@@ -135,6 +138,7 @@ class Verdict:
     recorded: bool
     degraded: bool
     replayed: bool
+    spooled: bool
     trace_id: str
     message: str
     decided_at: datetime | None
@@ -161,6 +165,7 @@ class Verdict:
             recorded=verdict.recorded,
             degraded=verdict.degraded,
             replayed=verdict.replayed,
+            spooled=verdict.spooled,
             trace_id=verdict.trace_id,
             message=verdict.message,
             decided_at=decided_at,

@@ -46,7 +46,7 @@ def verdict(out: Console, v: pb.Verdict) -> None:
     colour = {pb.DECISION_ALLOW: "green", pb.DECISION_THROTTLE: "yellow"}.get(v.decision, "red")
     decision = pb.Decision.Name(v.decision).removeprefix("DECISION_")
     reason = pb.Reason.Name(v.reason).removeprefix("REASON_")
-    flags = [f for f in ("recorded", "degraded", "replayed") if getattr(v, f)]
+    flags = [f for f in ("recorded", "degraded", "spooled", "replayed") if getattr(v, f)]
     out.print(f"[bold {colour}]{decision}[/] {reason}  " + " ".join(flags))
     if v.HasField("retry_after"):
         out.print(f"retry after {human_ms(v.retry_after.ToMilliseconds())}")

@@ -47,6 +47,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--redis-wait-timeout-ms", type=int, help="WAIT's timeout (default 20)")
     p.add_argument("--redis-fsync", choices=["everysec", "always"], help="embedded AOF fsync")
     p.add_argument(
+        "--spool-max-entries",
+        type=int,
+        help="usages the outage spool (under --data-dir) holds at most; past it they are "
+        "refused, not evicted (default 1000000; 0: no spool)",
+    )
+    p.add_argument(
+        "--spool-max-bytes", type=int, help="bytes of usages the spool holds at most (512 MiB)"
+    )
+    p.add_argument(
         "--otel",
         choices=["none", "console", "otlp"],
         help="trace and metric exporter when OTEL_TRACES_EXPORTER/OTEL_METRICS_EXPORTER are unset",
@@ -80,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
             store_timeout_ms=args.store_timeout_ms,
             dedup_window_s=args.dedup_window_s,
             redis_fsync=args.redis_fsync,
+            spool_max_entries=args.spool_max_entries,
+            spool_max_bytes=args.spool_max_bytes,
             log_format=args.log_format,
             log_level=args.log_level,
             otel=args.otel,

@@ -108,6 +108,9 @@ class Verdict(NamedTuple):
     decided_at_ms: int = 0
     #: for REASON_INVALID_USAGE: what was wrong, as structures (``message`` is their text)
     violations: tuple[FieldViolation, ...] = ()
+    #: degraded, and the usage is on the gateway's local disk (the spool): it reaches the
+    #: ledger, once, when the store is back. Never together with ``recorded``.
+    spooled: bool = False
 
 
 @dataclass(frozen=True, slots=True)

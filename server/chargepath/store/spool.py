@@ -5,9 +5,10 @@ until they are replayed into the store (:mod:`chargepath.spool_replay`).
 Contract:
 
 * :meth:`Spool.append` returns True only once the usage is on disk (the WAL fsync'd); the
-  verdict may then say ``spooled``. False means the usage is NOT spooled (the spool is full or
-  the disk failed): the verdict must then say neither recorded nor spooled, so the client keeps
-  the obligation to resend. An appended usage leaves the spool only through :meth:`Spool.settle`,
+  verdict may then say ``spooled``. False means the usage is NOT spooled (the spool is full,
+  the disk failed, or the write was withdrawn at its ``timeout_s``) and never will be: the
+  verdict must then say neither recorded nor spooled, so the client keeps the obligation to
+  resend. An appended usage leaves the spool only through :meth:`Spool.settle`,
   with its outcome counted (and, for a dropped one, logged by the replayer): nothing
   acknowledged as spooled is ever removed silently.
 * Full policy: an append that would pass ``max_entries`` usages or ``max_bytes`` bytes of
@@ -270,21 +271,37 @@ class Spool:
 
     # -- appending ------------------------------------------------------------------------
 
-    async def append(self, entry: SpooledUsage) -> bool:
+    async def append(self, entry: SpooledUsage, *, timeout_s: float | None = None) -> bool:
         """Write one usage durably; True once it is fsync'd, False if it was refused."""
-        return bool((await self.append_all([entry]))[0])
+        return bool((await self.append_all([entry], timeout_s=timeout_s))[0])
 
-    async def append_all(self, entries: Sequence[SpooledUsage]) -> list[bool]:
+    async def append_all(
+        self, entries: Sequence[SpooledUsage], *, timeout_s: float | None = None
+    ) -> list[bool]:
         """Write usages durably, in order, in the same transaction as whatever else is queued;
         per usage True once fsync'd, False if refused (full: this usage, and not necessarily
-        the ones after it, since a smaller one may still fit; or a disk error: all of them)."""
+        the ones after it, since a smaller one may still fit; or a disk error: all of them).
+
+        ``timeout_s`` bounds the wait for the spool's write lock (a commit in progress, another
+        process's transaction): past it the usages are withdrawn, all False, and never
+        written. Usages already taken into a transaction when it expires are waited for to
+        the end of that transaction (their inserts and one fsync), so the answer is always
+        what the file holds."""
         if not entries:
             return []
         now = self._clock_ms()
         stamped = [e if e.spooled_at_ms else replace(e, spooled_at_ms=now) for e in entries]
         encoded = [(e.spooled_at_ms, e.encode()) for e in stamped]
-        result: list[bool] = await self._submit("append", encoded)
-        return result
+        claim = _Claim()
+        written: asyncio.Future[list[bool]] = self._submit("append", (encoded, claim))
+        if timeout_s is None:
+            return await written
+        try:
+            return await asyncio.wait_for(asyncio.shield(written), timeout_s)
+        except TimeoutError:
+            if claim.withdraw():
+                return [False] * len(entries)
+            return await written  # in a transaction already: its outcome is the truth
 
     # -- consuming ------------------------------------------------------------------------
 
@@ -421,17 +438,22 @@ class Spool:
             return
         self._deliver(job, result)
 
-    def _answer_appends(self, jobs: list[_Job]) -> None:
-        """One transaction, hence one fsync, for every append queued."""
+    def _answer_appends(self, queued: list[_Job]) -> None:
+        """One transaction, hence one fsync, for every append queued and not withdrawn."""
         accepted: list[list[bool]] = []
+        jobs, withdrawn = queued, []
         try:
             db = self._connection()
             with self._transaction(db):
+                # once the write lock is held: an append withdrawn while waiting for it is
+                # left out, one taken now is answered by this transaction's outcome
+                jobs = [j for j in queued if j[1][1].take()]
+                withdrawn = [j for j in queued if j[1][1].withdrawn]
                 depth, size = db.execute("SELECT depth, bytes FROM spool_meta").fetchone()
                 rows: list[tuple[int, int, bytes]] = []
                 for job in jobs:
                     flags = []
-                    for at_ms, body in job[1]:
+                    for at_ms, body in job[1][0]:
                         fits = depth < self.max_entries and size + len(body) <= self.max_bytes
                         if fits:
                             depth += 1
@@ -444,19 +466,24 @@ class Spool:
                 )
                 db.execute("UPDATE spool_meta SET depth = ?, bytes = ? WHERE id = 1", (depth, size))
         except Exception as exc:  # refused, never left waiting: the engine awaits the answer
-            log.error("spool: %d usage(s) not spooled: %s", sum(len(j[1]) for j in jobs), exc)
-            refused = sum(len(j[1]) for j in jobs)
+            # ``jobs``: every queued append if the lock was never taken, else those taken
+            jobs = jobs + withdrawn
+            refused = sum(len(j[1][0]) for j in jobs)
+            log.error("spool: %d usage(s) not spooled: %s", refused, exc)
             self._stats = replace(self._stats, refused=self._stats.refused + refused)
-            self._deliver_all(jobs, [[False] * len(job[1]) for job in jobs])
+            self._deliver_all(jobs, [[False] * len(job[1][0]) for job in jobs])
             return
         n_ok = sum(f.count(True) for f in accepted)
         n_refused = sum(f.count(False) for f in accepted)
+        n_withdrawn = sum(len(j[1][0]) for j in withdrawn)
         if n_refused:
             log.warning("spool full: %d usage(s) refused", n_refused)
+        if n_withdrawn:
+            log.warning("spool: %d usage(s) withdrawn by their writer's timeout", n_withdrawn)
         self._stats = replace(
             self._stats,
             appended=self._stats.appended + n_ok,
-            refused=self._stats.refused + n_refused,
+            refused=self._stats.refused + n_refused + n_withdrawn,
             append_commits=self._stats.append_commits + 1,
         )
         try:
@@ -464,6 +491,7 @@ class Spool:
         except Exception as exc:
             log.warning("spool: stats not refreshed: %s", exc)
         self._deliver_all(jobs, accepted)
+        self._deliver_all(withdrawn, [[False] * len(j[1][0]) for j in withdrawn])
 
     def _connect(self) -> None:
         db = sqlite3.connect(
@@ -537,6 +565,37 @@ class Spool:
         self._oldest_at_ms = oldest[0] if oldest else None
         age = max(0, self._clock_ms() - oldest[0]) if oldest else 0
         self._stats = replace(self._stats, depth=depth, bytes=size, oldest_age_ms=age)
+
+
+class _Claim:
+    """Who settles a queued append, first come first served: the spool thread, which takes it
+    into a transaction once it holds the write lock, or its writer, which withdraws it at its
+    timeout. Either is final."""
+
+    __slots__ = ("_lock", "_state")
+
+    _QUEUED, _TAKEN, _WITHDRAWN = 0, 1, 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = self._QUEUED
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._state == self._QUEUED:
+                self._state = self._TAKEN
+            return self._state == self._TAKEN
+
+    def withdraw(self) -> bool:
+        """True if the append is (now) withdrawn: it will never be written."""
+        with self._lock:
+            if self._state == self._QUEUED:
+                self._state = self._WITHDRAWN
+            return self._state == self._WITHDRAWN
+
+    @property
+    def withdrawn(self) -> bool:
+        return self._state == self._WITHDRAWN
 
 
 class _Transaction:
