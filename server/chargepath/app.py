@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from redis.exceptions import RedisError
 
+from chargepath.core.validation import OccurredAtWindow
 from chargepath.engine import Engine, EngineSettings
 from chargepath.policy_files import load_policy_file
 from chargepath.settings import Settings
@@ -25,9 +26,10 @@ from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
+from chargepath.transport import services
 from chargepath.transport.admin import AdminServicer
 from chargepath.transport.metering import MeteringServicer
-from chargepath_protos.v1 import admin_pb2, admin_pb2_grpc, metering_pb2, metering_pb2_grpc
+from chargepath_protos.v1 import admin_pb2, metering_pb2
 
 log = logging.getLogger("chargepath")
 
@@ -119,12 +121,12 @@ class Gateway:
                 ("grpc.http2.max_pings_without_data", 0),
             ],
         )
-        metering_pb2_grpc.add_MeteringServiceServicer_to_server(
-            MeteringServicer(self.engine, self.draining), self.server
-        )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.engine, self.store, AdminStore(self.store)), self.server
-        )
+        # deserializers that never raise: undecodable bytes are INVALID_ARGUMENT (services.py)
+        window = OccurredAtWindow(s.occurred_at_max_age_s, s.occurred_at_max_ahead_s)
+        metering = MeteringServicer(self.engine, self.draining, window)
+        services.add_service(self.server, metering, services.METERING)
+        admin = AdminServicer(self.engine, self.store, AdminStore(self.store))
+        services.add_service(self.server, admin, services.ADMIN)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (

@@ -131,6 +131,13 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             doc = load_policy_text(request.document, source="document")
         except PolicyError as exc:
             await abort_invalid(context, mapping.policy_violations(exc, "document"))
+        if not (doc.metrics or doc.plans or doc.tenants):
+            # An empty body, "{}" or "null" would otherwise publish a policy with nothing in
+            # it, and every decision after it would be DENY NO_ENTITLEMENT.
+            await abort_invalid(
+                context,
+                [FieldViolation("document", "is empty: it names no metrics, plans or tenants")],
+            )
         version, live = await self._guard(context, self._live())
         diff = policy_edit.diff(live if version else None, doc)
         if request.dry_run or not diff:
