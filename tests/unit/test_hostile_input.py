@@ -85,7 +85,7 @@ def test_a_configured_window_is_the_one_applied() -> None:
     assert occurred(NOW_MS // 1000 - 3601, 0, hour) == "occurred_at"
     assert occurred(NOW_MS // 1000 + 1, 0, hour) == "occurred_at"
     v = check_occurred_at(NOW_MS // 1000 + 1, 0, NOW_MS, hour)
-    assert v is not None and "at most 1 hours before and 0 seconds after" in v.reason
+    assert v is not None and "at most 1 hour before and 0 seconds after" in v.reason
 
 
 def test_a_wire_usage_names_nanos_rather_than_the_altered_instant() -> None:

@@ -95,11 +95,14 @@ def _instant(ms: int) -> str:
         return f"{ms // 1000} s since the epoch"
 
 
-def _span(seconds: int) -> str:
-    for unit, size in (("days", 86_400), ("hours", 3600), ("minutes", 60)):
+def _duration(seconds: int) -> str:
+    """``seconds`` in the largest whole unit: "35 days", "1 hour", "90 seconds"."""
+    count, unit = seconds, "second"
+    for name, size in (("day", 86_400), ("hour", 3600), ("minute", 60)):
         if seconds >= size and seconds % size == 0:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} seconds"
+            count, unit = seconds // size, name
+            break
+    return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
 
 
 def check_occurred_at(
@@ -116,7 +119,7 @@ def check_occurred_at(
         return None
     return FieldViolation(
         "occurred_at",
-        f"must be at most {_span(window.max_age_s)} before and {_span(window.max_ahead_s)} "
+        f"must be at most {_duration(window.max_age_s)} before and {_duration(window.max_ahead_s)} "
         f"after the gateway's clock ({_instant(now_ms)}), got {_instant(ms)}",
     )
 

@@ -22,6 +22,7 @@ refused by them never learns whether its bytes decoded.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -91,8 +92,11 @@ def _unary_stream(behaviour: Behaviour) -> Callable[[Any, Any], AsyncIterator[An
     async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
         if isinstance(request, Undecodable):
             await refuse_undecodable(context, request)
-        async for response in behaviour(request, context):
-            yield response
+        # closed with this generator, so that the servicer's cleanup (a watch's subscription)
+        # runs when the call ends, not when the garbage collector gets to it
+        async with contextlib.aclosing(behaviour(request, context)) as responses:
+            async for response in responses:
+                yield response
 
     return unary_stream
 
