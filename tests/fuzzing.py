@@ -10,6 +10,7 @@ sent with identity serializers, many at a time, and each call's status code is c
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class RawFuzz:
 
     target: str
     codes: dict[str, Counter[str]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
     leaks: list[str] = field(default_factory=list)
 
     def total(self) -> int:
@@ -87,7 +89,7 @@ class RawFuzz:
     def report(self) -> str:
         lines = [f"{self.total()} raw byte strings: {dict(sorted(self.by_code().items()))}"]
         for rpc, c in sorted(self.codes.items()):
-            lines.append(f"  {rpc}: {dict(sorted(c.items()))}")
+            lines.append(f"  {rpc} ({self.seconds[rpc]:.1f} s): {dict(sorted(c.items()))}")
         return "\n".join(lines)
 
     def run(
@@ -117,7 +119,9 @@ class RawFuzz:
         stream_timeout_s: float,
     ) -> None:
         path = f"/{method.containing_service.full_name}/{method.name}"
-        counts = self.codes.setdefault(f"{method.containing_service.name}/{method.name}", Counter())
+        rpc = f"{method.containing_service.name}/{method.name}"
+        counts = self.codes.setdefault(rpc, Counter())
+        started = time.monotonic()
 
         if method.client_streaming:
             stream = channel.stream_stream(path)
@@ -157,3 +161,4 @@ class RawFuzz:
             between()
 
         send()
+        self.seconds[rpc] = time.monotonic() - started
