@@ -1,4 +1,4 @@
-"""A property-based fuzz of a live gateway (hypothesis, derandomized: the same every run).
+"""A property-based fuzz of a live gateway (hypothesis, derandomized: the same inputs every run).
 
 1. Generated usages, valid and not (tenants known and unknown, metrics, amounts from 0 and
    negative to 2**63-1, labels too many and too long, occurred_at extremes, session and
