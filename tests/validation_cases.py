@@ -31,6 +31,8 @@ VALID: dict[str, Any] = {
 }
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+NOW = datetime.now(UTC)
+AGO_35_DAYS_AND_A_MINUTE = NOW - timedelta(days=35, minutes=1)
 
 
 @dataclass(frozen=True)
@@ -105,14 +107,25 @@ CASES: tuple[ValidationCase, ...] = (
     _case("label with an empty key", "labels", labels={"": "v"}),
     _case("label key at 65", "labels", labels={"k" * 65: "v"}),
     _case("label value at 257", "labels", labels={"k": "v" * 257}),
-    # occurred_at
-    _case("occurred at the epoch", occurred_at=EPOCH),
-    _case("occurred now", occurred_at=datetime.now(UTC)),
+    # occurred_at: within 35 days before and 5 minutes after the clock (the gateway's default
+    # window; a minute of margin either side for the time between building and checking)
+    _case("occurred now", occurred_at=NOW),
+    _case("occurred 34 days ago", occurred_at=NOW - timedelta(days=34, hours=23, minutes=59)),
+    _case("occurred 4 minutes ahead", occurred_at=NOW + timedelta(minutes=4)),
+    _case("occurred 35 days and a minute ago", "occurred_at", occurred_at=AGO_35_DAYS_AND_A_MINUTE),
+    _case("occurred 6 minutes ahead", "occurred_at", occurred_at=NOW + timedelta(minutes=6)),
+    _case("occurred a year ahead", "occurred_at", occurred_at=NOW + timedelta(days=366)),
+    _case("occurred at the epoch", "occurred_at", occurred_at=EPOCH),
     _case("occurred before the epoch", "occurred_at", occurred_at=EPOCH - timedelta(seconds=1)),
     _case(
         "occurred long before the epoch",
         "occurred_at",
         occurred_at=datetime(1900, 1, 1, tzinfo=UTC),
+    ),
+    _case(
+        "occurred at the end of what a Timestamp holds",
+        "occurred_at",
+        occurred_at=datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
     ),
     # session id (a stream's)
     _case("session id", session_id="3f1c7a52-9f0e-4d3b-a1de-7c4b8e0f5a11"),

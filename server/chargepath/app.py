@@ -21,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
+from chargepath.core.validation import OccurredAtWindow
 from chargepath.engine import Engine, EngineSettings
 from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, SpoolReplay, StoreProbe
 from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
@@ -35,11 +36,12 @@ from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
 from chargepath.store.spool import SPOOL_FILE, Spool
 from chargepath.telemetry import Telemetry
+from chargepath.transport import services
 from chargepath.transport.admin import AdminServicer
 from chargepath.transport.audit import AuditInterceptor
 from chargepath.transport.envoy import add_envoy_services
 from chargepath.transport.metering import MeteringServicer
-from chargepath_protos.v1 import admin_pb2, admin_pb2_grpc, metering_pb2, metering_pb2_grpc
+from chargepath_protos.v1 import admin_pb2, metering_pb2
 
 log = logging.getLogger("chargepath")
 
@@ -229,7 +231,11 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         ledger=ledger,
         draining=draining,
         serving=serving,
-        metering=MeteringServicer(engine, draining),
+        metering=MeteringServicer(
+            engine,
+            draining,
+            OccurredAtWindow(s.occurred_at_max_age_s, s.occurred_at_max_ahead_s),
+        ),
         admin=AdminServicer(engine, store, AdminStore(store), audit),
         server=server,
         jobs=jobs,
@@ -300,8 +306,9 @@ class Gateway:
 
     def _wire(self, parts: Components) -> None:
         """Put the servicers on the server and bind its port."""
-        metering_pb2_grpc.add_MeteringServiceServicer_to_server(parts.metering, parts.server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(parts.admin, parts.server)
+        # deserializers that never raise: undecodable bytes are INVALID_ARGUMENT (services.py)
+        services.add_service(parts.server, parts.metering, services.METERING)
+        services.add_service(parts.server, parts.admin, services.ADMIN)
         add_envoy_services(parts.server, parts.engine, parts.draining)
         health_pb2_grpc.add_HealthServicer_to_server(parts.serving.health, parts.server)
         reflection.enable_server_reflection(

@@ -69,7 +69,14 @@ class Settings:
     recent_decisions: int = 1000
     #: How often the ledger lag of every consumer group is measured for the metrics.
     ledger_lag_interval_ms: int = 10_000
-    max_message_bytes: int = 4 * 1024 * 1024
+    #: The largest message received or sent. A StreamUsageRequest of MAX_BATCH (1000) usages
+    #: with every field at its bound is 6,009,002 bytes; 8 MiB takes it with room for fields
+    #: added later, and grpc refuses anything larger (RESOURCE_EXHAUSTED) before parsing it.
+    max_message_bytes: int = 8 * 1024 * 1024
+    #: How far before the gateway's clock a usage's occurred_at may lie (35 days) ...
+    occurred_at_max_age_s: int = 35 * 86_400
+    #: ... and how far after it (5 minutes: clock skew). core/validation.py has the rules.
+    occurred_at_max_ahead_s: int = 300
     # -- the outage spool (<data_dir>/spool.sqlite3; chargepath.store.spool) --
     #: Usages answered during a store outage and kept on disk until replayed; past it (or
     #: past ``spool_max_bytes`` of encoded usages) a usage is refused, not spooled, and its

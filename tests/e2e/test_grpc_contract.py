@@ -164,11 +164,10 @@ def test_stream_bad_item_gets_invalid_usage_and_the_stream_goes_on(
         pb.StreamUsageRequest(
             usages=[report(5, labels={str(i): "x" for i in range(3000)}), report(6)]
         ),
-        pb.StreamUsageRequest(usages=[report(7 + i) for i in range(1001)]),
         pb.StreamUsageRequest(usages=[report(2000)]),
     ]
     responses = list(stub.StreamUsage(iter(batches), timeout=10))
-    assert len(responses) == 4
+    assert len(responses) == 3
     first = responses[0].verdicts
     assert [v.reason for v in first] == [
         pb.REASON_OK,
@@ -186,17 +185,49 @@ def test_stream_bad_item_gets_invalid_usage_and_the_stream_goes_on(
     assert not first[0].violations and not first[2].violations
     assert [v.request_id for v in first] == [u.request_id for u in batches[0].usages]
     assert [v.reason for v in responses[1].verdicts] == [pb.REASON_INVALID_USAGE, pb.REASON_OK]
-    assert all(v.reason == pb.REASON_INVALID_USAGE for v in responses[2].verdicts)
-    assert "at most 1000" in responses[2].verdicts[0].message
-    assert [(f.field, f.description) for f in responses[2].verdicts[0].violations] == [
-        ("usages", "at most 1000 per message, got 1001")
-    ]
-    assert responses[3].verdicts[0].recorded
+    assert responses[2].verdicts[0].recorded
     recorded = {v.request_id for r in responses for v in r.verdicts if v.recorded}
     rids = ledger_rids(redis_client, "mvno-demo")
     assert recorded <= set(rids) and len(recorded) == 4
     # the invalid ones were not recorded
     assert batches[0].usages[1].request_id not in rids
+
+
+def test_an_oversized_batch_ends_the_stream_once_with_invalid_argument(
+    stub: pb_grpc.MeteringServiceStub, redis_client: redis.Redis
+) -> None:
+    """More than 1000 usages in one message cannot be answered usage by usage: the stream
+    ends with INVALID_ARGUMENT on ``usages``; what was answered before stands, nothing of the
+    oversized message (or after it) is decided."""
+    session = str(uuid.uuid4())
+
+    def report(seq: int) -> pb.Usage:
+        return usage(
+            subject=pb.Subject(tenant="mvno-demo", slice="1-000001"),
+            metric="slice.bytes",
+            amount=1000,
+            mode=pb.MODE_REPORT,
+            session_id=session,
+            sequence=seq,
+        )
+
+    oversized = [report(2 + i) for i in range(1001)]
+    batches = [
+        pb.StreamUsageRequest(usages=[report(1)]),
+        pb.StreamUsageRequest(usages=oversized),
+        pb.StreamUsageRequest(usages=[report(5000)]),
+    ]
+    call = stub.StreamUsage(iter(batches), timeout=10)
+    first = next(call)
+    assert first.verdicts[0].recorded
+    with pytest.raises(grpc.RpcError) as e:
+        next(call)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert e.value.details() == "usages: at most 1000 per message, got 1001"  # type: ignore[attr-defined]
+    assert field_violations(e.value) == ["usages"]
+    rids = set(ledger_rids(redis_client, "mvno-demo"))
+    assert batches[0].usages[0].request_id in rids
+    assert not rids & {u.request_id for u in [*oversized, *batches[2].usages]}
 
 
 def test_bad_input_of_one_tenant_does_not_harm_another(stub: pb_grpc.MeteringServiceStub) -> None:

@@ -534,7 +534,13 @@ def wait_clear_of_day_end(margin_s: float = 60.0) -> None:
 @pytest.fixture(scope="module")
 def recorded_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """A gateway on the recorded plans and a fresh redis-server of its own."""
-    gw = start_gateway(tmp_path_factory.mktemp("recorded"), plans=PLANS)
+    # The recording's reports occurred at fixed instants (OCCURRED_A_MS, 2026-03-01), so that
+    # it is the same every day: the occurred_at window is opened wide enough to take them.
+    gw = start_gateway(
+        tmp_path_factory.mktemp("recorded"),
+        plans=PLANS,
+        env={"CHARGEPATH_OCCURRED_AT_MAX_AGE_S": str(100 * 365 * 86_400)},
+    )
     yield gw
     code = gw.stop()
     if gw.redis is not None:

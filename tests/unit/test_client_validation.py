@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -66,9 +66,19 @@ def test_occurred_at_must_be_a_datetime(occurred_at: object) -> None:
 
 
 def test_a_naive_occurred_at_is_taken_as_utc() -> None:
-    validate_occurred_at(datetime(1970, 1, 1))
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    validate_occurred_at(datetime(2026, 11, 29, 12, 5), now)  # 5 minutes ahead, as UTC
     with pytest.raises(InvalidUsage):
-        validate_occurred_at(datetime(1969, 12, 31, 23, 59, 59))
+        validate_occurred_at(datetime(2026, 11, 29, 12, 5, 1), now)
+
+
+def test_occurred_at_is_judged_against_the_window_around_now() -> None:
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    validate_occurred_at(now - timedelta(days=35), now)
+    with pytest.raises(InvalidUsage) as caught:
+        validate_occurred_at(now - timedelta(days=35, seconds=1), now)
+    assert caught.value.field == "occurred_at"
+    assert "35 days before" in caught.value.reason
 
 
 def test_invalid_usage_is_a_value_error() -> None:

@@ -2,7 +2,8 @@
 (tests/validation_cases.py): the same verdict, valid or invalid, and the same field named.
 
 The server side gets exactly the message the client would send (built by the client's
-`_wire.usage` with its own checks off), mapped and validated as the gateway does."""
+`_wire.usage` with its own checks off), mapped and validated as the gateway does (the core's
+rules, and occurred_at against the default window around the clock)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from chargepath.core.validation import validate_usage as server_validate_usage
+from chargepath.core.validation import OccurredAtWindow
 from chargepath.transport.mapping import usage_from_pb
+from chargepath.transport.metering import usage_violations, wall_ms
 from chargepath_client import InvalidUsage, Mode
 from chargepath_client._errors import public_field
 from chargepath_client._validation import validate_session_id
@@ -57,7 +59,13 @@ def server_finds(case: ValidationCase) -> str | None:
     on_stream = bool(fields["session_id"])
     if on_stream:
         message.sequence = 1
-    violations = server_validate_usage(usage_from_pb(message), on_stream=on_stream)
+    violations = usage_violations(
+        message,
+        usage_from_pb(message),
+        on_stream=on_stream,
+        now_ms=wall_ms(),
+        window=OccurredAtWindow(),
+    )
     return public_field(violations[0].field) if violations else None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from chargepath_client._errors import InvalidUsage
 
@@ -25,6 +25,10 @@ REQUEST_ID_MAX = 128
 SESSION_ID_MAX = 128
 SEQUENCE_MAX = 2**53 - 1  # the server keeps sequences exact in Lua numbers (doubles)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The gateway's default occurred_at window around its clock (it can be configured wider or
+# narrower: CHARGEPATH_OCCURRED_AT_MAX_AGE_S / _MAX_AHEAD_S); here, around this machine's.
+OCCURRED_AT_MAX_AGE = timedelta(days=35)
+OCCURRED_AT_MAX_AHEAD = timedelta(minutes=5)
 
 _TENANT = re.compile(r"[A-Za-z0-9._-]+")
 _SUBJECT_PART = re.compile(r"[A-Za-z0-9._~@+=/-]*")
@@ -58,9 +62,10 @@ def validate_session_id(session_id: object) -> None:
     _check_id("session_id", session_id, SESSION_ID_MAX)
 
 
-def validate_occurred_at(occurred_at: object) -> None:
-    """Raise InvalidUsage unless `occurred_at` is None or a datetime not before 1970-01-01
-    UTC (a naive one is taken as UTC, as protobuf takes it)."""
+def validate_occurred_at(occurred_at: object, now: datetime | None = None) -> None:
+    """Raise InvalidUsage unless `occurred_at` is None or a datetime at most 35 days before
+    and 5 minutes after `now` (default: this machine's clock), the gateway's default window.
+    A naive datetime is taken as UTC, as protobuf takes it."""
     if occurred_at is None:
         return
     if not isinstance(occurred_at, datetime):
@@ -69,6 +74,13 @@ def validate_occurred_at(occurred_at: object) -> None:
         occurred_at = occurred_at.replace(tzinfo=UTC)
     if occurred_at < EPOCH:
         raise InvalidUsage("occurred_at", "must not be before 1970-01-01")
+    now = now or datetime.now(UTC)
+    if not now - OCCURRED_AT_MAX_AGE <= occurred_at <= now + OCCURRED_AT_MAX_AHEAD:
+        raise InvalidUsage(
+            "occurred_at",
+            "must be at most 35 days before and 5 minutes after now, "
+            f"got {occurred_at.isoformat()}",
+        )
 
 
 def validate_usage(

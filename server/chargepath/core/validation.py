@@ -3,11 +3,22 @@
 Every rule names the field it guards so that a caller gets ``INVALID_ARGUMENT`` with the field
 and the reason. The bounds also keep Redis keys short and amounts exact in Lua, whose numbers
 are doubles (integers are exact up to 2**53).
+
+``occurred_at`` (when a reported usage happened) must lie in a window around the gateway's
+wall clock: by default at most 35 days in the past (a month's usage, reported late, still
+reaches its billing period) and 5 minutes in the future (clock skew between a controller and
+the gateway). The gateway's settings ``occurred_at_max_age_s`` and ``occurred_at_max_ahead_s``
+(``CHARGEPATH_OCCURRED_AT_MAX_AGE_S``, ``CHARGEPATH_OCCURRED_AT_MAX_AHEAD_S``) move it. Whatever
+the window, the value in milliseconds lies in ``[0, 2**53 - 1]``, so that it fits an int64 for
+billing readers and stays exact in Lua; ``nanos`` must be 0 to 999,999,999 (a
+``google.protobuf.Timestamp``'s own rule), never rounded into range.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from chargepath.core.model import FieldViolation, Mode, Usage
@@ -21,6 +32,11 @@ MAX_SESSION_ID = 128
 MAX_METRIC = 128
 MAX_SEQUENCE = 2**53 - 1
 MAX_BATCH = 1000
+MAX_NANOS = 999_999_999
+#: The largest ``occurred_at`` in milliseconds since the epoch: exact as a Lua number.
+MAX_OCCURRED_AT_MS = 2**53 - 1
+DEFAULT_OCCURRED_AT_MAX_AGE_S = 35 * 86_400
+DEFAULT_OCCURRED_AT_MAX_AHEAD_S = 5 * 60
 
 TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SUBJECT_PART_RE = re.compile(r"[A-Za-z0-9._~@+=/-]{1,128}")
@@ -61,6 +77,51 @@ def check_metric_name(metric: str, path: str = "metric") -> FieldViolation | Non
             f"got {_shorten(metric)!r}",
         )
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class OccurredAtWindow:
+    """How far ``occurred_at`` may lie before and after the gateway's wall clock, in seconds."""
+
+    max_age_s: int = DEFAULT_OCCURRED_AT_MAX_AGE_S
+    max_ahead_s: int = DEFAULT_OCCURRED_AT_MAX_AHEAD_S
+
+
+def _instant(ms: int) -> str:
+    """``ms`` since the epoch as an ISO 8601 instant, or as a count where a date cannot be."""
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{ms // 1000} s since the epoch"
+
+
+def _duration(seconds: int) -> str:
+    """``seconds`` in the largest whole unit: "35 days", "1 hour", "90 seconds"."""
+    count, unit = seconds, "second"
+    for name, size in (("day", 86_400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count, unit = seconds // size, name
+            break
+    return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
+
+
+def check_occurred_at(
+    seconds: int, nanos: int, now_ms: int, window: OccurredAtWindow
+) -> FieldViolation | None:
+    """The violation of a ``google.protobuf.Timestamp`` given as ``occurred_at`` when the
+    gateway's wall clock reads ``now_ms``, or None. Pure: the caller reads the clock."""
+    if not 0 <= nanos <= MAX_NANOS:
+        return FieldViolation("occurred_at.nanos", f"must be 0 to {MAX_NANOS}, got {nanos}")
+    ms = seconds * 1000 + nanos // 1_000_000
+    earliest = max(0, now_ms - window.max_age_s * 1000)
+    latest = min(MAX_OCCURRED_AT_MS, now_ms + window.max_ahead_s * 1000)
+    if earliest <= ms <= latest:
+        return None
+    return FieldViolation(
+        "occurred_at",
+        f"must be at most {_duration(window.max_age_s)} before and {_duration(window.max_ahead_s)} "
+        f"after the gateway's clock ({_instant(now_ms)}), got {_instant(ms)}",
+    )
 
 
 #: Subject-and-metric names, and session ids, already found valid: a stream repeats them in

@@ -53,9 +53,14 @@ from chargepath.core.model import (
 from chargepath.core.plans import RATE_PERIOD_MS
 from chargepath.core.policy import DescriptorRoute, Limit
 from chargepath.engine import Engine
+from chargepath.transport import services
 from chargepath.transport.auth import current_principal
 from chargepath.transport.errors import abort, abort_invalid
+from chargepath.transport.services import Undecodable, refuse_undecodable
 from chargepath.transport.tracing import caller_context, server_span, set_rpc_status
+
+RLS_DESCRIPTOR = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"]
+RLQS_DESCRIPTOR = rlqs_pb2.DESCRIPTOR.services_by_name["RateLimitQuotaService"]
 
 log = logging.getLogger("chargepath.transport")
 
@@ -374,6 +379,8 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignor
                 reports = read.result()
                 if reports is grpc.aio.EOF:
                     return
+                if isinstance(reports, Undecodable):
+                    await refuse_undecodable(context, reports)
                 assert isinstance(reports, rlqs_pb2.RateLimitQuotaUsageReports)
                 domain = reports.domain or domain  # Envoy names it in the first message only
                 with server_span(
@@ -470,7 +477,6 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignor
 def add_envoy_services(server: grpc.aio.Server, engine: Engine, draining: asyncio.Event) -> None:
     """Serve RLS and RLQS on ``server``, deciding with ``engine``; RLQS streams end on
     ``draining``."""
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(engine), server)
-    rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(
-        QuotaServicer(engine, draining), server
-    )
+    # deserializers that never raise: undecodable bytes are INVALID_ARGUMENT (services.py)
+    services.add_service(server, RateLimitServicer(engine), RLS_DESCRIPTOR)
+    services.add_service(server, QuotaServicer(engine, draining), RLQS_DESCRIPTOR)

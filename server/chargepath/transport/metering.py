@@ -1,20 +1,46 @@
-"""The ``chargepath.v1.MeteringService`` servicer."""
+"""The ``chargepath.v1.MeteringService`` servicer.
+
+Bad input is answered at the level where it is found. A usage's fault (a field out of bounds,
+an ``occurred_at`` outside the window) is that usage's: INVALID_ARGUMENT on Check, a
+REASON_INVALID_USAGE verdict in its place on a stream, which goes on. A stream message's own
+fault, one that cannot be answered usage by usage, ends the stream with INVALID_ARGUMENT:
+bytes that do not decode (field ``request``: nothing in them can be trusted, not even how many
+usages they held) and more than ``MAX_BATCH`` usages (field ``usages``: refused once, without
+a verdict per usage). The stream contract is a response per message with its verdicts in the
+order of its usages; a response of one error verdict for a message of N usages would break it
+for every client that matches verdicts by position. Responses sent before such a message
+stand, nothing of it is decided, and a client that reconnects resends what was unanswered.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
 
 import grpc
 
-from chargepath.core.model import Decision, FieldViolation, InvalidUsageError, Reason, Verdict
-from chargepath.core.validation import MAX_BATCH
+from chargepath.core.model import (
+    Decision,
+    FieldViolation,
+    InvalidUsageError,
+    Reason,
+    Usage,
+    Verdict,
+)
+from chargepath.core.validation import (
+    MAX_BATCH,
+    OccurredAtWindow,
+    check_occurred_at,
+    validate_usage,
+)
 from chargepath.engine import Engine, new_decision_id
-from chargepath.transport.errors import abort, abort_invalid
+from chargepath.transport.errors import abort, abort_invalid, bad_input
 from chargepath.transport.mapping import usage_from_pb, verdict_fields
+from chargepath.transport.services import Undecodable, refuse_undecodable
 from chargepath.transport.tracing import caller_context, server_span, set_rpc_status
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
@@ -27,6 +53,31 @@ CHECK_SPAN = "chargepath.v1.MeteringService/Check"
 BATCH_SPAN = "chargepath.StreamUsage.batch"
 
 
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def occurred_at_violation(
+    m: pb.Usage, now_ms: int, window: OccurredAtWindow
+) -> FieldViolation | None:
+    """Whether the wire usage's ``occurred_at`` (if it has one) is out of bounds."""
+    if not m.HasField("occurred_at"):
+        return None
+    return check_occurred_at(m.occurred_at.seconds, m.occurred_at.nanos, now_ms, window)
+
+
+def usage_violations(
+    m: pb.Usage, usage: Usage, *, on_stream: bool, now_ms: int, window: OccurredAtWindow
+) -> list[FieldViolation]:
+    """Every violation of the input rules in the wire usage ``m`` (mapped as ``usage``): the
+    core's rules, with ``occurred_at`` judged on the wire's seconds and nanos."""
+    out = validate_usage(usage, on_stream=on_stream)
+    late = occurred_at_violation(m, now_ms, window)
+    if late is not None:
+        out = [v for v in out if not v.field.startswith("occurred_at")] + [late]
+    return out
+
+
 class MeteringServicer(pb_grpc.MeteringServiceServicer):
     """Check and StreamUsage. A THROTTLE or DENY is data; gRPC errors are for real failures.
 
@@ -34,15 +85,36 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
     UNAVAILABLE so that clients reconnect (to another gateway) and resend what is unanswered.
     """
 
-    def __init__(self, engine: Engine, draining: asyncio.Event) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        draining: asyncio.Event,
+        occurred_at: OccurredAtWindow | None = None,
+        wall_ms: Callable[[], int] = wall_ms,
+    ) -> None:
         self.engine = engine
         self.draining = draining
+        self.occurred_at = occurred_at or OccurredAtWindow()
+        self.wall_ms = wall_ms
 
     async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
         telemetry = self.engine.telemetry
         parent = caller_context(telemetry, context.invocation_metadata())
         with server_span(telemetry, CHECK_SPAN, "Check", parent) as span:
             usage = usage_from_pb(request.usage)
+            now_ms = self.wall_ms()
+            if occurred_at_violation(request.usage, now_ms, self.occurred_at) is not None:
+                set_rpc_status(span, grpc.StatusCode.INVALID_ARGUMENT)
+                await abort_invalid(
+                    context,
+                    usage_violations(
+                        request.usage,
+                        usage,
+                        on_stream=False,
+                        now_ms=now_ms,
+                        window=self.occurred_at,
+                    ),
+                )
             try:
                 verdict = await self.engine.check(usage)
             except InvalidUsageError as exc:
@@ -79,7 +151,10 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                 request = read.result()
                 if request is grpc.aio.EOF:
                     return
-                assert isinstance(request, pb.StreamUsageRequest)
+                if isinstance(request, Undecodable):
+                    await refuse_undecodable(context, request)
+                if len(request.usages) > MAX_BATCH:
+                    await self._refuse_oversized(context, len(request.usages))
                 try:
                     with server_span(
                         telemetry,
@@ -105,26 +180,49 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
             drain.cancel()
             telemetry.open_streams.add(-1)
 
+    async def _refuse_oversized(self, context: Context, count: int) -> NoReturn:
+        bad_input.refused("oversized batch", f"{count} usages from {context.peer()}")
+        await abort_invalid(
+            context, [FieldViolation("usages", f"at most {MAX_BATCH} per message, got {count}")]
+        )
+
     async def _decide(self, request: pb.StreamUsageRequest) -> list[Verdict]:
-        if len(request.usages) > MAX_BATCH:
-            too_many = (
-                FieldViolation(
-                    "usages", f"at most {MAX_BATCH} per message, got {len(request.usages)}"
-                ),
+        ok_limits = request.view != pb.VERDICT_VIEW_BASIC
+        usages = [usage_from_pb(u) for u in request.usages]
+        now_ms = self.wall_ms()
+        window = self.occurred_at
+        # A usage whose occurred_at is out of bounds gets its INVALID_USAGE verdict here (the
+        # engine knows no wall clock); the rest are decided as usual, in their places.
+        late = {
+            i
+            for i, m in enumerate(request.usages)
+            if occurred_at_violation(m, now_ms, window) is not None
+        }
+        if not late:
+            return await self.engine.decide_batch(usages, ok_limits=ok_limits)
+        decided = iter(
+            await self.engine.decide_batch(
+                [u for i, u in enumerate(usages) if i not in late], ok_limits=ok_limits
             )
-            return [
+            if len(late) < len(usages)
+            else []
+        )
+        out = []
+        for i, (m, u) in enumerate(zip(request.usages, usages, strict=True)):
+            if i not in late:
+                out.append(next(decided))
+                continue
+            bad = usage_violations(m, u, on_stream=True, now_ms=now_ms, window=window)
+            self.engine.telemetry.count_invalid()
+            out.append(
                 Verdict(
                     request_id=u.request_id[:128],
                     decision=Decision.DENY,
                     reason=Reason.INVALID_USAGE,
                     decision_id=new_decision_id(),
                     policy_version=self.engine.policy.version,
-                    message=str(too_many[0]),
-                    violations=too_many,
+                    message="; ".join(str(v) for v in bad),
+                    violations=tuple(bad),
                 )
-                for u in request.usages
-            ]
-        return await self.engine.decide_batch(
-            [usage_from_pb(u) for u in request.usages],
-            ok_limits=request.view != pb.VERDICT_VIEW_BASIC,
-        )
+            )
+        return out
