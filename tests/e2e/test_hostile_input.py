@@ -261,7 +261,7 @@ def test_an_empty_policy_document_is_refused_and_changes_nothing(
                 )
             assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
             assert bad_fields(caught.value) == [
-                ("document", "is empty: it names no metrics, plans or tenants")
+                ("document", "is empty: send a policy document with plans and tenants")
             ]
         after = admin.GetPolicy(apb.GetPolicyRequest(), timeout=5)
     assert after == before and before.policy_version >= 1

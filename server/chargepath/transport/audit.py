@@ -40,6 +40,7 @@ from chargepath.core.auth import FailedAttempts
 from chargepath.core.validation import check_tenant
 from chargepath.store.base import AuditLog, StoreUnavailableError
 from chargepath.transport.auth import current_principal
+from chargepath.transport.services import Undecodable
 
 log = logging.getLogger("chargepath.audit")
 
@@ -235,7 +236,13 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         inner = handler.unary_unary
 
         async def unary_unary(request: Any, context: Any) -> Any:
-            summary, tenants = describe(request)
+            tenants: Iterable[str]
+            if isinstance(request, Undecodable):
+                # refused by the handler as INVALID_ARGUMENT before anything changes; the
+                # bounded bad-input log notes it, and it is audited as a refusal
+                summary, tenants = f"undecodable request ({request.size} bytes)", ()
+            else:
+                summary, tenants = describe(request)
             pending = PendingAudit(name, summary)
             pending.add_tenants(tenants)
             token = _PENDING.set(pending)
