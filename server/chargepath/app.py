@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
+from chargepath.core.auth import Principal, Role
 from chargepath.core.plans import PolicyDocument
 from chargepath.engine import Engine, EngineSettings
 from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, StoreProbe
@@ -28,17 +30,29 @@ from chargepath.settings import Settings
 from chargepath.store.admin import AdminStore
 from chargepath.store.base import LedgerStore, StoreUnavailableError
 from chargepath.store.embedded import EmbeddedRedis
+from chargepath.store.keys import RedisKeyStore, bootstrap_operator_key
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
 from chargepath.transport.admin import AdminServicer
+from chargepath.transport.auth import Authenticator, AuthInterceptor, IdentityPrincipal
+from chargepath.transport.keys import KeyServicer
 from chargepath.transport.metering import MeteringServicer
-from chargepath_protos.v1 import admin_pb2, admin_pb2_grpc, metering_pb2, metering_pb2_grpc
+from chargepath.transport.tls import IdentityMap, ServerCertificates, TlsFiles
+from chargepath_protos.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+    metering_pb2,
+    metering_pb2_grpc,
+)
 
 log = logging.getLogger("chargepath")
 
 METERING = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+KEYS = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
 
 class ServingStatus:
@@ -69,6 +83,52 @@ class ServingStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class Trust:
+    """Who the gateway trusts, from its settings' files: the TLS configuration of the gRPC
+    port (None: plaintext) and the identity map of client certificates (None: a client
+    certificate names nobody, so every caller needs an API key)."""
+
+    certificates: ServerCertificates | None
+    identities: IdentityMap | None
+
+    def describe(self) -> str:
+        if self.certificates is None:
+            return "plaintext"
+        return "mTLS" if self.certificates.files.mutual else "TLS"
+
+
+def load_trust(settings: Settings) -> Trust:
+    """Read and check the TLS files and the identity map that ``settings`` name. Raises
+    :class:`~chargepath.transport.tls.TlsConfigError` or
+    :class:`~chargepath.transport.tls.IdentityMapError`; ``chargepath serve`` calls it before
+    anything starts, so a bad file stops the start."""
+    certificates = None
+    if settings.tls_cert:
+        certificates = ServerCertificates(
+            TlsFiles(
+                Path(settings.tls_cert),
+                Path(settings.tls_key),
+                Path(settings.tls_client_ca) if settings.tls_client_ca else None,
+            )
+        )
+    identities = IdentityMap.from_file(settings.tls_identities) if settings.tls_identities else None
+    return Trust(certificates, identities)
+
+
+def certificate_principal(identities: IdentityMap) -> IdentityPrincipal:
+    """The AuthInterceptor's hook for mTLS: the principal that a call's verified client
+    certificate stands for in ``identities``, or None (the call then needs an API key)."""
+
+    def principal(auth_context: Mapping[str, Sequence[bytes]]) -> Principal | None:
+        peer = identities.peer(auth_context)
+        if peer is None:
+            return None
+        return Principal(peer.identity, Role(peer.role), peer.tenant)
+
+    return principal
+
+
+@dataclass(frozen=True, slots=True)
 class Components:
     """Everything one gateway process is made of, as :func:`build` made it: constructed but not
     started. No connection is open, no process runs, no port is bound, no job runs yet."""
@@ -80,6 +140,11 @@ class Components:
     #: The Redis URL the store uses: ``settings.redis_url`` or the embedded server's.
     redis_url: str
     store: RedisStore
+    #: API keys, on the same Redis as the store (and its connection pool).
+    keys: RedisKeyStore
+    #: None with ``auth = "none"``: no call is authenticated.
+    authenticator: Authenticator | None
+    trust: Trust
     engine: Engine
     ledger: LedgerStore
     #: Set when the gateway starts to drain (SIGTERM): streams and jobs end on it.
@@ -87,6 +152,7 @@ class Components:
     serving: ServingStatus
     metering: MeteringServicer
     admin: AdminServicer
+    key_service: KeyServicer
     server: grpc.aio.Server
     jobs: tuple[Job, ...]
 
@@ -101,10 +167,12 @@ def embedded_redis(settings: Settings) -> EmbeddedRedis | None:
 
 
 def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
-    """Construct every collaborator of one gateway process from its settings. No I/O; call it
-    with an event loop running (the gRPC server binds to it). ``telemetry``: the process's,
-    from :func:`chargepath.telemetry.setup`; default the global providers'."""
+    """Construct every collaborator of one gateway process from its settings. No I/O but
+    reading the TLS files (:func:`load_trust`, whose errors it raises); call it with an event
+    loop running (the gRPC server binds to it). ``telemetry``: the process's, from
+    :func:`chargepath.telemetry.setup`; default the global providers'."""
     s = settings
+    trust = load_trust(s)
     telemetry = telemetry or Telemetry()
     embedded = embedded_redis(s)
     url = embedded.url if embedded is not None else s.redis_url
@@ -127,19 +195,31 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         ),
         telemetry,
     )
+    keys = RedisKeyStore(store.client)
+    authenticator = Authenticator(keys) if s.auth == "keys" else None
     ledger: LedgerStore = Ledger.of_store(store)
     draining = asyncio.Event()
     serving = ServingStatus(HealthServicer())
-    server = grpc.aio.server(
-        # The metering service makes its own server spans (transport.tracing.server_span: one
-        # per Check, one per stream batch); the instrumentation traces the admin, health and
-        # reflection services.
-        interceptors=[
-            aio_server_interceptor(
-                tracer_provider=telemetry.tracer_provider,
-                filter_=filters.negate(filters.service_name(METERING)),
+    # Authentication first: a refused call costs no span and reaches no servicer.
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if authenticator is not None:
+        interceptors.append(
+            AuthInterceptor(
+                authenticator,
+                certificate_principal(trust.identities) if trust.identities is not None else None,
             )
-        ],
+        )
+    # The metering service makes its own server spans (transport.tracing.server_span: one per
+    # Check, one per stream batch); the instrumentation traces the admin, health and reflection
+    # services.
+    interceptors.append(
+        aio_server_interceptor(
+            tracer_provider=telemetry.tracer_provider,
+            filter_=filters.negate(filters.service_name(METERING)),
+        )
+    )
+    server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -165,12 +245,16 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         embedded=embedded,
         redis_url=url,
         store=store,
+        keys=keys,
+        authenticator=authenticator,
+        trust=trust,
         engine=engine,
         ledger=ledger,
         draining=draining,
         serving=serving,
         metering=MeteringServicer(engine, draining),
         admin=AdminServicer(engine, store, AdminStore(store)),
+        key_service=KeyServicer(keys),
         server=server,
         jobs=jobs,
     )
@@ -190,6 +274,7 @@ class Gateway:
     async def start(self) -> None:
         parts = self.parts = build(self.settings, self.telemetry)
         await self._open_store(parts)
+        await self._open_keys(parts)
         self._wire(parts)
         await parts.server.start()
         await parts.serving.set(True)
@@ -203,9 +288,11 @@ class Gateway:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         log.info(
-            "serving chargepath.v1 on %s:%d (policy version %d)",
+            "serving chargepath.v1 on %s:%d (%s, auth %s, policy version %d)",
             self.settings.host,
             self.port,
+            parts.trust.describe(),
+            self.settings.auth,
             parts.engine.policy.version,
         )
 
@@ -240,21 +327,45 @@ class Gateway:
                 "no policy in the store: every usage is DENY NO_ENTITLEMENT until one is published"
             )
 
+    async def _open_keys(self, parts: Components) -> None:
+        """Make sure the data dir holds a valid operator key (the CLI on this machine reads
+        it), say where (never the key), and start the authenticator's cache eviction."""
+        path = await bootstrap_operator_key(parts.keys, Path(self.settings.data_dir))
+        log.info(
+            "operator key in %s (mode 0600): the CLI on this machine uses it; other clients "
+            "send a key as 'authorization: Bearer <key>'",
+            path,
+        )
+        if parts.authenticator is not None:
+            await parts.authenticator.start()
+        else:
+            log.warning(
+                "--auth none: every caller may meter, read and change every tenant "
+                "(development only)"
+            )
+
     def _wire(self, parts: Components) -> None:
         """Put the servicers on the server and bind its port."""
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(parts.metering, parts.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(parts.admin, parts.server)
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(parts.key_service, parts.server)
         health_pb2_grpc.add_HealthServicer_to_server(parts.serving.health, parts.server)
         reflection.enable_server_reflection(
             (
                 METERING,
                 ADMIN,
+                KEYS,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
             parts.server,
         )
-        self.port = parts.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        certificates = parts.trust.certificates
+        if certificates is None:
+            self.port = parts.server.add_insecure_port(address)
+        else:
+            self.port = parts.server.add_secure_port(address, certificates.credentials())
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, streams end after the batch in hand, unary calls finish within
@@ -268,6 +379,9 @@ class Gateway:
             for t in self._tasks:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if parts.authenticator is not None:
+                await parts.authenticator.close()
+            # The key store shares the store's client: closing the store closes both.
             await parts.store.close()
             if parts.embedded is not None:
                 await asyncio.to_thread(parts.embedded.stop)

@@ -48,6 +48,7 @@ from chargepath.core.auth import (
     Refusal,
     RefusalKind,
     authorize,
+    may_act_for,
     needs_credential,
     parse_key,
     secret_digest,
@@ -83,6 +84,15 @@ def current_principal() -> Principal | None:
     """The authenticated caller of the RPC being served (None outside one, or on an open RPC
     such as a health check)."""
     return _PRINCIPAL.get()
+
+
+def caller_may_act_for(tenant: str) -> bool:
+    """True if the caller of the RPC being served may act for ``tenant``
+    (:func:`~chargepath.core.auth.may_act_for`). With no principal, True: the gateway runs
+    without authentication (``--auth none``), since with it every RPC that names a tenant needs
+    a credential and the interceptor sets the principal before the servicer runs."""
+    principal = _PRINCIPAL.get()
+    return principal is None or may_act_for(principal, tenant)
 
 
 def peer_address(peer: str) -> str:

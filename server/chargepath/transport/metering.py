@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -13,6 +13,7 @@ import grpc
 from chargepath.core.model import Decision, FieldViolation, InvalidUsageError, Reason, Verdict
 from chargepath.core.validation import MAX_BATCH
 from chargepath.engine import Engine, new_decision_id
+from chargepath.transport.auth import caller_may_act_for, current_principal
 from chargepath.transport.errors import abort, abort_invalid
 from chargepath.transport.mapping import usage_from_pb, verdict_fields
 from chargepath.transport.tracing import caller_context, server_span, set_rpc_status
@@ -42,6 +43,14 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         telemetry = self.engine.telemetry
         parent = caller_context(telemetry, context.invocation_metadata())
         with server_span(telemetry, CHECK_SPAN, "Check", parent) as span:
+            tenant = request.usage.subject.tenant
+            if not caller_may_act_for(tenant):
+                set_rpc_status(span, grpc.StatusCode.PERMISSION_DENIED)
+                await abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"usage.subject.tenant: {_not_yours(tenant)}",
+                )
             usage = usage_from_pb(request.usage)
             try:
                 verdict = await self.engine.check(usage)
@@ -124,7 +133,41 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                 )
                 for u in request.usages
             ]
-        return await self.engine.decide_batch(
-            [usage_from_pb(u) for u in request.usages],
-            ok_limits=request.view != pb.VERDICT_VIEW_BASIC,
+        ok_limits = request.view != pb.VERDICT_VIEW_BASIC
+        refused = self._foreign(request.usages)
+        if not refused:
+            return await self.engine.decide_batch(
+                [usage_from_pb(u) for u in request.usages], ok_limits=ok_limits
+            )
+        # Usages for a tenant the caller may not act for never reach the engine (nothing is
+        # counted, no session sequence moves); the others are decided as one batch.
+        mine = [i for i in range(len(request.usages)) if i not in refused]
+        decided = iter(
+            await self.engine.decide_batch(
+                [usage_from_pb(request.usages[i]) for i in mine], ok_limits=ok_limits
+            )
         )
+        return [refused[i] if i in refused else next(decided) for i in range(len(request.usages))]
+
+    def _foreign(self, usages: Sequence[pb.Usage]) -> dict[int, Verdict]:
+        """A DENY PERMISSION_DENIED verdict for each usage (by index) whose tenant the caller
+        may not act for."""
+        principal = current_principal()
+        if principal is None or principal.tenant is None:  # no authentication, or an operator
+            return {}
+        return {
+            i: Verdict(
+                request_id=u.request_id[:128],
+                decision=Decision.DENY,
+                reason=Reason.PERMISSION_DENIED,
+                decision_id=new_decision_id(),
+                policy_version=self.engine.policy.version,
+                message=f"subject.tenant: {_not_yours(u.subject.tenant)}; nothing was counted",
+            )
+            for i, u in enumerate(usages)
+            if not caller_may_act_for(u.subject.tenant)
+        }
+
+
+def _not_yours(tenant: str) -> str:
+    return f"this credential may not act for tenant {tenant[:64]!r}"
