@@ -330,7 +330,7 @@ class Gateway:
     async def _open_keys(self, parts: Components) -> None:
         """Make sure the data dir holds a valid operator key (the CLI on this machine reads
         it), say where (never the key), and start the authenticator's cache eviction."""
-        path = await bootstrap_operator_key(parts.keys, Path(self.settings.data_dir))
+        path = await bootstrap_operator_key(parts.keys, Path(self.settings.data_dir).resolve())
         log.info(
             "operator key in %s (mode 0600): the CLI on this machine uses it; other clients "
             "send a key as 'authorization: Bearer <key>'",
