@@ -328,21 +328,22 @@ class Gateway:
             )
 
     async def _open_keys(self, parts: Components) -> None:
-        """Make sure the data dir holds a valid operator key (the CLI on this machine reads
-        it), say where (never the key), and start the authenticator's cache eviction."""
+        """With authentication: make sure the data dir holds a valid operator key (the CLI on
+        this machine reads it), say where (never the key), and start the authenticator's
+        cache eviction."""
+        if parts.authenticator is None:
+            log.warning(
+                "--auth none: every caller may meter, read and change every tenant "
+                "(development only)"
+            )
+            return
         path = await bootstrap_operator_key(parts.keys, Path(self.settings.data_dir).resolve())
         log.info(
             "operator key in %s (mode 0600): the CLI on this machine uses it; other clients "
             "send a key as 'authorization: Bearer <key>'",
             path,
         )
-        if parts.authenticator is not None:
-            await parts.authenticator.start()
-        else:
-            log.warning(
-                "--auth none: every caller may meter, read and change every tenant "
-                "(development only)"
-            )
+        await parts.authenticator.start()
 
     def _wire(self, parts: Components) -> None:
         """Put the servicers on the server and bind its port."""

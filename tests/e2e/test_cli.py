@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,16 @@ from tests.e2e.conftest import DEMO_PLANS, GatewayProcess
 def cli(
     gateway: GatewayProcess, *args: str, target: bool = True
 ) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as on the gateway's machine: it finds the operator key in the gateway's data
+    dir (CHARGEPATH_DATA_DIR, as an operator who set it once in their shell)."""
     cmd = [sys.executable, "-m", "chargepath", *args]
     if target:
         cmd += ["--target", gateway.address]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "CHARGEPATH_API_KEY"},
+        "CHARGEPATH_DATA_DIR": str(gateway.data_dir),
+    }
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_check_prints_the_verdict_and_exits_by_decision(gateway: GatewayProcess) -> None:

@@ -135,7 +135,12 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
     )
     if credential is None:
         return channel
-    return grpc.intercept_channel(channel, _Bearer(credential.key))
+    return with_api_key(channel, credential.key)
+
+
+def with_api_key(channel: grpc.Channel, key: str) -> grpc.Channel:
+    """``channel`` sending ``authorization: Bearer <key>`` with every call and stream."""
+    return grpc.intercept_channel(channel, _Bearer(key))
 
 
 def describe_error(err: grpc.RpcError, args: argparse.Namespace) -> str:
