@@ -270,6 +270,8 @@ class Gateway:
         self.parts: Components | None = None
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
+        # Absolute, so the log line that says where the operator key is needs no context.
+        self._data_dir = Path(settings.data_dir).resolve()
 
     async def start(self) -> None:
         parts = self.parts = build(self.settings, self.telemetry)
@@ -337,7 +339,7 @@ class Gateway:
                 "(development only)"
             )
             return
-        path = await bootstrap_operator_key(parts.keys, Path(self.settings.data_dir).resolve())
+        path = await bootstrap_operator_key(parts.keys, self._data_dir)
         log.info(
             "operator key in %s (mode 0600): the CLI on this machine uses it; other clients "
             "send a key as 'authorization: Bearer <key>'",

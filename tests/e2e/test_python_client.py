@@ -401,7 +401,9 @@ async def test_a_retry_after_a_lost_answer_is_replayed_not_recounted(
 ) -> None:
     rid = f"lost-answer-{uuid.uuid4()}"
     tenant = CPAAS if mode == "admit" else MVNO
-    async with AsyncClient(proxy.address, default_deadline=10.0) as client:
+    async with AsyncClient(
+        proxy.address, api_key=gateway.operator_key, default_deadline=10.0
+    ) as client:
         if mode == "admit":
             await client.check(CPAAS, SMS, 1, key="warm-up")  # connect before holding answers
             proxy.hold_answers = True
@@ -429,7 +431,9 @@ async def test_concurrent_calls_through_cut_connections_count_each_usage_once(
     n = 60
     rids = new_rids(n, "flaky")
     retry = RetryPolicy(max_attempts=20, max_backoff=0.2)
-    async with AsyncClient(proxy.address, default_deadline=15.0, retry=retry) as client:
+    async with AsyncClient(
+        proxy.address, api_key=gateway.operator_key, default_deadline=15.0, retry=retry
+    ) as client:
         await client.report(MVNO, BYTES, 1, slice=EMBB)
 
         # Round 1: every answer is lost after the gateway recorded the usage.
@@ -528,7 +532,7 @@ async def test_stream_reconnects_and_resends_without_double_counting(
     held_rids = new_rids(50, "stream-held")
     chaos_rids = new_rids(300, "stream-chaos")
     async with (
-        AsyncClient(proxy.address, retry=retry) as client,
+        AsyncClient(proxy.address, api_key=gateway.operator_key, retry=retry) as client,
         client.stream(batch_size=16, stall_timeout=5.0) as stream,
     ):
         warm = await stream.submit(tenant=MVNO, slice=EMBB, metric=BYTES, amount=1)
