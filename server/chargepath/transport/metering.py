@@ -146,6 +146,8 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
             await self.engine.decide_batch(
                 [usage_from_pb(request.usages[i]) for i in mine], ok_limits=ok_limits
             )
+            if mine
+            else ()
         )
         return [refused[i] if i in refused else next(decided) for i in range(len(request.usages))]
 
