@@ -23,12 +23,17 @@ run() { # name, then env assignments for the gateway
     --workers 1 --data-dir "/tmp/chargepath-bench-$name" --log-level WARNING &
   local pid=$!
   sleep 4
+  # the gateway's operator key (authentication is on by default)
+  local key
+  key=$(cat "/tmp/chargepath-bench-$name/operator.key")
   $PY -m loadtest stream --target 127.0.0.1:$PORT --plans loadtest/bench-plans.yaml \
     --rate "$STREAM_RATE" --batch 64 --streams 8 --duration "$SECONDS_EACH" \
-    --target-pid $pid --quiet --name "tracing-$name-stream" --out $OUT | grep -E "run @" || true
+    --target-pid $pid --api-key "$key" --quiet --name "tracing-$name-stream" --out $OUT |
+    grep -E "run @" || true
   $PY -m loadtest check --target 127.0.0.1:$PORT --plans loadtest/bench-plans.yaml \
     --rate "$CHECK_RATE" --duration "$SECONDS_EACH" \
-    --target-pid $pid --quiet --name "tracing-$name-check" --out $OUT | grep -E "run @" || true
+    --target-pid $pid --api-key "$key" --quiet --name "tracing-$name-check" --out $OUT |
+    grep -E "run @" || true
   kill -TERM $pid
   wait $pid || true
 }

@@ -24,7 +24,7 @@ CONS=$!
     sleep 15
   done ) > /tmp/soak-mem.log &
 SAMPLER=$!
-.venv/bin/python -m loadtest stream --batch 64 --streams 8 --target 127.0.0.1:50075 --plans loadtest/bench-plans.yaml --rate "$RATE" --duration 600 --warmup 5 --name soak-10min --out loadtest/results --quiet
+.venv/bin/python -m loadtest stream --batch 64 --streams 8 --target 127.0.0.1:50075 --plans loadtest/bench-plans.yaml --rate "$RATE" --duration 600 --warmup 5 --name soak-10min --out loadtest/results --quiet --api-key "$(cat /tmp/soak-data/operator.key)"
 kill $CONS; kill $SAMPLER
 .venv/bin/redis-cli -u "$URL" xinfo groups "cp:{mvno-demo}:ledger"
 kill -TERM $SUP; wait $SUP

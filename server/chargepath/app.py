@@ -11,7 +11,7 @@ import asyncio
 import gc
 import logging
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
+from chargepath.core.auth import Principal, Role
 from chargepath.core.validation import OccurredAtWindow
 from chargepath.engine import Engine, EngineSettings
 from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, SpoolReplay, StoreProbe
@@ -32,6 +33,7 @@ from chargepath.store.audit import AuditStream
 from chargepath.store.base import LedgerStore, StoreUnavailableError
 from chargepath.store.connect import RedisTarget, ReplicaWait
 from chargepath.store.embedded import EmbeddedRedis
+from chargepath.store.keys import RedisKeyStore, bootstrap_operator_key
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
 from chargepath.store.spool import SPOOL_FILE, Spool
@@ -39,14 +41,18 @@ from chargepath.telemetry import Telemetry
 from chargepath.transport import services
 from chargepath.transport.admin import AdminServicer
 from chargepath.transport.audit import AuditInterceptor
+from chargepath.transport.auth import Authenticator, AuthInterceptor, IdentityPrincipal
 from chargepath.transport.envoy import add_envoy_services
+from chargepath.transport.keys import KeyServicer
 from chargepath.transport.metering import MeteringServicer
-from chargepath_protos.v1 import admin_pb2, metering_pb2
+from chargepath.transport.tls import IdentityMap, ServerCertificates, TlsFiles
+from chargepath_protos.v1 import admin_pb2, keys_pb2, metering_pb2
 
 log = logging.getLogger("chargepath")
 
 METERING = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+KEYS = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
 
 class ServingStatus:
@@ -79,6 +85,52 @@ class ServingStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class Trust:
+    """Who the gateway trusts, from its settings' files: the TLS configuration of the gRPC
+    port (None: plaintext) and the identity map of client certificates (None: a client
+    certificate names nobody, so every caller needs an API key)."""
+
+    certificates: ServerCertificates | None
+    identities: IdentityMap | None
+
+    def describe(self) -> str:
+        if self.certificates is None:
+            return "plaintext"
+        return "mTLS" if self.certificates.files.mutual else "TLS"
+
+
+def load_trust(settings: Settings) -> Trust:
+    """Read and check the TLS files and the identity map that ``settings`` name. Raises
+    :class:`~chargepath.transport.tls.TlsConfigError` or
+    :class:`~chargepath.transport.tls.IdentityMapError`; ``chargepath serve`` calls it before
+    anything starts, so a bad file stops the start."""
+    certificates = None
+    if settings.tls_cert:
+        certificates = ServerCertificates(
+            TlsFiles(
+                Path(settings.tls_cert),
+                Path(settings.tls_key),
+                Path(settings.tls_client_ca) if settings.tls_client_ca else None,
+            )
+        )
+    identities = IdentityMap.from_file(settings.tls_identities) if settings.tls_identities else None
+    return Trust(certificates, identities)
+
+
+def certificate_principal(identities: IdentityMap) -> IdentityPrincipal:
+    """The AuthInterceptor's hook for mTLS: the principal that a call's verified client
+    certificate stands for in ``identities``, or None (the call then needs an API key)."""
+
+    def principal(auth_context: Mapping[str, Sequence[bytes]]) -> Principal | None:
+        peer = identities.peer(auth_context)
+        if peer is None:
+            return None
+        return Principal(peer.identity, Role(peer.role), peer.tenant)
+
+    return principal
+
+
+@dataclass(frozen=True, slots=True)
 class Components:
     """Everything one gateway process is made of, as :func:`build` made it: constructed but not
     started. No connection is open, no process runs, no port is bound, no job runs yet."""
@@ -93,6 +145,11 @@ class Components:
     store: RedisStore
     #: The outage spool (``<data_dir>/spool.sqlite3``), not open yet; None when disabled.
     spool: Spool | None
+    #: API keys, on the same Redis as the store (and its connection pool).
+    keys: RedisKeyStore
+    #: None with ``auth = "none"``: no call is authenticated.
+    authenticator: Authenticator | None
+    trust: Trust
     engine: Engine
     ledger: LedgerStore
     #: Set when the gateway starts to drain (SIGTERM): streams and jobs end on it.
@@ -100,6 +157,7 @@ class Components:
     serving: ServingStatus
     metering: MeteringServicer
     admin: AdminServicer
+    key_service: KeyServicer
     server: grpc.aio.Server
     jobs: tuple[Job, ...]
 
@@ -115,10 +173,12 @@ def embedded_redis(settings: Settings) -> EmbeddedRedis | None:
 
 
 def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
-    """Construct every collaborator of one gateway process from its settings. No I/O; call it
-    with an event loop running (the gRPC server binds to it). ``telemetry``: the process's,
-    from :func:`chargepath.telemetry.setup`; default the global providers'."""
+    """Construct every collaborator of one gateway process from its settings. No I/O but
+    reading the TLS files (:func:`load_trust`, whose errors it raises); call it with an event
+    loop running (the gRPC server binds to it). ``telemetry``: the process's, from
+    :func:`chargepath.telemetry.setup`; default the global providers'."""
     s = settings
+    trust = load_trust(s)
     telemetry = telemetry or Telemetry()
     embedded = embedded_redis(s)
     target = RedisTarget(url=embedded.url) if embedded is not None else s.redis_target()
@@ -176,6 +236,8 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
                 )
             ),
         )
+    keys = RedisKeyStore(store.client)
+    authenticator = Authenticator(keys) if s.auth == "keys" else None
     ledger: LedgerStore = Ledger.of_store(store)
     # The audit trail of admin calls; its interceptor comes first, outside authentication,
     # so that refused calls are audited too (transport/audit.py).
@@ -185,21 +247,32 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         HealthServicer(),
         (lambda: spool.snapshot().health_detail()) if spool is not None else None,
     )
-    server = grpc.aio.server(
-        # The metering and Envoy services make their own server spans (transport.tracing.
-        # server_span: one per Check, RLS call or stream message); the instrumentation traces
-        # the admin, health and reflection services.
-        interceptors=[
-            AuditInterceptor(audit),
-            aio_server_interceptor(
-                tracer_provider=telemetry.tracer_provider,
-                filter_=filters.negate(
-                    filters.any_of(
-                        filters.service_name(METERING), filters.service_prefix("envoy.service.")
-                    )
-                ),
+    # The audit interceptor first, outside authentication, so that refused calls are audited
+    # too (transport/audit.py); then authentication: a refused call costs no span and reaches
+    # no servicer.
+    interceptors: list[grpc.aio.ServerInterceptor] = [AuditInterceptor(audit)]
+    if authenticator is not None:
+        interceptors.append(
+            AuthInterceptor(
+                authenticator,
+                certificate_principal(trust.identities) if trust.identities is not None else None,
+            )
+        )
+    # The metering and Envoy services make their own server spans (transport.tracing.
+    # server_span: one per Check, RLS call or stream message); the instrumentation traces the
+    # admin, health and reflection services.
+    interceptors.append(
+        aio_server_interceptor(
+            tracer_provider=telemetry.tracer_provider,
+            filter_=filters.negate(
+                filters.any_of(
+                    filters.service_name(METERING), filters.service_prefix("envoy.service.")
+                )
             ),
-        ],
+        )
+    )
+    server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -227,6 +300,9 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         redis_target=target,
         store=store,
         spool=spool,
+        keys=keys,
+        authenticator=authenticator,
+        trust=trust,
         engine=engine,
         ledger=ledger,
         draining=draining,
@@ -237,6 +313,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
             OccurredAtWindow(s.occurred_at_max_age_s, s.occurred_at_max_ahead_s),
         ),
         admin=AdminServicer(engine, store, AdminStore(store), audit),
+        key_service=KeyServicer(keys),
         server=server,
         jobs=jobs,
     )
@@ -252,6 +329,8 @@ class Gateway:
         self.parts: Components | None = None
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
+        # Absolute, so the log line that says where the operator key is needs no context.
+        self._data_dir = Path(settings.data_dir).resolve()
 
     async def start(self) -> None:
         parts = self.parts = build(self.settings, self.telemetry)
@@ -261,6 +340,7 @@ class Gateway:
             # it are replayed by the SpoolReplay job like any other
             stats = await parts.spool.open()
             log.info("outage spool %s: %s", parts.spool.path, stats.health_detail())
+        await self._open_keys(parts)
         self._wire(parts)
         await parts.server.start()
         await parts.serving.set(True)
@@ -274,9 +354,11 @@ class Gateway:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         log.info(
-            "serving chargepath.v1 on %s:%d (policy version %d)",
+            "serving chargepath.v1 on %s:%d (%s, auth %s, policy version %d)",
             self.settings.host,
             self.port,
+            parts.trust.describe(),
+            self.settings.auth,
             parts.engine.policy.version,
         )
 
@@ -304,23 +386,48 @@ class Gateway:
                 "no policy in the store: every usage is DENY NO_ENTITLEMENT until one is published"
             )
 
+    async def _open_keys(self, parts: Components) -> None:
+        """With authentication: make sure the data dir holds a valid operator key (the CLI on
+        this machine reads it), say where (never the key), and start the authenticator's
+        cache eviction."""
+        if parts.authenticator is None:
+            log.warning(
+                "--auth none: every caller may meter, read and change every tenant "
+                "(development only)"
+            )
+            return
+        path = await bootstrap_operator_key(parts.keys, self._data_dir)
+        log.info(
+            "operator key in %s (mode 0600): the CLI on this machine uses it; other clients "
+            "send a key as 'authorization: Bearer <key>'",
+            path,
+        )
+        await parts.authenticator.start()
+
     def _wire(self, parts: Components) -> None:
         """Put the servicers on the server and bind its port."""
         # deserializers that never raise: undecodable bytes are INVALID_ARGUMENT (services.py)
         services.add_service(parts.server, parts.metering, services.METERING)
         services.add_service(parts.server, parts.admin, services.ADMIN)
+        services.add_service(parts.server, parts.key_service, services.KEYS)
         add_envoy_services(parts.server, parts.engine, parts.draining)
         health_pb2_grpc.add_HealthServicer_to_server(parts.serving.health, parts.server)
         reflection.enable_server_reflection(
             (
                 METERING,
                 ADMIN,
+                KEYS,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
             parts.server,
         )
-        self.port = parts.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        certificates = parts.trust.certificates
+        if certificates is None:
+            self.port = parts.server.add_insecure_port(address)
+        else:
+            self.port = parts.server.add_secure_port(address, certificates.credentials())
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, streams end after the batch in hand, unary calls finish within
@@ -334,6 +441,9 @@ class Gateway:
             for t in self._tasks:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if parts.authenticator is not None:
+                await parts.authenticator.close()
+            # The key store shares the store's client: closing the store closes both.
             if parts.spool is not None:  # after the server and the replay: nobody writes now
                 await parts.spool.close()
             await parts.store.close()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from chargepath.store.connect import RedisTarget
+
+AUTH_MODES: Final = ("keys", "none")
 
 
 @dataclass(slots=True)
@@ -97,6 +100,38 @@ class Settings:
     log_level: str = "INFO"
     #: Testing only: shift the store clock (quota period tests).
     clock_offset_ms: int = 0
+    #: "keys": every call but health checks needs an API key (or, with mTLS, a client
+    #: certificate the identity map names); "none": no authentication (development only).
+    auth: str = "keys"
+    #: Allow ``auth = "none"`` on an address other than loopback.
+    insecure_allow_no_auth: bool = False
+    #: PEM certificate chain and private key of the gRPC port; both empty: plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: PEM CA bundle that client certificates must chain to (mTLS); needs tls_cert.
+    tls_client_ca: str = ""
+    #: YAML identity map: which client certificate identity is which tenant and role (mTLS).
+    tls_identities: str = ""
+
+    def problem(self) -> str | None:
+        """None if the settings make a gateway that may start; else why not, in one line
+        naming the setting. Checks the combinations only; the files are read at start."""
+        if self.auth not in AUTH_MODES:
+            return f"--auth: must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}"
+        if self.auth == "none" and not self.insecure_allow_no_auth and not is_loopback(self.host):
+            return (
+                f"--auth none: refused on the non-loopback address {self.host!r}: anyone who "
+                "can reach it could meter, read and change every tenant "
+                "(add --insecure-allow-no-auth to force it)"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            missing = "--tls-key" if self.tls_cert else "--tls-cert"
+            return f"{missing}: --tls-cert and --tls-key go together"
+        if self.tls_client_ca and not self.tls_cert:
+            return "--tls-client-ca: mTLS needs --tls-cert and --tls-key too"
+        if self.tls_identities and not self.tls_client_ca:
+            return "--tls-identities: needs --tls-client-ca (it names client certificates)"
+        return None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -159,3 +194,14 @@ def _convert(name: str, raw: str, default: Any) -> Any:
         raise ValueError(
             f"CHARGEPATH_{name.upper()}={raw!r}: expected {type(default).__name__}"
         ) from None
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address that only this machine can reach: 127.0.0.0/8, ::1, localhost.
+    An empty host or a wildcard (0.0.0.0, ::) listens on every interface: not loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -29,7 +29,7 @@ def ledger_rids(redis_client: redis.Redis, tenant: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def channel(gateway: GatewayProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(gateway.address) as ch:
+    with gateway.channel() as ch:
         yield ch
 
 

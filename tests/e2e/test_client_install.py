@@ -24,18 +24,20 @@ FORBIDDEN_PREFIXES = ("redis", "hiredis", "pydantic", "opentelemetry-", "chargep
 
 # Run by the fresh venv's interpreter, outside the repository: it sees only what pip put there.
 CLIENT_SCRIPT = """
-import asyncio, importlib.util, json, sys
+import asyncio, importlib.util, json, os, sys
 import chargepath_client
 from chargepath_client import AsyncClient, Client
 
+KEY = os.environ["CHARGEPATH_API_KEY"]
+
 async def stream_one(address):
-    async with AsyncClient(address) as client, client.stream() as stream:
+    async with AsyncClient(address, api_key=KEY) as client, client.stream() as stream:
         return await stream.submit(
             tenant="mvno-demo", slice="1-000001", metric="slice.bytes", amount=1500
         )
 
 address = sys.argv[1]
-with Client(address) as client:
+with Client(address, api_key=KEY) as client:
     checked = client.check("cpaas-demo", "api.sms.send", 1, key="install-test")
 streamed = asyncio.run(stream_one(address))
 print(json.dumps({
@@ -47,8 +49,11 @@ print(json.dumps({
 """
 
 
-def run(args: list[str], *, cwd: Path, timeout: float) -> str:
+def run(
+    args: list[str], *, cwd: Path, timeout: float, extra_env: dict[str, str] | None = None
+) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(extra_env or {})
     done = subprocess.run(
         args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -97,7 +102,12 @@ def test_the_installed_client_checks_and_streams_against_a_live_gateway(
     client_venv: Path, gateway: GatewayProcess
 ) -> None:
     outside = client_venv.parent.parent  # the tmp folder: not the repository
-    out = run([str(client_venv), "-c", CLIENT_SCRIPT, gateway.address], cwd=outside, timeout=60)
+    out = run(
+        [str(client_venv), "-c", CLIENT_SCRIPT, gateway.address],
+        cwd=outside,
+        timeout=60,
+        extra_env={"CHARGEPATH_API_KEY": gateway.operator_key},
+    )
     result = json.loads(out.strip().splitlines()[-1])
     assert Path(result["client_file"]).is_relative_to(client_venv.parent.parent)
     assert result["gateway_importable"] is False

@@ -36,9 +36,7 @@ def usage(**kw: object) -> pb.Usage:
 
 @pytest.fixture
 def stub(gateway: GatewayProcess) -> pb_grpc.MeteringServiceStub:
-    channel = grpc.insecure_channel(
-        gateway.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
-    )
+    channel = gateway.channel(options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
     return pb_grpc.MeteringServiceStub(channel)
 
 
@@ -62,7 +60,7 @@ def test_check_allows_and_records(
 
 def test_health_and_reflection(gateway: GatewayProcess) -> None:
     assert gateway.health() == 1  # SERVING
-    with grpc.insecure_channel(gateway.address) as ch:
+    with gateway.channel() as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         responses = stub.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
@@ -127,7 +125,7 @@ def test_amount_beyond_int64_on_the_wire(gateway: GatewayProcess) -> None:
     """A varint larger than int64 (a client sending uint64 max) is refused, not wrapped."""
     inner = usage().SerializeToString() + b"\x20" + _varint(2**64 - 1)  # field 4 again: last wins
     body = b"\x0a" + _varint(len(inner)) + inner
-    with grpc.insecure_channel(gateway.address) as ch:
+    with gateway.channel() as ch:
         call = ch.unary_unary("/chargepath.v1.MeteringService/Check")
         with pytest.raises(grpc.RpcError) as e:
             call(body, timeout=5)

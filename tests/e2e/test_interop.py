@@ -52,6 +52,9 @@ DEADLINE_MS = "10000"
 class Gateway(Protocol):
     address: str
 
+    @property
+    def operator_key(self) -> str: ...
+
 
 def example_command(language: str) -> list[str]:
     """The command that runs one language's example; fails the test if it is not built."""
@@ -79,13 +82,23 @@ def run_example(language: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def run_script(
-    language: str, address: str, script: dict[str, Any], tmp_path: Path, *args: str
+    language: str, gateway: Gateway, script: dict[str, Any], tmp_path: Path, *args: str
 ) -> list[dict[str, Any]]:
-    """Runs a script through one example; returns its verdict lines."""
+    """Runs a script through one example, with the gateway's operator key; returns its verdict
+    lines."""
     path = tmp_path / f"{language}-script.json"
     path.write_text(json.dumps(script, indent=2))
     proc = run_example(
-        language, "--addr", address, "--script", str(path), "--deadline-ms", DEADLINE_MS, *args
+        language,
+        "--addr",
+        gateway.address,
+        "--api-key",
+        gateway.operator_key,
+        "--script",
+        str(path),
+        "--deadline-ms",
+        DEADLINE_MS,
+        *args,
     )
     assert proc.returncode == 0, f"{language} example failed ({proc.returncode}):\n{proc.stderr}"
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -176,7 +189,7 @@ def test_both_languages_decide_alike(gateway: Gateway, tmp_path: Path) -> None:
     outcomes: dict[str, list[tuple[str, ...]]] = {}
     for language in LANGUAGES:
         script, expected = decisions_script(language, run)
-        lines = run_script(language, gateway.address, script, tmp_path)
+        lines = run_script(language, gateway, script, tmp_path)
 
         assert [line["request_id"] for line in lines] == script_request_ids(script), language
         outcomes[language] = [
@@ -212,7 +225,7 @@ def test_reconnect_after_drop_records_each_usage_once(
     script = {"stream": {"session_id": session, "batches": batches}}
     rids = [usage["request_id"] for batch in batches for usage in batch]
 
-    lines = run_script(language, gateway.address, script, tmp_path, "--drop-after", "1")
+    lines = run_script(language, gateway, script, tmp_path, "--drop-after", "1")
 
     # The first stream answers batch 1 and is dropped; the second resends all three batches.
     first, second = lines[:2], lines[2:]
@@ -230,7 +243,15 @@ def test_reconnect_after_drop_records_each_usage_once(
 
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_builtin_demo(gateway: Gateway, language: str) -> None:
-    proc = run_example(language, "--addr", gateway.address, "--deadline-ms", DEADLINE_MS)
+    proc = run_example(
+        language,
+        "--addr",
+        gateway.address,
+        "--api-key",
+        gateway.operator_key,
+        "--deadline-ms",
+        DEADLINE_MS,
+    )
 
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]

@@ -40,7 +40,7 @@ def test_embedded_redis_is_started_announced_and_stopped(tmp_path: Path) -> None
         assert first.startswith("embedded redis-server") and "AOF" in first
         port = re.search(r"127\.0\.0\.1:(\d+)", first)
         assert port is not None
-        with grpc.insecure_channel(gw.address) as ch:
+        with gw.channel() as ch:
             v = check(pb_grpc.MeteringServiceStub(ch))
         assert v.decision == pb.DECISION_ALLOW and v.recorded
         # Redis 6 writes chargepath.aof; Redis 7 a multi-part AOF under appendonlydir/
@@ -61,7 +61,7 @@ def test_store_down_gives_bounded_degraded_verdicts_and_not_serving(tmp_path: Pa
     gw = start_gateway(tmp_path, env={"OTEL_TRACES_SAMPLER": "parentbased_always_on"})
     assert gw.redis is not None
     try:
-        with grpc.insecure_channel(gw.address) as ch:
+        with gw.channel() as ch:
             stub = pb_grpc.MeteringServiceStub(ch)
             assert check(stub).recorded
             gw.redis.kill()
@@ -125,7 +125,7 @@ def test_sigterm_drains_open_streams(tmp_path: Path) -> None:
         release.wait(10)  # keep the stream open, as a slice controller does
 
     def run() -> None:
-        with grpc.insecure_channel(gw.address) as ch:
+        with gw.channel() as ch:
             stream = pb_grpc.MeteringServiceStub(ch).StreamUsage(requests(), timeout=30)
             try:
                 for r in stream:
@@ -185,7 +185,7 @@ def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
     try:
         pids: set[int] = set()
         for _ in range(20):  # new connections spread over the workers (SO_REUSEPORT)
-            with grpc.insecure_channel(gw.address) as ch:
+            with gw.channel() as ch:
                 v = check(pb_grpc.MeteringServiceStub(ch), tenant="cpaas-demo")
                 assert v.decision in (pb.DECISION_ALLOW, pb.DECISION_THROTTLE) and not v.degraded
         deadline = time.monotonic() + 20

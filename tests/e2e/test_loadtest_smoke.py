@@ -61,7 +61,7 @@ def test_scenario_runs_and_writes_reports(
 ) -> None:
     proc = run_loadtest(
         scenario,
-        "--target", gateway.address,
+        "--target", gateway.address, "--api-key", gateway.operator_key,
         "--rate", "60", "--duration", "10", "--warmup", "0", "--tenants", tenants,
         "--procs", "1", "--connections", "1", "--streams", "2", "--batch", "5",
         "--out", str(tmp_path), "--name", "smoke", "--quiet",
@@ -92,7 +92,7 @@ def test_go_generator_runs_and_writes_reports(
         pytest.fail(f"{GO_LOADGEN} is missing: run `make clients` (scripts/setup-go.sh)")
     proc = run_loadtest(
         scenario, "--generator", "go",
-        "--target", gateway.address,
+        "--target", gateway.address, "--api-key", gateway.operator_key,
         "--rate", "60", "--duration", "3", "--warmup", "1", "--procs", "2",
         "--connections", "2", "--streams", "2", "--batch", "5",
         "--out", str(tmp_path), "--name", "smoke-go", "--quiet",

@@ -9,13 +9,11 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
-
 from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
-from tests.e2e.conftest import start_gateway
+from tests.e2e.conftest import GatewayProcess, start_gateway
 
 
 def test_plan_change_mid_run_reaches_both_gateways(tmp_path: Path) -> None:
@@ -25,8 +23,8 @@ def test_plan_change_mid_run_reaches_both_gateways(tmp_path: Path) -> None:
     lock = threading.Lock()
     stop = threading.Event()
 
-    def load(address: str, worker: int) -> None:
-        with grpc.insecure_channel(address) as ch:
+    def load(gw: GatewayProcess, worker: int) -> None:
+        with gw.channel() as ch:
             stub = pb_grpc.MeteringServiceStub(ch)
             n = 0
             while not stop.is_set():
@@ -44,14 +42,12 @@ def test_plan_change_mid_run_reaches_both_gateways(tmp_path: Path) -> None:
                 with lock:
                     results.append((sent, v.policy_version, v.decision, u.amount))
 
-    threads = [
-        threading.Thread(target=load, args=(gw.address, i)) for i, gw in enumerate((a, b, a, b))
-    ]
+    threads = [threading.Thread(target=load, args=(gw, i)) for i, gw in enumerate((a, b, a, b))]
     for t in threads:
         t.start()
     try:
         time.sleep(1.5)
-        with grpc.insecure_channel(a.address) as ch:
+        with a.channel() as ch:
             admin = apb_grpc.AdminServiceStub(ch)
             plan = admin.GetPlan(apb.GetPlanRequest(name="cpaas-starter"), timeout=5).plan
             old_version = admin.GetPolicy(apb.GetPolicyRequest(), timeout=5).policy_version

@@ -228,7 +228,7 @@ def new_rids(n: int, prefix: str) -> list[str]:
 
 async def test_check_admits_and_records(gateway: Any, redis_client: redis.Redis) -> None:
     key = f"key-{uuid.uuid4().hex[:8]}"
-    async with AsyncClient(gateway.address) as client:
+    async with AsyncClient(gateway.address, api_key=gateway.operator_key) as client:
         verdict = await client.check(CPAAS, SMS, 1, key=key, labels={"country": "SE"})
     assert isinstance(verdict, Verdict)
     assert verdict.decision is Decision.ALLOW and verdict.allowed
@@ -249,7 +249,7 @@ async def test_report_is_recorded_with_the_given_request_id(
     gateway: Any, redis_client: redis.Redis
 ) -> None:
     rid = f"report-{uuid.uuid4()}"
-    async with AsyncClient(gateway.address) as client:
+    async with AsyncClient(gateway.address, api_key=gateway.operator_key) as client:
         verdict = await client.report(MVNO, BYTES, 1_500, slice=EMBB, request_id=rid)
     assert verdict.request_id == rid
     assert verdict.decision is Decision.ALLOW and verdict.recorded
@@ -259,7 +259,7 @@ async def test_report_is_recorded_with_the_given_request_id(
 
 async def test_a_throttle_is_a_verdict_with_retry_after(gateway: Any) -> None:
     key = f"key-{uuid.uuid4().hex[:8]}"
-    async with AsyncClient(gateway.address) as client:
+    async with AsyncClient(gateway.address, api_key=gateway.operator_key) as client:
         first = await client.check(CPAAS, SMS, 20, key=key)  # the whole burst
         second = await client.check(CPAAS, SMS, 5, key=key)
     assert first.decision is Decision.ALLOW
@@ -274,7 +274,7 @@ async def test_the_sync_client_checks_and_reports(gateway: Any, redis_client: re
     rid = f"sync-{uuid.uuid4()}"
 
     def run() -> tuple[Verdict, Verdict]:
-        with Client(gateway.address) as client:
+        with Client(gateway.address, api_key=gateway.operator_key) as client:
             admitted = client.check(CPAAS, SMS, 1, key=f"key-{uuid.uuid4().hex[:8]}")
             reported = client.report(MVNO, BYTES, 10, slice=EMBB, request_id=rid)
             return admitted, reported
@@ -289,7 +289,7 @@ async def test_a_repeated_request_id_is_replayed_and_counted_once(
     gateway: Any, redis_client: redis.Redis
 ) -> None:
     rid = f"repeat-{uuid.uuid4()}"
-    async with AsyncClient(gateway.address) as client:
+    async with AsyncClient(gateway.address, api_key=gateway.operator_key) as client:
         first = await client.report(MVNO, BYTES, 7, slice=EMBB, request_id=rid)
         again = await client.report(MVNO, BYTES, 7, slice=EMBB, request_id=rid)
     assert not first.replayed and again.replayed
@@ -319,7 +319,9 @@ async def test_a_bad_argument_raises_invalid_usage_naming_the_field(
     field: str,
     validate: bool,
 ) -> None:
-    async with AsyncClient(gateway.address, validate=validate) as client:
+    async with AsyncClient(
+        gateway.address, api_key=gateway.operator_key, validate=validate
+    ) as client:
         with pytest.raises(InvalidUsage) as caught:
             await client.check(*args, **kwargs)
     assert caught.value.field == field
@@ -330,7 +332,7 @@ async def test_a_bad_argument_raises_invalid_usage_naming_the_field(
 
 async def test_an_unknown_metric_is_refused_by_the_gateway(gateway: Any) -> None:
     # Syntax is checked client-side; only the gateway knows its catalog.
-    async with AsyncClient(gateway.address) as client:
+    async with AsyncClient(gateway.address, api_key=gateway.operator_key) as client:
         with pytest.raises(InvalidUsage) as caught:
             await client.check(CPAAS, "api.fax.send", 1)
     assert caught.value.field == "metric"
@@ -399,7 +401,9 @@ async def test_a_retry_after_a_lost_answer_is_replayed_not_recounted(
 ) -> None:
     rid = f"lost-answer-{uuid.uuid4()}"
     tenant = CPAAS if mode == "admit" else MVNO
-    async with AsyncClient(proxy.address, default_deadline=10.0) as client:
+    async with AsyncClient(
+        proxy.address, api_key=gateway.operator_key, default_deadline=10.0
+    ) as client:
         if mode == "admit":
             await client.check(CPAAS, SMS, 1, key="warm-up")  # connect before holding answers
             proxy.hold_answers = True
@@ -427,7 +431,9 @@ async def test_concurrent_calls_through_cut_connections_count_each_usage_once(
     n = 60
     rids = new_rids(n, "flaky")
     retry = RetryPolicy(max_attempts=20, max_backoff=0.2)
-    async with AsyncClient(proxy.address, default_deadline=15.0, retry=retry) as client:
+    async with AsyncClient(
+        proxy.address, api_key=gateway.operator_key, default_deadline=15.0, retry=retry
+    ) as client:
         await client.report(MVNO, BYTES, 1, slice=EMBB)
 
         # Round 1: every answer is lost after the gateway recorded the usage.
@@ -467,7 +473,7 @@ async def test_stream_batches_and_answers_every_usage(
     gateway: Any, redis_client: redis.Redis
 ) -> None:
     rids = new_rids(300, "stream")
-    async with AsyncClient(gateway.address) as client:
+    async with AsyncClient(gateway.address, api_key=gateway.operator_key) as client:
         async with client.stream(batch_size=64) as stream:
             verdicts = await asyncio.gather(
                 *(
@@ -491,7 +497,7 @@ async def test_stream_batches_and_answers_every_usage(
 
 async def test_stream_basic_view_gives_plain_allows_without_limits(gateway: Any) -> None:
     async with (
-        AsyncClient(gateway.address) as client,
+        AsyncClient(gateway.address, api_key=gateway.operator_key) as client,
         client.stream(view="basic") as basic,
         client.stream() as full,
     ):
@@ -504,7 +510,10 @@ async def test_stream_basic_view_gives_plain_allows_without_limits(gateway: Any)
 
 
 async def test_stream_invalid_usage_fails_only_its_own_future(gateway: Any) -> None:
-    async with AsyncClient(gateway.address) as client, client.stream() as stream:
+    async with (
+        AsyncClient(gateway.address, api_key=gateway.operator_key) as client,
+        client.stream() as stream,
+    ):
         good = stream.submit_nowait(tenant=MVNO, slice=EMBB, metric=BYTES, amount=1)
         bad = stream.submit_nowait(tenant=MVNO, slice=EMBB, metric="slice.unknown", amount=1)
         also_good = stream.submit_nowait(tenant=MVNO, slice=EMBB, metric=BYTES, amount=1)
@@ -523,7 +532,7 @@ async def test_stream_reconnects_and_resends_without_double_counting(
     held_rids = new_rids(50, "stream-held")
     chaos_rids = new_rids(300, "stream-chaos")
     async with (
-        AsyncClient(proxy.address, retry=retry) as client,
+        AsyncClient(proxy.address, api_key=gateway.operator_key, retry=retry) as client,
         client.stream(batch_size=16, stall_timeout=5.0) as stream,
     ):
         warm = await stream.submit(tenant=MVNO, slice=EMBB, metric=BYTES, amount=1)

@@ -550,7 +550,7 @@ def recorded_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatew
 
 def test_mixed_run_matches_the_recording(recorded_gateway: GatewayProcess) -> None:
     wait_clear_of_day_end()
-    with grpc.insecure_channel(recorded_gateway.address) as channel:
+    with recorded_gateway.channel() as channel:
         run = Run(pb_grpc.MeteringServiceStub(channel))
         started = time.monotonic()
         drive(run)

@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from chargepath.store.embedded import free_port
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
-from tests.e2e.conftest import start_gateway
+from tests.e2e.conftest import GatewayProcess, start_gateway
 
 
 class Collector(
@@ -51,8 +51,8 @@ class Collector(
             return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
-def check(address: str, n: int, amount: int = 1) -> list[pb.Verdict]:
-    with grpc.insecure_channel(address) as ch:
+def check(gw: GatewayProcess, n: int, amount: int = 1) -> list[pb.Verdict]:
+    with gw.channel() as ch:
         stub = pb_grpc.MeteringServiceStub(ch)
         return [
             stub.Check(
@@ -89,7 +89,7 @@ def test_otlp_export_to_a_real_receiver_configured_only_by_otel_variables(tmp_pa
     }
     gw = start_gateway(tmp_path, env=env)
     try:
-        verdicts = check(gw.address, 5)
+        verdicts = check(gw, 5)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             with collector.lock:
@@ -138,8 +138,8 @@ def test_prometheus_counters_equal_the_decisions_made(tmp_path: Path) -> None:
         raw.xgroup_create("cp:{cpaas-demo}:ledger", "billing", id="0", mkstream=True)
         # key-scoped bucket: capacity 20, so 25 admits of 1 give 20 ALLOW then THROTTLEs (the
         # bucket refills 10/s, so a few more may be allowed on a slow machine)
-        verdicts = check(gw.address, 25)
-        verdicts += check(gw.address, 2, amount=21)  # larger than the bucket: DENY
+        verdicts = check(gw, 25)
+        verdicts += check(gw, 2, amount=21)  # larger than the bucket: DENY
         counts: dict[str, float] = {}
         for v in verdicts:
             key = f"{pb.Decision.Name(v.decision)[9:]}/{pb.Reason.Name(v.reason)[7:]}"

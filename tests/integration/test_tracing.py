@@ -44,8 +44,9 @@ async def traced(redis_server: EmbeddedRedis, raw_redis: redis.Redis) -> AsyncIt
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
     telemetry = Telemetry(tracer_provider, MeterProvider(metric_readers=[reader]))
+    # Tracing, not authentication, is under test here (tests/e2e/test_auth.py has that).
     settings = Settings(
-        port=0, redis_url=redis_server.url, plans=str(ROOT / "examples" / "plans.yaml")
+        port=0, redis_url=redis_server.url, plans=str(ROOT / "examples" / "plans.yaml"), auth="none"
     )
     gateway = Gateway(settings, telemetry)
     await gateway.start()
@@ -202,8 +203,9 @@ async def test_with_tracing_off_no_span_is_built_and_decisions_still_count(
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
     telemetry = Telemetry(tracer_provider, MeterProvider(metric_readers=[reader]), tracing=False)
+    # Tracing, not authentication, is under test here (tests/e2e/test_auth.py has that).
     settings = Settings(
-        port=0, redis_url=redis_server.url, plans=str(ROOT / "examples" / "plans.yaml")
+        port=0, redis_url=redis_server.url, plans=str(ROOT / "examples" / "plans.yaml"), auth="none"
     )
     gateway = Gateway(settings, telemetry)
     await gateway.start()

@@ -46,6 +46,7 @@ class Reason(enum.StrEnum):
     INVALID_USAGE = "invalid_usage"
     SUSPENDED = "suspended"
     SOFT_LIMIT_EXCEEDED = "soft_limit_exceeded"
+    PERMISSION_DENIED = "permission_denied"
 
 
 class LimitKind(enum.StrEnum):

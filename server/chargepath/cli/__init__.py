@@ -1,17 +1,19 @@
-"""The ``chargepath`` command: ``serve`` runs a gateway, ``check`` asks one for a verdict."""
+"""The ``chargepath`` command: ``serve`` runs a gateway, ``check`` asks one for a verdict,
+``keys`` manages its API keys."""
 
 # The process layer, imported by nothing else in chargepath. One module per group of commands,
 # each adding its parsers and running them: serve (the gateway, through chargepath.supervisor),
-# check (one verdict), admin (the AdminService commands), ledger (the billing feed), audit (the
-# trail of admin changes); render holds the terminal output they share. The module docstring
-# above is `chargepath --help`.
+# check (one verdict), admin (the AdminService commands), keys (the KeyService commands), ledger
+# (the billing feed), audit (the trail of admin changes); render holds the terminal output they
+# share, connection how the commands that call the gateway reach it (address, TLS, credential).
+# The module docstring above is `chargepath --help`.
 
 from __future__ import annotations
 
 import argparse
 
 from chargepath import __version__
-from chargepath.cli import admin, audit, check, ledger, serve
+from chargepath.cli import admin, audit, check, keys, ledger, serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_parser(sub)
     check.add_parser(sub)
     admin.add_parsers(sub)
+    keys.add_parser(sub)
     ledger.add_parser(sub)
     audit.add_parser(sub)
     args = parser.parse_args(argv)
@@ -29,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve.run(args)
     if args.command in admin.COMMANDS:
         return admin.run(args)
+    if args.command == "keys":
+        return keys.run(args)
     if args.command == "ledger":
         return ledger.run(args)
     if args.command == "audit":

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from chargepath.cli import render
+from chargepath.cli import connection, render
 from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
 from chargepath_protos.v1 import metering_pb2 as pb
@@ -45,7 +45,7 @@ def add_parsers(sub: Any) -> None:
     """Register the admin commands (:data:`COMMANDS`) on the ``chargepath`` subparsers."""
 
     def target(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
+        connection.add_options(p)
         p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
         return p
 
@@ -115,12 +115,17 @@ def add_parsers(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one admin command against ``--target``; returns the exit status."""
     out = render.console(140)
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        channel = connection.open_channel(args)
+    except connection.ConnectionOptionError as exc:
+        print(f"chargepath: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = apb_grpc.AdminServiceStub(channel)
         try:
             return _dispatch(args, stub, out)
         except grpc.RpcError as err:
-            print(f"chargepath: {err.code().name}: {err.details()}", file=sys.stderr)
+            print(f"chargepath: {connection.describe_error(err, args)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc_status import rpc_status
 
-from chargepath.cli import render
+from chargepath.cli import connection, render
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 
@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
         help="ask a running gateway for a verdict",
         description="Send one usage to a gateway and print its verdict.",
     )
-    p.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
+    connection.add_options(p)
     p.add_argument("--tenant", required=True)
     p.add_argument("--metric", required=True)
     p.add_argument("--amount", type=int, default=1)
@@ -49,14 +49,19 @@ def run(args: argparse.Namespace) -> int:
         mode=pb.MODE_REPORT if args.report else pb.MODE_ADMIT,
         labels=labels,
     )
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        channel = connection.open_channel(args)
+    except connection.ConnectionOptionError as exc:
+        print(f"chargepath: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = pb_grpc.MeteringServiceStub(channel)
         try:
             response = stub.Check(pb.CheckRequest(usage=usage), timeout=args.timeout)
         except grpc.RpcError as err:
             code = err.code()
             status = rpc_status.from_call(err)
-            print(f"chargepath: {code.name}: {err.details()}", file=sys.stderr)
+            print(f"chargepath: {connection.describe_error(err, args)}", file=sys.stderr)
             if status is not None and args.json:
                 print(json.dumps({"code": code.name, "message": status.message}))
             return 1

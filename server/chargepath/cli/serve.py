@@ -1,5 +1,6 @@
 """``chargepath serve``: run the gateway, in this process or as ``--workers`` processes on one
-port. Exit status 2 for invalid settings or an invalid plan file."""
+port. Exit status 2 for invalid settings, TLS files, identity map or plan file: one line on
+stderr, and nothing was started."""
 
 from __future__ import annotations
 
@@ -62,15 +63,43 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--log-format", choices=["json", "text"])
+    sec = p.add_argument_group(
+        "security",
+        "By default every call but health checks needs an API key. On first start the gateway "
+        "writes an operator key to <data-dir>/operator.key (mode 0600).",
+    )
+    sec.add_argument(
+        "--auth",
+        choices=["keys", "none"],
+        help="keys (default): API keys or mTLS identities; none: no authentication "
+        "(development only, loopback addresses only)",
+    )
+    sec.add_argument(
+        "--insecure-allow-no-auth",
+        action="store_true",
+        default=None,
+        help="allow --auth none on a non-loopback address",
+    )
+    sec.add_argument("--tls-cert", help="PEM certificate chain of the gRPC port (enables TLS)")
+    sec.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    sec.add_argument(
+        "--tls-client-ca", help="PEM CA bundle client certificates must chain to (mTLS)"
+    )
+    sec.add_argument(
+        "--tls-identities",
+        metavar="FILE",
+        help="YAML map of client certificate identities to tenant and role (mTLS)",
+    )
     p.add_argument("--log-level")
 
 
 def run(args: argparse.Namespace) -> int:
     # Start-up time: the gateway stack (redis-py, pydantic, the OpenTelemetry SDK, the servicers:
     # about half a second of imports) loads only when ``serve`` runs, not for the other commands.
-    from chargepath import supervisor
+    from chargepath import app, supervisor
     from chargepath.core.plans import PolicyError
     from chargepath.policy_sync import PLANS_MODES
+    from chargepath.transport.tls import IdentityMapError, TlsConfigError
 
     try:
         settings = Settings.from_env(
@@ -95,6 +124,12 @@ def run(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             otel=args.otel,
             metrics_port=args.metrics_port,
+            auth=args.auth,
+            insecure_allow_no_auth=args.insecure_allow_no_auth,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            tls_identities=args.tls_identities,
         )
     except ValueError as exc:
         print(f"chargepath: {exc}", file=sys.stderr)
@@ -105,6 +140,19 @@ def run(args: argparse.Namespace) -> int:
             f"{', '.join(PLANS_MODES)}",
             file=sys.stderr,
         )
+        return 2
+    problem = settings.problem()
+    if problem is not None:
+        print(f"chargepath: {problem}", file=sys.stderr)
+        return 2
+    try:
+        app.load_trust(settings)
+    except IdentityMapError as exc:
+        where = "; ".join(issue.render(exc.source) for issue in exc.issues)
+        print(f"chargepath: --tls-identities: {where}", file=sys.stderr)
+        return 2
+    except TlsConfigError as exc:
+        print(f"chargepath: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
     if settings.workers == 0:

@@ -38,6 +38,9 @@ class Reason(enum.IntEnum):
     INVALID_USAGE = 7
     SUSPENDED = 8
     SOFT_LIMIT_EXCEEDED = 9
+    #: The caller may not act for the usage's tenant (a stream item; Check answers with a
+    #: PERMISSION_DENIED status instead). Set by the transport: nothing reached the store.
+    PERMISSION_DENIED = 10
 
 
 class LimitKind(enum.IntEnum):

@@ -42,6 +42,7 @@ from chargepath.store.base import (
 )
 from chargepath.transport import mapping
 from chargepath.transport.audit import pending_audit
+from chargepath.transport.auth import caller_may_act_for
 from chargepath.transport.errors import abort, abort_invalid
 from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
@@ -169,6 +170,16 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             log.info("policy version %d published by the admin API", published.version)
             return int(published.version)
         await abort(context, grpc.StatusCode.ABORTED, "the policy kept changing; try again")
+
+    async def _own_tenant(self, context: Context, tenant: str, field: str) -> None:
+        """PERMISSION_DENIED unless the caller may act for ``tenant`` (the request's ``field``).
+        Checked before anything is looked up, so a refusal says nothing about what exists."""
+        if not caller_may_act_for(tenant):
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{field}: this credential may not act for tenant {tenant[:64]!r}",
+            )
 
     async def _guard(self, context: Context, awaitable: Any) -> Any:
         try:
@@ -359,6 +370,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     async def GetState(
         self, request: apb.GetStateRequest, context: Context
     ) -> apb.GetStateResponse:
+        await self._own_tenant(context, request.subject.tenant, "subject.tenant")
         subject, bad = _subject(request.subject)
         if not 0 <= request.recent <= 100:
             bad.append(FieldViolation("recent", "must be between 0 and 100"))
@@ -414,6 +426,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     async def ExplainDecision(
         self, request: apb.ExplainDecisionRequest, context: Context
     ) -> apb.ExplainDecisionResponse:
+        await self._own_tenant(context, request.tenant, "tenant")
         bad = check_tenant(request.tenant, "tenant")
         if bad is None and not re.fullmatch(r"[0-9a-f]{32}", request.decision_id):
             bad = FieldViolation("decision_id", "must be 32 lowercase hex characters")
@@ -434,6 +447,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     async def WatchDecisions(
         self, request: apb.WatchDecisionsRequest, context: Context
     ) -> AsyncIterator[apb.WatchDecisionsResponse]:
+        await self._own_tenant(context, request.tenant, "tenant")
         bad = check_tenant(request.tenant, "tenant")
         if bad is not None:
             await abort_invalid(context, [bad])

@@ -48,6 +48,7 @@ from chargepath.core.auth import (
     Refusal,
     RefusalKind,
     authorize,
+    may_act_for,
     needs_credential,
     parse_key,
     secret_digest,
@@ -83,6 +84,15 @@ def current_principal() -> Principal | None:
     """The authenticated caller of the RPC being served (None outside one, or on an open RPC
     such as a health check)."""
     return _PRINCIPAL.get()
+
+
+def caller_may_act_for(tenant: str) -> bool:
+    """True if the caller of the RPC being served may act for ``tenant``
+    (:func:`~chargepath.core.auth.may_act_for`). With no principal, True: the gateway runs
+    without authentication (``--auth none``), since with it every RPC that names a tenant needs
+    a credential and the interceptor sets the principal before the servicer runs."""
+    principal = _PRINCIPAL.get()
+    return principal is None or may_act_for(principal, tenant)
 
 
 def peer_address(peer: str) -> str:
@@ -270,20 +280,29 @@ class Authenticator:
     async def _poll_epoch(self) -> None:
         while True:
             await asyncio.sleep(self._poll_interval_s)
-            try:
-                epoch = await asyncio.wait_for(self._keys.epoch(), self._lookup_timeout_s)
-            except (StoreUnavailableError, TimeoutError):
-                continue  # keep serving cached keys; the next poll that works catches up
-            if epoch != self._epoch:
-                self._epoch = epoch
-                self.clear()
+            await self._check_epoch()
+
+    async def _check_epoch(self) -> None:
+        """Clear the cache if the epoch moved since last seen (a change this process may not
+        have heard of). If the store cannot say, keep serving cached keys; the next check
+        that works catches up."""
+        try:
+            epoch = await asyncio.wait_for(self._keys.epoch(), self._lookup_timeout_s)
+        except (StoreUnavailableError, TimeoutError):
+            return
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self.clear()
 
     async def _listen(self) -> None:
         while True:
             try:
                 async with self._keys.changes() as changed:
-                    # Changes made while not subscribed were not heard: start clean.
-                    self.clear()
+                    # Changes made while not subscribed were not heard, but each moved the
+                    # epoch. Clearing the cache on every resubscription instead would make
+                    # every call after a Redis blip look its key up again, while the store
+                    # may still be recovering (UNAVAILABLE for calls that were fine).
+                    await self._check_epoch()
                     self._subscribed.set()
                     async for key_id in changed:
                         self.evict(key_id)

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -38,6 +38,7 @@ from chargepath.core.validation import (
     validate_usage,
 )
 from chargepath.engine import Engine, new_decision_id
+from chargepath.transport.auth import caller_may_act_for, current_principal
 from chargepath.transport.errors import abort, abort_invalid, bad_input
 from chargepath.transport.mapping import usage_from_pb, verdict_fields
 from chargepath.transport.services import Undecodable, refuse_undecodable
@@ -101,6 +102,14 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         telemetry = self.engine.telemetry
         parent = caller_context(telemetry, context.invocation_metadata())
         with server_span(telemetry, CHECK_SPAN, "Check", parent) as span:
+            tenant = request.usage.subject.tenant
+            if not caller_may_act_for(tenant):
+                set_rpc_status(span, grpc.StatusCode.PERMISSION_DENIED)
+                await abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"usage.subject.tenant: {_not_yours(tenant)}",
+                )
             usage = usage_from_pb(request.usage)
             now_ms = self.wall_ms()
             if occurred_at_violation(request.usage, now_ms, self.occurred_at) is not None:
@@ -189,40 +198,52 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
     async def _decide(self, request: pb.StreamUsageRequest) -> list[Verdict]:
         ok_limits = request.view != pb.VERDICT_VIEW_BASIC
         usages = [usage_from_pb(u) for u in request.usages]
+        # Answered here, in their places, without reaching the engine: a usage for a tenant the
+        # caller may not act for (nothing is counted, no session sequence moves), and one whose
+        # occurred_at is out of bounds (the engine knows no wall clock). The rest are decided as
+        # one batch.
+        answered = self._foreign(request.usages)
         now_ms = self.wall_ms()
         window = self.occurred_at
-        # A usage whose occurred_at is out of bounds gets its INVALID_USAGE verdict here (the
-        # engine knows no wall clock); the rest are decided as usual, in their places.
-        late = {
-            i
-            for i, m in enumerate(request.usages)
-            if occurred_at_violation(m, now_ms, window) is not None
-        }
-        if not late:
-            return await self.engine.decide_batch(usages, ok_limits=ok_limits)
-        decided = iter(
-            await self.engine.decide_batch(
-                [u for i, u in enumerate(usages) if i not in late], ok_limits=ok_limits
-            )
-            if len(late) < len(usages)
-            else []
-        )
-        out = []
         for i, (m, u) in enumerate(zip(request.usages, usages, strict=True)):
-            if i not in late:
-                out.append(next(decided))
+            if i in answered or occurred_at_violation(m, now_ms, window) is None:
                 continue
             bad = usage_violations(m, u, on_stream=True, now_ms=now_ms, window=window)
             self.engine.telemetry.count_invalid()
-            out.append(
-                Verdict(
-                    request_id=u.request_id[:128],
-                    decision=Decision.DENY,
-                    reason=Reason.INVALID_USAGE,
-                    decision_id=new_decision_id(),
-                    policy_version=self.engine.policy.version,
-                    message="; ".join(str(v) for v in bad),
-                    violations=tuple(bad),
-                )
+            answered[i] = Verdict(
+                request_id=u.request_id[:128],
+                decision=Decision.DENY,
+                reason=Reason.INVALID_USAGE,
+                decision_id=new_decision_id(),
+                policy_version=self.engine.policy.version,
+                message="; ".join(str(v) for v in bad),
+                violations=tuple(bad),
             )
-        return out
+        if not answered:
+            return await self.engine.decide_batch(usages, ok_limits=ok_limits)
+        rest = [u for i, u in enumerate(usages) if i not in answered]
+        decided = iter(await self.engine.decide_batch(rest, ok_limits=ok_limits) if rest else ())
+        return [answered[i] if i in answered else next(decided) for i in range(len(usages))]
+
+    def _foreign(self, usages: Sequence[pb.Usage]) -> dict[int, Verdict]:
+        """A DENY PERMISSION_DENIED verdict for each usage (by index) whose tenant the caller
+        may not act for."""
+        principal = current_principal()
+        if principal is None or principal.tenant is None:  # no authentication, or an operator
+            return {}
+        return {
+            i: Verdict(
+                request_id=u.request_id[:128],
+                decision=Decision.DENY,
+                reason=Reason.PERMISSION_DENIED,
+                decision_id=new_decision_id(),
+                policy_version=self.engine.policy.version,
+                message=f"subject.tenant: {_not_yours(u.subject.tenant)}; nothing was counted",
+            )
+            for i, u in enumerate(usages)
+            if not caller_may_act_for(u.subject.tenant)
+        }
+
+
+def _not_yours(tenant: str) -> str:
+    return f"this credential may not act for tenant {tenant[:64]!r}"

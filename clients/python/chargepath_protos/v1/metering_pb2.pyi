@@ -36,6 +36,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_INVALID_USAGE: _ClassVar[Reason]
     REASON_SUSPENDED: _ClassVar[Reason]
     REASON_SOFT_LIMIT_EXCEEDED: _ClassVar[Reason]
+    REASON_PERMISSION_DENIED: _ClassVar[Reason]
 
 class LimitKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -72,6 +73,7 @@ REASON_STORE_UNAVAILABLE: Reason
 REASON_INVALID_USAGE: Reason
 REASON_SUSPENDED: Reason
 REASON_SOFT_LIMIT_EXCEEDED: Reason
+REASON_PERMISSION_DENIED: Reason
 LIMIT_KIND_UNSPECIFIED: LimitKind
 LIMIT_KIND_RATE: LimitKind
 LIMIT_KIND_QUOTA: LimitKind

@@ -76,7 +76,8 @@ class MeteringServiceServicer:
         """StreamUsage decides many usages over one long-lived stream. Each request message
         carries a batch of usages; each response message carries their verdicts in the same
         order. Slice controllers use it with MODE_REPORT. An invalid usage gets a verdict with
-        REASON_INVALID_USAGE; the stream and the other usages of its batch go on.
+        REASON_INVALID_USAGE, and a usage for a tenant the caller may not act for gets a DENY
+        with REASON_PERMISSION_DENIED; the stream and the other usages of its batch go on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
