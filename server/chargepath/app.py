@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from chargepath.engine import Engine, EngineSettings
-from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, StoreProbe
+from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, QuotaBurn, StoreProbe
 from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
 from chargepath.settings import Settings
 from chargepath.store.admin import AdminStore
@@ -110,7 +110,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
     with an event loop running (the gRPC server binds to it). ``telemetry``: the process's,
     from :func:`chargepath.telemetry.setup`; default the global providers'."""
     s = settings
-    telemetry = telemetry or Telemetry()
+    telemetry = telemetry or Telemetry(top_tenants=s.metrics_top_tenants)
     embedded = embedded_redis(s)
     target = RedisTarget(url=embedded.url) if embedded is not None else s.redis_target()
     store = RedisStore.connect(
@@ -142,6 +142,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
     # The audit trail of admin calls; its interceptor comes first, outside authentication,
     # so that refused calls are audited too (transport/audit.py).
     audit = AuditStream.of_store(store)
+    state = AdminStore(store)
     draining = asyncio.Event()
     serving = ServingStatus(HealthServicer())
     server = grpc.aio.server(
@@ -177,6 +178,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         PolicyWatch(store, engine, period_s=s.policy_poll_ms / 1000),
         AggregateFlush(ledger, engine, clock_offset_ms=s.clock_offset_ms),
         LedgerLag(ledger, engine, telemetry, period_s=s.ledger_lag_interval_ms / 1000),
+        QuotaBurn(state, engine, telemetry, period_s=s.quota_burn_interval_ms / 1000),
     )
     return Components(
         settings=s,
@@ -189,7 +191,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         draining=draining,
         serving=serving,
         metering=MeteringServicer(engine, draining),
-        admin=AdminServicer(engine, store, AdminStore(store), audit),
+        admin=AdminServicer(engine, store, state, audit),
         server=server,
         jobs=jobs,
     )
