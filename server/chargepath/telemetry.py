@@ -678,6 +678,7 @@ def setup(
         REGISTRY.register(scrape)
         closers.append(lambda: REGISTRY.unregister(scrape))
         server, _ = start_http_server(metrics_port, addr=metrics_host)
+        closers.append(server.server_close)  # after shutdown (closers run newest first)
         closers.append(server.shutdown)
         log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, metrics_port)
     meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=metric_views())
