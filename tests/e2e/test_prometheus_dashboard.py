@@ -18,6 +18,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -127,6 +128,8 @@ def start_prometheus(workdir: Path, targets: str) -> Prometheus:
             with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=1) as resp:
                 if resp.status == 200:
                     return prom
+        except urllib.error.HTTPError as exc:  # 503 while it starts: close its response
+            exc.close()
         except OSError:
             pass
         time.sleep(0.2)
