@@ -296,7 +296,7 @@ def by(result: list[dict[str, Any]], label: str) -> dict[str, float]:
 def test_every_dashboard_query_returns_data_with_its_labels_from_a_live_gateway(
     gateway: tuple[GatewayProcess, Path], tmp_path: Path
 ) -> None:
-    started = time.monotonic()
+    # Bounded: every wait below has a timeout; about 30 s in all on a busy two-core machine.
     gw, targets_dir = gateway
     # every worker announces its endpoint as a file_sd target (the gateway is SERVING once one
     # worker is; the other may still be starting)
@@ -380,9 +380,14 @@ def test_every_dashboard_query_returns_data_with_its_labels_from_a_live_gateway(
                 )
                 (latency,) = prom.query(expr)
                 value = float(latency["value"][1])
-                # interpolated inside the buckets: not stuck at the first bound, as with the
-                # SDK's default millisecond bounds on a metric in seconds
-                assert LATENCY_BUCKETS_S[0] < value < LATENCY_BUCKETS_S[-1], (expr, value)
+                # Interpolated inside the buckets, below the largest bound. With the SDK's
+                # default bounds (0, 5, 10, ... meant for milliseconds) on a metric in seconds,
+                # everything is in (0, 5]: the median reads 2.5 and p99 4.95, whatever the
+                # latency. A store call may take less than the first bound (0.5 ms) on a fast
+                # machine; the p99 of decisions under this load does not.
+                assert 0 < value < LATENCY_BUCKETS_S[-1], (expr, value)
+                if name == "decision" and q == "0.99":
+                    assert value > LATENCY_BUCKETS_S[0], (expr, value)
 
         # a share (a store call may time out on a busy test machine, so not necessarily 0)
         degraded = prom.query(next(e for e in targets if "decisions_degraded_total" in e))
@@ -416,4 +421,3 @@ def test_every_dashboard_query_returns_data_with_its_labels_from_a_live_gateway(
     finally:
         prom.process.terminate()
         prom.process.wait(10)
-    assert time.monotonic() - started < 60
