@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run serve test test-unit test-integration test-e2e lint fmt gen check-gen \
-        proto-lint clients loadtest-smoke clean
+        proto-lint clients prometheus loadtest-smoke clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -36,7 +36,10 @@ clients: setup ## Install the Node.js and Go toolchains and generate their stubs
 	bash scripts/setup-node.sh
 	bash scripts/setup-go.sh
 
-test: setup clients check-gen lint ## Set up everything, then run the whole test suite (what CI runs)
+prometheus: ## Install a Prometheus server for the dashboard test (Debian's package; its service stays off)
+	bash scripts/setup-prometheus.sh
+
+test: setup clients prometheus check-gen lint ## Set up everything, then run the whole test suite (what CI runs)
 	$(PY) -m pytest
 
 test-unit: setup ## Unit tests only (no I/O)
@@ -45,7 +48,7 @@ test-unit: setup ## Unit tests only (no I/O)
 test-integration: setup ## Integration tests (real redis-server)
 	$(PY) -m pytest tests/integration
 
-test-e2e: setup clients ## End-to-end tests (real gateway, real clients)
+test-e2e: setup clients prometheus ## End-to-end tests (real gateway, real clients)
 	$(PY) -m pytest tests/e2e
 
 lint: setup ## ruff (lint + format check), mypy, buf lint, buf breaking against the released contract

@@ -24,7 +24,15 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from chargepath.core.auth import Principal, Role
 from chargepath.core.validation import OccurredAtWindow
 from chargepath.engine import Engine, EngineSettings
-from chargepath.jobs import AggregateFlush, Job, LedgerLag, PolicyWatch, SpoolReplay, StoreProbe
+from chargepath.jobs import (
+    AggregateFlush,
+    Job,
+    LedgerLag,
+    PolicyWatch,
+    QuotaBurn,
+    SpoolReplay,
+    StoreProbe,
+)
 from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
 from chargepath.settings import Settings
 from chargepath.spool_replay import RedisSessionSlots, SpoolReplayer
@@ -179,7 +187,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
     :func:`chargepath.telemetry.setup`; default the global providers'."""
     s = settings
     trust = load_trust(s)
-    telemetry = telemetry or Telemetry()
+    telemetry = telemetry or Telemetry(top_tenants=s.metrics_top_tenants)
     embedded = embedded_redis(s)
     target = RedisTarget(url=embedded.url) if embedded is not None else s.redis_target()
     store = RedisStore.connect(
@@ -242,6 +250,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
     # The audit trail of admin calls; its interceptor comes first, outside authentication,
     # so that refused calls are audited too (transport/audit.py).
     audit = AuditStream.of_store(store)
+    state = AdminStore(store)
     draining = asyncio.Event()
     serving = ServingStatus(
         HealthServicer(),
@@ -291,6 +300,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         PolicyWatch(store, engine, period_s=s.policy_poll_ms / 1000),
         AggregateFlush(ledger, engine, clock_offset_ms=s.clock_offset_ms),
         LedgerLag(ledger, engine, telemetry, period_s=s.ledger_lag_interval_ms / 1000),
+        QuotaBurn(state, engine, telemetry, period_s=s.quota_burn_interval_ms / 1000),
         *spool_jobs,
     )
     return Components(
@@ -312,7 +322,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
             draining,
             OccurredAtWindow(s.occurred_at_max_age_s, s.occurred_at_max_ahead_s),
         ),
-        admin=AdminServicer(engine, store, AdminStore(store), audit),
+        admin=AdminServicer(engine, store, state, audit),
         key_service=KeyServicer(keys),
         server=server,
         jobs=jobs,

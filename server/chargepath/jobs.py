@@ -19,10 +19,11 @@ from typing import Protocol
 
 from redis.exceptions import RedisError
 
+from chargepath.core.model import LimitKind, Scope, Subject
 from chargepath.engine import Engine
 from chargepath.spool_replay import SpoolReplayer
-from chargepath.store.base import LedgerStore, MeteringStore, StoreUnavailableError
-from chargepath.telemetry import Telemetry
+from chargepath.store.base import LedgerStore, MeteringStore, StateStore, StoreUnavailableError
+from chargepath.telemetry import QuotaLevel, Telemetry
 
 log = logging.getLogger("chargepath")
 
@@ -178,3 +179,65 @@ class SpoolReplay:
 
     async def run(self, draining: asyncio.Event) -> None:
         await self.replayer.run(draining, idle_s=self.idle_s)
+
+
+class QuotaBurn:
+    """Every ``period_s`` (``quota_burn_interval_ms``), read the tenant-scope period quotas
+    (used, limit with the period's grants, time to reset) of the tenants that keep their own
+    label on the per-tenant metrics (:meth:`Telemetry.labelled_tenants`: the busiest
+    ``metrics_top_tenants``, ranked among the policy's first ``max_tenants`` tenants by name
+    and those that decided), and hand them to the ``chargepath.quota.*`` gauges. It reads
+    first, then sleeps: with the store up, the gauges are there from the first scrape. A
+    tenant that cannot be read within a second keeps its last figures."""
+
+    name = "quota-burn"
+
+    def __init__(
+        self,
+        state: StateStore,
+        engine: Engine,
+        telemetry: Telemetry,
+        *,
+        period_s: float,
+        max_tenants: int = 1000,
+    ) -> None:
+        self.state = state
+        self.engine = engine
+        self.telemetry = telemetry
+        self.period_s = period_s
+        self.max_tenants = max_tenants
+
+    async def run(self, draining: asyncio.Event) -> None:
+        while not draining.is_set():
+            policy = self.engine.policy
+            labelled = self.telemetry.labelled_tenants(
+                sorted(policy.entitlements)[: self.max_tenants]
+            )
+            last = self.telemetry.quota
+            levels: dict[tuple[str, str], QuotaLevel] = {}
+            for tenant in sorted(labelled):
+                entitlement = policy.entitlements.get(tenant)
+                if entitlement is None:
+                    continue
+                quotas = tuple(
+                    {
+                        limit.name: limit
+                        for _, limit in entitlement.limits
+                        if limit.kind is LimitKind.QUOTA and limit.scope is Scope.TENANT
+                    }.values()
+                )
+                if not quotas:
+                    continue
+                try:
+                    _, readings, _ = await asyncio.wait_for(
+                        self.state.read_limits(Subject(tenant), quotas), 1.0
+                    )
+                except (StoreUnavailableError, TimeoutError):
+                    levels.update({k: v for k, v in last.items() if k[0] == tenant})
+                    continue
+                for r in readings:
+                    levels[(tenant, r.limit.name)] = QuotaLevel(
+                        r.used, r.capacity, r.reset_after_ms / 1000
+                    )
+            self.telemetry.quota = levels
+            await asyncio.sleep(self.period_s)

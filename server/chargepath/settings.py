@@ -91,9 +91,16 @@ class Settings:
     spool_timeout_ms: int = 500
     #: Shorthand for the OTEL_TRACES_EXPORTER/OTEL_METRICS_EXPORTER defaults: none, console, otlp.
     otel: str = ""
-    #: Port of the Prometheus scrape endpoint (/metrics); 0: none.
+    #: Port of the Prometheus scrape endpoint (/metrics); 0: none. Worker i of ``--workers``
+    #: serves on ``metrics_port + i`` and announces it in ``<data_dir>/metrics/worker-<i>.json``.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    #: How many tenants keep their own label on the per-tenant metrics (the busiest of each
+    #: process); the others are grouped under tenant="other".
+    metrics_top_tenants: int = 20
+    #: How often the tenant-scope quotas of those tenants are read for the chargepath.quota.*
+    #: gauges.
+    quota_burn_interval_ms: int = 10_000
     #: asyncio event loop: "uvloop" (measured 5-7% less CPU per usage here) or "asyncio".
     event_loop: str = "uvloop"
     log_format: str = "json"

@@ -36,12 +36,8 @@ log = logging.getLogger("chargepath.supervisor")
 def run_gateway(settings: Settings, worker: int = 0) -> None:
     """Serve one gateway in this process until SIGTERM/SIGINT, with this process's telemetry
     (flushed on return). Worker ``worker`` of a supervisor serves its Prometheus metrics on
-    ``metrics_port + worker``."""
-    otel = telemetry.setup(
-        otel=settings.otel,
-        metrics_port=settings.metrics_port + worker if settings.metrics_port else 0,
-        metrics_host=settings.metrics_host,
-    )
+    ``metrics_port + worker`` (:func:`chargepath.telemetry.for_gateway`)."""
+    otel = telemetry.for_gateway(settings, worker)
     try:
         if settings.event_loop == "uvloop":
             uvloop.install()

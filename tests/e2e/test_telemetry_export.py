@@ -120,7 +120,7 @@ def scrape(port: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in body.splitlines():
         m = re.match(r"chargepath_decisions_total\{(.*)\} ([0-9.e+]+)$", line)
-        if m:
+        if m and float(m.group(2)):  # every known outcome is also there at 0
             labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
             out[f"{labels['decision']}/{labels['reason']}"] = float(m.group(2))
     return out

@@ -40,6 +40,7 @@ class Traced:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
 
     def decisions(self) -> dict[tuple[str, str], int]:
+        """The outcomes counted (every known outcome is also exported at zero: left out)."""
         data = self.reader.get_metrics_data()
         assert data is not None
         return {
@@ -49,6 +50,7 @@ class Traced:
             for m in sm.metrics
             if m.name == "chargepath.decisions"
             for p in m.data.data_points  # type: ignore[union-attr]
+            if p.value  # type: ignore[union-attr]
         }
 
 

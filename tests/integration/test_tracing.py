@@ -242,4 +242,5 @@ async def test_with_tracing_off_no_span_is_built_and_decisions_still_count(
         "chargepath.decisions",
         (("decision", "DENY"), ("degraded", False), ("reason", "INVALID_USAGE")),
     )
-    assert by == {allow: 2, invalid: 1}
+    # every other known outcome is there too, at zero
+    assert {k: v for k, v in by.items() if v} == {allow: 2, invalid: 1}

@@ -6,8 +6,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
-from chargepath.core.model import Decision, Reason, Verdict
-from chargepath.telemetry import Telemetry
+from chargepath.core.model import Decision, Mode, Reason, Subject, Usage, Verdict
+from chargepath.telemetry import OUTCOMES, Telemetry
 
 
 def points(reader: InMemoryMetricReader) -> dict[tuple[str, tuple[tuple[str, object], ...]], int]:
@@ -27,21 +27,41 @@ def verdict(decision: Decision, reason: Reason, *, degraded: bool = False) -> Ve
     return Verdict("r", decision, reason, "d", 1, degraded=degraded)
 
 
+def usage(tenant: str = "t1") -> Usage:
+    return Usage("r", Subject(tenant), "api.sms.send", 1, Mode.ADMIT)
+
+
 def test_counts_are_cumulative_sums_by_decision_reason_and_degraded() -> None:
     reader = InMemoryMetricReader()
     t = Telemetry(TracerProvider(), MeterProvider(metric_readers=[reader]), tracing=False)
+    # every known outcome is there before any decision, at zero
+    before = points(reader)
+    zeros = {
+        (
+            "chargepath.decisions",
+            (("decision", d.name), ("degraded", degraded), ("reason", r.name)),
+        ): 0
+        for d, r, degraded in OUTCOMES
+    }
+    degraded_zeros = {
+        ("chargepath.decisions.degraded", (("reason", r.name),)): 0
+        for _, r, degraded in OUTCOMES
+        if degraded
+    }
+    assert before == zeros | degraded_zeros
+    verdicts = [
+        verdict(Decision.ALLOW, Reason.OK),
+        verdict(Decision.ALLOW, Reason.OK),
+        verdict(Decision.THROTTLE, Reason.RATE_LIMITED),
+        verdict(Decision.DENY, Reason.STORE_UNAVAILABLE, degraded=True),
+        verdict(Decision.ALLOW, Reason.STORE_UNAVAILABLE, degraded=True),
+    ]
+    # two tenants: the totals are summed over them
     t.count_decisions(
-        [
-            verdict(Decision.ALLOW, Reason.OK),
-            verdict(Decision.ALLOW, Reason.OK),
-            verdict(Decision.THROTTLE, Reason.RATE_LIMITED),
-            verdict(Decision.DENY, Reason.STORE_UNAVAILABLE, degraded=True),
-            verdict(Decision.ALLOW, Reason.STORE_UNAVAILABLE, degraded=True),
-        ],
-        0.002,
+        [usage("t1"), usage("t2"), usage("t1"), usage("t2"), usage("t1")], verdicts, 0.002
     )
     t.count_invalid()
-    first = points(reader)
+    first = {k: v for k, v in points(reader).items() if v}
     assert first == {
         ("chargepath.decisions", (("decision", "ALLOW"), ("degraded", False), ("reason", "OK"))): 2,
         (
@@ -63,8 +83,8 @@ def test_counts_are_cumulative_sums_by_decision_reason_and_degraded() -> None:
         ("chargepath.decisions.degraded", (("reason", "STORE_UNAVAILABLE"),)): 2,
     }
     # a later collection gives the running totals, not what changed since the last one
-    t.count_decisions([verdict(Decision.ALLOW, Reason.OK)], 0.001)
-    second = points(reader)
+    t.count_decisions([usage("t3")], [verdict(Decision.ALLOW, Reason.OK)], 0.001)
+    second = {k: v for k, v in points(reader).items() if v}
     key = ("chargepath.decisions", (("decision", "ALLOW"), ("degraded", False), ("reason", "OK")))
     assert second[key] == 3
     assert {k: v for k, v in second.items() if k != key} == {
