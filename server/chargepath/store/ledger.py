@@ -57,7 +57,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from chargepath.store.redis_store import ledger_key, read_script, tenant_prefix
+from chargepath.store.protocol import US, ledger_key, read_script, tenant_prefix
+from chargepath.store.protocol import aggregates_key as aggregates_key
 
 __all__ = [
     "Ledger",
@@ -71,11 +72,6 @@ __all__ = [
 def exported_key(tenant: str) -> str:
     """The export mark: id of the last ledger entry exported (string)."""
     return f"{tenant_prefix(tenant)}ledger:exported"
-
-
-def aggregates_key(tenant: str) -> str:
-    """The per-interval ledger aggregates written by decide.lua (hash)."""
-    return f"{tenant_prefix(tenant)}agg"
 
 
 def parse_stream_id(entry_id: str) -> tuple[int, int]:
@@ -120,13 +116,12 @@ class LedgerEntry:
 
     @classmethod
     def from_fields(cls, entry_id: str, f: Mapping[str, str]) -> LedgerEntry:
-        """From the stream entry's fields: the packed field ``x`` written by decide.lua (see
-        its header), or the one-field-per-value form of earlier versions and of
-        flush_aggregates.lua."""
+        """From the stream entry's fields: the packed field ``x`` of a recorded usage
+        (written by decide.lua, see ``scripts/lib/ledger.lua``), or the fields of an aggregate
+        (written by flush_aggregates.lua, see its header)."""
         packed = f.get("x")
         if packed is not None:
             return cls._from_packed(entry_id, packed)
-        labels = f.get("lb")
         return cls(
             id=entry_id,
             request_id=f.get("rid", ""),
@@ -136,12 +131,10 @@ class LedgerEntry:
             mode=f.get("mo", ""),
             decision=_int(f, "d"),
             reason=_int(f, "r"),
-            policy_version=_int(f, "v"),
+            policy_version=0,
             decided_at_ms=_int(f, "ts"),
             slice=f.get("sl", ""),
             key=f.get("k", ""),
-            labels={str(k): str(v) for k, v in json.loads(labels).items()} if labels else {},
-            occurred_at_ms=_int(f, "oc"),
             count=_int(f, "n", 1),
             aggregate=f.get("ag") == "1",
             interval_start_ms=_int(f, "is"),
@@ -152,7 +145,7 @@ class LedgerEntry:
     def _from_packed(cls, entry_id: str, packed: str) -> LedgerEntry:
         """``request_id US decision_id US slice US key US metric US amount US mode US decision
         US reason US policy_version US decided_at_ms [US occurred_at_ms US labels]``."""
-        p = packed.split("\x1f")
+        p = packed.split(US)
         labels = p[12] if len(p) > 12 else ""
         return cls(
             id=entry_id,

@@ -6,13 +6,14 @@
 -- ARGV[3]  "1" to publish even when the digest is unchanged (a forced new version)
 -- ARGV[4]  the version the change was computed from ("" for any): a compare-and-set, so two
 --          admin changes made at once cannot overwrite each other
--- Reply:   {version, changed (0/1)}, or {-1, live version} when ARGV[4] is not the live one
+-- Reply:   {version, changed (0/1)}, or {REPLY_REFUSED, live version} when ARGV[4] is not
+--          the live one
 -- Invariant: versions only grow; an unchanged document keeps its version, so restarting
 -- gateways on the same plan file does not churn versions.
 local cur = redis.call('HMGET', KEYS[1], 'v', 'sha')
 local v = tonumber(cur[1] or '0')
 if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= v then
-  return {-1, v}
+  return {REPLY_REFUSED, v}
 end
 if cur[2] == ARGV[2] and ARGV[3] ~= '1' then
   return {v, 0}
