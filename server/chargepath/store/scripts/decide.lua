@@ -107,113 +107,101 @@ local function bind(spec)
   return st
 end
 
-local function remaining_of(spec)
-  local st = spec.st
-  if spec.kind == KIND_RATE then return floor(st.level / spec.scale) end
-  return spec.capacity - st.used
-end
+-- Per limit of the usage being decided (reused, never reallocated): remaining units before
+-- and after, exceeded or not, a quota's used units before.
+local befores, afters, exceeded, used_before = {}, {}, {}, {}
 
--- Per limit of the usage being decided (reused, never reallocated).
-local befores, exceeded, used_before = {}, {}, {}
-
--- 2. Admit: which limits `amount` does not fit now. Returns whether one can never fit, a hard
--- quota is out, a soft limit is crossed, the wait for the rates and for the quotas.
-local function admit_check(set, nl, amount)
-  local never, quota_out, soft_crossed, rate_wait, quota_wait = false, false, false, 0, 0
+-- 2 and 3: the decision, reason and retry_after of an entitled usage with the limits
+-- `set[1..nl]`, and whether `amount` was taken. An admit is taken only if it fits every limit;
+-- a report is always debited, then checked.
+local function decide_limits(set, nl, amount, report, suspended)
+  local before, over, used0 = befores, exceeded, used_before
   for j = 1, nl do
     local spec = set[j]
-    local st = spec.st
-    local fits, cannot, wait = true, false, 0
+    local st = spec.st or bind(spec)
+    -- remaining units: a bucket's whole units, a quota's capacity less its used units
     if spec.kind == KIND_RATE then
-      local need = amount * spec.scale
-      if need > spec.capacity_sub then
-        fits, cannot = false, true
-      elseif st.level < need then
-        fits, wait = false, bucket_wait(need, st.level, spec.refill_per_ms)
-      end
+      before[j] = floor(st.level / spec.scale)
     else
-      if amount > spec.capacity then
+      used0[j], before[j] = st.used, spec.capacity - st.used
+    end
+    over[j] = false
+  end
+
+  local never, quota_out, soft_crossed, rate_wait, quota_wait = false, false, false, 0, 0
+  local take = report
+  if not report then
+    -- 2. Which limits the amount does not fit now.
+    for j = 1, nl do
+      local spec = set[j]
+      local st = spec.st
+      local fits, cannot, wait = true, false, 0
+      if spec.kind == KIND_RATE then
+        local need = amount * spec.scale
+        if need > spec.capacity_sub then
+          fits, cannot = false, true
+        elseif st.level < need then
+          fits, wait = false, bucket_wait(need, st.level, spec.refill_per_ms)
+        end
+      elseif amount > spec.capacity then
         fits, cannot = false, true
       elseif spec.capacity - st.used < amount then
         fits, wait = false, st.finish - now
       end
-    end
-    if not fits then
-      exceeded[j] = true
-      if spec.soft then
-        soft_crossed = true
-      elseif cannot then
-        never = true
-      elseif spec.kind == KIND_RATE then
-        rate_wait = math.max(rate_wait, wait)
-      else
-        quota_out = true
-        quota_wait = math.max(quota_wait, wait)
+      if not fits then
+        over[j] = true
+        if spec.soft then
+          soft_crossed = true
+        elseif cannot then
+          never = true
+        elseif spec.kind == KIND_RATE then
+          rate_wait = math.max(rate_wait, wait)
+        else
+          quota_out = true
+          quota_wait = math.max(quota_wait, wait)
+        end
       end
     end
-  end
-  return never, quota_out, soft_crossed, rate_wait, quota_wait
-end
-
--- 3. Take `amount` from every limit (admit: only when all fit; report: always).
-local function take_all(set, nl, amount)
-  for j = 1, nl do
-    local spec = set[j]
-    local st = spec.st
-    if spec.kind == KIND_RATE then
-      st.level = bucket_debit(st.level, amount * spec.scale)
-    else
-      st.used = st.used + amount
-    end
-    st.dirty = true
-  end
-end
-
--- Report, after the debit: which limits are now over (as admit_check returns them).
-local function report_check(set, nl)
-  local quota_out, soft_crossed, rate_wait, quota_wait = false, false, 0, 0
-  for j = 1, nl do
-    local spec = set[j]
-    local st = spec.st
-    if spec.kind == KIND_RATE then
-      if st.level < 0 then
-        exceeded[j] = true
-        if spec.soft then soft_crossed = true
-        else rate_wait = math.max(rate_wait, bucket_wait(0, st.level, spec.refill_per_ms)) end
-      end
-    else
-      local rem = spec.capacity - st.used
-      if spec.soft and rem < 0 then
-        exceeded[j], soft_crossed = true, true
-      elseif not spec.soft and rem <= 0 then
-        exceeded[j], quota_out = true, true
-        quota_wait = math.max(quota_wait, st.finish - now)
-      end
-    end
-  end
-  return false, quota_out, soft_crossed, rate_wait, quota_wait
-end
-
--- 2 and 3: the decision, reason and retry_after of an entitled usage with the limits `set`,
--- and whether it was taken.
-local function decide_limits(set, nl, amount, report, suspended)
-  for j = 1, nl do
-    local spec = set[j]
-    local st = spec.st or bind(spec)
-    if spec.kind == KIND_QUOTA then used_before[j] = st.used end
-    befores[j] = remaining_of(spec)
-    exceeded[j] = false
-  end
-  local never, quota_out, soft_crossed, rate_wait, quota_wait
-  local take = report
-  if not report then
-    never, quota_out, soft_crossed, rate_wait, quota_wait = admit_check(set, nl, amount)
     take = not (never or quota_out or rate_wait > 0)
   end
-  if take then take_all(set, nl, amount) end
-  if report then
-    never, quota_out, soft_crossed, rate_wait, quota_wait = report_check(set, nl)
+
+  -- 3. Take (admit: only if everything fits) or debit (report: always).
+  if take then
+    for j = 1, nl do
+      local spec = set[j]
+      local st = spec.st
+      if spec.kind == KIND_RATE then
+        st.level = bucket_debit(st.level, amount * spec.scale)
+      else
+        st.used = st.used + amount
+      end
+      st.dirty = true
+    end
   end
+
+  if report then
+    -- Which limits the report took over.
+    for j = 1, nl do
+      local spec = set[j]
+      local st = spec.st
+      if spec.kind == KIND_RATE then
+        if st.level < 0 then
+          over[j] = true
+          if spec.soft then soft_crossed = true
+          else rate_wait = math.max(rate_wait, bucket_wait(0, st.level, spec.refill_per_ms)) end
+        end
+      else
+        local rem = spec.capacity - st.used
+        if spec.soft and rem < 0 then
+          over[j], soft_crossed = true, true
+        elseif not spec.soft and rem <= 0 then
+          over[j], quota_out = true, true
+          quota_wait = math.max(quota_wait, st.finish - now)
+        end
+      end
+    end
+  end
+
   if suspended then return DENY, SUSPENDED, 0, take end
   if never then return DENY, AMOUNT_EXCEEDS_CAPACITY, 0, take end
   if quota_out then return DENY, QUOTA_EXHAUSTED, quota_wait, take end
@@ -242,7 +230,7 @@ for o = 0, #batch - 1, USAGE_SLOTS do
   local rd, rr, rt, rf, rdid
   if dedup_idx > 0 then
     rd, rr, rt, rf, rdid = dedup_replay(KEYS[dedup_idx], fp)
-  elseif sess_idx > 0 then
+  elseif sess_idx > 0 and seq <= session_hw(sess_idx) then
     rd, rr, rt, rf, rdid = session_replay(sess_idx, seq, window)
   end
 
@@ -299,20 +287,18 @@ for o = 0, #batch - 1, USAGE_SLOTS do
       + LIMITS_UNIT * (with_limits and nl or 0)
     reply[rn + 2] = retry
     rn = rn + 2
-    if recent_len > 0 then
-      trail_decision(text, batch[o + USAGE_TRACE_ID], decision, reason, retry_s)
-    end
     for j = 1, nl do
       local spec = set[j]
       local st = spec.st
-      local after = remaining_of(spec)
+      local after, reset
+      if spec.kind == KIND_RATE then
+        after = floor(st.level / spec.scale)
+        if with_limits then reset = bucket_wait(spec.capacity_sub, st.level, spec.refill_per_ms) end
+      else
+        after, reset = spec.capacity - st.used, st.finish - now
+      end
+      afters[j] = after
       if with_limits then
-        local reset
-        if spec.kind == KIND_RATE then
-          reset = bucket_wait(spec.capacity_sub, st.level, spec.refill_per_ms)
-        else
-          reset = st.finish - now
-        end
         reply[rn + 1] = after
         if exceeded[j] then reply[rn + 2] = -1 - reset else reply[rn + 2] = reset end
         rn = rn + 2
@@ -321,13 +307,10 @@ for o = 0, #batch - 1, USAGE_SLOTS do
           reply[rn] = spec.capacity
         end
       end
-      if recent_len > 0 then
-        trail_limit(spec, j == 1, befores[j], after, exceeded[j])
-        if take and spec.kind == KIND_QUOTA then
-          trail_thresholds(spec, batch[o + USAGE_SUBJECT], used_before[j], st.used,
-            spec.capacity)
-        end
-      end
+    end
+    if recent_len > 0 then
+      trail_decision(text, batch[o + USAGE_TRACE_ID], decision, reason, retry_s, set, nl,
+        befores, afters, exceeded, take, used_before, batch[o + USAGE_SUBJECT])
     end
   end
 end

@@ -26,7 +26,7 @@ end
 -- Milliseconds until a bucket at `level` holds `need` sub-units (0: it does).
 local function bucket_wait(need, level, refill_per_ms)
   if level >= need then return 0 end
-  return ceil_div(need - level, refill_per_ms)
+  return floor((need - level + refill_per_ms - 1) / refill_per_ms)
 end
 
 -- `level` less `need` sub-units; a report may take it into debt, at most MAX_DEBT.

@@ -61,15 +61,14 @@ local function flush_run(idx)
   end
 end
 
--- The verdict (as dedup_replay's) of sequence `seq` of the session at KEYS[idx]; nil when it
--- is new. Within the window, slot seq % W holds this sequence if it was decided, or an older
--- one if it never was (e.g. answered degraded, or skipped): then it is decided now, as new.
--- Beyond the window nothing is known, and guessing could lose or double usage: refused,
--- DENY INVALID_USAGE with VERDICT_WINDOW_MISS.
+-- The verdict (as dedup_replay's) of sequence `seq`, at most the session's highest sequence
+-- (session_hw), of the session at KEYS[idx]; nil when it is new. Within the window, slot
+-- seq % W holds this sequence if it was decided, or an older one if it never was (e.g.
+-- answered degraded, or skipped): then it is decided now, as new. Beyond the window nothing
+-- is known, and guessing could lose or double usage: refused, DENY INVALID_USAGE with
+-- VERDICT_WINDOW_MISS.
 local function session_replay(idx, seq, window)
-  local hw = session_hw(idx)
-  if seq > hw then return nil end
-  if hw - seq >= window then
+  if session_hw(idx) - seq >= window then
     return DENY, INVALID_USAGE, 0, VERDICT_WINDOW_MISS, nil
   end
   flush_run(idx)

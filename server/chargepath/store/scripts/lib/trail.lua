@@ -19,14 +19,6 @@ local function trail_open(version, now_s)
   trail[1], tn = version .. US .. now_s, 1
 end
 
-local function trail_decision(text, trace_id, d, r, retry_s)
-  ndec = ndec + 1
-  trail[tn + 1], trail[tn + 2], trail[tn + 3], trail[tn + 4] = RS, text, US, trace_id
-  trail[tn + 5], trail[tn + 6], trail[tn + 7] = verdict_text(d, r), US, retry_s
-  trail[tn + 8] = US
-  tn = tn + 8
-end
-
 -- The text of a remaining amount: the last one of the spec is reused (a usage's "before" is
 -- mostly the previous usage's "after").
 local function remaining_text(spec, v)
@@ -36,34 +28,46 @@ local function remaining_text(spec, v)
   return s
 end
 
--- One limit of the decision last opened; `first`: the decision's first limit.
-local function trail_limit(spec, first, before, after, exceeded)
-  if not spec.pre then
-    -- "name,kind," and ",capacity,exceeded", once per spec (the capacity is the batch's)
-    local cap = int(spec.capacity)
-    spec.pre = spec.name .. ',' .. DIGIT[spec.kind] .. ','
-    spec.cap_x0, spec.cap_x1 = ',' .. cap .. ',0', ',' .. cap .. ',1'
+-- One decision, with its limits `set[1..nl]`: remaining units `befores[j]` before and
+-- `afters[j]` after, exceeded or not. When the usage was taken, a quota that went from
+-- `used_before[j]` units to its used units now crossed a threshold or not; `subject`: the
+-- usage's subject number (see decide.lua).
+local function trail_decision(text, trace_id, d, r, retry_s, set, nl, befores, afters,
+    exceeded, taken, used_before, subject)
+  local pieces, n = trail, tn
+  ndec = ndec + 1
+  pieces[n + 1], pieces[n + 2], pieces[n + 3], pieces[n + 4] = RS, text, US, trace_id
+  pieces[n + 5], pieces[n + 6], pieces[n + 7] = verdict_text(d, r), US, retry_s
+  pieces[n + 8] = US
+  n = n + 8
+  for j = 1, nl do
+    local spec = set[j]
+    if not spec.pre then
+      -- "name,kind," and ",capacity,exceeded", once per spec (the capacity is the batch's)
+      local cap = int(spec.capacity)
+      spec.pre = spec.name .. ',' .. DIGIT[spec.kind] .. ','
+      spec.cap_x0, spec.cap_x1 = ',' .. cap .. ',0', ',' .. cap .. ',1'
+    end
+    if j > 1 then
+      n = n + 1
+      pieces[n] = ';'
+    end
+    pieces[n + 1], pieces[n + 2], pieces[n + 3] = spec.pre, remaining_text(spec, befores[j]), ','
+    pieces[n + 4] = remaining_text(spec, afters[j])
+    if exceeded[j] then pieces[n + 5] = spec.cap_x1 else pieces[n + 5] = spec.cap_x0 end
+    n = n + 5
+    if taken and spec.kind == KIND_QUOTA then
+      local total, used, was = spec.capacity, spec.st.used, used_before[j]
+      local warn, full = total * QUOTA_WARN_PERCENT / 100, total * 100 / 100
+      if was < warn and used >= warn then
+        thresholds[#thresholds + 1] = {spec.name, subject, QUOTA_WARN_PERCENT, used, total}
+      end
+      if was < full and used >= full then
+        thresholds[#thresholds + 1] = {spec.name, subject, 100, used, total}
+      end
+    end
   end
-  if not first then
-    tn = tn + 1
-    trail[tn] = ';'
-  end
-  trail[tn + 1], trail[tn + 2], trail[tn + 3] = spec.pre, remaining_text(spec, before), ','
-  trail[tn + 4] = remaining_text(spec, after)
-  if exceeded then trail[tn + 5] = spec.cap_x1 else trail[tn + 5] = spec.cap_x0 end
-  tn = tn + 5
-end
-
--- A quota taken from `used_before` to `used` units of `total` crossed a threshold?
--- `subject`: the usage's subject number (see decide.lua).
-local function trail_thresholds(spec, subject, used_before, used, total)
-  local warn, full = total * QUOTA_WARN_PERCENT / 100, total * 100 / 100
-  if used_before < warn and used >= warn then
-    thresholds[#thresholds + 1] = {spec.name, subject, QUOTA_WARN_PERCENT, used, total}
-  end
-  if used_before < full and used >= full then
-    thresholds[#thresholds + 1] = {spec.name, subject, 100, used, total}
-  end
+  tn = n
 end
 
 -- Write the batch's entry and its threshold events to the trail stream `key`; `subjects`:
