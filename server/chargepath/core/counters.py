@@ -43,6 +43,12 @@ def fill_wait_ms(need: int, level: int, refill_per_ms: int) -> int:
     return -(-(need - level) // refill_per_ms)
 
 
+def debited_level(level: int, need: int) -> int:
+    """``level`` less ``need`` sub-units; a report may take a bucket into debt, at most
+    :data:`MAX_DEBT` sub-units."""
+    return max(level - need, -MAX_DEBT)
+
+
 def quota_used(stored_start: int | None, stored_used: int, start: int) -> int:
     """The units used in the period that starts at ``start``, of a counter that holds
     ``stored_used`` for the period that started at ``stored_start`` (None: never written).
