@@ -183,6 +183,20 @@ VERDICT_WINDOW_MISS = 8  # a resend older than the session's replay window
 #: another at 100 %)
 QUOTA_WARN_PERCENT = 80
 
+# -- a session's replay slots (written and read by lib/dedup.lua only; here so that each width
+# is written once and the Lua gets literals) --------------------------------------------------
+
+SESSION_SEQ_DIGITS = 20  # the header (highest sequence) and a slot's sequence
+SESSION_RETRY_DIGITS = 10  # a slot's retry_after_ms, at most 10**10 - 1
+SESSION_ID_CHARS = 32  # a slot's decision id, space-padded
+#: bytes per slot: sequence, decision, reason, recorded (a digit each), retry, decision id
+SESSION_SLOT = SESSION_SEQ_DIGITS + 3 + SESSION_RETRY_DIGITS + SESSION_ID_CHARS
+SESSION_SEQ_FORMAT = f"%0{SESSION_SEQ_DIGITS}d"
+SESSION_RETRY_FORMAT = f"%0{SESSION_RETRY_DIGITS}d"
+SESSION_RETRY_MAX = 10**SESSION_RETRY_DIGITS - 1
+SESSION_RETRY_ZERO = "0" * SESSION_RETRY_DIGITS
+SESSION_ID_FORMAT = f"%-{SESSION_ID_CHARS}s"
+
 # -- texts the scripts write, read back by the ledger and the trail readers -----------------
 
 US = "\x1f"  # between the fields of a usage, a ledger entry, a trail decision
@@ -220,6 +234,8 @@ def lua_constants() -> dict[str, int | str]:
 def _lua_value(value: int | str) -> str:
     if isinstance(value, int):
         return str(value)
+    if value.isprintable() and "'" not in value and "\\" not in value:
+        return f"'{value}'"
     return "'" + "".join(f"\\{ord(c)}" for c in value) + "'"
 
 

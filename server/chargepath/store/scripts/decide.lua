@@ -73,7 +73,6 @@ local specs = {}
 for s = 1, #specs_in / SPEC_SLOTS do
   local spec = read_spec(specs_in, SPEC_SLOTS * (s - 1))
   spec.st, spec.pre, spec.last_v, spec.last_s = false, false, false, ''
-  if spec.kind == KIND_QUOTA then spec.capacity = 0 end
   specs[s] = spec
 end
 local sets = {}

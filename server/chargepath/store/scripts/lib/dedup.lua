@@ -4,21 +4,14 @@
 -- A request id's record (a string key, kept for the dedup window):
 --   "fingerprint|decision|reason|retry_after_ms|recorded|decision_id", recorded being
 --   VERDICT_RECORDED or 0.
--- A session (a string key, kept for the session ttl): its highest sequence (20 digits), then
--- W slots (W = the session replay window); slot seq % W holds the verdict of sequence seq:
---   sequence (20 digits), decision, reason, recorded (1 digit each), retry_after_ms (10
---   digits), decision_id (32 characters, space-padded).
+-- A session (a string key, kept for the session ttl): its highest sequence
+-- (SESSION_SEQ_DIGITS digits), then W slots of SESSION_SLOT bytes (W = the session replay
+-- window); slot seq % W holds the verdict of sequence seq: sequence (SESSION_SEQ_DIGITS
+-- digits), decision, reason, recorded (a digit each), retry_after_ms (SESSION_RETRY_DIGITS
+-- digits), decision_id (SESSION_ID_CHARS characters, space-padded).
 -- Slots of consecutive sequences are adjacent: they are written as one SETRANGE per run.
 
 -- #include lib/numbers.lua
-
-local SEQ_DIGITS, RETRY_DIGITS, ID_CHARS = 20, 10, 32
-local SLOT = SEQ_DIGITS + 3 + RETRY_DIGITS + ID_CHARS
-local HEADER = SEQ_DIGITS
-local SEQ_FORMAT = '%0' .. SEQ_DIGITS .. 'd'
-local RETRY_FORMAT, RETRY_MAX = '%0' .. RETRY_DIGITS .. 'd', 10 ^ RETRY_DIGITS - 1
-local RETRY_ZERO = string.rep('0', RETRY_DIGITS)
-local ID_FORMAT = '%-' .. ID_CHARS .. 's'
 
 -- The verdict a request id's record holds: decision, reason, retry_after_ms, verdict flags,
 -- decision id; or DENY INVALID_USAGE with VERDICT_CONFLICT when the id was used for another
@@ -46,7 +39,7 @@ local runs = {}
 local function session_hw(idx)
   local hw = sessions[idx]
   if hw == nil then
-    local raw = redis.call('GETRANGE', KEYS[idx], 0, HEADER - 1)
+    local raw = redis.call('GETRANGE', KEYS[idx], 0, SESSION_SEQ_DIGITS - 1)
     hw = raw ~= '' and tonumber(raw) or -1
     sessions[idx] = hw
   end
@@ -72,13 +65,15 @@ local function session_replay(idx, seq, window)
     return DENY, INVALID_USAGE, 0, VERDICT_WINDOW_MISS, nil
   end
   flush_run(idx)
-  local off = HEADER + (seq % window) * SLOT
-  local slot = redis.call('GETRANGE', KEYS[idx], off, off + SLOT - 1)
-  if string.len(slot) == SLOT and tonumber(sub(slot, 1, SEQ_DIGITS)) == seq then
-    local p = SEQ_DIGITS
+  local off = SESSION_SEQ_DIGITS + (seq % window) * SESSION_SLOT
+  local slot = redis.call('GETRANGE', KEYS[idx], off, off + SESSION_SLOT - 1)
+  if string.len(slot) == SESSION_SLOT
+    and tonumber(sub(slot, 1, SESSION_SEQ_DIGITS)) == seq then
+    local p = SESSION_SEQ_DIGITS
     return tonumber(sub(slot, p + 1, p + 1)), tonumber(sub(slot, p + 2, p + 2)),
-      tonumber(sub(slot, p + 4, p + 3 + RETRY_DIGITS)),
-      VERDICT_REPLAYED + tonumber(sub(slot, p + 3, p + 3)), sub(slot, p + 4 + RETRY_DIGITS, SLOT)
+      tonumber(sub(slot, p + 4, p + 3 + SESSION_RETRY_DIGITS)),
+      VERDICT_REPLAYED + tonumber(sub(slot, p + 3, p + 3)),
+      sub(slot, p + 4 + SESSION_RETRY_DIGITS, SESSION_SLOT)
   end
   return nil
 end
@@ -86,18 +81,18 @@ end
 -- Remember the verdict of sequence `seq` in its slot (and the session's highest sequence).
 local function session_remember(idx, seq, d, r, recorded, retry, did, window)
   local padded = did
-  if string.len(did) ~= ID_CHARS then padded = format(ID_FORMAT, did) end
-  local retry_s = RETRY_ZERO
-  if retry > 0 then retry_s = format(RETRY_FORMAT, math.min(retry, RETRY_MAX)) end
+  if string.len(did) ~= SESSION_ID_CHARS then padded = format(SESSION_ID_FORMAT, did) end
+  local retry_s = SESSION_RETRY_ZERO
+  if retry > 0 then retry_s = format(SESSION_RETRY_FORMAT, math.min(retry, SESSION_RETRY_MAX)) end
   local run = runs[idx]
   local pos = seq % window
   if not (run and run[2] == seq and pos ~= 0) then
     flush_run(idx)
-    run = {HEADER + pos * SLOT, seq, 0}
+    run = {SESSION_SEQ_DIGITS + pos * SESSION_SLOT, seq, 0}
     runs[idx] = run
   end
   local n = run[3]
-  run[n + 4], run[n + 5], run[n + 6] = format(SEQ_FORMAT, seq), DIGIT[d], DIGIT[r]
+  run[n + 4], run[n + 5], run[n + 6] = format(SESSION_SEQ_FORMAT, seq), DIGIT[d], DIGIT[r]
   run[n + 7], run[n + 8], run[n + 9] = DIGIT[recorded], retry_s, padded
   run[2], run[3] = seq + 1, n + 6
   if seq > session_hw(idx) then
@@ -112,7 +107,7 @@ local function sessions_close(ttl_ms)
     flush_run(idx)
   end
   for idx, _ in pairs(sessions_dirty) do
-    redis.call('SETRANGE', KEYS[idx], 0, format(SEQ_FORMAT, sessions[idx]))
+    redis.call('SETRANGE', KEYS[idx], 0, format(SESSION_SEQ_FORMAT, sessions[idx]))
     redis.call('PEXPIRE', KEYS[idx], ttl_ms)
   end
 end

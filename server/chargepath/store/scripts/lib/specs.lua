@@ -7,16 +7,16 @@
 --   idx (key index), kind, soft, name, and
 --   for a rate: capacity_sub (sub-units), scale (sub-units per unit), refill_per_ms
 --     (sub-units), capacity (units);
---   for a quota: amount (units), period (code), grants_idx (key index of its grants).
+--   for a quota: amount (units), period (code), grants_idx (key index of its grants),
+--     capacity (0 until its grants are known: decide.lua sets it).
 local function read_spec(values, o)
-  local spec = {idx = values[o + SPEC_KEY], kind = values[o + SPEC_KIND],
-    soft = values[o + SPEC_SOFT] == 1, name = values[o + SPEC_NAME]}
-  if spec.kind == KIND_RATE then
-    spec.capacity_sub, spec.scale = values[o + RATE_CAPACITY_SUB], values[o + RATE_SCALE]
-    spec.refill_per_ms, spec.capacity = values[o + RATE_REFILL_PER_MS], values[o + RATE_CAPACITY]
-  else
-    spec.amount, spec.period = values[o + QUOTA_AMOUNT], values[o + QUOTA_PERIOD]
-    spec.grants_idx = values[o + QUOTA_GRANTS_KEY]
+  if values[o + SPEC_KIND] == KIND_RATE then
+    return {idx = values[o + SPEC_KEY], kind = KIND_RATE, soft = values[o + SPEC_SOFT] == 1,
+      name = values[o + SPEC_NAME], capacity_sub = values[o + RATE_CAPACITY_SUB],
+      scale = values[o + RATE_SCALE], refill_per_ms = values[o + RATE_REFILL_PER_MS],
+      capacity = values[o + RATE_CAPACITY]}
   end
-  return spec
+  return {idx = values[o + SPEC_KEY], kind = KIND_QUOTA, soft = values[o + SPEC_SOFT] == 1,
+    name = values[o + SPEC_NAME], amount = values[o + QUOTA_AMOUNT],
+    period = values[o + QUOTA_PERIOD], grants_idx = values[o + QUOTA_GRANTS_KEY], capacity = 0}
 end
