@@ -18,13 +18,15 @@ Payload of ``decide.lua`` (ARGV[7], one MessagePack array of four arrays; offset
    instance): they share the counter.
 2. limit sets: arrays of spec numbers, in the order of a usage's limits (each distinct set
    once per batch).
-3. subjects: flat (slice, key) pairs, each distinct pair once per batch.
+3. subjects: flat (slice, key) pairs, each distinct pair once per batch (what a quota
+   threshold event names).
 4. usages, flat, :data:`USAGE_SLOTS` values per usage: flags (``USAGE_*`` bits), amount,
    dedup or session key index (0: none), sequence, fingerprint, decision id, limit set number
    (0: no limits), ledger aggregation interval in ms (0: one ledger entry per usage), text
-   (:func:`usage_text`), ledger tail (``""``, or ``US occurred_at_ms US labels JSON``; for an
-   aggregated usage ``|slice|key|metric|mode``, its aggregate's field after the interval),
-   trace id, subject number.
+   (``request_id US decision_id US slice US key US metric US amount US mode``: how its ledger
+   entry and its trail record begin; no part may hold US), ledger tail (``""``, or
+   ``US occurred_at_ms US labels JSON``; for an aggregated usage ``|slice|key|metric|mode``,
+   its aggregate's field after the interval), trace id, subject number.
 
 Reply of ``decide.lua``: ``{REPLY_STALE, stamped_version}`` (nothing written), or
 ``{REPLY_DECIDED, now_ms, then per usage: code, retry_after_ms, [the record's decision id when
@@ -274,8 +276,8 @@ _INCLUDE = "-- #include "
 def assemble(source: str) -> str:
     """A runnable script from Lua ``source``: each line ``-- #include lib/NAME.lua`` replaced by
     that file of ``store/scripts`` (once, however often it is asked for; a library may include
-    others), and the constants header in front. Redis scripts cannot load modules, so shared
-    Lua is inlined at load."""
+    others), then the shared constants written in (:func:`with_constants`). Redis scripts
+    cannot load modules, so shared Lua is inlined at load."""
     folder = resources.files("chargepath.store") / "scripts"
     seen: set[str] = set()
 
@@ -478,13 +480,17 @@ def decode_reply(reply: Sequence[Any], items: Sequence[DecideItem], version: int
     pos = 2
     out: list[Verdict] = []
     append = out.append
+    # locals: this loop runs once per usage on the gateway's hot path
+    decisions, reasons, rate = _DECISIONS, _REASONS, LimitKind.RATE
+    with_id, recorded_bit = VERDICT_REPLAYED | VERDICT_CONFLICT, VERDICT_RECORDED
+    replayed_bit, refused = VERDICT_REPLAYED, VERDICT_CONFLICT | VERDICT_WINDOW_MISS
     for item in items:
         code = reply[pos]
         retry = reply[pos + 1]
         pos += 2
         flags = (code >> _FLAGS_SHIFT) & _FLAGS_MASK
         did = item.decision_id
-        if flags & (VERDICT_REPLAYED | VERDICT_CONFLICT):
+        if flags & with_id:
             did = reply[pos] or did
             pos += 1
         states: tuple[LimitState, ...] = ()
@@ -495,7 +501,7 @@ def decode_reply(reply: Sequence[Any], items: Sequence[DecideItem], version: int
                 rem = reply[pos]
                 reset = reply[pos + 1]
                 pos += 2
-                if lim.kind is LimitKind.RATE:
+                if lim.kind is rate:
                     cap = lim.capacity
                 else:
                     cap = reply[pos]
@@ -514,21 +520,19 @@ def decode_reply(reply: Sequence[Any], items: Sequence[DecideItem], version: int
                 )
             states = tuple(limits)
         violations: tuple[FieldViolation, ...] = ()
-        if flags & VERDICT_CONFLICT:
-            violations = (CONFLICT,)
-        elif flags & VERDICT_WINDOW_MISS:
-            violations = (WINDOW_MISS,)
+        if flags & refused:
+            violations = (CONFLICT,) if flags & VERDICT_CONFLICT else (WINDOW_MISS,)
         append(
             Verdict(
                 request_id=item.usage.request_id,
-                decision=_DECISIONS[code & _DECISION_MASK],
-                reason=_REASONS[(code >> _REASON_SHIFT) & _REASON_MASK],
+                decision=decisions[code & _DECISION_MASK],
+                reason=reasons[(code >> _REASON_SHIFT) & _REASON_MASK],
                 decision_id=did,
                 policy_version=version,
                 retry_after_ms=retry,
                 limits=states,
-                recorded=bool(flags & VERDICT_RECORDED),
-                replayed=bool(flags & VERDICT_REPLAYED),
+                recorded=bool(flags & recorded_bit),
+                replayed=bool(flags & replayed_bit),
                 message=str(violations[0]) if violations else "",
                 decided_at_ms=now,
                 trace_id=item.trace_id,
