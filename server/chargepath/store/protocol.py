@@ -37,6 +37,7 @@ reset_after_ms (``-1 - reset_after_ms`` when exceeded), and for a quota its capa
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import textwrap
@@ -296,8 +297,10 @@ def assemble(source: str) -> str:
     return with_constants("\n".join(inline(source)) + "\n")
 
 
+@functools.cache
 def read_script(name: str) -> str:
-    """The script ``store/scripts/NAME``, assembled (see :func:`assemble`)."""
+    """The script ``store/scripts/NAME``, assembled (see :func:`assemble`); package data, so
+    assembled once per process."""
     folder = resources.files("chargepath.store") / "scripts"
     return assemble((folder / name).read_text(encoding="utf-8"))
 
