@@ -2,9 +2,12 @@
 
 The graph is read from the source with ``ast`` (nothing is imported): every ``import`` and
 ``from ... import`` of a chargepath module, at module level or inside a function, under
-``TYPE_CHECKING`` or not, is an edge. The layers: ``chargepath.cli`` -> ``chargepath.supervisor``
--> ``chargepath.app`` -> (engine, store, transport, telemetry, core ...). A function-local import
-cannot hide a cycle from this test."""
+``TYPE_CHECKING`` or not, is an edge of the layering checks. The layers: ``chargepath.cli`` ->
+``chargepath.supervisor`` -> ``chargepath.app`` -> (engine, store, transport, telemetry, core ...).
+A function-local import cannot hide a cycle from this test. An import under ``TYPE_CHECKING``
+never runs, so it is not an edge of the cycle check: a contract may name the value type of its
+implementation for the type checker (``store.base`` names ``store.ledger.LedgerEntry``) without
+the modules importing each other when the program runs."""
 
 from __future__ import annotations
 
@@ -24,13 +27,32 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports_of(source: str, module: str, is_package: bool, modules: set[str]) -> set[str]:
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    """The ids of the nodes inside ``if TYPE_CHECKING:`` blocks."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and (
+            (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+            or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")
+        ):
+            for child in node.body:
+                inside.update(id(n) for n in ast.walk(child))
+    return inside
+
+
+def imports_of(
+    source: str, module: str, is_package: bool, modules: set[str], *, typing: bool = True
+) -> set[str]:
     """The modules of ``modules`` that ``source`` (the text of ``module``) imports, relative
     imports made absolute. ``from a import b`` is an edge to ``a.b`` when that is a module, else
     to ``a`` (the longest prefix that is one). As for ``import a.b``, the implicit import of a
     parent package is not an edge: Python runs it before the module, whatever the order."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    skip = set() if typing else _type_checking_nodes(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -50,12 +72,17 @@ def imports_of(source: str, module: str, is_package: bool, modules: set[str]) ->
     return edges
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the chargepath modules it imports (itself excluded)."""
+def import_graph(*, typing: bool = True) -> dict[str, set[str]]:
+    """Module -> the chargepath modules it imports (itself excluded); without ``typing``, the
+    imports under ``TYPE_CHECKING`` are left out (those that run)."""
     paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     return {
         module: imports_of(
-            path.read_text(encoding="utf-8"), module, path.name == "__init__.py", set(paths)
+            path.read_text(encoding="utf-8"),
+            module,
+            path.name == "__init__.py",
+            set(paths),
+            typing=typing,
         )
         for module, path in paths.items()
     }
@@ -156,4 +183,21 @@ def test_the_supervisor_does_not_import_the_cli() -> None:
 
 
 def test_no_import_cycle() -> None:
-    assert cycles(import_graph()) == []
+    assert cycles(import_graph(typing=False)) == []
+
+
+def test_type_checking_imports_are_not_cycle_edges_but_still_layer_edges() -> None:
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from chargepath.engine import Engine\n"
+        "import chargepath.store\n"
+    )
+    modules = {"chargepath", "chargepath.engine", "chargepath.store"}
+    assert imports_of(source, "chargepath.app", False, modules) == {
+        "chargepath.engine",
+        "chargepath.store",
+    }
+    assert imports_of(source, "chargepath.app", False, modules, typing=False) == {
+        "chargepath.store"
+    }

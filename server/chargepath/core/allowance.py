@@ -2,8 +2,10 @@
 
 Each gateway process keeps, in memory, a token bucket per (rate limit, scope instance) with the
 plan's own capacity and refill, so that during an outage a tenant can spend at most what its
-plan would allow on this process. Quotas are not enforced locally (their counters live in the
-store). Nothing here is recorded: degraded verdicts always say ``recorded = false``.
+plan would allow on this process. The bucket follows the store's rules (:mod:`chargepath.core.
+counters`): refill, clamp to capacity, and conversion of the level when a plan change changes
+the limit's scale. Quotas are not enforced locally (their counters live in the store). Nothing
+here is recorded: degraded verdicts always say ``recorded = false``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from chargepath.core.counters import converted_level, fill_wait_ms, refilled_level
 from chargepath.core.model import LimitKind, Subject
 from chargepath.core.policy import Limit
 
 
 @dataclass(slots=True)
 class _Bucket:
-    level: int  # scaled sub-units (see Limit)
+    level: int  # sub-units of ``scale`` (see Limit)
     at_ms: int
+    scale: int
 
 
 class LocalAllowance:
@@ -45,11 +49,10 @@ class LocalAllowance:
         states: list[tuple[_Bucket, int]] = []
         for lim in rates:
             need = amount * lim.scale
-            if need > lim.capacity * lim.scale:
+            if need > lim.capacity_sub:
                 return -1
             b = self._bucket(subject, lim, now)
-            if b.level < need:
-                wait = max(wait, -(-(need - b.level) // lim.refill_per_ms))
+            wait = max(wait, fill_wait_ms(need, b.level, lim.refill_per_ms))
             states.append((b, need))
         if wait:
             return wait
@@ -57,15 +60,19 @@ class LocalAllowance:
             b.level -= need
         return 0
 
+    def level(self, subject: Subject, lim: Limit) -> int:
+        """The level now, in sub-units, of the bucket of ``lim`` for ``subject``."""
+        return self._bucket(subject, lim, self._clock_ms()).level
+
     def _bucket(self, subject: Subject, lim: Limit, now: int) -> _Bucket:
         key = (subject.tenant, lim.name, subject.slice, subject.key)
-        cap = lim.capacity * lim.scale
         b = self._buckets.get(key)
         if b is None:
             if len(self._buckets) >= self._max:
                 self._buckets.clear()
-            b = self._buckets[key] = _Bucket(cap, now)
-        elapsed = max(0, now - b.at_ms)
-        b.level = min(cap, b.level + elapsed * lim.refill_per_ms)
+            b = self._buckets[key] = _Bucket(lim.capacity_sub, now, lim.scale)
+        level = converted_level(b.level, b.scale, lim.scale)
+        b.level = refilled_level(level, b.at_ms, now, lim.capacity_sub, lim.refill_per_ms)
         b.at_ms = now
+        b.scale = lim.scale
         return b

@@ -46,6 +46,11 @@ class Limit:
     refill: int = 0
     per: str = ""
 
+    @property
+    def capacity_sub(self) -> int:
+        """A rate's capacity in sub-units: what a full bucket holds."""
+        return self.capacity * self.scale
+
     @classmethod
     def from_spec(cls, spec: LimitSpec, *, min_scope: Scope = Scope.TENANT) -> Limit:
         scope = max(SCOPES[spec.scope], min_scope)

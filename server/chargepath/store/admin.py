@@ -1,16 +1,15 @@
 """The admin side of the Redis store: grants, live state, and the recent-decisions trail.
 
 The trail is a capped Redis Stream per tenant (``cp:{T}:recent``, written by decide.lua in the
-same step as the decisions): an entry ``e=b`` holds the decisions of one batch with every
-limit's remaining units before and after (``e=d``, one decision, is what earlier versions
-wrote), entries ``e=th`` are quota threshold crossings (80% and 100%). It serves
-``GetState`` (the last decisions), ``ExplainDecision`` (a scan for the decision id) and
-``WatchDecisions`` (a blocking read of new entries).
+same step as the decisions, see ``scripts/lib/trail.lua``): an entry ``e=b`` holds the
+decisions of one batch with every limit's remaining units before and after, entries ``e=th``
+are quota threshold crossings (80% and 100%). It serves ``GetState`` (the last decisions),
+``ExplainDecision`` (a scan for the decision id) and ``WatchDecisions`` (a blocking read of new
+entries). Live counters are read by ``read_limits.lua`` with decide.lua's own rules.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,20 +26,21 @@ from chargepath.core.model import (
     Subject,
     ThresholdEvent,
 )
-from chargepath.core.periods import period_bounds
 from chargepath.core.policy import Limit
 from chargepath.store.base import GrantReading, LimitReading, StoreUnavailableError
-from chargepath.store.redis_store import (
-    RedisStore,
+from chargepath.store.protocol import (
+    REPLY_REFUSED,
+    RS,
+    US,
+    decode_read,
+    encode_read,
+    grant_notes_key,
     grants_key,
     limit_key,
     read_script,
-    tenant_prefix,
 )
-
-
-def recent_key(tenant: str) -> str:
-    return f"{tenant_prefix(tenant)}recent"
+from chargepath.store.protocol import recent_key as recent_key
+from chargepath.store.redis_store import RedisStore
 
 
 class AdminStore:
@@ -50,6 +50,7 @@ class AdminStore:
         self.store = store
         self.client = store.client
         self._grant = self.client.register_script(read_script("grant.lua"))
+        self._read_limits = self.client.register_script(read_script("read_limits.lua"))
 
     @property
     def recent_length(self) -> int:
@@ -78,10 +79,10 @@ class AdminStore:
                     limit.amount,
                 ],
             )
-            if reply[0] == -1:
+            if reply[0] == REPLY_REFUSED:
                 return None
             if note:
-                notes = f"{tenant_prefix(t)}gnotes"
+                notes = grant_notes_key(t)
                 await self.client.hset(notes, grant_id, note)
                 await self.client.pexpire(notes, 40 * 86_400_000)
         except (RedisError, OSError) as exc:
@@ -91,54 +92,23 @@ class AdminStore:
     async def read_limits(
         self, subject: Subject, limits: tuple[Limit, ...]
     ) -> tuple[int, list[LimitReading], list[GrantReading]]:
-        """Every limit's live counter for ``subject``, read in one transaction with the
-        store's clock: (now_ms, readings, live grants)."""
-        t = subject.tenant
-        notes_key = f"{tenant_prefix(t)}gnotes"
+        """Every limit's live counter for ``subject``, read in one script (read_limits.lua:
+        decide.lua's rules, on the store's clock): (now_ms, readings, live grants)."""
+        keys, args = encode_read(
+            subject.tenant, limits, subject.slice, subject.key, self.store.clock_offset_ms
+        )
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                # TIME through a script keyed on the tenant: the same reply, and on Redis
-                # Cluster it routes to the tenant's node (a cluster pipeline refuses TIME).
-                pipe.eval("return redis.call('TIME')", 1, notes_key)
-                for lim in limits:
-                    pipe.hmget(
-                        limit_key(t, lim, subject.slice, subject.key), ["l", "t", "p", "u", "s"]
-                    )
-                    pipe.hgetall(grants_key(t, lim, subject.slice, subject.key))
-                pipe.hgetall(notes_key)
-                raw = await pipe.execute()
+            reply = await self._read_limits(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-        sec, usec = raw[0]
-        now = int(sec) * 1000 + int(usec) // 1000 + self.store.clock_offset_ms
-        notes: dict[str, str] = raw[-1]
+        now, counters = decode_read(reply, len(limits))
         readings: list[LimitReading] = []
         grants: list[GrantReading] = []
-        for i, lim in enumerate(limits):
-            (level, at, period, used, scale), grant_map = raw[1 + 2 * i], raw[2 + 2 * i]
-            if lim.kind is LimitKind.RATE:
-                cap = lim.capacity * lim.scale
-                lvl = cap
-                if level is not None:
-                    lvl = int(level)
-                    if scale is not None and int(scale) != lim.scale:  # as decide.lua converts
-                        lvl = math.floor(lvl / int(scale) * lim.scale)
-                    lvl = min(cap, lvl + max(0, now - int(at)) * lim.refill_per_ms)
-                reset = 0 if lvl >= cap else -(-(cap - lvl) // lim.refill_per_ms)
-                readings.append(LimitReading(lim, lvl // lim.scale, lim.capacity, 0, 0, reset))
-                continue
-            start, end = period_bounds(now, lim.period)
-            used_now = int(used) if period is not None and int(period) == start else 0
-            granted = 0
-            for gid, value in grant_map.items():
-                amount, g_start, g_exp = (int(x) for x in value.split("|"))
-                if g_start == start and (g_exp == 0 or g_exp > now):
-                    granted += amount
-                    grants.append(GrantReading(gid, lim.name, amount, g_exp, notes.get(gid, "")))
-            capacity = lim.amount + granted
+        for lim, c in zip(limits, counters, strict=True):
             readings.append(
-                LimitReading(lim, capacity - used_now, capacity, used_now, granted, end - now)
+                LimitReading(lim, c.remaining, c.capacity, c.used, c.granted, c.reset_after_ms)
             )
+            grants += (GrantReading(gid, lim.name, a, exp, note) for gid, a, exp, note in c.grants)
         return now, readings, grants
 
     async def recent(
@@ -187,10 +157,7 @@ class AdminStore:
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         for _, fields in entries:
-            e = fields.get("e")
-            if e == "d" and fields["x"].startswith(decision_id):
-                return parse_decision(tenant, fields)
-            if e == "b" and decision_id in fields["x"]:
+            if fields.get("e") == "b" and decision_id in fields["x"]:
                 for rec in parse_batch(tenant, fields["x"]):
                     if rec.decision_id == decision_id:
                         return rec
@@ -222,13 +189,10 @@ class AdminStore:
 
 
 def parse_entry(tenant: str, f: dict[str, str]) -> list[DecisionRecord]:
-    """The decisions of a trail entry, oldest first: a batch (``e=b``), one decision
-    (``e=d``, written by earlier versions), or none (a threshold event)."""
-    e = f.get("e")
-    if e == "b":
+    """The decisions of a trail entry, oldest first: a batch (``e=b``), or none (a threshold
+    event)."""
+    if f.get("e") == "b":
         return parse_batch(tenant, f["x"])
-    if e == "d":
-        return [parse_decision(tenant, f)]
     return []
 
 
@@ -246,79 +210,35 @@ def _limit_changes(packed_limits: str) -> tuple[LimitChange, ...]:
 
 
 def parse_batch(tenant: str, x: str) -> list[DecisionRecord]:
-    """A trail entry ``e=b`` (decide.lua writes one per batch): field ``x`` holds
-    ``policy_version US decided_at_ms``, then per decision RS (0x1E) and, 0x1F-separated,
-    request id, decision id, slice, key, metric, amount, mode, trace id, decision, reason,
-    retry_after and the limits."""
-    header, *records = x.split("\x1e")
-    version, ts = header.split("\x1f")
+    """A trail entry ``e=b`` (decide.lua writes one per batch, see ``scripts/lib/trail.lua``):
+    field ``x`` holds ``policy_version US decided_at_ms``, then per decision RS and, separated
+    by US, request id, decision id, slice, key, metric, amount, mode (the usage's text), trace
+    id, decision, reason, retry_after and the limits."""
+    header, *records = x.split(RS)
+    version, ts = header.split(US)
     out = []
     for record in records:
-        (
-            rid,
-            did,
-            slice_,
-            key,
-            metric,
-            amount,
-            mode,
-            trace_id,
-            decision,
-            reason,
-            retry,
-            packed_limits,
-        ) = record.split("\x1f")
-        fields = (did, rid, slice_, key, metric, amount, mode, decision, reason, version, ts)
-        out.append(_record(tenant, *fields, trace_id, retry, packed_limits))
+        rid, did, slice_, key, metric, amount, mode, trace_id, decision, reason, retry, limits = (
+            record.split(US)
+        )
+        out.append(
+            DecisionRecord(
+                decision_id=did,
+                request_id=rid,
+                subject=Subject(tenant, slice_, key),
+                metric=metric,
+                amount=int(amount),
+                mode=Mode.REPORT if mode == "report" else Mode.ADMIT,
+                decision=Decision(int(decision)),
+                reason=Reason(int(reason)),
+                policy_version=int(version),
+                decided_at_ms=int(ts),
+                trace_id=trace_id,
+                retry_after_ms=int(retry),
+                limits=_limit_changes(limits),
+            )
+        )
     return out
-
-
-def parse_decision(tenant: str, f: dict[str, str]) -> DecisionRecord:
-    """A trail entry ``e=d`` (one decision per entry, as earlier versions wrote them): field
-    ``x`` packs, 0x1F-separated, the decision id, request id, slice, key, metric, amount, mode,
-    decision, reason, policy version, time, trace id, retry_after and the limits
-    (``name,kind,before,after,capacity,exceeded`` joined by ``;``)."""
-    (
-        did,
-        rid,
-        slice_,
-        key,
-        metric,
-        amount,
-        mode,
-        decision,
-        reason,
-        version,
-        ts,
-        trace_id,
-        retry,
-        packed_limits,
-    ) = f["x"].split("\x1f")
-    fields = (did, rid, slice_, key, metric, amount, mode, decision, reason, version, ts)
-    return _record(tenant, *fields, trace_id, retry, packed_limits)
-
-
-def _record(
-    tenant: str, did: str, rid: str, slice_: str, key: str, metric: str, amount: str,
-    mode: str, decision: str, reason: str, version: str, ts: str, trace_id: str, retry: str,
-    packed_limits: str,
-) -> DecisionRecord:  # fmt: skip
-    """A decision record from the text fields of a trail entry, whichever its layout."""
-    return DecisionRecord(
-        decision_id=did,
-        request_id=rid,
-        subject=Subject(tenant, slice_, key),
-        metric=metric,
-        amount=int(amount),
-        mode=Mode.REPORT if mode == "report" else Mode.ADMIT,
-        decision=Decision(int(decision)),
-        reason=Reason(int(reason)),
-        policy_version=int(version),
-        decided_at_ms=int(ts),
-        trace_id=trace_id,
-        retry_after_ms=int(retry),
-        limits=_limit_changes(packed_limits),
-    )
 
 
 def parse_threshold(tenant: str, f: dict[str, str]) -> ThresholdEvent:

@@ -52,17 +52,16 @@ import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
 from chargepath.store.connect import RedisClient, RedisTarget, connect
-from chargepath.store.redis_store import (
-    RedisStore,
-    ledger_key,
-    read_script,
-    tenant_prefix,
-)
+from chargepath.store.protocol import US, ledger_key, read_script, tenant_prefix
+from chargepath.store.protocol import aggregates_key as aggregates_key
+
+if TYPE_CHECKING:
+    from chargepath.store.redis_store import RedisStore
 
 __all__ = [
     "Ledger",
@@ -76,11 +75,6 @@ __all__ = [
 def exported_key(tenant: str) -> str:
     """The export mark: id of the last ledger entry exported (string)."""
     return f"{tenant_prefix(tenant)}ledger:exported"
-
-
-def aggregates_key(tenant: str) -> str:
-    """The per-interval ledger aggregates written by decide.lua (hash)."""
-    return f"{tenant_prefix(tenant)}agg"
 
 
 def parse_stream_id(entry_id: str) -> tuple[int, int]:
@@ -125,13 +119,12 @@ class LedgerEntry:
 
     @classmethod
     def from_fields(cls, entry_id: str, f: Mapping[str, str]) -> LedgerEntry:
-        """From the stream entry's fields: the packed field ``x`` written by decide.lua (see
-        its header), or the one-field-per-value form of earlier versions and of
-        flush_aggregates.lua."""
+        """From the stream entry's fields: the packed field ``x`` of a recorded usage
+        (written by decide.lua, see ``scripts/lib/ledger.lua``), or the fields of an aggregate
+        (written by flush_aggregates.lua, see its header)."""
         packed = f.get("x")
         if packed is not None:
             return cls._from_packed(entry_id, packed)
-        labels = f.get("lb")
         return cls(
             id=entry_id,
             request_id=f.get("rid", ""),
@@ -141,12 +134,10 @@ class LedgerEntry:
             mode=f.get("mo", ""),
             decision=_int(f, "d"),
             reason=_int(f, "r"),
-            policy_version=_int(f, "v"),
+            policy_version=0,
             decided_at_ms=_int(f, "ts"),
             slice=f.get("sl", ""),
             key=f.get("k", ""),
-            labels={str(k): str(v) for k, v in json.loads(labels).items()} if labels else {},
-            occurred_at_ms=_int(f, "oc"),
             count=_int(f, "n", 1),
             aggregate=f.get("ag") == "1",
             interval_start_ms=_int(f, "is"),
@@ -157,7 +148,7 @@ class LedgerEntry:
     def _from_packed(cls, entry_id: str, packed: str) -> LedgerEntry:
         """``request_id US decision_id US slice US key US metric US amount US mode US decision
         US reason US policy_version US decided_at_ms [US occurred_at_ms US labels]``."""
-        p = packed.split("\x1f")
+        p = packed.split(US)
         labels = p[12] if len(p) > 12 else ""
         return cls(
             id=entry_id,

@@ -17,32 +17,21 @@ in one slot and the scripts run unchanged on Redis Cluster):
 ``cp:{T}:q:<limit>:<sl>:<k>``  hash: quota period start, used units, granted units
 =============================  ==========================================================
 
-Scripts are package data (``store/scripts/*.lua``), registered once and run with EVALSHA;
-redis-py reloads them on NOSCRIPT (e.g. after a Redis restart).
+Scripts are package data (``store/scripts/*.lua``, with shared libraries in
+``store/scripts/lib/``), assembled with their constants by :mod:`chargepath.store.protocol`,
+registered once and run with EVALSHA; redis-py reloads them on NOSCRIPT (e.g. after a Redis
+restart). The quota's granted units live in a hash of their own (``cp:{T}:g:...``).
 """
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from typing import Any
 
-import msgpack
 from redis.exceptions import RedisError
 
 from chargepath.core.audit import AuditEvent
-from chargepath.core.model import (
-    Decision,
-    FieldViolation,
-    LimitKind,
-    LimitState,
-    Mode,
-    Reason,
-    Scope,
-    Verdict,
-)
+from chargepath.core.model import Verdict
 from chargepath.core.plans import PolicyDocument
-from chargepath.core.policy import Limit
 from chargepath.store.audit import AUDIT_KEY, event_fields
 from chargepath.store.audit import MAX_ENTRIES as AUDIT_MAX_ENTRIES
 from chargepath.store.base import (
@@ -50,78 +39,26 @@ from chargepath.store.base import (
     DecideItem,
     PolicyConflictError,
     PublishedPolicy,
-    StalePolicyError,
     StoreUnavailableError,
 )
 from chargepath.store.connect import RedisClient, RedisTarget, ReplicaWait, connect
+from chargepath.store.protocol import (
+    REPLY_REFUSED,
+    decode_reply,
+    encode_batch,
+)
+
+# The key layout and the script loader live in the protocol module; importers of this module
+# keep finding them here.
+from chargepath.store.protocol import entitlement_key as entitlement_key
+from chargepath.store.protocol import grants_key as grants_key
+from chargepath.store.protocol import ledger_key as ledger_key
+from chargepath.store.protocol import limit_key as limit_key
+from chargepath.store.protocol import read_script as read_script
+from chargepath.store.protocol import scope_instance as scope_instance
+from chargepath.store.protocol import tenant_prefix as tenant_prefix
 
 POLICY_KEY = "cp:policy"
-
-FLAG_REPLAYED = 1
-FLAG_RECORDED = 2
-FLAG_CONFLICT = 4
-FLAG_WINDOW_MISS = 8
-
-# The INVALID_USAGE verdicts the script gives, as structures; ``message`` is their text.
-_CONFLICT = (
-    FieldViolation("request_id", "was already used for a different usage within the dedup window"),
-)
-_WINDOW_MISS = (
-    FieldViolation(
-        "sequence",
-        "more than the session's replay window behind its highest sequence; whether it "
-        "was recorded is no longer known, so nothing was done",
-    ),
-)
-_CONFLICT_MESSAGE = str(_CONFLICT[0])
-_WINDOW_MESSAGE = str(_WINDOW_MISS[0])
-# decide.lua's codes -> enum members (an index instead of an enum call per verdict)
-_DECISIONS: dict[int, Decision] = {d.value: d for d in Decision}
-_REASONS: dict[int, Reason] = {r.value: r for r in Reason}
-
-
-def read_script(name: str) -> str:
-    """A script's text, with each line ``-- #include NAME`` replaced by that file (Redis
-    scripts cannot load modules; shared Lua is inlined once, at load)."""
-    folder = resources.files("chargepath.store") / "scripts"
-    lines = []
-    for line in (folder / name).read_text(encoding="utf-8").splitlines():
-        if line.startswith("-- #include "):
-            lines.append((folder / line.removeprefix("-- #include ").strip()).read_text("utf-8"))
-        else:
-            lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
-def tenant_prefix(tenant: str) -> str:
-    return f"cp:{{{tenant}}}:"
-
-
-def ledger_key(tenant: str) -> str:
-    return f"{tenant_prefix(tenant)}ledger"
-
-
-def entitlement_key(tenant: str) -> str:
-    return f"{tenant_prefix(tenant)}ent"
-
-
-def scope_instance(limit: Limit, slice_: str, key: str) -> tuple[str, str]:
-    """The (slice, key) a limit counts at: ("", "") for a tenant-scoped one."""
-    sl = slice_ if limit.scope in (Scope.SLICE, Scope.KEY) else ""
-    return sl, key if limit.scope is Scope.KEY else ""
-
-
-def limit_key(tenant: str, limit: Limit, slice_: str, key: str) -> str:
-    """The counter of ``limit`` for one scope instance: tenant, slice, or (slice, key)."""
-    kind = "r" if limit.kind is LimitKind.RATE else "q"
-    sl, k = scope_instance(limit, slice_, key)
-    return f"{tenant_prefix(tenant)}{kind}:{limit.name}:{sl}:{k}"
-
-
-def grants_key(tenant: str, limit: Limit, slice_: str, key: str) -> str:
-    """The grants of a quota counter: id -> "amount|period_start_ms|expires_ms"."""
-    sl, k = scope_instance(limit, slice_, key)
-    return f"{tenant_prefix(tenant)}g:{limit.name}:{sl}:{k}"
 
 
 class RedisStore:
@@ -181,102 +118,7 @@ class RedisStore:
         *,
         ok_limits: bool = True,
     ) -> list[Verdict]:
-        prefix = tenant_prefix(tenant)
-        keys: list[str] = [prefix + "ent", prefix + "ledger", prefix + "recent", prefix + "agg"]
-        index: dict[str, int] = {}
-
-        def idx(k: str) -> int:
-            i = index.get(k)
-            if i is None:
-                keys.append(k)
-                i = index[k] = len(keys)
-            return i
-
-        # Each distinct (limit, scope instance) is sent once as a spec, each distinct list of
-        # specs once as a set; a usage names its set. Memoised by the identity of the limits
-        # tuple (a Resolution is shared by every usage it resolved), which lives for the call.
-        specs: list[Any] = []
-        spec_of: dict[tuple[int, str, str], int] = {}
-        sets: list[list[int]] = []
-        set_of: dict[tuple[int, str, str], int] = {}
-        needs: dict[int, tuple[bool, bool]] = {}
-        usages: list[Any] = []
-        with_trace = self.recent_length > 0
-        for item in items:
-            u = item.usage
-            res = item.resolution
-            limits = res.limits
-            sl = u.subject.slice
-            k = u.subject.key
-            report = u.mode is Mode.REPORT
-            flags = (1 if report else 0) | (2 if res.entitled else 0) | (4 if item.suspended else 0)
-            if u.session_id:
-                flags |= 8
-                kidx = idx(f"{prefix}s:{u.session_id}")
-            else:
-                kidx = idx(f"{prefix}d:{u.request_id}")
-            set_no = 0
-            if limits:
-                lid = id(limits)
-                need = needs.get(lid)
-                if need is None:
-                    scopes = {lim.scope for lim in limits}
-                    need = needs[lid] = (
-                        Scope.SLICE in scopes or Scope.KEY in scopes,
-                        Scope.KEY in scopes,
-                    )
-                set_key = (lid, sl if need[0] else "", k if need[1] else "")
-                set_no = set_of.get(set_key, 0)
-                if not set_no:
-                    members = []
-                    for lim in limits:
-                        isl, ik = scope_instance(lim, sl, k)
-                        spec_key = (id(lim), isl, ik)
-                        n = spec_of.get(spec_key)
-                        if n is None:
-                            counter = idx(limit_key(tenant, lim, sl, k))
-                            if lim.kind is LimitKind.RATE:
-                                specs += (
-                                    counter, 1, int(lim.soft),
-                                    lim.capacity * lim.scale, lim.scale, lim.refill_per_ms, 0,
-                                    lim.name,
-                                )  # fmt: skip
-                            else:
-                                specs += (
-                                    counter, 2, int(lim.soft), lim.amount, int(lim.period), 0,
-                                    idx(grants_key(tenant, lim, sl, k)), lim.name,
-                                )  # fmt: skip
-                            n = spec_of[spec_key] = len(specs) // 8
-                        members.append(n)
-                    sets.append(members)
-                    set_no = set_of[set_key] = len(sets)
-            mode = "report" if report else "admit"
-            text = (
-                f"{u.request_id}\x1f{item.decision_id}\x1f{sl}\x1f{k}\x1f{u.metric}"
-                f"\x1f{u.amount}\x1f{mode}"
-            )
-            aggregate = res.aggregate_ms if u.mode is Mode.ADMIT else 0
-            if aggregate:
-                tail = f"|{sl}|{k}|{u.metric}|{mode}"
-            elif u.labels or u.occurred_at_ms:
-                labels = json.dumps(dict(u.labels), separators=(",", ":")) if u.labels else ""
-                tail = f"\x1f{u.occurred_at_ms}\x1f{labels}"
-            else:
-                tail = ""
-            usages += (
-                flags, u.amount, kidx, u.sequence, item.fingerprint, item.decision_id, set_no,
-                aggregate, text, tail, item.trace_id if with_trace else "",
-            )  # fmt: skip
-        args = [
-            policy_version,
-            self.clock_offset_ms,
-            self.dedup_window_ms,
-            self.session_ttl_ms,
-            self.session_window,
-            self.recent_length,
-            msgpack.packb((specs, sets, usages)),
-            "1" if ok_limits else "0",
-        ]
+        keys, args = encode_batch(tenant, policy_version, items, self, ok_limits=ok_limits)
         try:
             if self.replica_wait is None:
                 reply = await self._decide(keys=keys, args=args)
@@ -288,79 +130,7 @@ class RedisStore:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         except OSError as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-        if reply[0] == 0:
-            raise StalePolicyError(int(reply[1]))
-        return self._verdicts(reply, items, policy_version)
-
-    @staticmethod
-    def _verdicts(reply: list[Any], items: list[DecideItem], version: int) -> list[Verdict]:
-        """Verdicts from decide.lua's reply (see its header): per usage a code (decision,
-        reason, flags, number of limits), retry_after, the record's decision id for an answer
-        from a record, then per limit remaining, reset (negative: exceeded) and, for a quota,
-        its capacity."""
-        now = int(reply[1])
-        pos = 2
-        out: list[Verdict] = []
-        append = out.append
-        for item in items:
-            code = reply[pos]
-            retry = reply[pos + 1]
-            pos += 2
-            flags = (code >> 6) & 15
-            did = item.decision_id
-            if flags & (FLAG_REPLAYED | FLAG_CONFLICT):
-                did = reply[pos] or did
-                pos += 1
-            states: tuple[LimitState, ...] = ()
-            nl = code >> 10
-            if nl:
-                limits: list[LimitState] = []
-                for lim in item.resolution.limits[:nl]:
-                    rem = reply[pos]
-                    reset = reply[pos + 1]
-                    pos += 2
-                    if lim.kind is LimitKind.RATE:
-                        cap = lim.capacity
-                    else:
-                        cap = reply[pos]
-                        pos += 1
-                    limits.append(
-                        LimitState(
-                            name=lim.name,
-                            kind=lim.kind,
-                            scope=lim.scope,
-                            remaining=rem,
-                            capacity=cap,
-                            reset_after_ms=reset if reset >= 0 else -1 - reset,
-                            soft=lim.soft,
-                            exceeded=reset < 0,
-                        )
-                    )
-                states = tuple(limits)
-            message = ""
-            violations: tuple[FieldViolation, ...] = ()
-            if flags & FLAG_CONFLICT:
-                message, violations = _CONFLICT_MESSAGE, _CONFLICT
-            elif flags & FLAG_WINDOW_MISS:
-                message, violations = _WINDOW_MESSAGE, _WINDOW_MISS
-            append(
-                Verdict(
-                    request_id=item.usage.request_id,
-                    decision=_DECISIONS[code & 3],
-                    reason=_REASONS[(code >> 2) & 15],
-                    decision_id=did,
-                    policy_version=version,
-                    retry_after_ms=retry,
-                    limits=states,
-                    recorded=bool(flags & FLAG_RECORDED),
-                    replayed=bool(flags & FLAG_REPLAYED),
-                    message=message,
-                    decided_at_ms=now,
-                    trace_id=item.trace_id,
-                    violations=violations,
-                )
-            )
-        return out
+        return decode_reply(reply, items, policy_version)
 
     async def publish_policy(
         self,
@@ -387,7 +157,7 @@ class RedisStore:
         try:
             previous = await self.load_policy()
             version, changed = await self._publish(keys=keys, args=args)
-            if version == -1:
+            if version == REPLY_REFUSED:
                 raise PolicyConflictError(int(changed))
             tenants = {t.name for t in document.tenants}
             if previous is not None:

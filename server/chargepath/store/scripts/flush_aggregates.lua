@@ -16,7 +16,7 @@
 -- Reply: the number of ledger entries written.
 --
 -- Each entry written has the fields rid "agg:<start>:<slice>:<key>:<metric>", did "", m, a (sum),
--- n (count), mo, d 1 (ALLOW), r 1 (OK), ts (now), is (interval start), ie (interval end),
+-- n (count), mo, d (ALLOW), r (OK), ts (now), is (interval start), ie (interval end),
 -- sl and k when not empty, and ag "1".
 --
 -- Invariant: totals are conserved, nothing counted is lost or doubled. For every aggregate
@@ -74,7 +74,7 @@ for _, base in ipairs(bases) do
     local slice, key, metric, mode = p[3], p[4], p[5], p[6]
     local entry = {'rid', table.concat({'agg', p[1], slice, key, metric}, ':'), 'did', '',
       'm', metric, 'a', sums[base] or '0', 'n', counts[base] or '0', 'mo', mode,
-      'd', '1', 'r', '1', 'ts', fmt(now), 'is', p[1], 'ie', fmt(start + len)}
+      'd', fmt(ALLOW), 'r', fmt(OK), 'ts', fmt(now), 'is', p[1], 'ie', fmt(start + len)}
     if slice ~= '' then entry[#entry + 1] = 'sl'; entry[#entry + 1] = slice end
     if key ~= '' then entry[#entry + 1] = 'k'; entry[#entry + 1] = key end
     entry[#entry + 1] = 'ag'

@@ -14,7 +14,8 @@
 -- ARGV[6]  that plan file's digest ("" with ARGV[5])
 -- ARGV[7]  with KEYS[2]: the audit stream's length cap (XADD MAXLEN ~)
 -- ARGV[8..] with KEYS[2]: the audit entry's fields, name and value pairs, without "vb"/"va"
--- Reply:   {version, changed (0/1)}, or {-1, live version} when ARGV[4] is not the live one
+-- Reply:   {version, changed (0/1)}, or {REPLY_REFUSED, live version} when ARGV[4] is not
+--          the live one
 -- Invariant: versions only grow; an unchanged document keeps its version, so restarting
 -- gateways on the same plan file does not churn versions. The document and the record of the
 -- file it came from are written together, so the next start compares against exactly them.
@@ -24,7 +25,7 @@ local cur = redis.call('HMGET', KEYS[1], 'v', 'sha')
 local v = tonumber(cur[1] or '0')
 local before = v
 if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= v then
-  return {-1, v}
+  return {REPLY_REFUSED, v}
 end
 local changed = 0
 if cur[2] ~= ARGV[2] or ARGV[3] == '1' then

@@ -1,8 +1,6 @@
--- periods.lua: UTC period boundaries in milliseconds, included by the scripts that need them
--- (read_script() inlines a line `-- #include periods.lua`). The Python reference is
--- chargepath/core/periods.py; the tests hold both to the same answers.
-
-local HOUR, DAY = 3600000, 86400000
+-- periods.lua: UTC period boundaries in milliseconds (`-- #include lib/periods.lua`).
+-- The Python reference is chargepath/core/periods.py; tests/integration/test_counter_parity.py
+-- holds both to the same answers over many years of random instants.
 
 -- Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
 local function days_from_civil(y, m, d)
@@ -30,17 +28,17 @@ local function civil_from_days(z)
   return y, m
 end
 
--- [start, end) of the UTC period (1 hour, 2 day, 3 month) containing `at`.
-local function period_bounds(at, code)
-  if code == 1 then
-    local s = at - at % HOUR
-    return s, s + HOUR
-  elseif code == 2 then
-    local s = at - at % DAY
-    return s, s + DAY
+-- [start, end) of the UTC period (PERIOD_HOUR, PERIOD_DAY, PERIOD_MONTH) containing `at`.
+local function period_bounds(at, period)
+  if period == PERIOD_HOUR then
+    local s = at - at % HOUR_MS
+    return s, s + HOUR_MS
+  elseif period == PERIOD_DAY then
+    local s = at - at % DAY_MS
+    return s, s + DAY_MS
   end
-  local y, m = civil_from_days(math.floor(at / DAY))
-  local s = days_from_civil(y, m, 1) * DAY
+  local y, m = civil_from_days(math.floor(at / DAY_MS))
+  local s = days_from_civil(y, m, 1) * DAY_MS
   if m == 12 then y, m = y + 1, 1 else m = m + 1 end
-  return s, days_from_civil(y, m, 1) * DAY
+  return s, days_from_civil(y, m, 1) * DAY_MS
 end

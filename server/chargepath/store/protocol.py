@@ -1,0 +1,594 @@
+"""The protocol between the store's Python and its Lua scripts, owned by this one module.
+
+Everything both sides must agree on is here, once: the Redis key layout (the scripts' KEYS),
+the decision script's arguments, the MessagePack batch payload (its slots and flag bits), the
+packed reply codes, the enum codes and the separators of the texts the scripts write. Python
+uses the names below; the Lua sources use the same names, and :func:`read_script` writes their
+values in when it assembles a script (:func:`with_constants`), so no number is written twice in
+the source tree. ``tests/unit/test_protocol.py`` holds golden payloads and replies.
+
+Payload of ``decide.lua`` (ARGV[7], one MessagePack array of four arrays; offsets below are the
+1-based offsets Lua reads, named ``SPEC_*``/``RATE_*``/``QUOTA_*``/``USAGE_*``):
+
+1. limit specs, flat, :data:`SPEC_SLOTS` values per spec: key index, kind, soft (0/1), then
+   for a rate its capacity in sub-units, sub-units per unit (scale), refill in sub-units per
+   ms, capacity in units; for a quota its amount in units, period code, grants key index, 0;
+   then the limit's name. Every number is computed in core (:class:`~chargepath.core.policy.
+   Limit`), never in Lua. Two specs may name the same key (same limit name and scope
+   instance): they share the counter.
+2. limit sets: arrays of spec numbers, in the order of a usage's limits (each distinct set
+   once per batch).
+3. subjects: flat (slice, key) pairs, each distinct pair once per batch (what a quota
+   threshold event names).
+4. usages, flat, :data:`USAGE_SLOTS` values per usage: flags (``USAGE_*`` bits), amount,
+   dedup or session key index (0: none), sequence, fingerprint, decision id, limit set number
+   (0: no limits), ledger aggregation interval in ms (0: one ledger entry per usage), text
+   (``request_id US decision_id US slice US key US metric US amount US mode``: how its ledger
+   entry and its trail record begin; no part may hold US), ledger tail (``""``, or
+   ``US occurred_at_ms US labels JSON``; for an aggregated usage ``|slice|key|metric|mode``,
+   its aggregate's field after the interval), trace id, subject number.
+
+Reply of ``decide.lua``: ``{REPLY_STALE, stamped_version}`` (nothing written), or
+``{REPLY_DECIDED, now_ms, then per usage: code, retry_after_ms, [the record's decision id when
+the verdict flags say replayed or conflict], then per limit reported: remaining units,
+reset_after_ms (``-1 - reset_after_ms`` when exceeded), and for a quota its capacity}``, where
+``code = decision + REASON_UNIT * reason + FLAGS_UNIT * verdict flags + LIMITS_UNIT * limits``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol
+
+import msgpack
+
+from chargepath.core.counters import MAX_DEBT
+from chargepath.core.model import (
+    Decision,
+    FieldViolation,
+    LimitKind,
+    LimitState,
+    Mode,
+    Reason,
+    Scope,
+    Verdict,
+)
+from chargepath.core.periods import DAY_MS, HOUR_MS, Period
+from chargepath.core.policy import Limit
+from chargepath.store.base import DecideItem, StalePolicyError
+
+# -- key layout (every key of a tenant shares the hash tag {tenant}) ---------------------------
+
+
+def tenant_prefix(tenant: str) -> str:
+    return f"cp:{{{tenant}}}:"
+
+
+def ledger_key(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}ledger"
+
+
+def entitlement_key(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}ent"
+
+
+def recent_key(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}recent"
+
+
+def aggregates_key(tenant: str) -> str:
+    """The per-interval ledger aggregates written by decide.lua (hash)."""
+    return f"{tenant_prefix(tenant)}agg"
+
+
+def grant_notes_key(tenant: str) -> str:
+    """The notes of a tenant's grants: grant id -> note (hash)."""
+    return f"{tenant_prefix(tenant)}gnotes"
+
+
+def scope_instance(limit: Limit, slice_: str, key: str) -> tuple[str, str]:
+    """The (slice, key) a limit counts at: ("", "") for a tenant-scoped one."""
+    sl = slice_ if limit.scope in (Scope.SLICE, Scope.KEY) else ""
+    return sl, key if limit.scope is Scope.KEY else ""
+
+
+def limit_key(tenant: str, limit: Limit, slice_: str, key: str) -> str:
+    """The counter of ``limit`` for one scope instance: tenant, slice, or (slice, key)."""
+    kind = "r" if limit.kind is LimitKind.RATE else "q"
+    sl, k = scope_instance(limit, slice_, key)
+    return f"{tenant_prefix(tenant)}{kind}:{limit.name}:{sl}:{k}"
+
+
+def grants_key(tenant: str, limit: Limit, slice_: str, key: str) -> str:
+    """The grants of a quota counter: id -> "amount|period_start_ms|expires_ms"."""
+    sl, k = scope_instance(limit, slice_, key)
+    return f"{tenant_prefix(tenant)}g:{limit.name}:{sl}:{k}"
+
+
+# -- decide.lua: KEYS and ARGV --------------------------------------------------------------
+
+KEY_ENTITLEMENT = 1
+KEY_LEDGER = 2
+KEY_RECENT = 3
+KEY_AGGREGATES = 4
+
+ARG_POLICY_VERSION = 1
+ARG_CLOCK_OFFSET = 2
+ARG_DEDUP_WINDOW = 3
+ARG_SESSION_TTL = 4
+ARG_SESSION_WINDOW = 5
+ARG_RECENT_LENGTH = 6
+ARG_PAYLOAD = 7
+ARG_FULL_VIEW = 8
+
+# -- the payload: slots of a spec and of a usage (1-based, as Lua reads them) -----------------
+
+SPEC_SLOTS = 8
+SPEC_KEY = 1
+SPEC_KIND = 2
+SPEC_SOFT = 3
+RATE_CAPACITY_SUB = 4
+RATE_SCALE = 5
+RATE_REFILL_PER_MS = 6
+RATE_CAPACITY = 7
+QUOTA_AMOUNT = 4
+QUOTA_PERIOD = 5
+QUOTA_GRANTS_KEY = 6
+SPEC_NAME = 8
+
+USAGE_SLOTS = 12
+USAGE_FLAGS = 1
+USAGE_AMOUNT = 2
+USAGE_DEDUP_KEY = 3
+USAGE_SEQUENCE = 4
+USAGE_FINGERPRINT = 5
+USAGE_DECISION_ID = 6
+USAGE_SET = 7
+USAGE_AGGREGATE_MS = 8
+USAGE_TEXT = 9
+USAGE_LEDGER_TAIL = 10
+USAGE_TRACE_ID = 11
+USAGE_SUBJECT = 12
+
+# flag bits of a usage (the USAGE_FLAGS slot)
+USAGE_REPORT = 1
+USAGE_ENTITLED = 2
+USAGE_SUSPENDED = 4
+USAGE_SESSION = 8  # the key index is a session, else a request-id dedup record
+
+# -- the reply ------------------------------------------------------------------------------
+
+REPLY_STALE = 0
+REPLY_DECIDED = 1
+#: publish.lua (a compare-and-set that lost) and grant.lua (an expiry already past)
+REPLY_REFUSED = -1
+
+DECISION_BITS = 2
+REASON_BITS = 4
+VERDICT_FLAG_BITS = 4
+REASON_UNIT = 1 << DECISION_BITS
+FLAGS_UNIT = REASON_UNIT << REASON_BITS
+LIMITS_UNIT = FLAGS_UNIT << VERDICT_FLAG_BITS
+
+# verdict flags (in a code, and the "recorded" digit of a dedup record or session slot)
+VERDICT_REPLAYED = 1
+VERDICT_RECORDED = 2
+VERDICT_CONFLICT = 4  # the request id was used for another usage
+VERDICT_WINDOW_MISS = 8  # a resend older than the session's replay window
+
+#: a quota threshold event is written when a decision crosses this share of the capacity (and
+#: another at 100 %)
+QUOTA_WARN_PERCENT = 80
+
+# -- a session's replay slots (written and read by lib/dedup.lua only; here so that each width
+# is written once and the Lua gets literals) --------------------------------------------------
+
+SESSION_SEQ_DIGITS = 20  # the header (highest sequence) and a slot's sequence
+SESSION_RETRY_DIGITS = 10  # a slot's retry_after_ms, at most 10**10 - 1
+SESSION_ID_CHARS = 32  # a slot's decision id, space-padded
+#: bytes per slot: sequence, decision, reason, recorded (a digit each), retry, decision id
+SESSION_SLOT = SESSION_SEQ_DIGITS + 3 + SESSION_RETRY_DIGITS + SESSION_ID_CHARS
+SESSION_SEQ_FORMAT = f"%0{SESSION_SEQ_DIGITS}d"
+SESSION_RETRY_FORMAT = f"%0{SESSION_RETRY_DIGITS}d"
+SESSION_RETRY_MAX = 10**SESSION_RETRY_DIGITS - 1
+SESSION_RETRY_ZERO = "0" * SESSION_RETRY_DIGITS
+SESSION_ID_FORMAT = f"%-{SESSION_ID_CHARS}s"
+
+# -- texts the scripts write, read back by the ledger and the trail readers -----------------
+
+US = "\x1f"  # between the fields of a usage, a ledger entry, a trail decision
+RS = "\x1e"  # between the decisions of a trail entry
+
+_DECISIONS: dict[int, Decision] = {d.value: d for d in Decision}
+_REASONS: dict[int, Reason] = {r.value: r for r in Reason}
+
+CONFLICT = FieldViolation(
+    "request_id", "was already used for a different usage within the dedup window"
+)
+WINDOW_MISS = FieldViolation(
+    "sequence",
+    "more than the session's replay window behind its highest sequence; whether it was "
+    "recorded is no longer known, so nothing was done",
+)
+
+
+def lua_constants() -> dict[str, int | str]:
+    """Every constant the scripts share with Python, by the name Lua knows it by: the enum
+    codes (``ALLOW``, ``RATE_LIMITED``, ``KIND_RATE``, ``PERIOD_MONTH``...) and every public
+    upper-case number or text of this module."""
+    out: dict[str, int | str] = {}
+    out.update({d.name: int(d) for d in Decision})
+    out.update({r.name: int(r) for r in Reason})
+    out.update({f"KIND_{k.name}": int(k) for k in LimitKind})
+    out.update({f"PERIOD_{p.name}": int(p) for p in Period})
+    out.update(HOUR_MS=HOUR_MS, DAY_MS=DAY_MS, MAX_DEBT=MAX_DEBT)
+    for name, value in globals().items():
+        if name.isupper() and not name.startswith("_") and isinstance(value, int | str):
+            out[name] = value
+    return out
+
+
+def _lua_value(value: int | str) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if value.isprintable() and "'" not in value and "\\" not in value:
+        return f"'{value}'"
+    return "'" + "".join(f"\\{ord(c)}" for c in value) + "'"
+
+
+# a Lua string literal or comment (left as it is), or a name
+_LUA_TOKEN = re.compile(r"""--[^\n]*|'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*"|\b[A-Z][A-Z0-9_]*\b""")
+
+
+def with_constants(source: str) -> str:
+    """``source`` with each shared constant's name (outside comments and strings) replaced by
+    its value, and a comment in front listing those used. Literals, not locals: a local of the
+    main chunk is an upvalue in every function that reads it, one more VM instruction per
+    use, and the decision script reads these in its innermost loops."""
+    constants = lua_constants()
+    used: dict[str, str] = {}
+
+    def substitute(m: re.Match[str]) -> str:
+        token = m.group(0)
+        value = constants.get(token)
+        if value is None or token.startswith(("--", "'", '"')):
+            return token
+        used[token] = _lua_value(value)
+        return used[token]
+
+    body = _LUA_TOKEN.sub(substitute, source)
+    listed = " ".join(f"{n}={v}" for n, v in sorted(used.items()))
+    header = "-- constants of chargepath.store.protocol, written in below as literals:\n"
+    header += "".join(
+        f"--   {line}\n" for line in textwrap.wrap(listed, 94, break_long_words=False)
+    )
+    return header + body
+
+
+_INCLUDE = "-- #include "
+
+
+def assemble(source: str) -> str:
+    """A runnable script from Lua ``source``: each line ``-- #include lib/NAME.lua`` replaced by
+    that file of ``store/scripts`` (once, however often it is asked for; a library may include
+    others), then the shared constants written in (:func:`with_constants`). Redis scripts
+    cannot load modules, so shared Lua is inlined at load."""
+    folder = resources.files("chargepath.store") / "scripts"
+    seen: set[str] = set()
+
+    def inline(text: str) -> list[str]:
+        out = []
+        for line in text.splitlines():
+            if line.startswith(_INCLUDE):
+                name = line.removeprefix(_INCLUDE).strip()
+                if name not in seen:
+                    seen.add(name)
+                    out.extend(inline((folder / name).read_text("utf-8")))
+            else:
+                out.append(line)
+        return out
+
+    return with_constants("\n".join(inline(source)) + "\n")
+
+
+@functools.cache
+def read_script(name: str) -> str:
+    """The script ``store/scripts/NAME``, assembled (see :func:`assemble`); package data, so
+    assembled once per process."""
+    folder = resources.files("chargepath.store") / "scripts"
+    return assemble((folder / name).read_text(encoding="utf-8"))
+
+
+# -- encoding -------------------------------------------------------------------------------
+
+
+class BatchSettings(Protocol):
+    """The store's settings every batch carries (a :class:`~chargepath.store.redis_store.
+    RedisStore` has them): windows and ttl in ms, the trail length in decisions."""
+
+    dedup_window_ms: int
+    session_ttl_ms: int
+    session_window: int
+    recent_length: int
+    clock_offset_ms: int
+
+
+def spec_values(limit: Limit, counter: int, grants: int) -> tuple[Any, ...]:
+    """The :data:`SPEC_SLOTS` payload values of ``limit`` counted at key index ``counter`` (a
+    quota's grants at key index ``grants``)."""
+    if limit.kind is LimitKind.RATE:
+        return (
+            counter, int(LimitKind.RATE), int(limit.soft),
+            limit.capacity_sub, limit.scale, limit.refill_per_ms, limit.capacity,
+            limit.name,
+        )  # fmt: skip
+    return (
+        counter, int(LimitKind.QUOTA), int(limit.soft),
+        limit.amount, int(limit.period), grants, 0,
+        limit.name,
+    )  # fmt: skip
+
+
+def encode_batch(
+    tenant: str,
+    policy_version: int,
+    items: Sequence[DecideItem],
+    settings: BatchSettings,
+    *,
+    ok_limits: bool = True,
+) -> tuple[list[str], list[Any]]:
+    """decide.lua's KEYS and ARGV for ``items`` (all of ``tenant``)."""
+    prefix = tenant_prefix(tenant)
+    keys: list[str] = [prefix + "ent", prefix + "ledger", prefix + "recent", prefix + "agg"]
+    index: dict[str, int] = {}
+
+    def idx(k: str) -> int:
+        i = index.get(k)
+        if i is None:
+            keys.append(k)
+            i = index[k] = len(keys)
+        return i
+
+    # Each distinct (limit, scope instance) is sent once as a spec, each distinct list of
+    # specs once as a set, each distinct subject once; a usage names its set and subject.
+    # Memoised by the identity of the limits tuple (a Resolution is shared by every usage it
+    # resolved), which lives for the call.
+    specs: list[Any] = []
+    spec_of: dict[tuple[int, str, str], int] = {}
+    sets: list[list[int]] = []
+    set_of: dict[tuple[int, str, str], int] = {}
+    subjects: list[str] = []
+    subject_of: dict[Any, int] = {}
+    needs: dict[int, tuple[bool, bool]] = {}
+    usages: list[Any] = []
+    with_trace = settings.recent_length > 0
+    for item in items:
+        u = item.usage
+        res = item.resolution
+        limits = res.limits
+        sl = u.subject.slice
+        k = u.subject.key
+        report = u.mode is Mode.REPORT
+        flags = (
+            (USAGE_REPORT if report else 0)
+            | (USAGE_ENTITLED if res.entitled else 0)
+            | (USAGE_SUSPENDED if item.suspended else 0)
+        )
+        if u.session_id:
+            flags |= USAGE_SESSION
+            kidx = idx(f"{prefix}s:{u.session_id}")
+        else:
+            kidx = idx(f"{prefix}d:{u.request_id}")
+        set_no = 0
+        if limits:
+            lid = id(limits)
+            need = needs.get(lid)
+            if need is None:
+                scopes = {lim.scope for lim in limits}
+                need = needs[lid] = (
+                    Scope.SLICE in scopes or Scope.KEY in scopes,
+                    Scope.KEY in scopes,
+                )
+            set_key = (lid, sl if need[0] else "", k if need[1] else "")
+            set_no = set_of.get(set_key, 0)
+            if not set_no:
+                members = []
+                for lim in limits:
+                    isl, ik = scope_instance(lim, sl, k)
+                    spec_key = (id(lim), isl, ik)
+                    n = spec_of.get(spec_key)
+                    if n is None:
+                        counter = idx(limit_key(tenant, lim, sl, k))
+                        grants = (
+                            idx(grants_key(tenant, lim, sl, k))
+                            if lim.kind is LimitKind.QUOTA
+                            else 0
+                        )
+                        specs += spec_values(lim, counter, grants)
+                        n = spec_of[spec_key] = len(specs) // SPEC_SLOTS
+                    members.append(n)
+                sets.append(members)
+                set_no = set_of[set_key] = len(sets)
+        subject_no = subject_of.get(u.subject)
+        if subject_no is None:
+            subjects += (sl, k)
+            subject_no = subject_of[u.subject] = len(subjects) // 2
+        mode = "report" if report else "admit"
+        text = (
+            f"{u.request_id}{US}{item.decision_id}{US}{sl}{US}{k}{US}{u.metric}"
+            f"{US}{u.amount}{US}{mode}"
+        )
+        aggregate = res.aggregate_ms if u.mode is Mode.ADMIT else 0
+        if aggregate:
+            tail = f"|{sl}|{k}|{u.metric}|{mode}"
+        elif u.labels or u.occurred_at_ms:
+            labels = json.dumps(dict(u.labels), separators=(",", ":")) if u.labels else ""
+            tail = f"{US}{u.occurred_at_ms}{US}{labels}"
+        else:
+            tail = ""
+        usages += (
+            flags, u.amount, kidx, u.sequence, item.fingerprint, item.decision_id, set_no,
+            aggregate, text, tail, item.trace_id if with_trace else "", subject_no,
+        )  # fmt: skip
+    args: list[Any] = [
+        policy_version,
+        settings.clock_offset_ms,
+        settings.dedup_window_ms,
+        settings.session_ttl_ms,
+        settings.session_window,
+        settings.recent_length,
+        msgpack.packb((specs, sets, subjects, usages)),
+        "1" if ok_limits else "0",
+    ]
+    return keys, args
+
+
+# -- decoding -------------------------------------------------------------------------------
+
+_DECISION_MASK = (1 << DECISION_BITS) - 1
+_REASON_MASK = (1 << REASON_BITS) - 1
+_FLAGS_MASK = (1 << VERDICT_FLAG_BITS) - 1
+_REASON_SHIFT = DECISION_BITS
+_FLAGS_SHIFT = DECISION_BITS + REASON_BITS
+_LIMITS_SHIFT = _FLAGS_SHIFT + VERDICT_FLAG_BITS
+
+
+def reply_code(decision: Decision, reason: Reason, flags: int, limits: int) -> int:
+    """The code decide.lua replies for a verdict (what its Lua computes, stated in Python)."""
+    return int(decision) + REASON_UNIT * int(reason) + FLAGS_UNIT * flags + LIMITS_UNIT * limits
+
+
+def split_code(code: int) -> tuple[Decision, Reason, int, int]:
+    """The inverse of :func:`reply_code`: (decision, reason, verdict flags, limits)."""
+    return (
+        _DECISIONS[code & _DECISION_MASK],
+        _REASONS[(code >> _REASON_SHIFT) & _REASON_MASK],
+        (code >> _FLAGS_SHIFT) & _FLAGS_MASK,
+        code >> _LIMITS_SHIFT,
+    )
+
+
+def decode_reply(reply: Sequence[Any], items: Sequence[DecideItem], version: int) -> list[Verdict]:
+    """Verdicts, in the order of ``items``, from decide.lua's reply to them (see the module
+    docstring); raises :class:`StalePolicyError` for a stale reply."""
+    if reply[0] == REPLY_STALE:
+        raise StalePolicyError(int(reply[1]))
+    now = int(reply[1])
+    pos = 2
+    out: list[Verdict] = []
+    append = out.append
+    # locals: this loop runs once per usage on the gateway's hot path
+    decisions, reasons, rate = _DECISIONS, _REASONS, LimitKind.RATE
+    with_id, recorded_bit = VERDICT_REPLAYED | VERDICT_CONFLICT, VERDICT_RECORDED
+    replayed_bit, refused = VERDICT_REPLAYED, VERDICT_CONFLICT | VERDICT_WINDOW_MISS
+    for item in items:
+        code = reply[pos]
+        retry = reply[pos + 1]
+        pos += 2
+        flags = (code >> _FLAGS_SHIFT) & _FLAGS_MASK
+        did = item.decision_id
+        if flags & with_id:
+            did = reply[pos] or did
+            pos += 1
+        states: tuple[LimitState, ...] = ()
+        nl = code >> _LIMITS_SHIFT
+        if nl:
+            limits: list[LimitState] = []
+            for lim in item.resolution.limits[:nl]:
+                rem = reply[pos]
+                reset = reply[pos + 1]
+                pos += 2
+                if lim.kind is rate:
+                    cap = lim.capacity
+                else:
+                    cap = reply[pos]
+                    pos += 1
+                limits.append(
+                    LimitState(
+                        name=lim.name,
+                        kind=lim.kind,
+                        scope=lim.scope,
+                        remaining=rem,
+                        capacity=cap,
+                        reset_after_ms=reset if reset >= 0 else -1 - reset,
+                        soft=lim.soft,
+                        exceeded=reset < 0,
+                    )
+                )
+            states = tuple(limits)
+        violations: tuple[FieldViolation, ...] = ()
+        if flags & refused:
+            violations = (CONFLICT,) if flags & VERDICT_CONFLICT else (WINDOW_MISS,)
+        append(
+            Verdict(
+                request_id=item.usage.request_id,
+                decision=decisions[code & _DECISION_MASK],
+                reason=reasons[(code >> _REASON_SHIFT) & _REASON_MASK],
+                decision_id=did,
+                policy_version=version,
+                retry_after_ms=retry,
+                limits=states,
+                recorded=bool(flags & recorded_bit),
+                replayed=bool(flags & replayed_bit),
+                message=str(violations[0]) if violations else "",
+                decided_at_ms=now,
+                trace_id=item.trace_id,
+                violations=violations,
+            )
+        )
+    return out
+
+
+# -- read_limits.lua ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CounterReading:
+    """A limit's live counter as read_limits.lua reads it: whole units, milliseconds."""
+
+    remaining: int
+    capacity: int
+    used: int
+    granted: int
+    reset_after_ms: int
+    #: live grants of a quota: (grant id, amount, expires_at_ms (0: end of period), note)
+    grants: tuple[tuple[str, int, int, str], ...] = ()
+
+
+def encode_read(
+    tenant: str, limits: Sequence[Limit], slice_: str, key: str, clock_offset_ms: int
+) -> tuple[list[str], list[Any]]:
+    """read_limits.lua's KEYS and ARGV for ``limits`` of the subject (tenant, slice, key)."""
+    keys = [grant_notes_key(tenant)]
+    specs: list[Any] = []
+    for lim in limits:
+        keys.append(limit_key(tenant, lim, slice_, key))
+        grants = 0
+        if lim.kind is LimitKind.QUOTA:
+            keys.append(grants_key(tenant, lim, slice_, key))
+            grants = len(keys)
+        specs += spec_values(lim, len(keys) - (1 if grants else 0), grants)
+    return keys, [clock_offset_ms, msgpack.packb(specs)]
+
+
+def decode_read(reply: Sequence[Any], count: int) -> tuple[int, list[CounterReading]]:
+    """(now_ms, one reading per limit) from read_limits.lua's reply (see its header)."""
+    now = int(reply[0])
+    pos = 1
+    out = []
+    for _ in range(count):
+        remaining, capacity, used, granted, reset, n = (int(x) for x in reply[pos : pos + 6])
+        pos += 6
+        grants = []
+        for _ in range(n):
+            gid, amount, expires, note = reply[pos : pos + 4]
+            grants.append((str(gid), int(amount), int(expires), str(note or "")))
+            pos += 4
+        out.append(CounterReading(remaining, capacity, used, granted, reset, tuple(grants)))
+    return now, out
