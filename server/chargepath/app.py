@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +32,13 @@ from chargepath.store.connect import RedisTarget, ReplicaWait
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
+from chargepath.store.webhooks import WebhookStore
 from chargepath.telemetry import Telemetry
 from chargepath.transport.admin import AdminServicer
 from chargepath.transport.audit import AuditInterceptor
 from chargepath.transport.envoy import add_envoy_services
 from chargepath.transport.metering import MeteringServicer
+from chargepath.webhooks import WebhookDispatcher, WebhookSettings, process_identity
 from chargepath_protos.v1 import admin_pb2, admin_pb2_grpc, metering_pb2, metering_pb2_grpc
 
 log = logging.getLogger("chargepath")
@@ -52,6 +55,8 @@ class ServingStatus:
     def __init__(self, health: HealthServicer) -> None:
         self.health = health
         self._serving: bool | None = None
+        #: Told of each change, after the health service (the webhooks' degraded events).
+        self.listeners: list[Callable[[bool], None]] = []
 
     async def set(self, serving: bool) -> None:
         if serving == self._serving:
@@ -64,6 +69,8 @@ class ServingStatus:
         )
         for name in ("", METERING):
             await self.health.set(name, status)
+        for listener in self.listeners:
+            listener(serving)
         log.log(
             logging.INFO if serving else logging.ERROR,
             "health: %s",
@@ -167,6 +174,13 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
             ("grpc.http2.max_pings_without_data", 0),
         ],
     )
+    webhooks = WebhookDispatcher(
+        WebhookStore.of_store(store),
+        lambda: engine.policy,
+        WebhookSettings.of(s),
+        consumer=process_identity(),
+    )
+    serving.listeners.append(webhooks.on_serving)
     jobs: tuple[Job, ...] = (
         StoreProbe(
             store,
@@ -177,6 +191,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         PolicyWatch(store, engine, period_s=s.policy_poll_ms / 1000),
         AggregateFlush(ledger, engine, clock_offset_ms=s.clock_offset_ms),
         LedgerLag(ledger, engine, telemetry, period_s=s.ledger_lag_interval_ms / 1000),
+        webhooks,
     )
     return Components(
         settings=s,
