@@ -19,7 +19,14 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from chargepath.core.model import Scope
@@ -245,31 +252,42 @@ class WebhookSpec(_Strict):
     secret_env: Annotated[str, Field(pattern=ENV_NAME_RE)] | None = None
     secret_file: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
 
-    @model_validator(mode="before")
+    #: Refused whenever present: the signing secret is never written in the policy.
+    secret: Annotated[Any, Field(exclude=True)] = None
+
+    @field_validator("secret")
     @classmethod
-    def _no_clear_secret(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "secret" in data:
+    def _no_clear_secret(cls, value: Any) -> Any:
+        if value is not None:
             raise ValueError(
-                "secret: the signing secret may not be written in the policy; name it with "
+                "the signing secret may not be written in the policy; name it with "
                 "secret_env (an environment variable of the gateway) or secret_file"
             )
-        return data
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials (the deliveries are signed)")
+        return url
+
+    @field_validator("tenants")
+    @classmethod
+    def _check_tenants(cls, tenants: list[str]) -> list[str]:
+        for t in tenants:
+            if not TENANT_RE.fullmatch(t):
+                raise ValueError(f"{t!r} must be 1 to 64 characters of [A-Za-z0-9._-]")
+        return tenants
 
     @model_validator(mode="after")
     def _check(self) -> WebhookSpec:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"url: must be an http:// or https:// URL with a host, got {self.url!r}"
-            )
-        if parts.username or parts.password:
-            raise ValueError("url: must not carry credentials (the deliveries are signed)")
         if (self.secret_env is None) == (self.secret_file is None):
             raise ValueError("a webhook has exactly one of 'secret_env' or 'secret_file'")
         _no_duplicates(self.events, "event")
-        for t in self.tenants:
-            if not TENANT_RE.fullmatch(t):
-                raise ValueError(f"tenants: {t!r} must be 1 to 64 characters of [A-Za-z0-9._-]")
         return self
 
 
