@@ -45,6 +45,7 @@ from chargepath.store.keys import RedisKeyStore, bootstrap_operator_key
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
 from chargepath.store.spool import SPOOL_FILE, Spool
+from chargepath.store.webhooks import WebhookStore
 from chargepath.telemetry import Telemetry
 from chargepath.transport import services
 from chargepath.transport.admin import AdminServicer
@@ -54,6 +55,7 @@ from chargepath.transport.envoy import add_envoy_services
 from chargepath.transport.keys import KeyServicer
 from chargepath.transport.metering import MeteringServicer
 from chargepath.transport.tls import IdentityMap, ServerCertificates, TlsFiles
+from chargepath.webhooks import WebhookDispatcher, WebhookSettings, process_identity
 from chargepath_protos.v1 import admin_pb2, keys_pb2, metering_pb2
 
 log = logging.getLogger("chargepath")
@@ -72,6 +74,8 @@ class ServingStatus:
         self.health = health
         self.detail = detail
         self._serving: bool | None = None
+        #: Told of each change, after the health service (the webhooks' degraded events).
+        self.listeners: list[Callable[[bool], None]] = []
 
     async def set(self, serving: bool) -> None:
         if serving == self._serving:
@@ -84,6 +88,8 @@ class ServingStatus:
         )
         for name in ("", METERING):
             await self.health.set(name, status)
+        for listener in self.listeners:
+            listener(serving)
         log.log(
             logging.INFO if serving else logging.ERROR,
             "health: %s%s",
@@ -290,6 +296,13 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
             ("grpc.http2.max_pings_without_data", 0),
         ],
     )
+    webhooks = WebhookDispatcher(
+        WebhookStore.of_store(store),
+        lambda: engine.policy,
+        WebhookSettings.of(s),
+        consumer=process_identity(),
+    )
+    serving.listeners.append(webhooks.on_serving)
     jobs: tuple[Job, ...] = (
         StoreProbe(
             store,
@@ -301,6 +314,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         AggregateFlush(ledger, engine, clock_offset_ms=s.clock_offset_ms),
         LedgerLag(ledger, engine, telemetry, period_s=s.ledger_lag_interval_ms / 1000),
         QuotaBurn(state, engine, telemetry, period_s=s.quota_burn_interval_ms / 1000),
+        webhooks,
         *spool_jobs,
     )
     return Components(

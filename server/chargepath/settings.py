@@ -89,6 +89,17 @@ class Settings:
     #: Bound on the spool write (one fsync, shared by the usages answered meanwhile) that a
     #: degraded verdict waits for; past it the usage counts as not spooled.
     spool_timeout_ms: int = 500
+    #: Webhooks (the policy's ``webhooks:``): each attempt's HTTP timeout; the wait after a
+    #: failed attempt, doubling from the base up to the max (with jitter); attempts before an
+    #: event is given up for an endpoint; how long an event held by a silent process stays
+    #: with it before another process claims it; at most one degraded-mode event per
+    #: process per interval.
+    webhook_timeout_ms: int = 5000
+    webhook_retry_base_ms: int = 1000
+    webhook_retry_max_ms: int = 300_000
+    webhook_max_attempts: int = 12
+    webhook_lease_ms: int = 30_000
+    webhook_degraded_interval_s: int = 60
     #: Shorthand for the OTEL_TRACES_EXPORTER/OTEL_METRICS_EXPORTER defaults: none, console, otlp.
     otel: str = ""
     #: Port of the Prometheus scrape endpoint (/metrics); 0: none. Worker i of ``--workers``

@@ -4,16 +4,16 @@
 # The process layer, imported by nothing else in chargepath. One module per group of commands,
 # each adding its parsers and running them: serve (the gateway, through chargepath.supervisor),
 # check (one verdict), admin (the AdminService commands), keys (the KeyService commands), ledger
-# (the billing feed), audit (the trail of admin changes); render holds the terminal output they
-# share, connection how the commands that call the gateway reach it (address, TLS, credential).
-# The module docstring above is `chargepath --help`.
+# (the billing feed), audit (the trail of admin changes), webhooks (the delivery log); render
+# holds the terminal output they share, connection how the commands that call the gateway reach
+# it (address, TLS, credential). The module docstring above is `chargepath --help`.
 
 from __future__ import annotations
 
 import argparse
 
 from chargepath import __version__
-from chargepath.cli import admin, audit, check, keys, ledger, serve
+from chargepath.cli import admin, audit, check, keys, ledger, serve, webhooks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_parser(sub)
     ledger.add_parser(sub)
     audit.add_parser(sub)
+    webhooks.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve.run(args)
@@ -38,4 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         return ledger.run(args)
     if args.command == "audit":
         return audit.run(args)
+    if args.command == "webhooks":
+        return webhooks.run(args)
     return check.run(args)

@@ -16,9 +16,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from chargepath.core.model import Scope
@@ -222,14 +230,77 @@ class EnvoyDomainSpec(_Strict):
         return self
 
 
+#: The events a webhook may subscribe to (``events:``): a quota counter crossing 80% or 100%
+#: of its capacity (grants included), a subject suspended or resumed, and a gateway process
+#: entering or leaving degraded mode (its store unreachable).
+WebhookEventName = Literal["quota.80", "quota.100", "suspension", "degraded"]
+ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+
+
+class WebhookSpec(_Strict):
+    """An HTTP(S) endpoint that receives signed events (``chargepath.webhooks``). The signing
+    secret never appears in the policy: ``secret_env`` names an environment variable of the
+    gateway, or ``secret_file`` a file the gateway reads (its content, without the trailing
+    newline). ``tenants`` narrows the tenant events (quota, suspension) to those tenants;
+    empty: every tenant. Degraded-mode events concern a gateway process, not a tenant: every
+    webhook subscribed to ``degraded`` receives them."""
+
+    name: Annotated[str, Field(pattern=NAME_RE)]
+    url: Annotated[str, Field(min_length=1, max_length=2048)]
+    events: Annotated[list[WebhookEventName], Field(min_length=1)]
+    tenants: list[str] = []
+    secret_env: Annotated[str, Field(pattern=ENV_NAME_RE)] | None = None
+    secret_file: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+
+    #: Refused whenever present: the signing secret is never written in the policy.
+    secret: Annotated[Any, Field(exclude=True)] = None
+
+    @field_validator("secret")
+    @classmethod
+    def _no_clear_secret(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError(
+                "the signing secret may not be written in the policy; name it with "
+                "secret_env (an environment variable of the gateway) or secret_file"
+            )
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials (the deliveries are signed)")
+        return url
+
+    @field_validator("tenants")
+    @classmethod
+    def _check_tenants(cls, tenants: list[str]) -> list[str]:
+        for t in tenants:
+            if not TENANT_RE.fullmatch(t):
+                raise ValueError(f"{t!r} must be 1 to 64 characters of [A-Za-z0-9._-]")
+        return tenants
+
+    @model_validator(mode="after")
+    def _check(self) -> WebhookSpec:
+        if (self.secret_env is None) == (self.secret_file is None):
+            raise ValueError("a webhook has exactly one of 'secret_env' or 'secret_file'")
+        _no_duplicates(self.events, "event")
+        return self
+
+
 class PolicyDocument(_Strict):
-    """The whole policy: the metric catalog, the plans, the tenants assigned to them, and how
-    Envoy's descriptors map onto tenants and metrics (``envoy``)."""
+    """The whole policy: the metric catalog, the plans, the tenants assigned to them, how
+    Envoy's descriptors map onto tenants and metrics (``envoy``), and the endpoints that
+    receive signed events (``webhooks``)."""
 
     metrics: list[MetricSpec] = []
     plans: list[PlanSpec] = []
     tenants: list[TenantSpec] = []
     envoy: list[EnvoyDomainSpec] = []
+    webhooks: list[WebhookSpec] = []
 
     @model_validator(mode="after")
     def _cross_check(self) -> PolicyDocument:
@@ -269,13 +340,21 @@ class PolicyDocument(_Strict):
                             "the tenant's and the slice's plan; limit names must differ"
                         )
         _no_duplicates((d.domain for d in self.envoy), "envoy domain")
+        _no_duplicates((w.name for w in self.webhooks), "webhook")
         issues = _envoy_issues(self.envoy, frozenset(metrics))
+        tenants = {t.name for t in self.tenants}
+        issues += [
+            (("webhooks", w, "tenants", i), f"unknown tenant {name!r}: not in 'tenants'")
+            for w, hook in enumerate(self.webhooks)
+            for i, name in enumerate(hook.tenants)
+            if name not in tenants
+        ]
         if issues:
             raise ValidationError.from_exception_data(
                 "PolicyDocument",
                 [
                     InitErrorDetails(
-                        type=PydanticCustomError("envoy_mapping", message), loc=loc, input=None
+                        type=PydanticCustomError("policy_reference", message), loc=loc, input=None
                     )
                     for loc, message in issues
                 ],
@@ -284,11 +363,12 @@ class PolicyDocument(_Strict):
 
     def canonical_json(self) -> str:
         """A stable serialisation: equal documents give equal strings. A document without an
-        ``envoy`` section serialises as it did before the section existed, so that its
-        published version does not change."""
+        ``envoy`` or ``webhooks`` section serialises as it did before the section existed, so
+        that its published version does not change."""
         data = self.model_dump(mode="json")
-        if not data["envoy"]:
-            del data["envoy"]
+        for section in ("envoy", "webhooks"):
+            if not data[section]:
+                del data[section]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
