@@ -395,12 +395,8 @@ def figure(m: Measurement, run: RunInfo) -> Figure:
         title = f"{name}: latency of an {op}, from its intended send time"
         missing = [q for q in PERCENTILE_COLOURS if q in undrawn[name]]
         if missing:
-            title += (
-                "; not drawn where "
-                + where
-                + " had too few samples: "
-                + ", ".join(f"{q} (< {MIN_SAMPLES[q]:,})" for q in missing)
-            )
+            few = ", ".join(f"{q} (< {MIN_SAMPLES[q]:,})" for q in missing)
+            title += f"; not drawn where {where} had too few samples: {few}"
         ax.set_title(title, fontsize=9, loc="left")
         ax.set_ylabel("latency (ms)")
         ax.set_ylim(bottom=0)
@@ -443,18 +439,9 @@ def _plot_throughput(
 ) -> float:
     """One step per second of completions, drawn over the whole second, and the offered rate;
     returns the highest value drawn."""
-    points = flow.series
-    if not points:
-        return flow.offered_rate
-    starts = [offset + float(p["t"] or 0.0) for p in points]
-    answered = [p["usages_per_s"] or 0.0 for p in points]
-    ax.stairs(
-        answered,
-        [*starts, starts[-1] + 1.0],
-        baseline=None,
-        color=colour,
-        label=f"{flow.flow} answered",
-    )
+    edges, answered = answered_per_second(flow.series, offset)
+    if answered:
+        ax.stairs(answered, edges, baseline=None, color=colour, label=f"{flow.flow} answered")
     ax.hlines(
         flow.offered_rate,
         offset,
@@ -465,3 +452,16 @@ def _plot_throughput(
         label=f"{flow.flow} offered",
     )
     return max([flow.offered_rate, *answered])
+
+
+def answered_per_second(
+    series: Sequence[dict[str, float | None]], offset: float
+) -> tuple[list[float], list[float]]:
+    """Edges (shifted by ``offset``) and usages answered of every second from the first to the
+    last of ``series``; a second missing from it answered nothing, and is drawn as 0."""
+    by_second = {int(p["t"] or 0.0): p["usages_per_s"] or 0.0 for p in series}
+    if not by_second:
+        return [], []
+    seconds = range(min(by_second), max(by_second) + 1)
+    edges = [offset + sec for sec in seconds]
+    return [*edges, edges[-1] + 1.0], [by_second.get(sec, 0.0) for sec in seconds]

@@ -16,6 +16,7 @@ from loadtest.findmax import Judgement, StepOutcome
 from loadtest.report import (
     PERCENTILE_COLOURS,
     RunInfo,
+    answered_per_second,
     figure,
     plot,
     plot_title,
@@ -116,6 +117,18 @@ def test_window_steps_draw_each_window_across_its_seconds() -> None:
     assert math.isnan(ys[4])  # seconds 4 and 5 had no answer: the line breaks
     assert ys[5:] == [5.0, 5.0]
     assert window_steps([], 0.0) == ([], [])
+
+
+def test_a_second_without_answers_is_drawn_as_zero_throughput() -> None:
+    series: list[dict[str, float | None]] = [
+        {"t": 0.0, "usages_per_s": 640.0},
+        {"t": 1.0, "usages_per_s": 704.0},
+        {"t": 4.0, "usages_per_s": 64.0},  # a stall, then the drain
+    ]
+    edges, answered = answered_per_second(series, offset=10.0)
+    assert edges == [10.0, 11.0, 12.0, 13.0, 14.0, 15.0]
+    assert answered == [640.0, 704.0, 0.0, 0.0, 64.0]
+    assert answered_per_second([], 0.0) == ([], [])
 
 
 def test_figure_has_linear_axes_one_colour_per_percentile_and_throughput_from_zero() -> None:
