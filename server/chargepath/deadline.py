@@ -66,10 +66,17 @@ class StoreDeadline:
 
     @property
     def when(self) -> float:
-        """The deadline, in loop time (``loop.time()``), as first set: the time the store is
-        told it is no longer waited for (an extension is the loop's lateness, not the
-        store's time)."""
+        """The deadline, in loop time (``loop.time()``), as first set."""
         return self._first
+
+    @property
+    def latest(self) -> float:
+        """The first deadline plus one extension's worth (loop time): the earliest end of the
+        extension a late timer gets. What the store is told: a batch it starts later is never
+        waited for unless the loop stalls again; one it starts between :attr:`when` and this
+        may be waited for (a stalled loop, the extension) or not (the reply comes late and
+        the engine reconciles it)."""
+        return self._first + self._delay
 
     @property
     def extended(self) -> bool:

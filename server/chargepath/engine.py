@@ -336,7 +336,7 @@ class Engine:
                                     policy.version,
                                     items,
                                     ok_limits=ok_limits,
-                                    deadline=deadline.when,
+                                    deadline=deadline.latest,
                                 )
                             )
                             verdicts = await asyncio.shield(call)

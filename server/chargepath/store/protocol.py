@@ -29,7 +29,7 @@ Payload of ``decide.lua`` (ARGV[7], one MessagePack array of four arrays; offset
    its aggregate's field after the interval), trace id, subject number.
 
 Reply of ``decide.lua``: ``{REPLY_STALE, stamped_version}`` (nothing written),
-``{REPLY_LATE, now_ms}`` (Redis' clock was past ARGV[ARG_DEADLINE]: nothing written), or
+``{REPLY_LATE, time_ms}`` (Redis' ``TIME`` was past ARGV[ARG_DEADLINE]: nothing written), or
 ``{REPLY_DECIDED, now_ms, then per usage: code, retry_after_ms, [the record's decision id when
 the verdict flags say replayed or conflict], then per limit reported: remaining units,
 reset_after_ms (``-1 - reset_after_ms`` when exceeded), and for a quota its capacity}``, where
@@ -127,7 +127,8 @@ ARG_SESSION_WINDOW = 5
 ARG_RECENT_LENGTH = 6
 ARG_PAYLOAD = 7
 ARG_FULL_VIEW = 8
-#: the batch's deadline on Redis' clock, ms (0: none); see :func:`store_deadline_ms`
+#: the batch's deadline on Redis' clock (``TIME``, without the clock offset), ms (0: none); see
+#: :class:`~chargepath.store.clock.StoreClock`
 ARG_DEADLINE = 9
 
 # -- the payload: slots of a spec and of a usage (1-based, as Lua reads them) -----------------

@@ -46,8 +46,9 @@ from chargepath.store.base import (
 from chargepath.store.clock import StoreClock
 from chargepath.store.connect import RedisClient, RedisTarget, ReplicaWait, connect
 from chargepath.store.protocol import (
+    REPLY_DECIDED,
+    REPLY_LATE,
     REPLY_REFUSED,
-    REPLY_STALE,
     decode_reply,
     encode_batch,
     encode_reversal,
@@ -144,7 +145,9 @@ class RedisStore:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         except OSError as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-        if reply[0] != REPLY_STALE:  # every other reply carries Redis' now_ms
+        if reply[0] == REPLY_DECIDED:  # its now_ms: Redis' TIME plus the clock offset
+            self.clock.observe(sent, loop.time(), int(reply[1]) - self.clock_offset_ms)
+        elif reply[0] == REPLY_LATE:  # its time_ms: TIME
             self.clock.observe(sent, loop.time(), int(reply[1]))
         return decode_reply(reply, items, policy_version)
 

@@ -36,11 +36,11 @@
 -- ARGV[ARG_FULL_VIEW]       "0": basic view, a decision with reason OK replies no limits;
 --                           else every decision replies its limits. The trail keeps them
 --                           either way.
--- ARGV[ARG_DEADLINE]        the batch's deadline on Redis' clock (+ the clock offset), ms;
---                           0: none
+-- ARGV[ARG_DEADLINE]        the batch's deadline on Redis' clock (TIME, without the clock
+--                           offset), ms; 0: none
 --
 -- Reply: {REPLY_STALE, stamped_version} when the tenant's stamp is newer than the version
--- (nothing written), {REPLY_LATE, now_ms} when now is past the deadline (nothing written),
+-- (nothing written), {REPLY_LATE, time_ms} when TIME is past the deadline (nothing written),
 -- else {REPLY_DECIDED, now_ms, then per usage: code, retry_after_ms,
 -- [the record's decision id], then per limit: remaining, reset_after_ms, [a quota's
 -- capacity]} (see protocol.py).
@@ -61,11 +61,12 @@ if stamped > tonumber(ARGV[ARG_POLICY_VERSION]) then
 end
 
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000) + tonumber(ARGV[ARG_CLOCK_OFFSET])
+local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 local deadline = tonumber(ARGV[ARG_DEADLINE])
 if deadline > 0 and now > deadline then
   return {REPLY_LATE, now}
 end
+now = now + tonumber(ARGV[ARG_CLOCK_OFFSET])
 local now_s = int(now)
 local version = ARGV[ARG_POLICY_VERSION]
 local dedup_ms = tonumber(ARGV[ARG_DEDUP_WINDOW])
