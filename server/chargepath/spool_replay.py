@@ -74,6 +74,7 @@ log = logging.getLogger("chargepath.spool")
 
 STALE_RETRIES = 3
 
+
 class SessionSlots(Protocol):
     async def recorded(self, tenant: str, probes: Sequence[tuple[str, int, str]]) -> list[bool]:
         """Per ``(session_id, sequence, fingerprint)`` of ``tenant``: whether the session's
