@@ -1,0 +1,64 @@
+"""The chaos suite (issue #13, item 7): one short run per fault of ``harness.FAULTS`` under
+mixed load, each on its own real gateway, Redis (or Sentinel group) and billing consumer; then
+every verdict is compared with the ledger (see ``tests/chaos/harness.py``). Run with ``-s`` to
+see the figures; ``python -m loadtest chaos`` is the long form and writes a report table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.harness import FAULTS, ChaosFigures, run_fault
+
+pytestmark = pytest.mark.e2e
+
+LATE_COMMITS_FIXED = False
+"""Issue #13, item 1 (late commits): a store call times out, the caller gets a degraded
+verdict that is neither recorded nor spooled (for a fail-closed admit, DENY), and Redis runs
+the call afterwards, so the usage is in the ledger: a refused admit is billed. It is being
+fixed in decide.lua (refuse work past a deadline on Redis' clock). Until then a run may count
+refused-but-billed and recorded-flag mismatches that the harness explains as late commits
+(each one is printed with its verdicts and ledger entry); every other anomaly fails the test.
+Set True once the fix lands: both figures are then asserted 0 like every other."""
+
+#: faults during which the store cannot answer: decisions are degraded and usages spooled
+STORE_OUTAGES = ("redis-sigkill", "redis-sigstop", "client-pause", "sentinel-failover")
+
+
+def assert_invariant(fig: ChaosFigures) -> None:
+    """What must hold through any fault (README, "Failure behaviour")."""
+    assert fig.verdicts > 300, "the load was too thin to tell anything"
+    assert fig.missing == 0, "acknowledged (recorded or spooled) and not in the ledger"
+    assert fig.doubled == 0, "a request id twice in the ledger"
+    assert fig.unexplained() == [], "verdicts and ledger disagree, and no known bug explains it"
+    if LATE_COMMITS_FIXED:
+        assert fig.refused_but_billed == 0
+        assert fig.flag_mismatches == 0
+    assert fig.unsettled == 0, "a usage still unacknowledged after the clients' resends"
+    assert fig.foreign_entries == 0, "a ledger entry that no client sent"
+    # billing: every entry delivered at least once, acknowledged once, none left behind
+    assert fig.consumer_skipped == 0
+    assert fig.consumer_acked_twice == 0
+    assert fig.consumer_lost_after_death == 0
+    assert fig.consumer_pending_end == 0
+    assert fig.consumer_exit == 0
+    assert fig.gateway_exit == 0
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_every_verdict_agrees_with_the_ledger_through_a_fault(name: str, tmp_path: Path) -> None:
+    fig = run_fault(FAULTS[name], tmp_path)
+    print("\n" + fig.describe())
+    assert_invariant(fig)
+    assert fig.recover_s is not None, "no verdict after the fault"
+    if name in STORE_OUTAGES:
+        # the fault did bite: decisions fell back on the failure policy, usages were spooled,
+        # and each spooled one reached the ledger once (checked above), replayed or late
+        assert fig.degraded > 0
+        assert fig.spooled > 0
+        assert fig.spooled_replayed + fig.spooled_committed_late == fig.spooled
+    if name == "consumer-sigkill":
+        assert fig.consumer_unacked_at_kill > 0, "the consumer was not killed mid-batch"
+        assert fig.consumer_restarts == 1
