@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest import chaos
 from tests.chaos.harness import FAULTS, ChaosFigures, run_fault
 
 pytestmark = pytest.mark.e2e
@@ -62,3 +63,15 @@ def test_every_verdict_agrees_with_the_ledger_through_a_fault(name: str, tmp_pat
     if name == "consumer-sigkill":
         assert fig.consumer_unacked_at_kill > 0, "the consumer was not killed mid-batch"
         assert fig.consumer_restarts == 1
+
+
+def test_the_long_form_runs_every_fault() -> None:
+    """``python -m loadtest chaos`` names the faults without importing the harness."""
+    assert tuple(FAULTS) == chaos.FAULT_NAMES
+    assert chaos.selected_faults("all") == list(FAULTS)
+    assert chaos.selected_faults("worker-sigkill, redis-sigkill") == [
+        "redis-sigkill",
+        "worker-sigkill",
+    ]
+    with pytest.raises(ValueError, match="unknown redis-kill"):
+        chaos.selected_faults("redis-kill")
