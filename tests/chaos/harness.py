@@ -502,11 +502,9 @@ class BillingConsumer:
         self.workdir = workdir
         self.batch = batch
         self.incarnations: list[Incarnation] = []
-        #: entries delivered to the consumer and not acknowledged when an incarnation ended
-        #: (read from the group's pending list before the next one starts): the only entries
-        #: that may be delivered twice
-        self.unacked_at_death: set[str] = set()
-        #: (index of the incarnation that ended, the entries it left unacknowledged)
+        #: (index of an incarnation that ended, the entries delivered to it and not
+        #: acknowledged, read from the group's pending list before the next one started): the
+        #: only entries that may be delivered twice
         self.deaths: list[tuple[int, set[str]]] = []
         self.unacked_at_kill = 0
         self._reading = threading.Event()
@@ -576,7 +574,6 @@ class BillingConsumer:
         return True
 
     def _note_death(self, unacked: set[str]) -> None:
-        self.unacked_at_death |= unacked
         self.deaths.append((len(self.incarnations) - 1, unacked))
 
     def _watch(self) -> None:
@@ -646,34 +643,35 @@ class BillingConsumer:
                 inc.process.kill()
                 inc.process.wait()
 
-    def printed_by(self) -> tuple[list[list[LedgerEntry]], int]:
-        """The entries each incarnation printed, in order, and the number of torn lines (the
-        last line a killed incarnation was writing)."""
-        out: list[list[LedgerEntry]] = []
+    def record(self) -> ConsumerRecord:
+        """What the incarnations printed (read from their output files) and left behind."""
+        printed: list[list[LedgerEntry]] = []
         torn = 0
         for inc in self.incarnations:
-            out.append([])
+            printed.append([])
             if not inc.output.exists():
                 continue
             for line in inc.output.read_bytes().splitlines():
                 try:
-                    out[-1].append(LedgerEntry.from_json_dict(json.loads(line)))
+                    printed[-1].append(LedgerEntry.from_json_dict(json.loads(line)))
                 except (ValueError, KeyError, TypeError):
                     torn += 1
-        return out, torn
+        return ConsumerRecord(printed, torn, list(self.deaths), self.unacked_at_kill)
 
-    def printed(self) -> list[LedgerEntry]:
-        """Every entry any incarnation printed (a redelivered one more than once)."""
-        return [e for entries in self.printed_by()[0] for e in entries]
 
-    def lost_after_death(self) -> int:
-        """Entries an incarnation left unacknowledged that no later one printed."""
-        by, _ = self.printed_by()
-        lost = 0
-        for i, unacked in self.deaths:
-            later = {e.id for entries in by[i + 1 :] for e in entries}
-            lost += len(unacked - later)
-        return lost
+@dataclass(frozen=True)
+class ConsumerRecord:
+    #: the entries each incarnation printed, in order
+    printed: list[list[LedgerEntry]]
+    #: lines that are no entry: the last line a killed incarnation was writing
+    torn: int
+    #: (index of an incarnation that ended, the entries it left unacknowledged)
+    deaths: list[tuple[int, set[str]]]
+    unacked_at_kill: int = 0
+
+    def entries(self) -> list[LedgerEntry]:
+        """Every entry printed (a redelivered one more than once)."""
+        return [e for entries in self.printed for e in entries]
 
 
 # -- faults -------------------------------------------------------------------------------------
@@ -845,6 +843,9 @@ class ChaosFigures:
     flag_mismatches: int = 0
     #: of the two above, the usages explained by a late commit (issue #13 item 1)
     late_commits: int = 0
+    #: answers that said ``replayed``: a retry or resend answered from the first decision
+    replayed: int = 0
+    #: unary usages sent again by the harness (after a failed call or an unacknowledged answer)
     resent: int = 0
     unanswered: int = 0
     #: unary usages still owed at the end (neither acknowledged nor refused after resends)
@@ -907,17 +908,10 @@ class ChaosFigures:
         return "\n".join(lines)
 
 
-def compare(
-    book: Book,
-    ledgers: dict[str, list[LedgerEntry]],
-    window: FaultWindow,
-    consumer: BillingConsumer,
-    consumer_remaining: list[LedgerEntry],
-) -> ChaosFigures:
-    """Every verdict against the ledger, and the consumer's output against the ledger.
-
-    ``ledgers``: each tenant's entries (for the consumed tenant, what the consumer printed
-    plus what is left in Redis: acknowledged entries are trimmed)."""
+def compare(book: Book, ledgers: dict[str, list[LedgerEntry]], window: FaultWindow) -> ChaosFigures:
+    """Every verdict against the ledger. ``ledgers``: each tenant's entries (for the consumed
+    tenant, what the consumer printed plus what is left in Redis: acknowledged entries are
+    trimmed)."""
     fig = ChaosFigures(fault="")
     by_request: dict[str, list[LedgerEntry]] = {}
     for entries in ledgers.values():
@@ -932,6 +926,7 @@ def compare(
             fig.unanswered += 1
             continue
         fig.verdicts += len(answers)
+        fig.replayed += sum(1 for a in answers if a.replayed)
         acked = any(a.acknowledged for a in answers)
         last = answers[-1]
         fig.acknowledged += acked
@@ -974,7 +969,6 @@ def compare(
     fig.fault_s = round(window.ended - window.started, 2)
     clean = [a.at for a in every if not a.degraded and a.at >= window.ended]
     fig.recover_s = round(min(clean) - window.ended, 2) if clean else None
-    _consumer_figures(fig, consumer, consumer_remaining)
     return fig
 
 
@@ -1001,24 +995,27 @@ def _anomaly(kind: str, s: Sent, answers: list[Answer], entries: list[LedgerEntr
     )
 
 
-def _consumer_figures(
-    fig: ChaosFigures, consumer: BillingConsumer, remaining: list[LedgerEntry]
+def consumer_figures(
+    fig: ChaosFigures, record: ConsumerRecord, remaining: list[LedgerEntry]
 ) -> None:
-    """``remaining``: the consumed ledger as Redis still holds it at the end (an entry every
-    group acknowledged is trimmed: one never printed yet trimmed shows up as ``missing``)."""
-    by, torn = consumer.printed_by()
-    times = Counter(e.id for entries in by for e in entries)
+    """The consumer's output against the ledger. ``remaining``: the consumed ledger as Redis
+    holds it at the end (an entry every group acknowledged is trimmed: one trimmed and never
+    printed is missing from the ledger :func:`compare` gets)."""
+    times = Counter(e.id for e in record.entries())
     fig.consumer_delivered = len(times)
     redelivered = {i for i, n in times.items() if n > 1}
     fig.consumer_redelivered = len(redelivered)
-    # delivered again although it had been acknowledged: not pending when its consumer died
-    fig.consumer_acked_twice = len(redelivered - consumer.unacked_at_death)
+    unacked = set().union(*(ids for _, ids in record.deaths))
+    # delivered again although acknowledged: not pending when its consumer ended
+    fig.consumer_acked_twice = len(redelivered - unacked)
     fig.consumer_skipped = sum(1 for e in remaining if e.id not in times)
-    fig.consumer_lost_after_death = consumer.lost_after_death()
+    for i, ids in record.deaths:
+        later = {e.id for entries in record.printed[i + 1 :] for e in entries}
+        fig.consumer_lost_after_death += len(ids - later)
     # the first incarnation and the final drain are not restarts
-    fig.consumer_restarts = max(0, len(consumer.incarnations) - 2)
-    fig.consumer_unacked_at_kill = consumer.unacked_at_kill
-    fig.consumer_torn_lines = torn
+    fig.consumer_restarts = max(0, len(record.printed) - 2)
+    fig.consumer_unacked_at_kill = record.unacked_at_kill
+    fig.consumer_torn_lines = record.torn
 
 
 # -- a run --------------------------------------------------------------------------------------
@@ -1087,9 +1084,11 @@ def run_fault(
         consumer_exit = consumer.finish()
         ledgers = _read_ledgers(d)
         remaining = ledgers[STREAM_TENANT]
-        full = {e.id: e for e in [*consumer.printed(), *remaining]}
+        record = consumer.record()
+        full = {e.id: e for e in [*record.entries(), *remaining]}
         ledgers[STREAM_TENANT] = sorted(full.values(), key=lambda e: _stream_id(e.id))
-        fig = compare(book, ledgers, window, consumer, remaining)
+        fig = compare(book, ledgers, window)
+        consumer_figures(fig, record, remaining)
         fig.consumer_pending_end = _group_pending(d)
     finally:
         if consumer is not None:
