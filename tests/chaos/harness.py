@@ -84,6 +84,8 @@ tenants:
 TENANTS = ("ctl", "open", "closed")
 #: the slice controller's tenant: its ledger is the one the billing consumer reads
 STREAM_TENANT = "ctl"
+#: every usage names this slice (the plan's byte limit counts per slice) and a key
+SLICE = "s1"
 GROUP = "billing"
 CONSUMER = "chaos-billing"
 REFUSED = (Decision.THROTTLE, Decision.DENY)
@@ -276,15 +278,17 @@ class Load:
         deadline = time.monotonic() + timeout_s
         while self.book.owed and time.monotonic() < deadline:
             for rid in sorted(self.book.owed):
-                await self._send(client, self.book.sent[rid], resend=True)
+                await self._send(client, self.book.sent[rid])
             await asyncio.sleep(0.1)
         await client.close()
 
-    async def _send(self, client: AsyncClient, s: Sent, *, resend: bool = False) -> None:
+    async def _send(self, client: AsyncClient, s: Sent) -> None:
         self.book.sends[s.request_id] += 1
         call = client.check if s.mode is Mode.ADMIT else client.report
         try:
-            v = await call(s.tenant, s.metric, s.amount, key=s.key, request_id=s.request_id)
+            v = await call(
+                s.tenant, s.metric, s.amount, slice=SLICE, key=s.key, request_id=s.request_id
+            )
         except ChargepathError:
             self.book.errors[s.request_id] += 1
             self.book.owed.add(s.request_id)
@@ -308,7 +312,7 @@ class Load:
             for rid in sorted(self.book.owed):
                 if self.stop.is_set():
                     break
-                await self._send(client, self.book.sent[rid], resend=True)
+                await self._send(client, self.book.sent[rid])
 
     async def _stream_reports(self, client: AsyncClient) -> None:
         retry = RetryPolicy(max_attempts=20, initial_backoff=0.05, max_backoff=0.5)
@@ -335,7 +339,7 @@ class Load:
         futures = [
             stream.submit_nowait(
                 tenant=s.tenant,
-                slice="s1",
+                slice=SLICE,
                 key=s.key,
                 metric=s.metric,
                 amount=s.amount,
@@ -862,6 +866,7 @@ class ChaosFigures:
     fault_s: float = 0.0
     #: from the end of the fault to the first verdict that was not degraded
     recover_s: float | None = None
+    #: from the end of the fault until the spool was empty
     drain_s: float = 0.0
     consumer_delivered: int = 0
     consumer_redelivered: int = 0
@@ -1118,26 +1123,32 @@ async def _drive(
     timeline: Timeline,
     log: Callable[[str], None],
 ) -> tuple[FaultWindow, float]:
+    """Load, fault, recovery; the fault's window and the seconds from its end until the spool
+    was empty."""
     load = Load(d, book, shape)
     load.start()
     try:
         await asyncio.sleep(timeline.before_s)
         window = await asyncio.to_thread(fault.inject, d, consumer, hold_s)
         log(f"{fault.name}: {window.note} ({window.ended - window.started:.2f} s)")
-
-        deadline = time.monotonic() + timeline.recover_timeout_s
+        await _until_drained(d, fault, timeline)
+        drain_s = time.monotonic() - window.ended
+        deadline = window.ended + timeline.recover_timeout_s
         while book.last_clean_at < window.ended:
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"{fault.name}: no verdict without degraded {timeline.recover_timeout_s} s on"
+                    f"{fault.name}: every verdict degraded {timeline.recover_timeout_s} s on"
                 )
             await asyncio.sleep(0.05)
         await asyncio.sleep(timeline.after_s)
     finally:
         await load.finish()
-    started = time.monotonic()
-    if not await asyncio.to_thread(_wait, lambda: d.spool_depth() == 0, timeline.drain_timeout_s):
-        raise TimeoutError(f"{fault.name}: the spool did not drain ({d.spool_depth()} left)")
-    drain_s = time.monotonic() - started
+    # what was spooled at the very end, too
+    await _until_drained(d, fault, timeline)
     await load.settle(10.0)
     return window, drain_s
+
+
+async def _until_drained(d: Deployment, fault: Fault, timeline: Timeline) -> None:
+    if not await asyncio.to_thread(_wait, lambda: d.spool_depth() == 0, timeline.drain_timeout_s):
+        raise TimeoutError(f"{fault.name}: the spool did not drain ({d.spool_depth()} left)")

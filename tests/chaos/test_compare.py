@@ -8,6 +8,7 @@ import pytest
 from chargepath.store.ledger import LedgerEntry
 from chargepath_client import Mode, Verdict
 from chargepath_protos.v1 import metering_pb2 as pb
+from loadtest import chaos
 from tests.chaos.harness import (
     Book,
     ChaosFigures,
@@ -148,3 +149,18 @@ def test_the_consumer_may_redeliver_only_what_its_dead_incarnation_left_pending(
     lost = ConsumerRecord(printed=[[e[0]], [e[1]]], torn=0, deaths=[(0, {e[2].id})])
     consumer_figures(fig := ChaosFigures(fault=""), lost, remaining=[e[3]])
     assert (fig.consumer_lost_after_death, fig.consumer_skipped) == (1, 1)
+
+
+def test_the_long_form_tells_late_commits_from_failures() -> None:
+    book = Book()
+    late = admit(book)
+    book.answered(late, verdict(late, pb.DECISION_DENY, degraded=True))
+    answered_ms = book.answers[late.request_id][0].at_ms
+    fig = run(book, entry(late, 1, decided_at_ms=answered_ms + 10))
+    assert chaos.verdict_of(fig) == "late commits"
+    fig.missing = 1
+    assert chaos.verdict_of(fig) == "FAIL: missing, refused_but_billed, flag_mismatches"
+    assert chaos.verdict_of(ChaosFigures(fault="")) == "ok"
+    assert chaos.verdict_of(ChaosFigures(fault="", consumer_acked_twice=1)) == (
+        "FAIL: consumer_acked_twice"
+    )
