@@ -22,6 +22,11 @@ resent; a refused admit (THROTTLE/DENY, degraded or not) is never billed. For th
 every entry is delivered at least once and acknowledged once; an entry is delivered again only
 if its consumer died before acknowledging it.
 
+An anomaly is explained as a *late commit* (issue #13 item 1, being fixed in decide.lua) when
+every answer was degraded and unacknowledged and the ledger holds the usage as sent (an admit
+as an admit: a spool replay writes a report) decided on Redis' clock after the answer: the
+timed-out store call ran afterwards. Every other anomaly is unexplained.
+
 Credentials: every gRPC client of the harness is made by :meth:`Deployment.client`, and the
 key it presents comes from :func:`gateway_api_key`: the one place to add one when gateways run
 with authentication on.
