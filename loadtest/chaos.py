@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("refused billed", "refused_but_billed"),
     ("flag mismatch", "flag_mismatches"),
     ("late commits", "late_commits"),
+    ("lost unreplicated", "lost_unreplicated"),
     ("resent", "resent"),
     ("replayed", "replayed"),
     ("degraded", "degraded"),
@@ -69,13 +71,14 @@ CAPTION = (
     "acked: acknowledged as recorded or spooled; missing: acked and not in the ledger; "
     "doubled: a request id twice in the ledger; refused billed: a THROTTLE/DENY admit in the "
     "ledger; flag mismatch: recorded and not in the ledger, or neither recorded nor spooled "
-    "and in it without a resend; late commits: of those two, the ones a store call committed "
-    "after its degraded answer (issue #13 item 1). replayed: answers from the first decision "
-    "(a retry). degraded before fault: with Redis healthy. degraded s: first to last degraded "
-    "verdict; recover s: from the end of the fault to the first verdict not degraded; spool "
-    "drained s: from the end of the fault until the spool was empty. Consumer (chargepath "
-    "ledger consume): entries delivered again, entries delivered again after they were "
-    "acknowledged, entries never delivered."
+    "and in it without a resend; late commits: of those, the ones a store call committed "
+    "after its degraded answer (issue #13 item 1); lost unreplicated: recorded, then lost in a "
+    "failover after WAIT timed out (the gateway counted it unreplicated). replayed: answers "
+    "from the first decision (a retry). degraded before fault: with Redis healthy. degraded "
+    "s: first to last degraded verdict; recover s: from the end of the fault to the first "
+    "verdict not degraded; spool drained s: from the end of the fault until the spool was "
+    "empty. Consumer (chargepath ledger consume): entries delivered again, entries delivered "
+    "again after they were acknowledged, entries never delivered."
 )
 
 
@@ -146,9 +149,9 @@ def _cell(value: object) -> str:
 
 
 def verdict_of(fig: ChaosFigures) -> str:
-    """``ok``; ``late commits`` when the only figures not 0 are those the known late-commit
-    bug explains (issue #13 item 1: refused but billed, flag mismatches); else ``FAIL:`` and
-    the figures."""
+    """``ok``; ``known:`` and the causes when every figure that is not 0 is explained by a
+    known bug (the late commits of issue #13 item 1, a failover losing what WAIT did not see
+    replicated); else ``FAIL:`` and the figures."""
     bad = [k for k, v in fig.must_be_zero().items() if v]
     consumer = {
         "consumer_skipped": fig.consumer_skipped,
@@ -159,8 +162,10 @@ def verdict_of(fig: ChaosFigures) -> str:
     bad += [k for k, v in consumer.items() if v]
     if not bad:
         return "ok"
-    if not fig.unexplained() and set(bad) <= {"refused_but_billed", "flag_mismatches"}:
-        return "late commits"
+    known = not fig.unexplained() and fig.missing == fig.lost_unreplicated
+    if known and "doubled" not in bad and not set(bad) & set(consumer):
+        causes = Counter(a.cause for a in fig.anomalies)
+        return "known: " + ", ".join(f"{cause} x{n}" for cause, n in sorted(causes.items()))
     return "FAIL: " + ", ".join(bad)
 
 
@@ -205,7 +210,7 @@ def markdown(figures: Sequence[ChaosFigures], command: str) -> str:
                 f"- {fig.fault}: {a.kind} `{a.request_id}` ({a.tenant} {a.mode}): answered "
                 f"{', '.join(a.answers)}; ledger {', '.join(f'`{e[0]}` {e[1]}' for e in a.entries)}"
                 f" decided {a.commit_after_answer_ms} ms after the answer"
-                f"{' (late commit)' if a.late_commit else ' (unexplained)'}"
+                f" ({a.cause or 'unexplained'})"
             )
     return "\n".join(lines) + "\n"
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -44,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -53,7 +55,7 @@ from typing import Any, Literal
 
 import redis
 
-from chargepath.store.embedded import EmbeddedRedis
+from chargepath.store.embedded import EmbeddedRedis, free_port
 from chargepath.store.ledger import LedgerEntry
 from chargepath.store.redis_store import ledger_key
 from chargepath.store.spool import SPOOL_FILE
@@ -376,6 +378,8 @@ class Deployment:
         self.workers = workers
         self.sentinels: SentinelDeployment | None = None
         self._gateway: GatewayProcess | None = None
+        #: the gateway's Prometheus port (Sentinel only: its unreplicated-usage counter)
+        self.metrics_port: int | None = None
 
     def start(self) -> None:
         plans = self.workdir / "plans.yaml"
@@ -398,7 +402,10 @@ class Deployment:
                 "1",
                 "--redis-wait-timeout-ms",
                 "100",
+                "--metrics-port",
+                str(metrics_port := free_port()),
             )
+            self.metrics_port = metrics_port
         self._gateway = start_gateway(
             self.workdir / "gateway",
             plans=plans,
@@ -475,6 +482,20 @@ class Deployment:
                     if b"spawn_main" in cmdline:
                         out.append(int(child))
         return sorted(out)
+
+    def unreplicated(self) -> int | None:
+        """Usages the gateway answered recorded although no replica acknowledged them in time
+        (``chargepath.store.unreplicated``, scraped); None without WAIT."""
+        if self.metrics_port is None:
+            return None
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        total = 0.0
+        for line in body.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name.startswith("chargepath_store_unreplicated") and "_created" not in name:
+                total += float(value)
+        return int(total)
 
     def stop_gateway(self) -> int:
         return self.gateway.stop()
@@ -819,17 +840,29 @@ FAULTS: dict[str, Fault] = {
 class Anomaly:
     """One usage whose verdicts and ledger entries disagree, with everything to explain it."""
 
-    kind: str  # "refused-but-billed" | "recorded-not-in-ledger" | "neither-but-billed"
+    #: "refused-but-billed", "recorded-not-in-ledger", "spooled-not-in-ledger",
+    #: "neither-but-billed", "doubled", joined by " + " when several hold
+    kind: str
     request_id: str
     tenant: str
     mode: str
     answers: tuple[str, ...]
     #: (entry id, its mode, its decision id, decided_at_ms on Redis' clock)
     entries: tuple[tuple[str, str, str, int], ...]
-    #: the store committed it after the gateway had answered degraded (issue #13 item 1)
-    late_commit: bool
     #: milliseconds from the (last) answer to the ledger entry's decision (positive: later)
     commit_after_answer_ms: int | None
+    #: the known bug that explains it (:data:`LATE_COMMIT`, :data:`UNREPLICATED`), or ""
+    cause: str = ""
+
+
+LATE_COMMIT = "late commit"
+"""Issue #13 item 1: the gateway answered degraded and not recorded (its store call had timed
+out), and Redis ran that call afterwards."""
+UNREPLICATED = "recorded, unreplicated"
+"""A Sentinel failover lost a usage answered ``recorded`` whose ``WAIT`` timed out: the
+gateway answers recorded for a batch the master committed even when no replica acknowledged
+it, and counts it in ``chargepath.store.unreplicated`` (README, "High availability"). Only
+claimed when the gateway counted at least as many unreplicated usages as went missing."""
 
 
 @dataclass
@@ -850,8 +883,12 @@ class ChaosFigures:
     doubled: int = 0
     refused_but_billed: int = 0
     flag_mismatches: int = 0
-    #: of the two above, the usages explained by a late commit (issue #13 item 1)
+    #: of the figures above, the usages explained by a late commit (issue #13 item 1) ...
     late_commits: int = 0
+    #: ... and by a Sentinel failover losing what WAIT had not seen replicated
+    lost_unreplicated: int = 0
+    #: usages the gateway answered recorded though WAIT timed out (its metric; Sentinel only)
+    unreplicated: int | None = None
     #: answers that said ``replayed``: a retry or resend answered from the first decision
     replayed: int = 0
     #: unary usages sent again by the harness (after a failed call or an unacknowledged answer)
@@ -898,7 +935,22 @@ class ChaosFigures:
 
     def unexplained(self) -> list[Anomaly]:
         """Anomalies that no known bug explains."""
-        return [a for a in self.anomalies if not a.late_commit]
+        return [a for a in self.anomalies if not a.cause]
+
+    def explain_unreplicated(self, unreplicated: int | None) -> None:
+        """Take the gateway's count of usages recorded without replica acknowledgement; if it
+        covers every usage answered recorded and missing, those are explained by it."""
+        self.unreplicated = unreplicated
+        lost = [
+            i
+            for i, a in enumerate(self.anomalies)
+            if not a.cause and a.kind == "recorded-not-in-ledger"
+        ]
+        if unreplicated is None or not lost or len(lost) > unreplicated:
+            return
+        for i in lost:
+            self.anomalies[i] = dataclasses.replace(self.anomalies[i], cause=UNREPLICATED)
+        self.lost_unreplicated = len(lost)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -913,7 +965,7 @@ class ChaosFigures:
             lines.append(
                 f"  ! {a.kind}: {a.request_id} ({a.tenant} {a.mode}) answered {list(a.answers)}; "
                 f"ledger {list(a.entries)}; committed {a.commit_after_answer_ms} ms after the "
-                f"answer; {'a late commit' if a.late_commit else 'UNEXPLAINED'}"
+                f"answer; {a.cause or 'UNEXPLAINED'}"
             )
         return "\n".join(lines)
 
@@ -928,7 +980,6 @@ def compare(book: Book, ledgers: dict[str, list[LedgerEntry]], window: FaultWind
         for e in entries:
             by_request.setdefault(e.request_id, []).append(e)
     fig.foreign_entries = sum(1 for r in by_request if r not in book.sent)
-    fig.doubled = sum(1 for es in by_request.values() if len(es) > 1)
     for rid, s in book.sent.items():
         answers = book.answers.get(rid, [])
         entries = by_request.get(rid, [])
@@ -948,16 +999,19 @@ def compare(book: Book, ledgers: dict[str, list[LedgerEntry]], window: FaultWind
                 fig.spooled_replayed += 1
             elif entries:
                 fig.spooled_committed_late += 1
-        if acked and not entries:
-            fig.missing += 1
         refused = s.mode is Mode.ADMIT and last.decision in REFUSED
         fig.refused += refused
         kinds = []
+        if len(entries) > 1:
+            fig.doubled += 1
+            kinds.append("doubled")
+        if acked and not entries:
+            fig.missing += 1
+            recorded = any(a.recorded for a in answers)
+            kinds.append("recorded-not-in-ledger" if recorded else "spooled-not-in-ledger")
         if refused and entries:
             fig.refused_but_billed += 1
             kinds.append("refused-but-billed")
-        if any(a.recorded for a in answers) and not entries:
-            kinds.append("recorded-not-in-ledger")
         if not acked and entries and book.sends[rid] == 1:
             kinds.append("neither-but-billed")
         if {"recorded-not-in-ledger", "neither-but-billed"} & set(kinds):
@@ -965,7 +1019,7 @@ def compare(book: Book, ledgers: dict[str, list[LedgerEntry]], window: FaultWind
         if kinds:
             a = _anomaly(" + ".join(kinds), s, answers, entries)
             fig.anomalies.append(a)
-            fig.late_commits += a.late_commit
+            fig.late_commits += a.cause == LATE_COMMIT
         if s.channel != "stream" and not acked and not refused:
             fig.unsettled += 1
     fig.stream_reconnects = book.stream_reconnects
@@ -989,7 +1043,7 @@ def _anomaly(kind: str, s: Sent, answers: list[Answer], entries: list[LedgerEntr
     # sent (an admit stays an admit; a spool replay would have written a report), decided on
     # Redis' clock after the answer came back (5 ms: the answer's way to this process).
     late = (
-        bool(entries)
+        len(entries) == 1
         and all(a.degraded and not a.acknowledged for a in answers)
         and all(e.mode == str(s.mode) and e.decided_at_ms >= last.at_ms - 5 for e in entries)
     )
@@ -1000,8 +1054,8 @@ def _anomaly(kind: str, s: Sent, answers: list[Answer], entries: list[LedgerEntr
         mode=str(s.mode),
         answers=tuple(a.brief() for a in answers),
         entries=tuple((e.id, e.mode, e.decision_id, e.decided_at_ms) for e in entries),
-        late_commit=late,
         commit_after_answer_ms=entries[0].decided_at_ms - last.at_ms if entries else None,
+        cause=LATE_COMMIT if late else "",
     )
 
 
@@ -1090,6 +1144,7 @@ def run_fault(
         window, drain_s = asyncio.run(
             _drive(d, consumer, fault, hold_s, book, shape, timeline, log)
         )
+        unreplicated = d.unreplicated()
         gateway_exit = d.stop_gateway()
         consumer_exit = consumer.finish()
         ledgers = _read_ledgers(d)
@@ -1098,6 +1153,7 @@ def run_fault(
         full = {e.id: e for e in [*record.entries(), *remaining]}
         ledgers[STREAM_TENANT] = sorted(full.values(), key=lambda e: _stream_id(e.id))
         fig = compare(book, ledgers, window)
+        fig.explain_unreplicated(unreplicated)
         consumer_figures(fig, record, remaining)
         fig.consumer_pending_end = _group_pending(d)
     finally:

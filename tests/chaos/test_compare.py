@@ -10,6 +10,8 @@ from chargepath_client import Mode, Verdict
 from chargepath_protos.v1 import metering_pb2 as pb
 from loadtest import chaos
 from tests.chaos.harness import (
+    LATE_COMMIT,
+    UNREPLICATED,
     Book,
     ChaosFigures,
     ConsumerRecord,
@@ -76,13 +78,34 @@ def test_recorded_once_and_spooled_once_are_clean() -> None:
     assert (fig.acknowledged, fig.spooled, fig.spooled_replayed, fig.anomalies) == (2, 1, 1, [])
 
 
-def test_acknowledged_and_absent_is_missing_and_a_flag_mismatch() -> None:
+def test_acknowledged_and_absent_is_missing() -> None:
     book = Book()
-    a = admit(book)
+    a, r = admit(book), report(book)
     book.answered(a, verdict(a, pb.DECISION_ALLOW, recorded=True))
+    book.answered(r, verdict(r, pb.DECISION_ALLOW, degraded=True, spooled=True))
     fig = run(book)
-    assert (fig.missing, fig.flag_mismatches) == (1, 1)
-    assert [x.kind for x in fig.unexplained()] == ["recorded-not-in-ledger"]
+    assert (fig.missing, fig.flag_mismatches) == (2, 1)
+    assert [x.kind for x in fig.unexplained()] == [
+        "recorded-not-in-ledger",
+        "spooled-not-in-ledger",
+    ]
+    # what the gateway counted as recorded without a replica's acknowledgement explains a
+    # recorded usage lost in a failover, and nothing else
+    fig.explain_unreplicated(1)
+    assert [x.cause for x in fig.anomalies] == [UNREPLICATED, ""]
+    assert fig.lost_unreplicated == 1
+
+
+def test_a_loss_beyond_the_unreplicated_count_stays_unexplained() -> None:
+    book = Book()
+    lost = [admit(book) for _ in range(3)]
+    for a in lost:
+        book.answered(a, verdict(a, pb.DECISION_ALLOW, recorded=True))
+    fig = run(book)
+    fig.explain_unreplicated(2)
+    assert (len(fig.unexplained()), fig.lost_unreplicated) == (3, 0)
+    fig.explain_unreplicated(None)
+    assert len(fig.unexplained()) == 3
 
 
 def test_twice_in_the_ledger_is_doubled() -> None:
@@ -91,6 +114,7 @@ def test_twice_in_the_ledger_is_doubled() -> None:
     book.answered(r, verdict(r, pb.DECISION_ALLOW, degraded=True, spooled=True))
     fig = run(book, entry(r, 1), entry(r, 2))
     assert fig.doubled == 1
+    assert [x.kind for x in fig.unexplained()] == ["doubled"]
 
 
 def test_a_refused_admit_in_the_ledger_is_billed_and_unexplained_unless_it_came_late() -> None:
@@ -112,7 +136,7 @@ def test_a_refused_admit_in_the_ledger_is_billed_and_unexplained_unless_it_came_
     assert sorted(x.request_id for x in fig.unexplained()) == sorted(
         [throttled.request_id, replayed.request_id]
     )
-    (explained,) = [x for x in fig.anomalies if x.late_commit]
+    (explained,) = [x for x in fig.anomalies if x.cause == LATE_COMMIT]
     assert explained.request_id == late.request_id
     assert explained.commit_after_answer_ms == 2000
 
@@ -157,7 +181,7 @@ def test_the_long_form_tells_late_commits_from_failures() -> None:
     book.answered(late, verdict(late, pb.DECISION_DENY, degraded=True))
     answered_ms = book.answers[late.request_id][0].at_ms
     fig = run(book, entry(late, 1, decided_at_ms=answered_ms + 10))
-    assert chaos.verdict_of(fig) == "late commits"
+    assert chaos.verdict_of(fig) == "known: late commit x1"
     fig.missing = 1
     assert chaos.verdict_of(fig) == "FAIL: missing, refused_but_billed, flag_mismatches"
     assert chaos.verdict_of(ChaosFigures(fault="")) == "ok"
