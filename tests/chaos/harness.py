@@ -387,8 +387,9 @@ class Deployment:
         plans.write_text(PLANS)
         args: tuple[str, ...] = ("--store-timeout-ms", str(STORE_TIMEOUT_MS))
         if self.topology == "sentinel":
-            # min-replicas-to-write: the old master refuses writes once its replica leaves,
-            # so a forced failover does not lose what it accepted meanwhile (README, HA)
+            # min-replicas-to-write: the old master refuses writes once its replica leaves, so
+            # a forced failover loses at most what the replica dropped unread at its
+            # promotion (README, "High availability"; see UNREPLICATED)
             self.sentinels = SentinelDeployment(
                 self.workdir / "sentinel", master_args=("--min-replicas-to-write", "1")
             )
