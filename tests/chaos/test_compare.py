@@ -110,11 +110,27 @@ def test_a_loss_beyond_the_unreplicated_count_stays_unexplained() -> None:
 
 def test_twice_in_the_ledger_is_doubled() -> None:
     book = Book()
-    r = report(book)
+    r, late, a = report(book), report(book), admit(book)
     book.answered(r, verdict(r, pb.DECISION_ALLOW, degraded=True, spooled=True))
-    fig = run(book, entry(r, 1), entry(r, 2))
-    assert fig.doubled == 1
-    assert [x.kind for x in fig.unexplained()] == ["doubled"]
+    book.answered(late, verdict(late, pb.DECISION_ALLOW, degraded=True, spooled=True))
+    book.answered(a, verdict(a, pb.DECISION_ALLOW, recorded=True))
+    answered_ms = book.answers[late.request_id][0].at_ms
+    fig = run(
+        book,
+        entry(r, 1),
+        entry(r, 2),
+        # committed late, then replayed from the spool as well
+        entry(late, 3, decided_at_ms=answered_ms + 100),
+        entry(late, 4, decided_at_ms=answered_ms + 120),
+        entry(a, 5),
+        entry(a, 6),
+    )
+    assert fig.doubled == 3
+    assert [(x.request_id, x.cause) for x in fig.anomalies] == [
+        (r.request_id, ""),
+        (late.request_id, LATE_COMMIT),
+        (a.request_id, ""),
+    ]
 
 
 def test_a_refused_admit_in_the_ledger_is_billed_and_unexplained_unless_it_came_late() -> None:
