@@ -7,8 +7,8 @@ PLANS ?= examples/plans.yaml
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve test test-unit test-integration test-e2e lint fmt gen check-gen \
-        proto-lint clients prometheus loadtest-smoke clean
+.PHONY: help setup run serve test test-unit test-integration test-e2e test-chaos lint fmt gen \
+        check-gen clients prometheus loadtest-smoke clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ test-integration: setup ## Integration tests (real redis-server)
 
 test-e2e: setup clients prometheus ## End-to-end tests (real gateway, real clients)
 	$(PY) -m pytest tests/e2e
+
+test-chaos: setup ## The chaos suite: one short run per fault, every verdict against the ledger
+	$(PY) -m pytest tests/chaos
 
 lint: setup ## ruff (lint + format check), mypy, buf lint, buf breaking against the released contract
 	$(VENV)/bin/ruff check .

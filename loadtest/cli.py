@@ -17,7 +17,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.markup import escape
 
-from loadtest import credentials, gogen, processes, report
+from loadtest import chaos, credentials, gogen, processes, report
 from loadtest.runner import Measurement, PhasePlan, WorkerError, WorkerPool, measure
 from loadtest.worker import FlowSpec, TargetSpec, WorkerSpec
 from loadtest.workload import WorkloadError, load_workload
@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--target", default=DEFAULT_TARGET, help=target_help)
     compare.add_argument("--target-pid", type=int, action="append", default=[], help=pid_help)
     ceiling.set_defaults(target_pid=[])
+    chaos.add_parser(sub)
     return parser
 
 
@@ -297,6 +298,8 @@ def _target(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "chaos":
+        return chaos.run(args, list(argv if argv is not None else sys.argv[1:]))
     if args.rate is None:
         args.rate = SMOKE_RATE if args.smoke else DEFAULT_RATE
     scenario: Scenario = args.command if args.command in SCENARIOS else args.scenario
