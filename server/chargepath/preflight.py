@@ -100,9 +100,9 @@ class ServerLock:
         self._fd: int | None = None
 
     def acquire(self) -> Holder | None:
-        """Take the lock and write the holder into the file: None. If another process holds
-        it: that holder (or None in its fields' place when the file does not say), and the
-        lock is not taken. Raises OSError when the file cannot be opened."""
+        """Take the lock and write :attr:`holder` into the file: None. If another open file
+        (another process) holds it: the holder its file names, and the lock is not taken.
+        Raises OSError when the file cannot be opened."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
