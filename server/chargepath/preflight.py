@@ -16,8 +16,9 @@ Why a port lock as well as the port check: the workers of one gateway share the 
 SO_REUSEPORT, and Linux lets any process of the same user join such a group, so the kernel
 does not keep a second gateway out once the first one's workers listen. The check (a bind
 without SO_REUSEPORT, which fails next to any listener, ours included) refuses a port something
-listens on; the lock, held from before the check until the process exits, refuses a second
-chargepath started while the first one's workers are not listening yet. Both refuse with
+listens on; the lock (keyed by ``--host`` as written, and ``--port``), held from before the
+check until the process exits, refuses a second chargepath started while the first one's
+workers are not listening yet. Both refuse with
 "address already in use", the kernel's own words. A program that binds the port between the
 check and the workers' bind makes the workers fail; the supervisor then stops with one line too.
 

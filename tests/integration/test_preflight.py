@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from chargepath.preflight import (
 from chargepath.settings import Settings
 from chargepath.store.connect import RedisTarget
 from chargepath.store.embedded import EmbeddedRedis, free_port
+from chargepath.supervisor import supervise
 
 WORKER_OPTIONS = [("grpc.so_reuseport", 1)]  # as app.build makes every worker's server
 
@@ -143,3 +145,31 @@ async def test_an_unreachable_redis_is_given_up_after_the_bound() -> None:
         await wait_for_redis(RedisTarget(url=f"redis://127.0.0.1:{port}/0"), 1.0)
     assert 1.0 <= time.monotonic() - started < 3.0
     assert str(e.value).startswith(f"--redis-url: no answer from redis://127.0.0.1:{port}/0 ")
+
+
+def test_workers_that_cannot_listen_stop_the_supervisor_at_once(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    # The race the check cannot close: another program takes the port after it. Called
+    # without the check, the supervisor sees its workers fail to bind and stops with status
+    # 1, restarting none (it used to restart them 10 times, then exit 0).
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        settings = Settings(
+            port=port,
+            workers=2,
+            redis_url=redis_server.url,
+            data_dir=str(tmp_path),
+            log_format="text",
+            drain_grace_s=1,
+        )
+        started = time.monotonic()
+        try:
+            assert supervise(settings) == 1
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    assert time.monotonic() - started < 30
