@@ -93,7 +93,8 @@ class Holder:
 
 class ServerLock:
     """An exclusive ``flock`` on ``path``, whose file names the :class:`Holder`; released by
-    :meth:`release` or when the process exits."""
+    :meth:`release` (which removes the file) or when the process exits (which leaves it, for
+    the next holder to take over)."""
 
     def __init__(self, path: Path, holder: Holder) -> None:
         self.path = path
@@ -104,24 +105,41 @@ class ServerLock:
         """Take the lock and write :attr:`holder` into the file: None. If another open file
         (another process) holds it: the holder its file names, and the lock is not taken.
         Raises OSError when the file cannot be opened."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            with os.fdopen(fd, "r", encoding="utf-8") as held:
-                return _holder_of(held.read())
-        except BaseException:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                with os.fdopen(fd, "r", encoding="utf-8") as held:
+                    return _holder_of(held.read())
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._still_at_path(fd):
+                break
+            # the holder released (removed) it between our open and our flock: a new file
+            # may be at the path now, and the lock is on that one
             os.close(fd)
-            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(asdict(self.holder)) + "\n").encode(), 0)
         self._fd = fd
         return None
 
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (mine.st_dev, mine.st_ino) == (at_path.st_dev, at_path.st_ino)
+
     def release(self) -> None:
+        """Remove the file, then drop the lock (closing the descriptor drops the flock)."""
         fd, self._fd = self._fd, None
         if fd is not None:
-            os.close(fd)  # closing the last descriptor drops the flock
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(fd)
 
 
 def _holder_of(text: str) -> Holder:

@@ -84,6 +84,7 @@ def test_a_lock_is_exclusive_names_its_holder_and_is_released(tmp_path: Path) ->
     assert second.acquire() == first.holder
     assert json.loads(path.read_text())["pid"] == os.getpid()  # the refused one wrote nothing
     first.release()
+    assert not path.exists()
     assert second.acquire() is None
     assert json.loads(path.read_text()) == {
         "pid": 1,
@@ -109,8 +110,10 @@ def test_the_data_dir_lock_refuses_a_second_server_and_says_which_holds_it(
         assert f"pid {os.getpid()} on 127.0.0.1:50123, started 20" in message
     finally:
         lock.release()
-    claim_data_dir(Settings(data_dir=str(data))).release()
+    again = claim_data_dir(Settings(data_dir=str(data)))
     assert (data / DATA_DIR_LOCK).exists()
+    again.release()
+    assert not (data / DATA_DIR_LOCK).exists()  # a clean stop leaves no stale holder
 
 
 def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
