@@ -65,6 +65,10 @@ ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 KEYS = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
 
+class ListenError(RuntimeError):
+    """The gRPC server could not listen on its address; the message is one line naming it."""
+
+
 class ServingStatus:
     """What the gRPC health service answers for the server ("") and the metering service:
     SERVING while the store answers. Each change is logged, with ``detail()`` (the spool's
@@ -448,10 +452,16 @@ class Gateway:
         )
         address = f"{self.settings.host}:{self.settings.port}"
         certificates = parts.trust.certificates
-        if certificates is None:
-            self.port = parts.server.add_insecure_port(address)
-        else:
-            self.port = parts.server.add_secure_port(address, certificates.credentials())
+        try:
+            if certificates is None:
+                self.port = parts.server.add_insecure_port(address)
+            else:
+                self.port = parts.server.add_secure_port(address, certificates.credentials())
+        except RuntimeError as exc:  # grpc says "Failed to bind to address ..."
+            raise ListenError(
+                f"--port {self.settings.port}: cannot listen on {address}: address already in "
+                "use by another program, or not an address of this machine"
+            ) from exc
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, streams end after the batch in hand, unary calls finish within

@@ -2,6 +2,8 @@
 
 :func:`supervise` (``chargepath serve --workers N``) runs N gateway processes on one port
 (SO_REUSEPORT), so that a multi-core machine is used; the kernel spreads connections across them.
+The port and the data dir are this server's alone: ``chargepath serve`` claims them
+(:mod:`chargepath.preflight`) and holds the claims, for all the workers, until it exits.
 
 The supervisor owns what is shared: the embedded Redis (if no Redis URL is given) and the plan
 file, applied once as a single gateway applies it (:mod:`chargepath.policy_sync`); workers,
@@ -27,7 +29,6 @@ import uvloop
 
 from chargepath import app, telemetry
 from chargepath.logs import configure_logging
-from chargepath.policy_files import load_policy_file
 from chargepath.settings import Settings
 
 log = logging.getLogger("chargepath.supervisor")
@@ -59,19 +60,26 @@ async def _serve(settings: Settings, otel: telemetry.Telemetry) -> None:
         await gateway.stop()
 
 
+#: A worker's exit status when its server cannot listen on the port: another program took it
+#: (between ``chargepath serve``'s check and the bind), so a restart would fail the same way.
+CANNOT_LISTEN = 3
+
+
 def _worker(settings: dict[str, Any], index: int) -> None:
     s = Settings(**settings)
     configure_logging(s.log_format, s.log_level, worker=index)
-    run_gateway(s, worker=index)
+    try:
+        run_gateway(s, worker=index)
+    except app.ListenError as exc:
+        log.error("%s", exc)
+        raise SystemExit(CANNOT_LISTEN) from None
 
 
 def supervise(settings: Settings) -> int:
-    """Run ``settings.workers`` gateway processes until SIGTERM/SIGINT; the exit code."""
-    if settings.plans:
-        load_policy_file(settings.plans)  # an invalid file fails before anything starts
-    if settings.port == 0:
-        log.error("--workers > 1 needs a fixed --port (workers share it with SO_REUSEPORT)")
-        return 2
+    """Run ``settings.workers`` gateway processes on ``settings.port`` (fixed) until
+    SIGTERM/SIGINT; the exit code. ``chargepath serve`` checked the settings and the plan
+    file, and claimed the port and the data dir, before calling it
+    (:mod:`chargepath.preflight`)."""
     shared = dataclasses.replace(settings)
     embedded = app.embedded_redis(shared)
     if embedded is not None:
@@ -112,17 +120,22 @@ def _run_workers(settings: Settings) -> int:
         return p
 
     workers = [start(i) for i in range(settings.workers)]
-    log.info("%d workers serving on %s:%d", settings.workers, settings.host, settings.port)
+    log.info("%d workers starting on %s:%d", settings.workers, settings.host, settings.port)
     restarts: list[float] = []
+    code = 0
     while not stopping:
         time.sleep(0.2)
         for i, p in enumerate(workers):
             if p.exitcode is not None and not stopping:
+                if p.exitcode == CANNOT_LISTEN:
+                    log.error("worker %d cannot listen on the port; stopping", i)
+                    stopping, code = True, 1
+                    break
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < 60] + [now]
                 if len(restarts) > 5 * settings.workers:
                     log.error("workers keep dying (%d restarts in 60 s); giving up", len(restarts))
-                    stopping = True
+                    stopping, code = True, 1
                     break
                 log.error("worker %d exited with %s; restarting it", i, p.exitcode)
                 workers[i] = start(i)
@@ -130,7 +143,6 @@ def _run_workers(settings: Settings) -> int:
         if p.exitcode is None and p.pid is not None:
             signal_pid(p.pid)
     deadline = time.monotonic() + settings.drain_grace_s + 5
-    code = 0
     for p in workers:
         p.join(max(0.1, deadline - time.monotonic()))
         if p.exitcode is None:

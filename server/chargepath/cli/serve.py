@@ -1,6 +1,8 @@
 """``chargepath serve``: run the gateway, in this process or as ``--workers`` processes on one
-port. Exit status 2 for invalid settings, TLS files, identity map or plan file: one line on
-stderr, and nothing was started."""
+port. A start that cannot go on prints one line on stderr, naming the option at fault, and
+exits non-zero: 2 for invalid settings, TLS files, identity map, Redis URL or plan file (then
+nothing was started and nothing written); 1 when the port or the data dir is another server's,
+Redis does not answer, no redis-server can be found, or the gateway fails to start."""
 
 from __future__ import annotations
 
@@ -96,9 +98,11 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     # Start-up time: the gateway stack (redis-py, pydantic, the OpenTelemetry SDK, the servicers:
     # about half a second of imports) loads only when ``serve`` runs, not for the other commands.
-    from chargepath import app, supervisor
+    from chargepath import app, preflight, supervisor
     from chargepath.core.plans import PolicyError
     from chargepath.policy_sync import PLANS_MODES
+    from chargepath.store.base import StoreUnavailableError
+    from chargepath.store.embedded import RedisStartError
     from chargepath.transport.tls import IdentityMapError, TlsConfigError
 
     try:
@@ -154,14 +158,25 @@ def run(args: argparse.Namespace) -> int:
     except TlsConfigError as exc:
         print(f"chargepath: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, settings.log_level)
     if settings.workers == 0:
         settings.workers = os.cpu_count() or 1
     try:
-        if settings.workers > 1:
-            return supervisor.supervise(settings)
-        supervisor.run_gateway(settings)
-    except (PolicyError, FileNotFoundError) as exc:
+        preflight.check_workers(settings)
+        # Nothing has started yet, and nothing is logged: a refusal is the only line.
+        claims = preflight.claim(settings)
+    except preflight.StartupError as exc:
         print(f"chargepath: {exc}", file=sys.stderr)
-        return 2
+        return exc.status
+    with claims:
+        configure_logging(settings.log_format, settings.log_level)
+        try:
+            if settings.workers > 1:
+                return supervisor.supervise(settings)
+            supervisor.run_gateway(settings)
+        except PolicyError as exc:  # the file merged onto the live policy does not validate
+            print(f"chargepath: --plans: {'; '.join(exc.errors)}", file=sys.stderr)
+            return 2
+        except (app.ListenError, RedisStartError, StoreUnavailableError) as exc:
+            print(f"chargepath: {exc}", file=sys.stderr)
+            return 1
     return 0

@@ -25,10 +25,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
@@ -61,6 +62,52 @@ def parse_sentinels(text: str, option: str = "--redis-sentinel") -> tuple[tuple[
             raise RedisSettingsError(f"{option}: port {port} of {item!r} is not in 1..65535")
         out.append((host, port))
     return tuple(out)
+
+
+URL_FORMS = "redis://[user:password@]host[:port][/db], rediss://... or unix:///path/to/socket"
+
+
+def redacted(url: str) -> str:
+    """``url`` without the credentials it may carry, even when it is malformed."""
+    if "@" not in url:
+        return url
+    scheme, sep, _ = url.partition("://")
+    tail = url.rsplit("@", 1)[1]
+    return f"{scheme}://***@{tail}" if sep else f"***@{tail}"
+
+
+def check_url(url: str, option: str = "--redis-url") -> None:
+    """Refuse, with a :class:`RedisSettingsError` naming ``option``, a URL that redis-py would
+    read as something else: ``redis:/typo`` has no host, and redis-py silently connects to
+    localhost:6379 instead; a database path that is not a number is silently ignored; a bad
+    port fails only at the first connection. Never echoes a password."""
+    shown = redacted(url)
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise RedisSettingsError(
+                f"{option}: {shown!r} names no socket path (expected unix:///path/to/socket)"
+            )
+    elif parts.scheme not in ("redis", "rediss") or not url.startswith(f"{parts.scheme}://"):
+        raise RedisSettingsError(f"{option}: {shown!r} is not a Redis URL (expected {URL_FORMS})")
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if not parts.hostname:
+            raise RedisSettingsError(f"{option}: {shown!r} names no host (expected {URL_FORMS})")
+        if port is not None and not 0 < port < 65536:
+            raise RedisSettingsError(f"{option}: {shown!r}: the port is not a number in 1..65535")
+        if parts.path not in ("", "/") and not parts.path[1:].isdigit():
+            raise RedisSettingsError(
+                f"{option}: {shown!r}: the database {parts.path!r} is not a number (expected "
+                "/0, /1, ...)"
+            )
+    try:
+        parse_url(url)  # the query's options (?ssl_ca_certs=..., ?db=...)
+    except ValueError as exc:
+        raise RedisSettingsError(f"{option}: {shown!r}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +150,8 @@ class RedisTarget:
             raise RedisSettingsError("--redis-master: needs --redis-sentinel host:port,...")
         elif self.cluster and not self.url:
             raise RedisSettingsError("--redis-cluster: needs --redis-url of a cluster node")
+        if self.url:
+            check_url(self.url)
         return self
 
     def describe(self) -> str:
@@ -110,10 +159,7 @@ class RedisTarget:
         if self.sentinels:
             nodes = ",".join(f"{h}:{p}" for h, p in self.sentinels)
             return f"master {self.master!r} of the sentinels {nodes}"
-        url = self.url
-        if "@" in url:
-            scheme, _, rest = url.partition("://")
-            url = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        url = redacted(self.url)
         return f"Redis Cluster at {url}" if self.cluster else url
 
 

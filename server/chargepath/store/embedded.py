@@ -55,6 +55,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+class RedisStartError(RuntimeError):
+    """The redis-server did not start; the message is one line saying why."""
+
+
 PASSWORD_FILE = "password"
 URL_FILE = "url"
 
@@ -183,14 +187,21 @@ class EmbeddedRedis:
                     if self.log_file.exists()
                     else ""
                 )
-                raise RuntimeError(f"redis-server exited at start: {err or log}")
+                reason = next(
+                    (line for line in reversed((err or log).splitlines()) if line.strip()), "?"
+                )
+                raise RedisStartError(
+                    f"redis-server exited at start ({self.log_file}): {reason.strip()}"
+                )
             if self._answers():
                 # where operator tools (chargepath ledger ...) find the embedded Redis
                 write_private(self.data_dir / URL_FILE, self.url + "\n")
                 return
             time.sleep(0.02)
         self.stop()
-        raise TimeoutError(f"redis-server did not answer on port {self.port} within {timeout}s")
+        raise RedisStartError(
+            f"redis-server did not answer on port {self.port} within {timeout}s ({self.log_file})"
+        )
 
     def _answers(self) -> bool:
         try:
