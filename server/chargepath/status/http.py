@@ -325,6 +325,10 @@ class StatusServer:
             await self._serve(reader, writer)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the client went away or was too slow: nothing to answer
+        except asyncio.CancelledError:
+            # close() ends the connections this way; the task ends here, and asyncio's stream
+            # callback would otherwise log every cancelled connection task as an error
+            pass
         finally:
             self.counts.connections -= 1
             self._tasks.discard(task)
