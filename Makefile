@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run serve test test-unit test-integration test-e2e test-chaos lint fmt gen \
-        check-gen clients prometheus loadtest-smoke clean
+        check-gen clients prometheus chromium loadtest-smoke clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -39,7 +39,10 @@ clients: setup ## Install the Node.js and Go toolchains and generate their stubs
 prometheus: ## Install a Prometheus server for the dashboard test (Debian's package; its service stays off)
 	bash scripts/setup-prometheus.sh
 
-test: setup clients prometheus check-gen lint ## Set up everything, then run the whole test suite (what CI runs)
+chromium: ## Install headless Chromium for the status page test (Debian's package)
+	bash scripts/setup-chromium.sh
+
+test: setup clients prometheus chromium check-gen lint ## Set up everything, then run the whole test suite (what CI runs)
 	$(PY) -m pytest
 
 test-unit: setup ## Unit tests only (no I/O)
@@ -48,7 +51,7 @@ test-unit: setup ## Unit tests only (no I/O)
 test-integration: setup ## Integration tests (real redis-server)
 	$(PY) -m pytest tests/integration
 
-test-e2e: setup clients prometheus ## End-to-end tests (real gateway, real clients)
+test-e2e: setup clients prometheus chromium ## End-to-end tests (real gateway, real clients)
 	$(PY) -m pytest tests/e2e
 
 test-chaos: setup ## The chaos suite: one short run per fault, every verdict against the ledger

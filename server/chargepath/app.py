@@ -36,6 +36,9 @@ from chargepath.jobs import (
 from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
 from chargepath.settings import Settings
 from chargepath.spool_replay import RedisSessionSlots, SpoolReplayer
+from chargepath.status.board import BoardLimits, BoardSources, StatusBoard
+from chargepath.status.http import StatusGate, StatusServer, server_tls
+from chargepath.status.session import SessionSigner
 from chargepath.store.admin import AdminStore
 from chargepath.store.audit import AuditStream
 from chargepath.store.base import LedgerStore, StoreUnavailableError
@@ -80,6 +83,11 @@ class ServingStatus:
         self._serving: bool | None = None
         #: Told of each change, after the health service (the webhooks' degraded events).
         self.listeners: list[Callable[[bool], None]] = []
+
+    @property
+    def name(self) -> str:
+        """SERVING, NOT_SERVING, or UNKNOWN before the first probe (for the status page)."""
+        return {True: "SERVING", False: "NOT_SERVING", None: "UNKNOWN"}[self._serving]
 
     async def set(self, serving: bool) -> None:
         if serving == self._serving:
@@ -178,6 +186,8 @@ class Components:
     key_service: KeyServicer
     server: grpc.aio.Server
     jobs: tuple[Job, ...]
+    #: The status page (``http_port``), served by worker 0 only; None otherwise.
+    status: StatusServer | None = None
 
 
 def embedded_redis(settings: Settings) -> EmbeddedRedis | None:
@@ -190,11 +200,12 @@ def embedded_redis(settings: Settings) -> EmbeddedRedis | None:
     return EmbeddedRedis(Path(settings.data_dir) / "redis", fsync=settings.redis_fsync)
 
 
-def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
+def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 0) -> Components:
     """Construct every collaborator of one gateway process from its settings. No I/O but
     reading the TLS files (:func:`load_trust`, whose errors it raises); call it with an event
     loop running (the gRPC server binds to it). ``telemetry``: the process's, from
-    :func:`chargepath.telemetry.setup`; default the global providers'."""
+    :func:`chargepath.telemetry.setup`; default the global providers'. ``worker``: this
+    process's index under ``--workers`` (0 when alone)."""
     s = settings
     trust = load_trust(s)
     telemetry = telemetry or Telemetry(top_tenants=s.metrics_top_tenants)
@@ -321,6 +332,31 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         webhooks,
         *spool_jobs,
     )
+    # -- the status page (issue #15, item 3): one page for the gateway, so worker 0 serves it
+    # (the supervisor has no store or engine); its Redis figures are the whole gateway's, its
+    # decision rates worker 0's.
+    status = None
+    if s.http_port and worker == 0:
+        status = StatusServer(
+            StatusBoard(
+                engine,
+                store,
+                state,
+                BoardSources(
+                    health=lambda: "DRAINING" if draining.is_set() else serving.name,
+                    totals=telemetry.decision_totals,
+                    spool_depth=(lambda: spool.snapshot().depth) if spool is not None else None,
+                    worker=worker,
+                    workers=max(s.workers, 1),
+                ),
+                BoardLimits(refresh_s=s.status_refresh_ms / 1000),
+            ),
+            StatusGate(authenticator, keys if authenticator is not None else None, SessionSigner()),
+            host=s.host,
+            port=s.http_port,
+            tls=server_tls(trust.certificates.files) if trust.certificates is not None else None,
+            draining=draining,
+        )
     return Components(
         settings=s,
         telemetry=telemetry,
@@ -344,6 +380,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None) -> Components:
         key_service=KeyServicer(keys),
         server=server,
         jobs=jobs,
+        status=status,
     )
 
 
@@ -351,9 +388,12 @@ class Gateway:
     """One gateway process's server. ``await start()`` builds, wires and starts it; ``await
     stop()`` drains and stops it (what SIGTERM does), also after a start that failed."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self, settings: Settings, telemetry: Telemetry | None = None, *, worker: int = 0
+    ) -> None:
         self.settings = settings
         self.telemetry = telemetry
+        self.worker = worker
         self.parts: Components | None = None
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -361,7 +401,7 @@ class Gateway:
         self._data_dir = Path(settings.data_dir).resolve()
 
     async def start(self) -> None:
-        parts = self.parts = build(self.settings, self.telemetry)
+        parts = self.parts = build(self.settings, self.telemetry, self.worker)
         await self._open_store(parts)
         if parts.spool is not None:
             # before the server serves (the engine writes it); usages an earlier run left in
@@ -378,6 +418,9 @@ class Gateway:
         # Long-lived objects (modules, the policy, the servicers) leave the GC's view, and
         # young collections run less often: with thousands of open streams a full collection
         # otherwise stalls every stream for hundreds of milliseconds.
+        if parts.status is not None:
+            await parts.status.start()
+            log.info("status page on %s (worker %d serves it)", parts.status.url, self.worker)
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
@@ -470,6 +513,8 @@ class Gateway:
         parts = self.parts
         if parts is not None:
             parts.draining.set()
+            if parts.status is not None:
+                await parts.status.close()
             await parts.serving.health.enter_graceful_shutdown()
             await parts.server.stop(self.settings.drain_grace_s)
             for t in self._tasks:

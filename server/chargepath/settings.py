@@ -112,6 +112,11 @@ class Settings:
     #: How often the tenant-scope quotas of those tenants are read for the chargepath.quota.*
     #: gauges.
     quota_burn_interval_ms: int = 10_000
+    #: The status page (chargepath.status): its port (0: none), on ``host``; with
+    #: ``--workers N`` worker 0 serves it. Its figures are read from Redis every
+    #: ``status_refresh_ms`` while a page is open.
+    http_port: int = 0
+    status_refresh_ms: int = 1000
     #: asyncio event loop: "uvloop" (measured 5-7% less CPU per usage here) or "asyncio".
     event_loop: str = "uvloop"
     log_format: str = "json"

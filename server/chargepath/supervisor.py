@@ -42,13 +42,13 @@ def run_gateway(settings: Settings, worker: int = 0) -> None:
     try:
         if settings.event_loop == "uvloop":
             uvloop.install()
-        asyncio.run(_serve(settings, otel.telemetry))
+        asyncio.run(_serve(settings, otel.telemetry, worker))
     finally:
         otel.shutdown()
 
 
-async def _serve(settings: Settings, otel: telemetry.Telemetry) -> None:
-    gateway = app.Gateway(settings, otel)
+async def _serve(settings: Settings, otel: telemetry.Telemetry, worker: int = 0) -> None:
+    gateway = app.Gateway(settings, otel, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

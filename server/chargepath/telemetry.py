@@ -536,6 +536,15 @@ class Telemetry:
 
         return observe
 
+    def decision_totals(self) -> dict[tuple[str, Decision, bool], int]:
+        """(tenant, decision, degraded) -> decisions this process counted since it started (the
+        counts behind ``chargepath.decisions``); tenant "" holds the tenants past
+        :data:`MAX_COUNTED_TENANTS` and invalid stream usages. A copy, for the status page."""
+        out: dict[tuple[str, Decision, bool], int] = {}
+        for (tenant, d, _, degraded), n in list(self._counts.items()):
+            out[(tenant, d, degraded)] = out.get((tenant, d, degraded), 0) + n
+        return out
+
     def labelled_tenants(self, candidates: Iterable[str] = ()) -> frozenset[str]:
         """The tenants that keep their own label on the per-tenant metrics, ranked now;
         ``candidates`` (the policy's tenants) are ranked too, with no decision yet, until the

@@ -64,6 +64,12 @@ def add_parser(sub: Any) -> None:
         help="trace and metric exporter when OTEL_TRACES_EXPORTER/OTEL_METRICS_EXPORTER are unset",
     )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        help="serve the status page on this port, on --host (worker 0 of --workers serves it; "
+        "it asks for a viewer or operator key)",
+    )
     p.add_argument("--log-format", choices=["json", "text"])
     sec = p.add_argument_group(
         "security",
@@ -128,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             otel=args.otel,
             metrics_port=args.metrics_port,
+            http_port=args.http_port,
             auth=args.auth,
             insecure_allow_no_auth=args.insecure_allow_no_auth,
             tls_cert=args.tls_cert,
