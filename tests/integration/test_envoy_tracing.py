@@ -61,11 +61,14 @@ async def traced(redis_server: EmbeddedRedis, raw_redis: redis.Redis) -> AsyncIt
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
     telemetry = Telemetry(tracer_provider, MeterProvider(metric_readers=[reader]))
+    # Tracing, not authentication, is under test here (tests/e2e/test_envoy.py calls the
+    # Envoy services with keys).
     settings = Settings(
         port=0,
         redis_url=redis_server.url,
         plans=str(ROOT / "examples" / "plans.yaml"),
         store_timeout_ms=2000,
+        auth="none",
     )
     gateway = Gateway(settings, telemetry)
     await gateway.start()
