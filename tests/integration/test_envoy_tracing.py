@@ -55,7 +55,9 @@ class Traced:
 
 
 @pytest_asyncio.fixture
-async def traced(redis_server: EmbeddedRedis, raw_redis: redis.Redis) -> AsyncIterator[Traced]:
+async def traced(
+    redis_server: EmbeddedRedis, raw_redis: redis.Redis, tmp_path: Path
+) -> AsyncIterator[Traced]:
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -69,6 +71,7 @@ async def traced(redis_server: EmbeddedRedis, raw_redis: redis.Redis) -> AsyncIt
         plans=str(ROOT / "examples" / "plans.yaml"),
         store_timeout_ms=2000,
         auth="none",
+        data_dir=str(tmp_path),  # its outage spool; not the working directory's
     )
     gateway = Gateway(settings, telemetry)
     await gateway.start()
