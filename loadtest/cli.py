@@ -388,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "error": failure,
         "machine": {
+            "host": platform.node(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
@@ -408,9 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem = args.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.command}-{scenario}"
     written = [args.out / f"{stem}.json"]
     report.write_json(written[0], document)
+    run = report.RunInfo(scenario, started_at, platform.node(), os.cpu_count())
     for m in measurements:
         written.append(args.out / f"{stem}-{_slug(m.label)}.png")
-        report.plot(written[-1], m)
+        report.plot(written[-1], m, run)
     for path in written:
         console.print(f"wrote {path}")
 

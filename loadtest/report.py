@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +17,15 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display; before pyplot is imported
 
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from loadtest.runner import Measurement
-from loadtest.stats import FlowSummary, PhaseSummary
+from loadtest.stats import MIN_SAMPLES, FlowSummary, PhaseSummary, Window
 
 LATENCY_COLUMNS = ("p50", "p90", "p99", "p99.9", "max")
 OUTCOMES = ("ALLOW", "THROTTLE", "DENY")
@@ -237,92 +244,224 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def plot(path: Path, m: Measurement) -> None:
-    """Latency percentiles (log scale) and throughput over time, phases end to end."""
-    fig, (lat_ax, tput_ax) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What a figure's title says about the run beyond the measurement: the scenario, when it
+    started (``%Y-%m-%dT%H:%M:%S%z``, as ``started_at`` in the JSON) and the machine."""
+
+    scenario: str
+    started_at: str
+    host: str
+    cpus: int | None
+
+
+# One colour per percentile, the same in every figure (Okabe-Ito: told apart with the common
+# colour-vision deficiencies).
+PERCENTILE_COLOURS = {
+    "p50": "#0072B2",
+    "p90": "#009E73",
+    "p99": "#E69F00",
+    "p99.9": "#D55E00",
+    "max": "#CC79A7",
+}
+# Flows of one figure (the throughput panel); neutral, so as not to read as a percentile.
+FLOW_COLOURS = ("#222222", "#8C8C8C", "#6B4E16")
+
+
+def plot_title(m: Measurement, run: RunInfo) -> str:
+    """Two lines: what was loaded at which rate; when, and on which machine."""
+    rates = [p.offered_rate for p in m.phases]
+    if m.steps:
+        best = (
+            f"highest sustained {_rate(m.best_rate)}/s"
+            if m.best_rate is not None
+            else "none sustained"
+        )
+        if len(rates) == 1:
+            steps = f"1 step at {_rate(rates[0])} usages/s"
+        else:
+            steps = f"{len(rates)} steps of {_rate(rates[0])} to {_rate(rates[-1])} usages/s"
+        what = f"find-max, {steps}, {best}"
+    elif rates:
+        what = f"{_rate(rates[0])} usages/s offered"
+    else:
+        what = "no phase measured"
+    if run.cpus is None:
+        cores = "cores unknown"
+    else:
+        cores = f"{run.cpus} core{'' if run.cpus == 1 else 's'}"
+    machine = f"{run.host}, {cores}"
+    return f"{run.scenario} · {m.label} ({m.target}) · {what}\n{_when(run.started_at)} · {machine}"
+
+
+def _when(started_at: str) -> str:
+    try:
+        t = datetime.strptime(started_at, "%Y-%m-%dT%H:%M:%S%z")
+    except ValueError:
+        return started_at
+    return t.strftime("%Y-%m-%d %H:%M UTC%z")
+
+
+def window_steps(windows: Sequence[Window], offset: float) -> tuple[list[float], list[float]]:
+    """A step line that draws each window's value across its seconds (shifted by ``offset``),
+    broken (NaN) where a window does not start where the previous one ended."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for w in windows:
+        if xs and offset + w.start != xs[-1]:
+            xs.append(xs[-1])
+            ys.append(math.nan)
+        xs += [offset + w.start, offset + w.end]
+        ys += [w.ms, w.ms]
+    return xs, ys
+
+
+def percentile_label(name: str) -> str:
+    """The legend entry of a percentile, with the rule its points follow."""
+    n = MIN_SAMPLES[name]
+    return f"{name}, per second" if n <= 1 else f"{name}, ≥ {n:,} samples a point"
+
+
+def plot(path: Path, m: Measurement, run: RunInfo) -> None:
+    """Write the figure of ``m`` as a PNG (see ``render``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(render(m, run))
+
+
+def render(m: Measurement, run: RunInfo) -> bytes:
+    """The PNG of ``figure(m, run)``."""
+    fig = figure(m, run)
+    try:
+        out = io.BytesIO()
+        fig.savefig(out, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return out.getvalue()
+
+
+def figure(m: Measurement, run: RunInfo) -> Figure:
+    """The figure of one measurement (the caller closes it): per flow, the latency percentiles
+    over time on a linear axis in ms (one colour per percentile, each over windows with enough
+    samples); below, the usages answered per second against the offered rate, from 0. Phases
+    (steps) end to end."""
+    flow_names = list(dict.fromkeys(f.flow for p in m.phases for f in p.flows))
+    rows = max(1, len(flow_names))
+    fig, axes = plt.subplots(
+        rows + 1,
+        1,
+        figsize=(12.5, 2.9 * rows + 3.6),
+        sharex=True,
+        height_ratios=[1.35] * rows + [1.0],
+        squeeze=False,
+        layout="constrained",
+    )
+    lat_axes = {name: axes[i][0] for i, name in enumerate(flow_names)}
+    tput_ax = axes[-1][0]
+    # Per flow, the percentiles some phase had too few samples to draw at all.
+    undrawn: dict[str, set[str]] = {name: set() for name in flow_names}
     offset = 0.0
-    styles = {"p50": "-", "p90": "--", "p99": "-.", "p99.9": ":"}
-    colours: dict[str, str] = {}
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    labelled: set[str] = set()
+    top = 0.0
     for i, phase in enumerate(m.phases):
         if i > 0:
-            for ax in (lat_ax, tput_ax):
-                ax.axvline(offset, color="grey", linewidth=0.6, linestyle=":")
+            for row in axes:
+                row[0].axvline(offset, color="grey", linewidth=0.6, linestyle=":")
         if len(m.phases) > 1:
             tput_ax.annotate(
                 f"{phase.label}\n{phase.offered_rate:,.0f}/s",
                 (offset, 1.0),
                 xycoords=("data", "axes fraction"),
+                xytext=(2, -2),
+                textcoords="offset points",
                 fontsize=7,
                 va="top",
             )
         for flow in phase.flows:
-            colour = colours.setdefault(flow.flow, palette[len(colours) % len(palette)])
-            _plot_flow(lat_ax, tput_ax, flow, offset, phase.duration, colour, styles, labelled)
+            lat_ax = lat_axes[flow.flow]
+            for name, colour in PERCENTILE_COLOURS.items():
+                windows = flow.windows.get(name, [])
+                if not windows:
+                    undrawn[flow.flow].add(name)
+                xs, ys = window_steps(windows, offset)
+                lat_ax.plot(xs, ys, color=colour, linewidth=1.3, label=name)
+            colour = FLOW_COLOURS[flow_names.index(flow.flow) % len(FLOW_COLOURS)]
+            top = max(top, _plot_throughput(tput_ax, flow, offset, phase.duration, colour))
         # Answers drained after the window are plotted after it: the next phase starts later.
         last = max((p["t"] or 0.0 for f in phase.flows for p in f.series), default=0.0)
         offset += max(phase.duration, last + 1.0)
-    lat_ax.set_yscale("log")
-    lat_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    lat_ax.set_ylabel("latency from intended send (ms)")
-    lat_ax.grid(True, which="both", alpha=0.3)
-    lat_ax.legend(fontsize=7, ncol=4, loc="upper left")
-    tput_ax.set_ylabel("usages answered per second")
-    tput_ax.set_xlabel("seconds")
+    where = "a step" if len(m.phases) > 1 else "the run"
+    for name, ax in lat_axes.items():
+        per_op = next((f.usages_per_op for p in m.phases for f in p.flows if f.flow == name), 1)
+        op = "operation" if per_op == 1 else f"operation of {per_op} usages"
+        title = f"{name}: latency of an {op}, from its intended send time"
+        missing = [q for q in PERCENTILE_COLOURS if q in undrawn[name]]
+        if missing:
+            few = ", ".join(f"{q} (< {MIN_SAMPLES[q]:,})" for q in missing)
+            title += f"; not drawn where {where} had too few samples: {few}"
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.set_ylabel("latency (ms)")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    tput_ax.set_title("throughput", fontsize=9, loc="left")
+    tput_ax.set_ylabel("usages/s")
+    tput_ax.set_xlabel("time since the start of the measurement (s)")
+    # From 0: the steps of a batched flow (64 usages a message) are small next to its rate.
+    tput_ax.set_ylim(0, top * 1.2 if top > 0 else 1.0)
+    tput_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     tput_ax.grid(True, alpha=0.3)
-    tput_ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"{m.label} — {m.target}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_flow(
-    lat_ax: Any,
-    tput_ax: Any,
-    flow: FlowSummary,
-    offset: float,
-    duration: float,
-    colour: str,
-    styles: dict[str, str],
-    labelled: set[str],
-) -> None:
-    # Seconds by completion time; answers drained after the window appear past its end.
-    points = flow.series
-    if not points:
-        return
-    starts = [offset + float(p["t"] or 0.0) for p in points]
-    for q, style in styles.items():
-        label = f"{flow.flow} {q}"
-        lat_ax.plot(
-            [x + 0.5 for x in starts],
-            [float("nan") if p[q] is None else p[q] for p in points],
-            linestyle=style,
-            marker="." if len(points) < 30 else None,
-            color=colour,
-            label=None if label in labelled else label,
-        )
-        labelled.add(label)
-    label = f"{flow.flow} answered"
-    # One step per second of completions, drawn over the whole second.
-    tput_ax.stairs(
-        [p["usages_per_s"] or 0.0 for p in points],
-        [*starts, starts[-1] + 1.0],
-        baseline=None,
-        color=colour,
-        label=None if label in labelled else label,
+    fig.suptitle(plot_title(m, run), fontsize=10)
+    # One legend for the percentiles of every panel (their colours are the same in each), and
+    # one for the throughput lines; to the right of the axes, so that they hide no data.
+    axes[0][0].legend(
+        [Line2D([], [], color=c, linewidth=2) for c in PERCENTILE_COLOURS.values()],
+        [percentile_label(q) for q in PERCENTILE_COLOURS],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        title="latency",
+        title_fontsize=8,
     )
-    labelled.add(label)
-    offered = f"{flow.flow} offered"
-    tput_ax.hlines(
+    handles, labels = tput_ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    tput_ax.legend(
+        list(unique.values()),
+        list(unique),
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        title="usages/s",
+        title_fontsize=8,
+    )
+    return fig
+
+
+def _plot_throughput(
+    ax: Any, flow: FlowSummary, offset: float, duration: float, colour: str
+) -> float:
+    """One step per second of completions, drawn over the whole second, and the offered rate;
+    returns the highest value drawn."""
+    edges, answered = answered_per_second(flow.series, offset)
+    if answered:
+        ax.stairs(answered, edges, baseline=None, color=colour, label=f"{flow.flow} answered")
+    ax.hlines(
         flow.offered_rate,
         offset,
         offset + duration,
         colors=colour,
         linestyles="dashed",
         linewidth=0.8,
-        label=None if offered in labelled else offered,
+        label=f"{flow.flow} offered",
     )
-    labelled.add(offered)
+    return max([flow.offered_rate, *answered])
+
+
+def answered_per_second(
+    series: Sequence[dict[str, float | None]], offset: float
+) -> tuple[list[float], list[float]]:
+    """Edges (shifted by ``offset``) and usages answered of every second from the first to the
+    last of ``series``; a second missing from it answered nothing, and is drawn as 0."""
+    by_second = {int(p["t"] or 0.0): p["usages_per_s"] or 0.0 for p in series}
+    if not by_second:
+        return [], []
+    seconds = range(min(by_second), max(by_second) + 1)
+    edges = [offset + sec for sec in seconds]
+    return [*edges, edges[-1] + 1.0], [by_second.get(sec, 0.0) for sec in seconds]

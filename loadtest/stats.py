@@ -8,7 +8,7 @@ base64); the parent decodes and adds them, which gives exactly the histogram of 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
@@ -27,6 +27,13 @@ DECISION_NAMES.update(
 )
 
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9))
+
+# The fewest samples (operations) a percentile is read from in a plotted series: 1 / (1 - q),
+# so that at least one sample lies above the percentile and it is never the maximum itself.
+# With fewer, p99 and p99.9 of a second would be the same sample (at 50 messages/s both are
+# the slowest message). A second with enough samples is plotted on its own; otherwise
+# consecutive seconds are merged into a window until it has enough (see ``window_bounds``).
+MIN_SAMPLES: dict[str, int] = {"p50": 2, "p90": 10, "p99": 100, "p99.9": 1_000, "max": 1}
 
 
 def new_histogram() -> HdrHistogram:
@@ -252,13 +259,75 @@ def latency_ms(hist: HdrHistogram) -> dict[str, float | None]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Seconds ``[start, end)`` of a phase (by completion time) merged to read one percentile:
+    ``ms`` is that percentile of the ``samples`` operations answered in them, in milliseconds."""
+
+    start: int
+    end: int
+    samples: int
+    ms: float
+
+
+def window_bounds(counts: Sequence[tuple[int, int]], min_samples: int) -> list[tuple[int, int]]:
+    """Windows ``[start, end)`` of consecutive seconds, each with at least ``min_samples``.
+
+    ``counts`` is (second, samples) in increasing order of second. A second with enough samples
+    is a window of its own; one with fewer opens a window that takes the following seconds
+    until it has enough. A remainder too small at the end joins the last window; with fewer
+    than ``min_samples`` in all, there is no window. Seconds absent from ``counts`` had no
+    answer: a window that spans them includes them.
+    """
+    bounds: list[tuple[int, int]] = []
+    start: int | None = None
+    total = 0
+    last = 0
+    for second, samples in counts:
+        if start is None:
+            start = second
+        total += samples
+        last = second
+        if total >= min_samples:
+            bounds.append((start, second + 1))
+            start, total = None, 0
+    if start is not None and bounds:
+        bounds[-1] = (bounds[-1][0], last + 1)
+    return bounds
+
+
+def percentile_windows(seconds: Mapping[int, MergedSecond]) -> dict[str, list[Window]]:
+    """Each of p50, p90, p99, p99.9 and max over windows of ``seconds`` that hold at least
+    its ``MIN_SAMPLES``, from the merged histograms of the seconds in each window."""
+    ordered = sorted(seconds.items())
+    counts = [(sec, s.histogram.get_total_count()) for sec, s in ordered]
+    quantiles = dict(PERCENTILES)
+    out: dict[str, list[Window]] = {}
+    for name, min_samples in MIN_SAMPLES.items():
+        windows = []
+        for start, end in window_bounds(counts, min_samples):
+            hist = new_histogram()
+            for sec in range(start, end):
+                if (merged := seconds.get(sec)) is not None:
+                    hist.add(merged.histogram)
+            value = (
+                hist.get_max_value()
+                if name == "max"
+                else hist.get_value_at_percentile(quantiles[name])
+            )
+            windows.append(Window(start, end, hist.get_total_count(), value / 1000.0))
+        out[name] = windows
+    return out
+
+
 @dataclass(slots=True)
 class FlowSummary:
     """One flow of one phase, ready for a table, the JSON file and the plot.
 
     Rates are usages per second. ``latency_ms`` is per operation (a Check call, a stream
     message, a Redis batch) from its intended send time. ``series`` has one entry per second
-    of the phase (by completion time).
+    of the phase (by completion time); ``windows`` gives each percentile (and max) over
+    windows of seconds with enough samples to read it (``MIN_SAMPLES``): what the plot draws.
     """
 
     flow: str
@@ -268,6 +337,7 @@ class FlowSummary:
     latency_ms: dict[str, float | None]
     tally: Tally
     series: list[dict[str, float | None]]
+    windows: dict[str, list[Window]] = field(default_factory=dict)
 
 
 def summarize(flow: MergedFlow, offered_rate: float, duration: float) -> FlowSummary:
@@ -289,6 +359,7 @@ def summarize(flow: MergedFlow, offered_rate: float, duration: float) -> FlowSum
         latency_ms=latency_ms(flow.histogram),
         tally=flow.tally,
         series=series,
+        windows=percentile_windows(flow.seconds),
     )
 
 

@@ -23,7 +23,7 @@ class StoreDeadline:
     the loop can handle what arrived while it was stuck. Worst case: ``2 * delay`` plus the
     stall."""
 
-    __slots__ = ("_cancelling", "_delay", "_handle", "_loop", "_state", "_task", "_when")
+    __slots__ = ("_cancelling", "_delay", "_first", "_handle", "_loop", "_state", "_task", "_when")
 
     def __init__(self, delay: float) -> None:
         self._delay = delay
@@ -36,7 +36,7 @@ class StoreDeadline:
         self._task = task
         self._cancelling = task.cancelling()
         self._loop = loop = asyncio.get_running_loop()
-        self._when = loop.time() + self._delay
+        self._when = self._first = loop.time() + self._delay
         self._handle = loop.call_at(self._when, self._on_deadline)
         return self
 
@@ -63,6 +63,20 @@ class StoreDeadline:
             and self._task.uncancel() <= self._cancelling
         ):
             raise TimeoutError("store timeout") from exc
+
+    @property
+    def when(self) -> float:
+        """The deadline, in loop time (``loop.time()``), as first set."""
+        return self._first
+
+    @property
+    def latest(self) -> float:
+        """The first deadline plus one extension's worth (loop time): the earliest end of the
+        extension a late timer gets. What the store is told: a batch it starts later is never
+        waited for unless the loop stalls again; one it starts between :attr:`when` and this
+        may be waited for (a stalled loop, the extension) or not (the reply comes late and
+        the engine reconciles it)."""
+        return self._first + self._delay
 
     @property
     def extended(self) -> bool:

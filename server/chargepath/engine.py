@@ -33,7 +33,9 @@ from chargepath.deadline import StoreDeadline
 from chargepath.store.base import (
     DecideItem,
     MeteringStore,
+    Reversal,
     StalePolicyError,
+    StoreDeadlineError,
     StoreUnavailableError,
 )
 from chargepath.store.spool import Spool, SpoolClosedError, SpooledUsage
@@ -42,6 +44,15 @@ from chargepath.telemetry import Telemetry
 log = logging.getLogger("chargepath.engine")
 
 STALE_RETRIES = 3
+#: A store call that timed out goes on in the background, this long at most (then it is
+#: cancelled), so that its late reply is reconciled with the verdicts already given.
+LATE_REPLY_WAIT_S = 10.0
+#: Store calls followed in the background at once, at most; past it one is cancelled unread
+#: (counted as ``abandoned``).
+MAX_LATE_CALLS = 256
+#: Attempts at writing the reversals of one late reply (2 s each, 0.2 s then 0.8 s between).
+REVERSE_ATTEMPTS = 3
+REVERSE_TIMEOUT_S = 2.0
 
 #: A Check waiting for its tenant's next store call: the usage, its trace id, its verdict.
 _Pending = tuple[Usage, str, "asyncio.Future[Verdict]"]
@@ -88,6 +99,17 @@ def fingerprint(u: Usage) -> str:
     return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
 
 
+def session_fingerprint(u: Usage) -> str:
+    """What must match for a session usage to be a resend of the one its sequence was decided
+    for: its request id and its content (16 hex characters, what a session slot keeps,
+    ``SESSION_FP_CHARS``). Another one is a reused sequence, refused."""
+    raw = (
+        f"{u.request_id}\x1f{u.subject.slice}\x1f{u.subject.key}\x1f{u.metric}\x1f{u.amount}"
+        f"\x1f{int(u.mode)}"
+    )
+    return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
+
+
 class Engine:
     """Decides usages. One instance per process; safe for concurrent use from one loop."""
 
@@ -118,6 +140,12 @@ class Engine:
         self._degraded_since_log = 0
         self._pending: dict[str, list[_Pending]] = {}
         self._flushing: set[asyncio.Future[None]] = set()
+        #: store calls that timed out, followed until their late reply is reconciled
+        self._late: set[asyncio.Future[None]] = set()
+        self._late_logged_at = 0.0
+        self._late_since_log: dict[str, int] = {}
+        self._late_ids: list[str] = []
+        self._late_log_due = False
 
     # -- policy -------------------------------------------------------------------------
 
@@ -282,7 +310,7 @@ class Engine:
                     u,
                     policy.resolve(u.subject, u.metric),
                     did,
-                    "" if u.session_id else fingerprint(u),
+                    session_fingerprint(u) if u.session_id else fingerprint(u),
                     trace_id,
                     policy.suspension(u.subject) is not None,
                 )
@@ -291,6 +319,7 @@ class Engine:
             if not self.breaker.allow():
                 return await self._spool(self._degraded(policy, items, "circuit breaker open"))
             started = time.perf_counter()
+            call: asyncio.Future[list[Verdict]] | None = None
             try:
                 with self.telemetry.store_span(tenant, len(items)):
                     deadline = StoreDeadline(
@@ -299,12 +328,25 @@ class Engine:
                     )
                     try:
                         async with deadline:
-                            verdicts = await self.store.decide(
-                                tenant, policy.version, items, ok_limits=ok_limits
+                            # its own task, shielded: past the deadline the call goes on, so
+                            # that a late reply is still read and reconciled (_follow_late)
+                            call = asyncio.ensure_future(
+                                self.store.decide(
+                                    tenant,
+                                    policy.version,
+                                    items,
+                                    ok_limits=ok_limits,
+                                    deadline=deadline.latest,
+                                )
                             )
+                            verdicts = await asyncio.shield(call)
                     finally:
                         if deadline.extended:
                             self.telemetry.loop_late()
+            except asyncio.CancelledError:
+                if call is not None:
+                    call.cancel()
+                raise
             except StalePolicyError as exc:
                 self.breaker.success()
                 try:
@@ -316,12 +358,139 @@ class Engine:
                 self.breaker.failure()
                 self.telemetry.store_error()
                 reason = str(exc) or "store timeout"
-                return await self._spool(self._degraded(policy, items, reason))
+                answered = await self._spool(self._degraded(policy, items, reason))
+                if call is not None and not isinstance(exc, StoreUnavailableError):
+                    # the deadline passed: the call may yet commit
+                    self._follow_late(tenant, policy.version, items, answered, call)
+                return answered
             self.telemetry.store_latency(time.perf_counter() - started)
             self.breaker.success()
             return verdicts
         log.error("tenant %s: policy still stale after %d reloads", tenant, STALE_RETRIES)
         return await self._spool(self._degraded(policy, items, "policy reload did not converge"))
+
+    # -- late replies ---------------------------------------------------------------------
+
+    def _follow_late(
+        self,
+        tenant: str,
+        version: int,
+        items: list[DecideItem],
+        answered: list[Verdict],
+        call: asyncio.Future[list[Verdict]],
+    ) -> None:
+        """Read the reply of a store call whose caller was answered by the failure policy
+        (``answered``) in the background, and reconcile it (:meth:`_reconcile`)."""
+        if len(self._late) >= MAX_LATE_CALLS:
+            call.cancel()
+            self._note_late("abandoned", items)
+            return
+        task = asyncio.ensure_future(self._reconcile(tenant, version, items, answered, call))
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+
+    async def late_replies_settled(self) -> None:
+        """Wait until every store call followed in the background is reconciled (at most
+        :data:`LATE_REPLY_WAIT_S` plus the reversals' attempts)."""
+        while self._late:
+            await asyncio.gather(*self._late, return_exceptions=True)
+
+    async def _reconcile(
+        self,
+        tenant: str,
+        version: int,
+        items: list[DecideItem],
+        answered: list[Verdict],
+        call: asyncio.Future[list[Verdict]],
+    ) -> None:
+        """Make the ledger agree with verdicts already given, once the store call behind them
+        answers late. Per usage the store recorded by this call (not replayed from an earlier
+        record):
+
+        * an admit the caller was refused (DENY or THROTTLE by the failure policy): reversed
+          (:meth:`~chargepath.store.base.DecisionStore.reverse`): billing nets it to 0, and
+          a resend is decided anew;
+        * a usage answered ``spooled``: nothing to do, the spool's replay finds the record
+          (same request id and fingerprint, or the session slot) and records nothing again;
+        * any other (answered neither recorded nor spooled: an allowed admit, a report): kept;
+          the client's resend with the same ids is answered from the record, counted once.
+
+        A call refused as too late (:class:`StoreDeadlineError`) or stale wrote nothing."""
+        try:
+            stored = await asyncio.wait_for(call, LATE_REPLY_WAIT_S)
+        except (StoreDeadlineError, StalePolicyError):
+            self._note_late("nothing_written", items)
+            return
+        except (StoreUnavailableError, TimeoutError):
+            # unknown: a resend or the spool's replay is answered from the record if any
+            self._note_late("unknown", items)
+            return
+        refused: list[Reversal] = []
+        for item, given, got in zip(items, answered, stored, strict=True):
+            if not got.recorded:
+                self._note_late("not_recorded", [item])
+            elif got.replayed:
+                self._note_late("replayed", [item])
+            elif given.spooled:
+                self._note_late("spooled", [item])
+            elif item.usage.mode is Mode.ADMIT and given.decision is not Decision.ALLOW:
+                refused.append(Reversal(item, given, version))
+            else:
+                self._note_late("resend", [item])
+        if refused:
+            await self._reverse(tenant, refused)
+
+    async def _reverse(self, tenant: str, reversals: list[Reversal]) -> None:
+        todo, why = reversals, ""
+        for attempt in range(REVERSE_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(0.2 * 4 ** (attempt - 1))
+            try:
+                written = await asyncio.wait_for(
+                    self.store.reverse(tenant, todo), REVERSE_TIMEOUT_S
+                )
+            except (StoreUnavailableError, TimeoutError) as exc:
+                why = str(exc) or "store timeout"
+                continue
+            for r, ok in zip(todo, written, strict=True):
+                self._note_late("reversed" if ok else "already_reversed", [r.item])
+            return
+        self._note_late("reverse_failed", [r.item for r in todo])
+        log.warning(
+            "tenant %s: %d refused admit(s) recorded late could not be reversed (%s); they stay "
+            "billed: request ids %s",
+            tenant,
+            len(todo),
+            why,
+            ", ".join(r.item.usage.request_id for r in todo),
+        )
+
+    def _note_late(self, outcome: str, items: Sequence[DecideItem]) -> None:
+        """Count a late reply's usages by outcome; log at most one line a second, with the
+        request ids of the reversed ones."""
+        self.telemetry.late_replies(outcome, len(items))
+        counts = self._late_since_log
+        counts[outcome] = counts.get(outcome, 0) + len(items)
+        if outcome == "reversed" and len(self._late_ids) < 20:
+            self._late_ids += [i.usage.request_id for i in items][: 20 - len(self._late_ids)]
+        wait = self._late_logged_at + 1.0 - time.monotonic()
+        if wait <= 0:
+            self._log_late()
+        elif not self._late_log_due:
+            self._late_log_due = True
+            asyncio.get_running_loop().call_later(wait, self._log_late)
+
+    def _log_late(self) -> None:
+        self._late_log_due = False
+        if not self._late_since_log:
+            return
+        log.info(
+            "late store replies since the last report (usages by outcome): %s%s",
+            ", ".join(f"{k} {n}" for k, n in sorted(self._late_since_log.items())),
+            f"; reversed request ids: {', '.join(self._late_ids)}" if self._late_ids else "",
+        )
+        self._late_logged_at = time.monotonic()
+        self._late_since_log, self._late_ids = {}, []
 
     def _degraded(
         self, policy: Policy, items: list[DecideItem], why: str
@@ -391,8 +560,8 @@ class Engine:
             SpooledUsage(
                 items[i].usage,
                 # the replay is keyed on the request id, also for a stream usage (whose item
-                # carries no fingerprint: its dedup is the session's)
-                items[i].fingerprint or fingerprint(items[i].usage),
+                # carries its session fingerprint: its dedup is the session's)
+                fingerprint(items[i].usage) if items[i].usage.session_id else items[i].fingerprint,
                 items[i].decision_id,
                 items[i].trace_id,
             )

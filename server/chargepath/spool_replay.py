@@ -51,6 +51,8 @@ from typing import Protocol
 
 from chargepath.core.model import Mode, Reason, Usage, Verdict
 from chargepath.core.policy import Policy
+from chargepath.engine import session_fingerprint
+from chargepath.store import protocol
 from chargepath.store.base import (
     DecideItem,
     MeteringStore,
@@ -72,49 +74,48 @@ log = logging.getLogger("chargepath.spool")
 
 STALE_RETRIES = 3
 
-# A session key's layout (decide.lua): a 20-digit header (the highest sequence), then slot
-# ``sequence % window`` at 20 + 65 * slot: sequence (20 digits), decision, reason, recorded
-# ("2" when recorded) (1 digit each), retry_after_ms (10 digits), decision id (32, padded).
-_SESSION_HEADER = 20
-_SESSION_SLOT = 65
-_SLOT_RECORDED = 22
-
 
 class SessionSlots(Protocol):
-    async def recorded(self, tenant: str, probes: Sequence[tuple[str, int]]) -> list[bool]:
-        """Per ``(session_id, sequence)`` of ``tenant``: whether the session's slot holds that
-        sequence as recorded. Raises :class:`StoreUnavailableError` if the store is away."""
+    async def recorded(self, tenant: str, probes: Sequence[tuple[str, int, str]]) -> list[bool]:
+        """Per ``(session_id, sequence, fingerprint)`` of ``tenant``: whether the session's
+        slot holds that sequence as recorded, for that usage (its
+        :func:`~chargepath.engine.session_fingerprint`; another usage at that sequence is
+        not this one). Raises :class:`StoreUnavailableError` if the store is away."""
         ...
 
 
 class RedisSessionSlots:
     """:class:`SessionSlots` read from the session keys that ``decide.lua`` writes (one
-    pipelined GETRANGE per probe). ``window`` must be the store's ``session_window``."""
+    pipelined GETRANGE per probe; the layout is ``lib/dedup.lua``'s, its widths in
+    :mod:`chargepath.store.protocol`). ``window`` must be the store's ``session_window``."""
 
     def __init__(self, client: RedisClient, window: int) -> None:
         self.client = client
         self.window = window
 
-    async def recorded(self, tenant: str, probes: Sequence[tuple[str, int]]) -> list[bool]:
+    async def recorded(self, tenant: str, probes: Sequence[tuple[str, int, str]]) -> list[bool]:
         if not probes:
             return []
         prefix = tenant_prefix(tenant)
+        header, size = protocol.SESSION_SEQ_DIGITS, protocol.SESSION_SLOT
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for session_id, sequence in probes:
-                    start = _SESSION_HEADER + (sequence % self.window) * _SESSION_SLOT
-                    pipe.getrange(f"{prefix}s:{session_id}", start, start + _SESSION_SLOT - 1)
+                for session_id, sequence, _ in probes:
+                    start = header + (sequence % self.window) * size
+                    pipe.getrange(f"{prefix}s:{session_id}", start, start + size - 1)
                 slots = await pipe.execute()
         except Exception as exc:  # redis-py raises RedisError or OSError subclasses
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         out = []
-        for (_, sequence), slot in zip(probes, slots, strict=True):
+        recorded = str(protocol.VERDICT_RECORDED)
+        for (_, sequence, fp), slot in zip(probes, slots, strict=True):
             text = slot.decode() if isinstance(slot, bytes) else str(slot)
             out.append(
-                len(text) == _SESSION_SLOT
-                and text[:_SESSION_HEADER].isdigit()
-                and int(text[:_SESSION_HEADER]) == sequence
-                and text[_SLOT_RECORDED] == "2"
+                len(text) == size
+                and text[:header].isdigit()
+                and int(text[:header]) == sequence
+                and text[protocol.SESSION_SLOT_RECORDED] == recorded
+                and text[size - protocol.SESSION_FP_CHARS :] == fp
             )
         return out
 
@@ -290,7 +291,15 @@ class SpoolReplayer:
         if sessions and self.session_slots is not None:
             found = await asyncio.wait_for(
                 self.session_slots.recorded(
-                    tenant, [(r.entry.usage.session_id, r.entry.usage.sequence) for r in sessions]
+                    tenant,
+                    [
+                        (
+                            r.entry.usage.session_id,
+                            r.entry.usage.sequence,
+                            session_fingerprint(r.entry.usage),
+                        )
+                        for r in sessions
+                    ],
                 ),
                 self.store_timeout_s,
             )

@@ -105,6 +105,21 @@ OUTCOMES: tuple[tuple[Decision, Reason, bool], ...] = (
     (Decision.DENY, Reason.SUSPENDED, True),
     (Decision.DENY, Reason.AMOUNT_EXCEEDS_CAPACITY, True),
 )
+#: What a usage of a store call's late reply came to (``chargepath.store.late_replies``; see
+#: ``Engine._reconcile``).
+LATE_REPLY_OUTCOMES = (
+    "nothing_written",
+    "unknown",
+    "abandoned",
+    "not_recorded",
+    "replayed",
+    "spooled",
+    "resend",
+    "reversed",
+    "already_reversed",
+    "reverse_failed",
+)
+
 _DECISION_NAMES = tuple(d.name for d in Decision)
 
 
@@ -362,12 +377,24 @@ class Telemetry:
             description="Store calls whose timeout ran late because the event loop was stuck "
             "(CPU starvation, a long pause), and that were given one more timeout's worth",
         )
+        self._late_replies = meter.create_counter(
+            "chargepath.store.late_replies",
+            unit="{usage}",
+            description="Usages of store calls that timed out (their callers answered by the "
+            "failure policy) whose reply came later, by what it meant: nothing_written (refused "
+            "as past its deadline, or stale), unknown (failed or not answered in time), "
+            "abandoned (not followed), not_recorded, replayed, spooled (the spool's replay "
+            "dedups it), resend (a resend is answered from the record), reversed, "
+            "already_reversed, reverse_failed (a refused caller still billed)",
+        )
         self.open_streams = meter.create_up_down_counter(
             "chargepath.streams.open", unit="{stream}", description="Open StreamUsage streams"
         )
         # adding 0 makes the point, so that these are there (at 0) from the start
         self._store_errors.add(0)
         self._loop_late.add(0)
+        for outcome in LATE_REPLY_OUTCOMES:
+            self._late_replies.add(0, {"outcome": outcome})
         self.open_streams.add(0)
         meter.create_observable_gauge(
             "chargepath.ledger.lag",
@@ -584,6 +611,10 @@ class Telemetry:
 
     def store_error(self) -> None:
         self._store_errors.add(1)
+
+    def late_replies(self, outcome: str, usages: int) -> None:
+        """``usages`` of a store call's late reply, by outcome (:data:`LATE_REPLY_OUTCOMES`)."""
+        self._late_replies.add(usages, {"outcome": outcome})
 
 
 class PrometheusScrape:

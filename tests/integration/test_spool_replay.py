@@ -13,7 +13,13 @@ import redis
 
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage, Verdict
 from chargepath.core.plans import load_policy_text
-from chargepath.engine import Engine, EngineSettings, fingerprint, new_decision_id
+from chargepath.engine import (
+    Engine,
+    EngineSettings,
+    fingerprint,
+    new_decision_id,
+    session_fingerprint,
+)
 from chargepath.spool_replay import RedisSessionSlots, SpoolReplayer
 from chargepath.store.base import DecideItem
 from chargepath.store.embedded import EmbeddedRedis
@@ -41,7 +47,7 @@ async def late_commit(store: RedisStore, engine: Engine, entry: SpooledUsage) ->
         u,
         engine.policy.resolve(u.subject, u.metric),
         entry.decision_id,
-        "" if u.session_id else entry.fingerprint,
+        session_fingerprint(u) if u.session_id else entry.fingerprint,
     )
     return (await store.decide(u.subject.tenant, engine.policy.version, [item]))[0]
 
@@ -178,8 +184,12 @@ async def test_a_late_commit_of_a_stream_usage_is_found_in_its_session(
     ]
     assert (await late_commit(store, engine, stream[1])).recorded  # sequence 2, session key
     slots = RedisSessionSlots(store.client, store.session_window)
-    probes = [("ctl-1", e.usage.sequence) for e in stream]
+    probes = [("ctl-1", e.usage.sequence, session_fingerprint(e.usage)) for e in stream]
     assert await slots.recorded("acme", probes) == [False, True, False, False]
+    # the slot of sequence 2 holds s2: another usage at that sequence is not found there
+    assert await slots.recorded("acme", [("ctl-1", 2, session_fingerprint(stream[0].usage))]) == [
+        False
+    ]
     assert all(await spool.append_all(stream))
 
     totals = await drain(replayer(spool, store, engine, session_slots=slots))

@@ -21,7 +21,7 @@ from chargepath.core.model import (
 )
 from chargepath.core.plans import PolicyDocument, load_policy_text
 from chargepath.engine import Engine, EngineSettings
-from chargepath.store.base import DecideItem, PublishedPolicy
+from chargepath.store.base import DecideItem, PublishedPolicy, Reversal
 from chargepath.telemetry import Telemetry
 
 POLICY = """
@@ -38,9 +38,18 @@ class PolicyOnlyStore:
         self.published = PublishedPolicy(1, document)
 
     async def decide(
-        self, tenant: str, policy_version: int, items: list[DecideItem], *, ok_limits: bool = True
+        self,
+        tenant: str,
+        policy_version: int,
+        items: list[DecideItem],
+        *,
+        ok_limits: bool = True,
+        deadline: float | None = None,
     ) -> list[Verdict]:
         raise AssertionError(f"an invalid usage reached the store: {items}")
+
+    async def reverse(self, tenant: str, reversals: list[Reversal]) -> list[bool]:
+        raise AssertionError("nothing to reverse here")
 
     async def publish_policy(
         self, document: PolicyDocument, *, force: bool = False, expected_version: int | None = None

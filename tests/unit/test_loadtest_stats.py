@@ -8,13 +8,17 @@ import random
 import pytest
 
 from loadtest.stats import (
+    MIN_SAMPLES,
+    PERCENTILES,
     FlowRecorder,
     FlowStats,
     Tally,
     merge,
     merge_by_flow,
     new_histogram,
+    percentile_windows,
     summarize,
+    window_bounds,
 )
 
 pytestmark = pytest.mark.unit
@@ -110,3 +114,77 @@ def test_idle_hook_fires_when_the_last_operation_settles() -> None:
     assert fired == []
     rec.incomplete(1)
     assert fired == [0]
+
+
+# -- plotted series: windows of seconds with enough samples for each percentile ---------------
+
+
+def test_a_percentile_needs_one_sample_above_it() -> None:
+    """1 / (1 - q): p99 from 100 samples, p99.9 from 1,000, so neither is the maximum."""
+    assert MIN_SAMPLES == {"p50": 2, "p90": 10, "p99": 100, "p99.9": 1_000, "max": 1}
+    for name, q in PERCENTILES:
+        assert MIN_SAMPLES[name] == round(1 / (1 - q / 100))
+
+
+def test_a_second_with_enough_samples_is_its_own_window() -> None:
+    counts = [(0, 150), (1, 100), (2, 3000)]
+    assert window_bounds(counts, 100) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_seconds_with_too_few_samples_are_merged_until_the_window_has_enough() -> None:
+    counts = [(0, 40), (1, 40), (2, 40), (3, 500), (4, 99), (5, 1)]
+    assert window_bounds(counts, 100) == [(0, 3), (3, 4), (4, 6)]
+
+
+def test_a_short_remainder_joins_the_last_window() -> None:
+    counts = [(0, 120), (1, 80), (2, 30), (3, 10)]
+    assert window_bounds(counts, 100) == [(0, 1), (1, 4)]
+
+
+def test_a_window_spans_seconds_without_answers() -> None:
+    assert window_bounds([(0, 60), (5, 60)], 100) == [(0, 6)]
+
+
+def test_no_window_when_the_phase_has_too_few_samples() -> None:
+    assert window_bounds([(0, 400), (1, 500)], 1_000) == []
+    assert window_bounds([], 1) == []
+
+
+def test_at_50_messages_a_second_p99_and_p99_9_come_from_different_samples() -> None:
+    """The issue: per second, p99 and p99.9 of 50 messages are both the slowest one. Per
+    window they are read from 100 and 1,000 samples and differ from each other and from max."""
+    rng = random.Random(11)
+    rec = FlowRecorder("stream", 64, start=0.0, duration=40.0)
+    for second in range(40):
+        record(rec, [rng.lognormvariate(1.5, 0.6) for _ in range(50)], at=second + 0.5)
+    flow = merge([rec.snapshot()])
+    one_second = flow.seconds[7].histogram
+    assert one_second.get_value_at_percentile(99) == one_second.get_value_at_percentile(99.9)
+
+    windows = percentile_windows(flow.seconds)
+    assert [(w.start, w.end) for w in windows["p50"]] == [(s, s + 1) for s in range(40)]
+    assert [(w.start, w.end) for w in windows["p99"]] == [(s, s + 2) for s in range(0, 40, 2)]
+    assert [(w.start, w.end, w.samples) for w in windows["p99.9"]] == [
+        (0, 20, 1000),
+        (20, 40, 1000),
+    ]
+    assert len(windows["max"]) == 40
+    for w in windows["p99.9"]:
+        hist = new_histogram()
+        for sec in range(w.start, w.end):
+            hist.add(flow.seconds[sec].histogram)
+        assert w.ms == hist.get_value_at_percentile(99.9) / 1000
+        assert w.ms < hist.get_max_value() / 1000
+        p99 = hist.get_value_at_percentile(99) / 1000
+        assert p99 < w.ms
+
+
+def test_the_summary_carries_the_windows() -> None:
+    rec = FlowRecorder("check", 1, start=0.0, duration=2.0)
+    record(rec, [1.0] * 5, at=0.5)
+    record(rec, [3.0] * 5, at=1.5)
+    windows = summarize(merge([rec.snapshot()]), offered_rate=5, duration=2.0).windows
+    assert [(w.start, w.end, w.samples) for w in windows["p50"]] == [(0, 1, 5), (1, 2, 5)]
+    assert [round(w.ms) for w in windows["p50"]] == [1, 3]
+    assert [(w.start, w.end, w.samples) for w in windows["p90"]] == [(0, 2, 10)]
+    assert windows["p99"] == windows["p99.9"] == []

@@ -26,12 +26,19 @@ from chargepath.core.periods import Period
 from chargepath.core.plans import load_policy_text
 from chargepath.core.policy import Policy
 from chargepath.store import protocol
-from chargepath.store.base import DecideItem, StalePolicyError
+from chargepath.store.base import (
+    DecideItem,
+    Reversal,
+    StalePolicyError,
+    StoreDeadlineError,
+    StoreUnavailableError,
+)
 from chargepath.store.protocol import (
     RS,
     US,
     decode_reply,
     encode_batch,
+    encode_reversal,
     lua_constants,
     read_script,
     reply_code,
@@ -98,7 +105,9 @@ def _items() -> list[DecideItem]:
 
 
 def test_a_batch_encodes_to_the_golden_keys_and_payload() -> None:
-    keys, args = encode_batch("acme", 7, _items(), Settings(), ok_limits=False)
+    keys, args = encode_batch(
+        "acme", 7, _items(), Settings(), ok_limits=False, deadline_ms=1_800_000_000_050
+    )
     p = "cp:{acme}:"
     assert keys == [
         p + "ent", p + "ledger", p + "recent", p + "agg",
@@ -108,6 +117,7 @@ def test_a_batch_encodes_to_the_golden_keys_and_payload() -> None:
     ]  # fmt: skip
     assert args[:6] == [7, 0, 600_000, 86_400_000, 128, 1000]
     assert args[7] == "0"
+    assert args[8] == 1_800_000_000_050 and len(args) == protocol.ARG_DEADLINE
     specs, sets, subjects, usages = msgpack.unpackb(args[6])
     # burst: 3/s -> scale 1000 / gcd(3, 1000) = 1000 sub-units per unit, 3 per ms
     assert specs == [
@@ -218,6 +228,71 @@ def test_a_golden_reply_decodes_to_verdicts() -> None:
         "it was recorded is no longer known, so nothing was done"
     )
     assert [v.field for v in v4.violations] == ["sequence"]
+
+
+def test_a_batch_without_a_deadline_sends_0() -> None:
+    _, args = encode_batch("acme", 7, _items(), Settings())
+    assert args[protocol.ARG_DEADLINE - 1] == 0
+
+
+def test_a_reused_sequence_decodes_to_a_violation_naming_sequence() -> None:
+    items = _items()[1:2]  # r-2: session "sess", sequence 5
+    reply = [
+        protocol.REPLY_DECIDED, 1_800_000_000_123,
+        reply_code(Decision.DENY, Reason.INVALID_USAGE, protocol.VERDICT_CONFLICT, 0), 0,
+        "c" * 32,
+    ]  # fmt: skip
+    (v,) = decode_reply(reply, items, 7)
+    assert (v.decision, v.reason, v.recorded, v.replayed) == (
+        Decision.DENY,
+        Reason.INVALID_USAGE,
+        False,
+        False,
+    )
+    assert v.decision_id == "c" * 32
+    assert v.violations == (
+        FieldViolation(
+            "sequence",
+            f"sequence 5 of this session was already used for another usage (decision "
+            f"{'c' * 32}); a restarted controller must start a new session or continue after "
+            "its highest sequence",
+        ),
+    )
+
+
+def test_a_late_reply_raises_with_redis_time_and_is_unavailable() -> None:
+    with pytest.raises(StoreDeadlineError) as err:
+        decode_reply([protocol.REPLY_LATE, 1_800_000_000_077], _items(), 7)
+    assert err.value.store_now_ms == 1_800_000_000_077
+    assert isinstance(err.value, StoreUnavailableError)  # the engine answers it degraded
+    assert len({protocol.REPLY_STALE, protocol.REPLY_DECIDED, protocol.REPLY_LATE}) == 3
+
+
+def test_the_session_slot_layout() -> None:
+    # sequence, decision, reason, recorded, retry, decision id, fingerprint
+    assert protocol.SESSION_SLOT == 20 + 3 + 10 + 32 + 16 == 81
+    assert protocol.SESSION_SLOT_RECORDED == 22 and protocol.SESSION_SLOT_ID == 33
+    assert protocol.SESSION_SLOT_ID + protocol.SESSION_ID_CHARS + protocol.SESSION_FP_CHARS == 81
+
+
+def test_a_reversal_encodes_to_its_record_and_entry() -> None:
+    items = _items()
+    answered = Verdict(
+        request_id="r-1",
+        decision=Decision.DENY,
+        reason=Reason.STORE_UNAVAILABLE,
+        decision_id=f"{0:032x}",
+        policy_version=7,
+        degraded=True,
+    )
+    keys, args = encode_reversal("acme", Reversal(items[0], answered, 7), 128)
+    assert keys == ["cp:{acme}:ledger", "cp:{acme}:d:r-1"]
+    assert args == [
+        f"{0:032x}", -1, 128, "r-1", "", "k1", "api.sms.send", 2, "admit",
+        int(Decision.DENY), int(Reason.STORE_UNAVAILABLE), 7,
+    ]  # fmt: skip
+    keys, args = encode_reversal("acme", Reversal(items[1], answered, 7), 128)
+    assert keys == ["cp:{acme}:ledger", "cp:{acme}:s:sess"] and args[1:3] == [5, 128]
 
 
 def test_a_stale_reply_raises_with_the_stamped_version() -> None:

@@ -16,6 +16,7 @@ from chargepath import telemetry
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage, Verdict
 from chargepath.telemetry import (
     HISTOGRAMS,
+    LATE_REPLY_OUTCOMES,
     LATENCY_BUCKETS_S,
     OTHER_TENANTS,
     PrometheusScrape,
@@ -105,14 +106,23 @@ def test_every_metric_but_the_histograms_and_the_ledger_lag_is_there_before_any_
         "chargepath.tenant.decisions",
         "chargepath.store.errors",
         "chargepath.store.deadline_extended",
+        "chargepath.store.late_replies",
         "chargepath.streams.open",
         "chargepath.quota.used",
         "chargepath.quota.limit",
         "chargepath.quota.reset",
     ):
         assert points.get(name), name
-    for name in ("chargepath.decisions", "chargepath.tenant.decisions", "chargepath.store.errors"):
+    for name in (
+        "chargepath.decisions",
+        "chargepath.tenant.decisions",
+        "chargepath.store.errors",
+        "chargepath.store.late_replies",
+    ):
         assert {p.value for p in points[name]} == {0}, name
+    assert {p.attributes["outcome"] for p in points["chargepath.store.late_replies"]} == set(
+        LATE_REPLY_OUTCOMES
+    )
     assert tenant_counts(reader) == {
         (tenant, d.name): 0 for tenant in ("cpaas-demo", OTHER_TENANTS) for d in Decision
     }

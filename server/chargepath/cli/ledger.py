@@ -66,6 +66,11 @@ def default_consumer_name() -> str:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tenant", required=True, help="tenant whose ledger to read")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="default jsonl")
+    add_redis_options(p)
+
+
+def add_redis_options(p: argparse.ArgumentParser) -> None:
+    """Where a command that reads Redis directly finds it (see :func:`resolve_redis_target`)."""
     p.add_argument(
         "--redis-url", help="Redis URL (default: CHARGEPATH_REDIS_URL, else <data-dir>/redis/url)"
     )

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from chargepath.cli.ledger import DEFAULT_DATA_DIR, LedgerCliError, resolve_redis_target
+from chargepath.cli.ledger import LedgerCliError, add_redis_options, resolve_redis_target
 
 if TYPE_CHECKING:
     from chargepath.store.webhooks import DeliveryRecord
@@ -46,17 +46,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--failed", action="store_true", help="only attempts that did not deliver")
     p.add_argument("--limit", type=int, default=50, help="at most this many attempts (50)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument(
-        "--redis-url", help="Redis URL (default: CHARGEPATH_REDIS_URL, else <data-dir>/redis/url)"
-    )
-    p.add_argument("--redis-cluster", action="store_true", default=None, help="a cluster node")
-    p.add_argument("--redis-sentinel", help="Redis Sentinel instead: host:port,host:port,...")
-    p.add_argument("--redis-master", help="with --redis-sentinel: the monitored master's name")
-    p.add_argument(
-        "--data-dir",
-        help="folder of the embedded Redis whose URL to use "
-        f"(default: CHARGEPATH_DATA_DIR, else {DEFAULT_DATA_DIR})",
-    )
+    add_redis_options(p)
 
 
 def line(r: DeliveryRecord) -> str:

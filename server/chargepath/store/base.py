@@ -23,6 +23,10 @@ Redis. The common rules:
   ids make a resend safe.
 * A batch decided with a policy version older than the one stamped on the tenant raises
   :class:`StalePolicyError` and writes nothing.
+* A batch given a ``deadline`` that comes to run, on the store's clock, after it raises
+  :class:`StoreDeadlineError` and writes nothing: a caller answered by the failure policy
+  once its deadline passed is not recorded behind its back (unless the batch had started
+  before; :meth:`DecisionStore.reverse` is for those).
 
 Implementations must be safe to call concurrently from one event loop.
 """
@@ -46,6 +50,14 @@ if TYPE_CHECKING:  # the ledger's entry type; no redis import at run time
 
 class StoreUnavailableError(Exception):
     """The store could not be reached, or did not answer within the store timeout."""
+
+
+class StoreDeadlineError(StoreUnavailableError):
+    """The batch came to run after its deadline on the store's clock: nothing was written."""
+
+    def __init__(self, store_now_ms: int) -> None:
+        self.store_now_ms = store_now_ms
+        super().__init__("store deadline passed before the batch ran: nothing written")
 
 
 class StalePolicyError(Exception):
@@ -73,6 +85,17 @@ class DecideItem(NamedTuple):
     fingerprint: str
     trace_id: str = ""
     suspended: bool = False
+
+
+class Reversal(NamedTuple):
+    """A usage the store recorded (``decide`` committed it) after its caller had been answered
+    by the failure policy and refused (an admit answered DENY or THROTTLE): the reversal cancels
+    its ledger entry. ``verdict``: what the caller was answered; ``policy_version``: the
+    version the late decision used."""
+
+    item: DecideItem
+    verdict: Verdict
+    policy_version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +158,26 @@ class DecisionStore(Protocol):
         items: list[DecideItem],
         *,
         ok_limits: bool = True,
+        deadline: float | None = None,
     ) -> list[Verdict]:
         """Decide ``items`` (all of ``tenant``) atomically; verdicts in the same order.
         ``ok_limits=False``: a verdict with reason OK carries no limit states (the caller's
-        basic view; the store keeps them for explain all the same)."""
+        basic view; the store keeps them for explain all the same). ``deadline``: the
+        event-loop time (``loop.time()``, seconds) at which the caller stops waiting; a batch
+        that comes to run later on the store's clock raises :class:`StoreDeadlineError`
+        (nothing written). A store that cannot yet tell its clock from the loop's runs the
+        batch whenever it comes."""
+        ...
+
+    async def reverse(self, tenant: str, reversals: list[Reversal]) -> list[bool]:
+        """Cancel usages of ``tenant`` recorded for callers that had been refused (see
+        :class:`Reversal`), each in one atomic step: a ledger entry of kind reversal (the
+        usage's request id, decision id and amount) is written and the usage's dedup record
+        (request id, or session slot) is forgotten, so a resend is decided anew, only while
+        that record still holds the reversed decision as recorded. Per reversal, whether it
+        was written (False: the record no longer says so, e.g. reversed already). The units
+        the usage took from its limits are not given back. Raises
+        :class:`StoreUnavailableError` when the store cannot answer."""
         ...
 
 

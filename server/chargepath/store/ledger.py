@@ -14,6 +14,11 @@ Contract
   in exactly one aggregate entry): the script that debits also writes the entry, a retried or
   resent usage is answered from its dedup record and writes nothing, and an aggregate is
   written and deleted in one script.
+* **Reversals.** A usage the store recorded after its caller had been answered by the failure
+  policy and refused (a store call that timed out, then committed: an admit answered DENY or
+  THROTTLE) is followed by a reversal entry (``reversal``, same request id and decision id,
+  the same amount to subtract), written at most once (``reverse.lua``). Billing sums
+  :attr:`LedgerEntry.billed_amount`: a refused caller nets to 0.
 * **At least once to a consumer group.** :meth:`Ledger.consume` reads with ``XREADGROUP``. An
   entry stays in the group's pending list (PEL) until :meth:`Ledger.ack`; the consumer must
   ack only after it has durably handed the entry on (the CLI writes and flushes stdout first).
@@ -91,7 +96,12 @@ def _int(fields_: Mapping[str, str], name: str, default: int = 0) -> int:
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
     """One ledger entry: a recorded usage, or (``aggregate``) the sum of ``count`` allowed
-    admits of one subject and metric over ``[interval_start_ms, interval_end_ms)``.
+    admits of one subject and metric over ``[interval_start_ms, interval_end_ms)``, or
+    (``reversal``) the cancellation of a recorded usage: the store recorded it after its caller
+    had been answered by the failure policy and refused (an admit answered DENY or THROTTLE,
+    ``decision``/``reason`` those of that answer). A reversal names the usage by
+    ``request_id`` and ``decision_id`` (those of its entry, or of the admit counted in an
+    aggregate) and carries its ``amount``: billing subtracts it (:attr:`billed_amount`).
 
     ``id`` is the stream id; times are milliseconds since the Unix epoch on Redis' clock;
     ``decision`` and ``reason`` are the numbers of the ``chargepath.v1`` enums; an aggregate has
@@ -116,12 +126,18 @@ class LedgerEntry:
     aggregate: bool = False
     interval_start_ms: int = 0
     interval_end_ms: int = 0
+    reversal: bool = False
+
+    @property
+    def billed_amount(self) -> int:
+        """What the entry adds to the units billed: its amount, negative for a reversal."""
+        return -self.amount if self.reversal else self.amount
 
     @classmethod
     def from_fields(cls, entry_id: str, f: Mapping[str, str]) -> LedgerEntry:
         """From the stream entry's fields: the packed field ``x`` of a recorded usage
         (written by decide.lua, see ``scripts/lib/ledger.lua``), or the fields of an aggregate
-        (written by flush_aggregates.lua, see its header)."""
+        (written by flush_aggregates.lua, see its header) or of a reversal (reverse.lua)."""
         packed = f.get("x")
         if packed is not None:
             return cls._from_packed(entry_id, packed)
@@ -134,7 +150,7 @@ class LedgerEntry:
             mode=f.get("mo", ""),
             decision=_int(f, "d"),
             reason=_int(f, "r"),
-            policy_version=0,
+            policy_version=_int(f, "pv"),
             decided_at_ms=_int(f, "ts"),
             slice=f.get("sl", ""),
             key=f.get("k", ""),
@@ -142,6 +158,7 @@ class LedgerEntry:
             aggregate=f.get("ag") == "1",
             interval_start_ms=_int(f, "is"),
             interval_end_ms=_int(f, "ie"),
+            reversal=f.get("rv") == "1",
         )
 
     @classmethod
@@ -204,7 +221,7 @@ class LedgerEntry:
             raw = row[f.name]
             if f.name == "labels":
                 kwargs[f.name] = json.loads(raw) if raw else {}
-            elif f.name == "aggregate":
+            elif f.name in ("aggregate", "reversal"):
                 kwargs[f.name] = raw == "1"
             elif f.type in ("int", int):
                 kwargs[f.name] = int(raw)

@@ -28,7 +28,8 @@ Payload of ``decide.lua`` (ARGV[7], one MessagePack array of four arrays; offset
    ``US occurred_at_ms US labels JSON``; for an aggregated usage ``|slice|key|metric|mode``,
    its aggregate's field after the interval), trace id, subject number.
 
-Reply of ``decide.lua``: ``{REPLY_STALE, stamped_version}`` (nothing written), or
+Reply of ``decide.lua``: ``{REPLY_STALE, stamped_version}`` (nothing written),
+``{REPLY_LATE, time_ms}`` (Redis' ``TIME`` was past ARGV[ARG_DEADLINE]: nothing written), or
 ``{REPLY_DECIDED, now_ms, then per usage: code, retry_after_ms, [the record's decision id when
 the verdict flags say replayed or conflict], then per limit reported: remaining units,
 reset_after_ms (``-1 - reset_after_ms`` when exceeded), and for a quota its capacity}``, where
@@ -61,7 +62,7 @@ from chargepath.core.model import (
 )
 from chargepath.core.periods import DAY_MS, HOUR_MS, Period
 from chargepath.core.policy import Limit
-from chargepath.store.base import DecideItem, StalePolicyError
+from chargepath.store.base import DecideItem, Reversal, StalePolicyError, StoreDeadlineError
 
 # -- key layout (every key of a tenant shares the hash tag {tenant}) ---------------------------
 
@@ -126,6 +127,9 @@ ARG_SESSION_WINDOW = 5
 ARG_RECENT_LENGTH = 6
 ARG_PAYLOAD = 7
 ARG_FULL_VIEW = 8
+#: the batch's deadline on Redis' clock (``TIME``, without the clock offset), ms (0: none); see
+#: :class:`~chargepath.store.clock.StoreClock`
+ARG_DEADLINE = 9
 
 # -- the payload: slots of a spec and of a usage (1-based, as Lua reads them) -----------------
 
@@ -166,6 +170,8 @@ USAGE_SESSION = 8  # the key index is a session, else a request-id dedup record
 
 REPLY_STALE = 0
 REPLY_DECIDED = 1
+#: decide.lua found Redis' clock past the batch's deadline and wrote nothing
+REPLY_LATE = 2
 #: publish.lua (a compare-and-set that lost) and grant.lua (an expiry already past)
 REPLY_REFUSED = -1
 
@@ -179,7 +185,7 @@ LIMITS_UNIT = FLAGS_UNIT << VERDICT_FLAG_BITS
 # verdict flags (in a code, and the "recorded" digit of a dedup record or session slot)
 VERDICT_REPLAYED = 1
 VERDICT_RECORDED = 2
-VERDICT_CONFLICT = 4  # the request id was used for another usage
+VERDICT_CONFLICT = 4  # the request id (or the session sequence) was used for another usage
 VERDICT_WINDOW_MISS = 8  # a resend older than the session's replay window
 
 #: a quota threshold event is written when a decision crosses this share of the capacity (and
@@ -192,13 +198,21 @@ QUOTA_WARN_PERCENT = 80
 SESSION_SEQ_DIGITS = 20  # the header (highest sequence) and a slot's sequence
 SESSION_RETRY_DIGITS = 10  # a slot's retry_after_ms, at most 10**10 - 1
 SESSION_ID_CHARS = 32  # a slot's decision id, space-padded
-#: bytes per slot: sequence, decision, reason, recorded (a digit each), retry, decision id
-SESSION_SLOT = SESSION_SEQ_DIGITS + 3 + SESSION_RETRY_DIGITS + SESSION_ID_CHARS
+#: a slot's fingerprint of the usage (its request id and content): what tells a resend from a
+#: reused sequence; the engine's :func:`~chargepath.engine.session_fingerprint` is this long
+SESSION_FP_CHARS = 16
+#: bytes per slot: sequence, decision, reason, recorded (a digit each), retry, decision id,
+#: fingerprint
+SESSION_SLOT = SESSION_SEQ_DIGITS + 3 + SESSION_RETRY_DIGITS + SESSION_ID_CHARS + SESSION_FP_CHARS
+#: 0-based offsets in a slot (what a reader of the session key outside Lua needs)
+SESSION_SLOT_RECORDED = SESSION_SEQ_DIGITS + 2
+SESSION_SLOT_ID = SESSION_SEQ_DIGITS + 3 + SESSION_RETRY_DIGITS
 SESSION_SEQ_FORMAT = f"%0{SESSION_SEQ_DIGITS}d"
 SESSION_RETRY_FORMAT = f"%0{SESSION_RETRY_DIGITS}d"
 SESSION_RETRY_MAX = 10**SESSION_RETRY_DIGITS - 1
 SESSION_RETRY_ZERO = "0" * SESSION_RETRY_DIGITS
 SESSION_ID_FORMAT = f"%-{SESSION_ID_CHARS}s"
+SESSION_FP_FORMAT = f"%-{SESSION_FP_CHARS}s"
 
 # -- texts the scripts write, read back by the ledger and the trail readers -----------------
 
@@ -211,6 +225,19 @@ _REASONS: dict[int, Reason] = {r.value: r for r in Reason}
 CONFLICT = FieldViolation(
     "request_id", "was already used for a different usage within the dedup window"
 )
+
+
+def reused_sequence(sequence: int, decision_id: str) -> FieldViolation:
+    """A session sequence already decided for another usage (another request id, or the
+    same one with other content): refused, never answered from the other usage's record."""
+    return FieldViolation(
+        "sequence",
+        f"sequence {sequence} of this session was already used for another usage (decision "
+        f"{decision_id}); a restarted controller must start a new session or continue after "
+        "its highest sequence",
+    )
+
+
 WINDOW_MISS = FieldViolation(
     "sequence",
     "more than the session's replay window behind its highest sequence; whether it was "
@@ -342,8 +369,11 @@ def encode_batch(
     settings: BatchSettings,
     *,
     ok_limits: bool = True,
+    deadline_ms: int = 0,
 ) -> tuple[list[str], list[Any]]:
-    """decide.lua's KEYS and ARGV for ``items`` (all of ``tenant``)."""
+    """decide.lua's KEYS and ARGV for ``items`` (all of ``tenant``); ``deadline_ms``: the
+    batch's deadline on Redis' clock (0: none; see :class:`~chargepath.store.clock.
+    StoreClock`)."""
     prefix = tenant_prefix(tenant)
     keys: list[str] = [prefix + "ent", prefix + "ledger", prefix + "recent", prefix + "agg"]
     index: dict[str, int] = {}
@@ -445,6 +475,7 @@ def encode_batch(
         settings.recent_length,
         msgpack.packb((specs, sets, subjects, usages)),
         "1" if ok_limits else "0",
+        deadline_ms,
     ]
     return keys, args
 
@@ -476,8 +507,11 @@ def split_code(code: int) -> tuple[Decision, Reason, int, int]:
 
 def decode_reply(reply: Sequence[Any], items: Sequence[DecideItem], version: int) -> list[Verdict]:
     """Verdicts, in the order of ``items``, from decide.lua's reply to them (see the module
-    docstring); raises :class:`StalePolicyError` for a stale reply."""
-    if reply[0] == REPLY_STALE:
+    docstring); raises :class:`StalePolicyError` for a stale reply and
+    :class:`StoreDeadlineError` for a late one (nothing written either way)."""
+    if reply[0] != REPLY_DECIDED:
+        if reply[0] == REPLY_LATE:
+            raise StoreDeadlineError(int(reply[1]))
         raise StalePolicyError(int(reply[1]))
     now = int(reply[1])
     pos = 2
@@ -524,7 +558,12 @@ def decode_reply(reply: Sequence[Any], items: Sequence[DecideItem], version: int
             states = tuple(limits)
         violations: tuple[FieldViolation, ...] = ()
         if flags & refused:
-            violations = (CONFLICT,) if flags & VERDICT_CONFLICT else (WINDOW_MISS,)
+            if not flags & VERDICT_CONFLICT:
+                violations = (WINDOW_MISS,)
+            elif item.usage.session_id:
+                violations = (reused_sequence(item.usage.sequence, did.rstrip()),)
+            else:
+                violations = (CONFLICT,)
         append(
             Verdict(
                 request_id=item.usage.request_id,
@@ -543,6 +582,29 @@ def decode_reply(reply: Sequence[Any], items: Sequence[DecideItem], version: int
             )
         )
     return out
+
+
+# -- reverse.lua ----------------------------------------------------------------------------
+
+
+def encode_reversal(
+    tenant: str, reversal: Reversal, session_window: int
+) -> tuple[list[str], list[Any]]:
+    """reverse.lua's KEYS and ARGV for one reversal (see its header)."""
+    u = reversal.item.usage
+    prefix = tenant_prefix(tenant)
+    if u.session_id:
+        record, sequence = f"{prefix}s:{u.session_id}", u.sequence
+    else:
+        record, sequence = f"{prefix}d:{u.request_id}", -1
+    mode = "report" if u.mode is Mode.REPORT else "admit"
+    v = reversal.verdict
+    args: list[Any] = [
+        reversal.item.decision_id, sequence, session_window,
+        u.request_id, u.subject.slice, u.subject.key, u.metric, u.amount, mode,
+        int(v.decision), int(v.reason), reversal.policy_version,
+    ]  # fmt: skip
+    return [prefix + "ledger", record], args
 
 
 # -- read_limits.lua ------------------------------------------------------------------------

@@ -25,6 +25,7 @@ restart). The quota's granted units live in a hash of their own (``cp:{T}:g:...`
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -39,13 +40,18 @@ from chargepath.store.base import (
     DecideItem,
     PolicyConflictError,
     PublishedPolicy,
+    Reversal,
     StoreUnavailableError,
 )
+from chargepath.store.clock import StoreClock
 from chargepath.store.connect import RedisClient, RedisTarget, ReplicaWait, connect
 from chargepath.store.protocol import (
+    REPLY_DECIDED,
+    REPLY_LATE,
     REPLY_REFUSED,
     decode_reply,
     encode_batch,
+    encode_reversal,
 )
 
 # The key layout and the script loader live in the protocol module; importers of this module
@@ -67,7 +73,7 @@ class RedisStore:
     ``dedup_window_ms``: how long a request id's first verdict is kept (168 bytes per request
     id, i.e. ~170 MB per million ids in the window). ``session_ttl_ms``: how long an
     idle stream session is remembered. ``session_window``: how many recent verdicts a session
-    keeps for resends (65 bytes each). ``clock_offset_ms`` shifts Redis' clock and exists for
+    keeps for resends (81 bytes each). ``clock_offset_ms`` shifts Redis' clock and exists for
     tests of period boundaries only.
     """
 
@@ -90,7 +96,10 @@ class RedisStore:
         self.session_window = session_window
         self.recent_length = recent_length
         self.clock_offset_ms = clock_offset_ms
+        #: Redis' clock as seen from this process: how a caller's deadline is sent.
+        self.clock = StoreClock()
         self._decide = client.register_script(read_script("decide.lua"))
+        self._reverse = client.register_script(read_script("reverse.lua"))
         self._publish = client.register_script(read_script("publish.lua"))
         self._stamp = client.register_script(read_script("stamp.lua"))
 
@@ -117,8 +126,14 @@ class RedisStore:
         items: list[DecideItem],
         *,
         ok_limits: bool = True,
+        deadline: float | None = None,
     ) -> list[Verdict]:
-        keys, args = encode_batch(tenant, policy_version, items, self, ok_limits=ok_limits)
+        loop = asyncio.get_running_loop()
+        deadline_ms = 0 if deadline is None else self.clock.deadline_ms(deadline)
+        keys, args = encode_batch(
+            tenant, policy_version, items, self, ok_limits=ok_limits, deadline_ms=deadline_ms
+        )
+        sent = loop.time()
         try:
             if self.replica_wait is None:
                 reply = await self._decide(keys=keys, args=args)
@@ -130,7 +145,21 @@ class RedisStore:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         except OSError as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        if reply[0] == REPLY_DECIDED:  # its now_ms: Redis' TIME plus the clock offset
+            self.clock.observe(sent, loop.time(), int(reply[1]) - self.clock_offset_ms)
+        elif reply[0] == REPLY_LATE:  # its time_ms: TIME
+            self.clock.observe(sent, loop.time(), int(reply[1]))
         return decode_reply(reply, items, policy_version)
+
+    async def reverse(self, tenant: str, reversals: list[Reversal]) -> list[bool]:
+        out = []
+        try:
+            for r in reversals:
+                keys, args = encode_reversal(tenant, r, self.session_window)
+                out.append(bool(int(await self._reverse(keys=keys, args=args))))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        return out
 
     async def publish_policy(
         self,

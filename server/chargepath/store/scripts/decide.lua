@@ -8,6 +8,9 @@
 --    its effect is written, and nothing recorded is ever left out of the ledger.
 --  * A gateway deciding with a policy version older than the tenant's stamp is refused (STALE)
 --    before anything is written, so no decision uses a version older than the last change.
+--  * A batch that comes to run past its deadline (ARGV[ARG_DEADLINE], on Redis' clock: when
+--    the gateway stops waiting and answers by the failure policy) writes nothing and replies
+--    REPLY_LATE, so a caller answered degraded is not recorded behind its back.
 --  * Time is Redis TIME (+ the clock offset, 0 outside tests); all amounts are integers
 --    (lib/numbers.lua says how they stay exact).
 --
@@ -33,9 +36,12 @@
 -- ARGV[ARG_FULL_VIEW]       "0": basic view, a decision with reason OK replies no limits;
 --                           else every decision replies its limits. The trail keeps them
 --                           either way.
+-- ARGV[ARG_DEADLINE]        the batch's deadline on Redis' clock (TIME, without the clock
+--                           offset), ms; 0: none
 --
 -- Reply: {REPLY_STALE, stamped_version} when the tenant's stamp is newer than the version
--- (nothing written), else {REPLY_DECIDED, now_ms, then per usage: code, retry_after_ms,
+-- (nothing written), {REPLY_LATE, time_ms} when TIME is past the deadline (nothing written),
+-- else {REPLY_DECIDED, now_ms, then per usage: code, retry_after_ms,
 -- [the record's decision id], then per limit: remaining, reset_after_ms, [a quota's
 -- capacity]} (see protocol.py).
 
@@ -55,7 +61,12 @@ if stamped > tonumber(ARGV[ARG_POLICY_VERSION]) then
 end
 
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000) + tonumber(ARGV[ARG_CLOCK_OFFSET])
+local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+local deadline = tonumber(ARGV[ARG_DEADLINE])
+if deadline > 0 and now > deadline then
+  return {REPLY_LATE, now}
+end
+now = now + tonumber(ARGV[ARG_CLOCK_OFFSET])
 local now_s = int(now)
 local version = ARGV[ARG_POLICY_VERSION]
 local dedup_ms = tonumber(ARGV[ARG_DEDUP_WINDOW])
@@ -230,7 +241,8 @@ for o = 0, #batch - 1, USAGE_SLOTS do
   if dedup_idx > 0 then
     rd, rr, rt, rf, rdid = dedup_replay(KEYS[dedup_idx], fp)
   elseif sess_idx > 0 and seq <= session_hw(sess_idx) then
-    rd, rr, rt, rf, rdid = session_replay(sess_idx, seq, window)
+    fp = session_fp(fp)
+    rd, rr, rt, rf, rdid = session_replay(sess_idx, seq, window, fp)
   end
 
   if rd then
@@ -274,7 +286,8 @@ for o = 0, #batch - 1, USAGE_SLOTS do
       if dedup_idx > 0 then
         dedup_remember(KEYS[dedup_idx], fp, decision, reason, retry_s, recorded, did, dedup_ms)
       elseif sess_idx > 0 then
-        session_remember(sess_idx, seq, decision, reason, recorded, retry, did, window)
+        session_remember(sess_idx, seq, decision, reason, recorded, retry, did, window,
+          session_fp(fp))
       end
     end
 

@@ -8,7 +8,9 @@
 -- (SESSION_SEQ_DIGITS digits), then W slots of SESSION_SLOT bytes (W = the session replay
 -- window); slot seq % W holds the verdict of sequence seq: sequence (SESSION_SEQ_DIGITS
 -- digits), decision, reason, recorded (a digit each), retry_after_ms (SESSION_RETRY_DIGITS
--- digits), decision_id (SESSION_ID_CHARS characters, space-padded).
+-- digits), decision_id (SESSION_ID_CHARS characters, space-padded), the usage's fingerprint
+-- (SESSION_FP_CHARS characters, of its request id and content: a resend has the slot's, a
+-- reused sequence another one).
 -- Slots of consecutive sequences are adjacent: they are written as one SETRANGE per run.
 
 -- #include lib/numbers.lua
@@ -54,13 +56,21 @@ local function flush_run(idx)
   end
 end
 
+-- A usage's fingerprint as a slot holds it (the engine sends SESSION_FP_CHARS characters).
+local function session_fp(fp)
+  if string.len(fp) == SESSION_FP_CHARS then return fp end
+  return format(SESSION_FP_FORMAT, sub(fp, 1, SESSION_FP_CHARS))
+end
+
 -- The verdict (as dedup_replay's) of sequence `seq`, at most the session's highest sequence
 -- (session_hw), of the session at KEYS[idx]; nil when it is new. Within the window, slot
 -- seq % W holds this sequence if it was decided, or an older one if it never was (e.g.
--- answered degraded, or skipped): then it is decided now, as new. Beyond the window nothing
--- is known, and guessing could lose or double usage: refused, DENY INVALID_USAGE with
--- VERDICT_WINDOW_MISS.
-local function session_replay(idx, seq, window)
+-- answered degraded, or skipped): then it is decided now, as new. A slot of this sequence
+-- with another fingerprint (`fp`, as session_fp gives it) was another usage: refused, DENY
+-- INVALID_USAGE with VERDICT_CONFLICT and that usage's decision id, never answered from its
+-- record. Beyond the window nothing is known, and guessing could lose or double usage:
+-- refused, DENY INVALID_USAGE with VERDICT_WINDOW_MISS.
+local function session_replay(idx, seq, window, fp)
   if session_hw(idx) - seq >= window then
     return DENY, INVALID_USAGE, 0, VERDICT_WINDOW_MISS, nil
   end
@@ -70,16 +80,20 @@ local function session_replay(idx, seq, window)
   if string.len(slot) == SESSION_SLOT
     and tonumber(sub(slot, 1, SESSION_SEQ_DIGITS)) == seq then
     local p = SESSION_SEQ_DIGITS
+    local did = sub(slot, SESSION_SLOT_ID + 1, SESSION_SLOT_ID + SESSION_ID_CHARS)
+    if sub(slot, SESSION_SLOT - SESSION_FP_CHARS + 1, SESSION_SLOT) ~= fp then
+      return DENY, INVALID_USAGE, 0, VERDICT_CONFLICT, did
+    end
     return tonumber(sub(slot, p + 1, p + 1)), tonumber(sub(slot, p + 2, p + 2)),
       tonumber(sub(slot, p + 4, p + 3 + SESSION_RETRY_DIGITS)),
-      VERDICT_REPLAYED + tonumber(sub(slot, p + 3, p + 3)),
-      sub(slot, p + 4 + SESSION_RETRY_DIGITS, SESSION_SLOT)
+      VERDICT_REPLAYED + tonumber(sub(slot, p + 3, p + 3)), did
   end
   return nil
 end
 
--- Remember the verdict of sequence `seq` in its slot (and the session's highest sequence).
-local function session_remember(idx, seq, d, r, recorded, retry, did, window)
+-- Remember the verdict of sequence `seq` in its slot (and the session's highest sequence);
+-- `fp` as session_fp gives it.
+local function session_remember(idx, seq, d, r, recorded, retry, did, window, fp)
   local padded = did
   if string.len(did) ~= SESSION_ID_CHARS then padded = format(SESSION_ID_FORMAT, did) end
   local retry_s = SESSION_RETRY_ZERO
@@ -93,8 +107,8 @@ local function session_remember(idx, seq, d, r, recorded, retry, did, window)
   end
   local n = run[3]
   run[n + 4], run[n + 5], run[n + 6] = format(SESSION_SEQ_FORMAT, seq), DIGIT[d], DIGIT[r]
-  run[n + 7], run[n + 8], run[n + 9] = DIGIT[recorded], retry_s, padded
-  run[2], run[3] = seq + 1, n + 6
+  run[n + 7], run[n + 8], run[n + 9], run[n + 10] = DIGIT[recorded], retry_s, padded, fp
+  run[2], run[3] = seq + 1, n + 7
   if seq > session_hw(idx) then
     sessions[idx] = seq
   end

@@ -1,0 +1,57 @@
+-- reverse.lua: cancel a usage that decide.lua recorded after its caller had been answered by the
+-- failure policy and refused (a late commit of an admit answered DENY or THROTTLE), so that
+-- billing never charges a refused caller. Written by the engine when such a late reply comes
+-- in (chargepath/engine.py); see Reversal in chargepath/store/base.py.
+--
+-- Invariant: a reversal is written at most once per recorded decision, and only while that
+-- decision's dedup record (request id record, or session slot) still holds it as recorded;
+-- the record is forgotten in the same step (the request id's deleted, the slot's sequence
+-- blanked), so a resend of the usage is decided anew, and counted once if recorded then.
+-- The units the usage took from its limits are not given back.
+--
+-- KEYS[1]  tenant ledger stream
+-- KEYS[2]  the usage's request-id dedup record, or its session key
+--
+-- ARGV[1]  the decision id recorded (the late decision's)
+-- ARGV[2]  the session sequence, or -1 for a request-id record
+-- ARGV[3]  the session replay window W
+-- ARGV[4..12]  the reversal entry's request id, slice, key, metric, amount, mode, decision and
+--              reason (those the caller was answered), policy version
+--
+-- Ledger entry written: fields rv=1, rid, did, sl, k, m, a, mo, d, r, pv, ts (Redis' clock,
+-- ms); chargepath/store/ledger.py reads it as a LedgerEntry with reversal=True.
+--
+-- Reply: 1 written, 0 not (the record no longer holds this decision as recorded).
+
+redis.replicate_commands()
+
+-- #include lib/numbers.lua
+
+local did, seq, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+
+if seq < 0 then
+  local rec = redis.call('GET', KEYS[2])
+  if not rec then return 0 end
+  local f = split_bars(rec)
+  if f[6] ~= did or tonumber(f[5]) ~= VERDICT_RECORDED then return 0 end
+  redis.call('DEL', KEYS[2])
+else
+  local off = SESSION_SEQ_DIGITS + (seq % window) * SESSION_SLOT
+  local slot = redis.call('GETRANGE', KEYS[2], off, off + SESSION_SLOT - 1)
+  if string.len(slot) ~= SESSION_SLOT or tonumber(sub(slot, 1, SESSION_SEQ_DIGITS)) ~= seq
+    or tonumber(sub(slot, SESSION_SLOT_RECORDED + 1, SESSION_SLOT_RECORDED + 1))
+      ~= VERDICT_RECORDED
+    or sub(slot, SESSION_SLOT_ID + 1, SESSION_SLOT_ID + SESSION_ID_CHARS)
+      ~= format(SESSION_ID_FORMAT, did) then
+    return 0
+  end
+  -- a blank sequence matches no sequence: the slot reads as never decided
+  redis.call('SETRANGE', KEYS[2], off, string.rep(' ', SESSION_SEQ_DIGITS))
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+redis.call('XADD', KEYS[1], '*', 'rv', '1', 'rid', ARGV[4], 'did', did, 'sl', ARGV[5],
+  'k', ARGV[6], 'm', ARGV[7], 'a', ARGV[8], 'mo', ARGV[9], 'd', ARGV[10], 'r', ARGV[11],
+  'pv', ARGV[12], 'ts', int(now))
+return 1
