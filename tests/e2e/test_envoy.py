@@ -351,9 +351,11 @@ def test_rlqs_stream_for_a_fail_closed_tenant_while_redis_is_down(tmp_path: Path
         assert rule == DENY_ALL
         assert open_.quota_assignment_action.rate_limit_strategy.token_bucket.max_tokens >= 1
     finally:
-        stream.close()
-        assert gw.stop() == 0
-        gw.redis.stop()
+        try:
+            stream.close()
+        finally:  # the gateway stops even if the stream ended in an error
+            assert gw.stop() == 0
+            gw.redis.stop()
 
 
 def test_too_many_descriptors_are_invalid(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:

@@ -164,19 +164,27 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     # A generous store timeout: on a loaded machine a 50 ms one answers degraded now and then,
     # and this fuzz is about input, not latency (a degraded verdict here fails the test).
     gw = start_gateway(workdir, plans=plans, env={"CHARGEPATH_STORE_TIMEOUT_MS": "5000"})
-    with gw.channel() as channel:
-        stub = pb_grpc.MeteringServiceStub(channel)
-        twin = [
-            outcome(
-                stub.Check(pb.CheckRequest(usage=control_usage("twin", k, n)), timeout=10).verdict
-            )
-            for k, n in CONTROL
-        ]
-        assert {o[0] for o in twin} == {"DECISION_ALLOW", "DECISION_THROTTLE", "DECISION_DENY"}
-        yield Fuzzed(gw, Control(stub, twin), len(gw.log().encode()), time.monotonic())
-    code = gw.stop()
-    if gw.redis is not None:
-        gw.redis.stop()
+    try:
+        with gw.channel() as channel:
+            stub = pb_grpc.MeteringServiceStub(channel)
+            twin = [
+                outcome(
+                    stub.Check(
+                        pb.CheckRequest(usage=control_usage("twin", k, n)), timeout=10
+                    ).verdict
+                )
+                for k, n in CONTROL
+            ]
+            assert {o[0] for o in twin} == {
+                "DECISION_ALLOW",
+                "DECISION_THROTTLE",
+                "DECISION_DENY",
+            }
+            yield Fuzzed(gw, Control(stub, twin), len(gw.log().encode()), time.monotonic())
+    finally:  # the gateway stops even if the twin's checks failed
+        code = gw.stop()
+        if gw.redis is not None:
+            gw.redis.stop()
     assert code == 0, gw.log()
 
 
