@@ -21,6 +21,8 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from chargepath.cli.connection import with_api_key
+
 #: Raw byte strings per RPC; CHARGEPATH_FUZZ_RAW_PER_RPC=10000 for a long run.
 RAW_PER_RPC = int(os.environ.get("CHARGEPATH_FUZZ_RAW_PER_RPC", "700"))
 #: Byte strings per hypothesis example, sent concurrently.
@@ -70,9 +72,11 @@ def payloads(seeds: Sequence[Message]) -> st.SearchStrategy[bytes]:
 
 @dataclass
 class RawFuzz:
-    """Counts of status codes per RPC, of raw byte strings sent to ``target``."""
+    """Counts of status codes per RPC, of raw byte strings sent to ``target`` (with
+    ``api_key``, if given, as every call's Bearer credential)."""
 
     target: str
+    api_key: str = ""
     codes: dict[str, Counter[str]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     leaks: list[str] = field(default_factory=list)
@@ -103,7 +107,10 @@ class RawFuzz:
     ) -> None:
         """Send ``per_rpc`` byte strings to every method of ``service``; ``between`` runs
         after each batch (the control tenant's checks)."""
-        with grpc.insecure_channel(self.target) as channel:
+        channel = grpc.insecure_channel(self.target)
+        if self.api_key:
+            channel = with_api_key(channel, self.api_key)
+        with channel:
             for method in service.methods:
                 self._method(
                     channel, method, seeds.get(method.name, []), per_rpc, between, stream_timeout_s

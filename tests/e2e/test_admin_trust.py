@@ -6,6 +6,7 @@ it; nobody else gets in; it is never logged)."""
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -13,10 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import redis
 
+from chargepath.core.auth import parse_key
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 from tests.e2e.conftest import DEMO_PLANS, GatewayProcess, start_gateway
@@ -31,6 +32,15 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway
     assert gw.stop() == 0, gw.log()
 
 
+def operator_env(gw: GatewayProcess) -> dict[str, str]:
+    """The environment of an operator on the gateway's machine: the CLI finds the operator key
+    in the gateway's data dir (not in a .chargepath of the working directory)."""
+    return {
+        **{k: v for k, v in os.environ.items() if k != "CHARGEPATH_API_KEY"},
+        "CHARGEPATH_DATA_DIR": str(gw.data_dir),
+    }
+
+
 def cli(
     gw: GatewayProcess, *args: str, target: bool = True, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
@@ -38,7 +48,12 @@ def cli(
     if target:
         cmd += ["--target", gw.address]
     return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=operator_env(gw),
     )
 
 
@@ -57,7 +72,7 @@ def test_the_embedded_redis_needs_its_password_which_is_never_logged(
     assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
     url = (data / "redis" / "url").read_text().strip()
     assert password in url
-    with grpc.insecure_channel(gw.address) as ch:
+    with gw.channel() as ch:
         usage = pb.Usage(
             request_id="trust-1",
             subject=pb.Subject(tenant="cpaas-demo", key="trust"),
@@ -126,7 +141,9 @@ def test_empty_documents_and_unconfirmed_removals_change_nothing_and_prune_appli
         ("ApplyPolicy", "OK"),  # the preview of the confirmed apply
         ("ApplyPolicy", "OK"),  # the apply
     ]
-    assert all(e["identity"] == "anonymous" for e in events)
+    # the CLI acted with the operator key the gateway bootstrapped: its key id, not "anonymous"
+    operator = parse_key(gw.operator_key).key_id
+    assert all((e["identity"], e["role"]) == (operator, "operator") for e in events)
     last = events[-1]
     assert int(str(last["policy_version_after"])) == int(str(last["policy_version_before"])) + 1
     assert "prune" in str(last["summary"]) and "expected_version=" in str(last["summary"])
@@ -136,7 +153,7 @@ def test_empty_documents_and_unconfirmed_removals_change_nothing_and_prune_appli
     assert len(refused) == 3 and all("document" in str(e["detail"]) for e in refused)
     text = cli(gw, "audit", "--tenant", "trial-co")
     assert text.returncode == 0 and len(text.stdout.splitlines()) == 6
-    assert " anonymous AssignPlan OK " in text.stdout
+    assert f" {operator}(operator) AssignPlan OK " in text.stdout
 
 
 def test_audit_follow_prints_new_events_as_they_come(
@@ -148,6 +165,7 @@ def test_audit_follow_prints_new_events_as_they_come(
          "--tenant", "mvno-demo", "--target", gw.address],
         stdout=subprocess.PIPE,
         text=True,
+        env=operator_env(gw),
     )  # fmt: skip
     try:
         time.sleep(1.5)  # it has read the (empty) trail of mvno-demo

@@ -1,6 +1,7 @@
 """Envoy's rate limit service (RLS v3) and quota service (RLQS v3) on a live gateway, driven by
 xds-protos clients with requests shaped like Envoy's; the counters and the ledger checked in
-the gateway's Redis."""
+the gateway's Redis. Envoy calls as an Envoy shared by tenants does, with the operator key in its
+``initial_metadata``; one test gives it a meter key of one tenant instead."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from envoy.service.rate_limit_quota.v3 import rlqs_pb2, rlqs_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy.type.v3 import ratelimit_strategy_pb2
 
+from chargepath_protos.v1 import keys_pb2 as kpb
+from chargepath_protos.v1 import keys_pb2_grpc as kpb_grpc
 from tests.conftest import ledger_entries
 from tests.e2e.conftest import GatewayProcess, start_gateway
 
@@ -78,7 +81,7 @@ def envoy_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayP
 
 @pytest.fixture
 def rls(envoy_gateway: GatewayProcess) -> Iterator[rls_pb2_grpc.RateLimitServiceStub]:
-    with grpc.insecure_channel(envoy_gateway.address) as ch:
+    with envoy_gateway.channel() as ch:
         yield rls_pb2_grpc.RateLimitServiceStub(ch)
 
 
@@ -175,7 +178,7 @@ def test_over_limit_once_the_capacity_is_spent(
 def test_soft_limits_and_shadow_mode_answer_ok_with_headers(
     envoy_gateway: GatewayProcess, db: redis.Redis
 ) -> None:
-    with grpc.insecure_channel(envoy_gateway.address) as ch:
+    with envoy_gateway.channel() as ch:
         stub = rls_pb2_grpc.RateLimitServiceStub(ch)
         # calls-soft (capacity 3) is soft: crossing it is OK, flagged in the headers (r=0)
         for _ in range(4):
@@ -236,7 +239,7 @@ def test_fail_closed_tenants_are_over_limit_while_redis_is_down(tmp_path: Path) 
     gw = start_gateway(tmp_path, plans=plans)
     assert gw.redis is not None
     try:
-        with grpc.insecure_channel(gw.address) as ch:
+        with gw.channel() as ch:
             stub = rls_pb2_grpc.RateLimitServiceStub(ch)
             assert ask(stub, sms("k1"))[0].overall_code == OK
             gw.redis.kill()
@@ -260,8 +263,8 @@ class QuotaStream:
     """An RLQS stream as Envoy's rate_limit_quota filter holds it: reports go in when sent,
     each answered by one response."""
 
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
         self.outbox: queue.Queue[rlqs_pb2.RateLimitQuotaUsageReports | None] = queue.Queue()
         stub = rlqs_pb2_grpc.RateLimitQuotaServiceStub(self.channel)
         self.responses = stub.StreamRateLimitQuotas(iter(self.outbox.get, None), timeout=30)
@@ -287,7 +290,7 @@ class QuotaStream:
 
 
 def test_rlqs_reports_in_assignments_out(envoy_gateway: GatewayProcess, db: redis.Redis) -> None:
-    stream = QuotaStream(envoy_gateway.address)
+    stream = QuotaStream(envoy_gateway.channel())
     bucket = {"tenant": "acme", "api_key": "k3", "route": "sms"}
     before = len(ledger_entries(db, "acme"))
     try:
@@ -334,7 +337,7 @@ def test_rlqs_stream_for_a_fail_closed_tenant_while_redis_is_down(tmp_path: Path
     plans.write_text(POLICY)
     gw = start_gateway(tmp_path, plans=plans)
     assert gw.redis is not None
-    stream = QuotaStream(gw.address)
+    stream = QuotaStream(gw.channel())
     try:
         (ok,) = stream.report("edge", ({"tenant": "acme", "route": "calls"}, 0, 0, 0))
         assert ok.quota_assignment_action.rate_limit_strategy.token_bucket.max_tokens == 1
@@ -348,9 +351,11 @@ def test_rlqs_stream_for_a_fail_closed_tenant_while_redis_is_down(tmp_path: Path
         assert rule == DENY_ALL
         assert open_.quota_assignment_action.rate_limit_strategy.token_bucket.max_tokens >= 1
     finally:
-        stream.close()
-        assert gw.stop() == 0
-        gw.redis.stop()
+        try:
+            stream.close()
+        finally:  # the gateway stops even if the stream ended in an error
+            assert gw.stop() == 0
+            gw.redis.stop()
 
 
 def test_too_many_descriptors_are_invalid(rls: rls_pb2_grpc.RateLimitServiceStub) -> None:
@@ -358,3 +363,36 @@ def test_too_many_descriptors_are_invalid(rls: rls_pb2_grpc.RateLimitServiceStub
         ask(rls, *[sms("k1")] * 65)
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert "descriptors: at most 64" in e.value.details()  # type: ignore[attr-defined]
+
+
+def test_an_envoy_of_one_tenant_counts_only_that_tenant(
+    envoy_gateway: GatewayProcess, db: redis.Redis
+) -> None:
+    """With a meter key of acme, acme's descriptors and buckets are decided as usual; another
+    tenant's are refused (OVER_LIMIT, DENY_ALL) and count nothing."""
+    with envoy_gateway.channel() as ch:
+        created = kpb_grpc.KeyServiceStub(ch).CreateKey(
+            kpb.CreateKeyRequest(tenant="acme", role=kpb.ROLE_METER, description="envoy"),
+            timeout=5,
+        )
+    before = {t: len(ledger_entries(db, t)) for t in ("acme", "open-co")}
+    with envoy_gateway.channel(created.secret_key) as ch:
+        stub = rls_pb2_grpc.RateLimitServiceStub(ch)
+        resp, _ = ask(stub, sms("k4"), sms("k4", tenant="open-co"))
+    assert resp.overall_code == OVER_LIMIT
+    assert [s.code for s in resp.statuses] == [OK, OVER_LIMIT]
+    assert resp.statuses[1] == rls_pb2.RateLimitResponse.DescriptorStatus(code=OVER_LIMIT)
+    stream = QuotaStream(envoy_gateway.channel(created.secret_key))
+    try:
+        mine, theirs = stream.report(
+            "edge",
+            ({"tenant": "acme", "route": "calls"}, 1, 0, 0),
+            ({"tenant": "open-co", "route": "calls"}, 1, 0, 0),
+        )
+    finally:
+        stream.close()
+    assert mine.quota_assignment_action.rate_limit_strategy.token_bucket.max_tokens >= 1
+    assert theirs.quota_assignment_action.rate_limit_strategy.blanket_rule == DENY_ALL
+    # acme: the admitted sms unit, then the calls report and one call admitted ahead
+    assert len(ledger_entries(db, "acme")) == before["acme"] + 3
+    assert len(ledger_entries(db, "open-co")) == before["open-co"]

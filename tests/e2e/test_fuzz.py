@@ -3,8 +3,11 @@
 1. Generated usages, valid and not (tenants known and unknown, metrics, amounts from 0 and
    negative to 2**63-1, labels too many and too long, occurred_at extremes, session and
    sequence combinations), batched many per StreamUsage message, and a share of them on Check.
-2. Raw byte strings on every RPC of MeteringService and AdminService (KeyService, not served
-   by the gateway yet, gets the same in tests/integration/test_hostile_services.py).
+2. Raw byte strings on every RPC of MeteringService and AdminService (KeyService gets the same
+   in tests/integration/test_hostile_services.py).
+
+Calls carry the gateway's operator key: the bytes are judged past authentication, as for any
+authenticated caller.
 
 Properties: only the expected status codes come back (OK and INVALID_ARGUMENT; NOT_FOUND,
 FAILED_PRECONDITION and ABORTED where an admin RPC defines them; an open watch ends at its
@@ -161,19 +164,27 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     # A generous store timeout: on a loaded machine a 50 ms one answers degraded now and then,
     # and this fuzz is about input, not latency (a degraded verdict here fails the test).
     gw = start_gateway(workdir, plans=plans, env={"CHARGEPATH_STORE_TIMEOUT_MS": "5000"})
-    with grpc.insecure_channel(gw.address) as channel:
-        stub = pb_grpc.MeteringServiceStub(channel)
-        twin = [
-            outcome(
-                stub.Check(pb.CheckRequest(usage=control_usage("twin", k, n)), timeout=10).verdict
-            )
-            for k, n in CONTROL
-        ]
-        assert {o[0] for o in twin} == {"DECISION_ALLOW", "DECISION_THROTTLE", "DECISION_DENY"}
-        yield Fuzzed(gw, Control(stub, twin), len(gw.log().encode()), time.monotonic())
-    code = gw.stop()
-    if gw.redis is not None:
-        gw.redis.stop()
+    try:
+        with gw.channel() as channel:
+            stub = pb_grpc.MeteringServiceStub(channel)
+            twin = [
+                outcome(
+                    stub.Check(
+                        pb.CheckRequest(usage=control_usage("twin", k, n)), timeout=10
+                    ).verdict
+                )
+                for k, n in CONTROL
+            ]
+            assert {o[0] for o in twin} == {
+                "DECISION_ALLOW",
+                "DECISION_THROTTLE",
+                "DECISION_DENY",
+            }
+            yield Fuzzed(gw, Control(stub, twin), len(gw.log().encode()), time.monotonic())
+    finally:  # the gateway stops even if the twin's checks failed
+        code = gw.stop()
+        if gw.redis is not None:
+            gw.redis.stop()
     assert code == 0, gw.log()
 
 
@@ -390,7 +401,7 @@ class UsageFuzz:
 
 def test_generated_usages_get_only_the_expected_answers(fuzzed: Fuzzed) -> None:
     gw = fuzzed.gateway
-    with grpc.insecure_channel(gw.address) as channel:
+    with gw.channel() as channel:
         stub = pb_grpc.MeteringServiceStub(channel)
         fuzz = UsageFuzz(
             Stream(stub),
@@ -491,7 +502,7 @@ ADMIN_CODES = {"NOT_FOUND", "FAILED_PRECONDITION", "ABORTED"}
 
 def test_raw_bytes_on_every_rpc_get_only_the_expected_codes(fuzzed: Fuzzed) -> None:
     gw = fuzzed.gateway
-    fuzz = RawFuzz(gw.address)
+    fuzz = RawFuzz(gw.address, api_key=gw.operator_key)
     started = time.monotonic()
     batches = 0
 
@@ -527,7 +538,7 @@ def test_after_the_fuzz_the_gateway_serves_and_the_control_is_unchanged(fuzzed: 
         control.step()
     assert control.got == control.expected
     assert gw.health() == 1  # SERVING
-    with grpc.insecure_channel(gw.address) as channel:
+    with gw.channel() as channel:
         stub = pb_grpc.MeteringServiceStub(channel)
         v = stub.Check(pb.CheckRequest(usage=control_usage("probe", "k", 1)), timeout=10).verdict
     assert (v.decision, v.reason, v.recorded) == (pb.DECISION_ALLOW, pb.REASON_OK, True)

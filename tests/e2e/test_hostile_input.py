@@ -1,5 +1,6 @@
 """Hostile input on a live gateway: malformed bytes on every RPC, a bounded log however many
-there are, occurred_at's window, oversized messages, and an empty policy document."""
+there are, occurred_at's window, oversized messages, and an empty policy document. Calls carry
+the operator key: the input is judged past authentication."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from chargepath.transport import services
+from chargepath.transport.envoy import RLQS_DESCRIPTOR, RLS_DESCRIPTOR
 from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
 from chargepath_protos.v1 import metering_pb2 as pb
@@ -24,7 +26,12 @@ from tests.e2e.conftest import GatewayProcess
 pytestmark = pytest.mark.e2e
 
 MALFORMED = b"\xff\xff\xff"  # a field number 0 (and a varint cut short): no message decodes it
-SERVED = [m for s in (services.METERING, services.ADMIN) for m in s.methods]
+#: Every service the gateway serves (each registered through services.add_service).
+SERVED = [
+    m
+    for s in (services.METERING, services.ADMIN, services.KEYS, RLS_DESCRIPTOR, RLQS_DESCRIPTOR)
+    for m in s.methods
+]
 
 
 def path(method: object) -> str:
@@ -59,7 +66,7 @@ def test_malformed_bytes_are_invalid_argument_on_every_rpc(
     gateway: GatewayProcess, method: object
 ) -> None:
     name = method.input_type.full_name  # type: ignore[attr-defined]
-    with grpc.insecure_channel(gateway.address) as ch:
+    with gateway.channel() as ch:
         if method.client_streaming:  # type: ignore[attr-defined]
             call = ch.stream_stream(path(method))(iter([MALFORMED]), timeout=5)
         elif method.server_streaming:  # type: ignore[attr-defined]
@@ -79,7 +86,7 @@ def test_malformed_bytes_are_invalid_argument_on_every_rpc(
 
 
 def test_reflection_still_describes_the_services(gateway: GatewayProcess) -> None:
-    with grpc.insecure_channel(gateway.address) as ch:
+    with gateway.channel() as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         requests = [
             reflection_pb2.ServerReflectionRequest(list_services=""),
@@ -107,7 +114,7 @@ def test_a_malformed_stream_message_ends_the_stream_after_what_was_answered(
         MALFORMED,
         pb.StreamUsageRequest(usages=[after]).SerializeToString(),
     ]
-    with grpc.insecure_channel(gateway.address) as ch:
+    with gateway.channel() as ch:
         call = ch.stream_stream(
             "/chargepath.v1.MeteringService/StreamUsage",
             response_deserializer=pb.StreamUsageResponse.FromString,
@@ -126,7 +133,7 @@ def test_a_malformed_stream_message_ends_the_stream_after_what_was_answered(
 def test_ten_thousand_malformed_messages_write_a_bounded_log(gateway: GatewayProcess) -> None:
     before = gateway.log()
     codes: dict[str, int] = {}
-    with grpc.insecure_channel(gateway.address) as ch:
+    with gateway.channel() as ch:
         check = ch.unary_unary("/chargepath.v1.MeteringService/Check")
         stream = ch.stream_stream("/chargepath.v1.MeteringService/StreamUsage")
         for _ in range(10_000 // 200):
@@ -164,7 +171,7 @@ def test_occurred_at_out_of_bounds_is_invalid_argument_on_check(gateway: Gateway
         ((now - 36 * 86_400, 0), "occurred_at"),
         ((now + 600, 0), "occurred_at"),
     ]
-    with grpc.insecure_channel(gateway.address) as ch:
+    with gateway.channel() as ch:
         stub = pb_grpc.MeteringServiceStub(ch)
         for (seconds, nanos), field in cases:
             u = usage()
@@ -187,7 +194,7 @@ def test_occurred_at_out_of_bounds_is_an_invalid_usage_verdict_on_a_stream(
     overflow.occurred_at.seconds = 2**63 - 1
     nanos.occurred_at.seconds, nanos.occurred_at.nanos = now, -5
     fine.occurred_at.seconds, fine.occurred_at.nanos = now - 60, 250_000_000
-    with grpc.insecure_channel(gateway.address) as ch:
+    with gateway.channel() as ch:
         stub = pb_grpc.MeteringServiceStub(ch)
         (response,) = stub.StreamUsage(
             iter([pb.StreamUsageRequest(usages=[overflow, fine, nanos])]), timeout=5
@@ -215,7 +222,7 @@ def test_a_batch_of_100000_usages_is_refused_once_without_verdicts(
     one = usage(request_id="r", subject=pb.Subject(tenant="mvno-demo"))
     request = pb.StreamUsageRequest(usages=[one] * 100_000)
     assert request.ByteSize() < 8 * 1024 * 1024  # within the size bound: parsed, then refused
-    with grpc.insecure_channel(gateway.address) as ch:
+    with gateway.channel() as ch:
         stub = pb_grpc.MeteringServiceStub(ch)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:
@@ -231,9 +238,7 @@ def test_a_message_over_the_size_bound_is_refused_before_parsing(
 ) -> None:
     too_big = pb.StreamUsageRequest(usages=[usage(labels={"k": "v" * 256})] * 40_000)
     assert too_big.ByteSize() > 8 * 1024 * 1024
-    with grpc.insecure_channel(
-        gateway.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
-    ) as ch:
+    with gateway.channel(options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]) as ch:
         stub = pb_grpc.MeteringServiceStub(ch)
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.StreamUsage(iter([too_big]), timeout=10))
@@ -251,7 +256,7 @@ def test_a_message_over_the_size_bound_is_refused_before_parsing(
 def test_an_empty_policy_document_is_refused_and_changes_nothing(
     gateway: GatewayProcess, document: str
 ) -> None:
-    with grpc.insecure_channel(gateway.address) as ch:
+    with gateway.channel() as ch:
         admin = apb_grpc.AdminServiceStub(ch)
         before = admin.GetPolicy(apb.GetPolicyRequest(), timeout=5)
         for dry_run in (False, True):

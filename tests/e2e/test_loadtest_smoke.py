@@ -9,18 +9,35 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import GatewayProcess
+from tests.e2e.conftest import GatewayProcess, start_gateway
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GO_LOADGEN = ROOT / "clients/go/bin/chargepath-loadgen"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """The demo plans' gateway, with a store timeout well above a loaded machine's scheduling
+    noise: these runs check the load generator and its reports, and a verdict degraded by a
+    50 ms timeout missed while other processes hold both cores (one in 600 was seen at load
+    10) is not the generator's doing. A degraded verdict still fails the run."""
+    gw = start_gateway(
+        tmp_path_factory.mktemp("gateway"), extra_args=("--store-timeout-ms", "1000")
+    )
+    yield gw
+    code = gw.stop()
+    if gw.redis is not None:
+        gw.redis.stop()
+    assert code == 0, gw.log()
 
 
 def run_loadtest(

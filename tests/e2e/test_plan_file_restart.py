@@ -44,8 +44,8 @@ def policy_log(gw: GatewayProcess) -> list[str]:
     return out
 
 
-def check(address: str, key: str, metric: str = "api.sms.send") -> pb.Verdict:
-    with grpc.insecure_channel(address) as ch:
+def check(gw: GatewayProcess, key: str, metric: str = "api.sms.send") -> pb.Verdict:
+    with gw.channel() as ch:
         u = pb.Usage(
             request_id=uuid.uuid4().hex,
             subject=pb.Subject(tenant="cpaas-demo", key=key),
@@ -56,8 +56,8 @@ def check(address: str, key: str, metric: str = "api.sms.send") -> pb.Verdict:
         return pb_grpc.MeteringServiceStub(ch).Check(pb.CheckRequest(usage=u), timeout=5).verdict
 
 
-def admin(address: str) -> tuple[grpc.Channel, apb_grpc.AdminServiceStub]:
-    ch = grpc.insecure_channel(address)
+def admin(gw: GatewayProcess) -> tuple[grpc.Channel, apb_grpc.AdminServiceStub]:
+    ch = gw.channel()
     return ch, apb_grpc.AdminServiceStub(ch)
 
 
@@ -79,7 +79,7 @@ def test_admin_changes_survive_restarts_and_a_changed_file(
     try:
         first = f"plan file {plans} published as policy version 1 (no live policy before)"
         assert policy_log(gw) == [first]
-        ch, stub = admin(gw.address)
+        ch, stub = admin(gw)
         with ch:
             stub.Suspend(
                 apb.SuspendRequest(
@@ -107,11 +107,11 @@ def test_admin_changes_survive_restarts_and_a_changed_file(
                 ),
                 timeout=5,
             )
-        assert check(gw.address, "k-stolen").reason == pb.REASON_SUSPENDED
+        assert check(gw, "k-stolen").reason == pb.REASON_SUSPENDED
 
         # 1. the same plan file: nothing is published, nothing reverts
         gw = restart(gw, tmp_path / "run2", plans)
-        assert_runtime_state(gw.address, granted.grant_id)
+        assert_runtime_state(gw, granted.grant_id)
         logged = policy_log(gw)
         assert logged[:2] == [
             f"plan file {plans} unchanged since version 1; live policy version 5 kept "
@@ -157,8 +157,8 @@ def test_admin_changes_survive_restarts_and_a_changed_file(
         starter["limits"][1]["rate"]["capacity"] = 300  # sms-account
         plans.write_text(yaml.safe_dump(data, sort_keys=False))
         gw = restart(gw, tmp_path / "run3", plans)
-        assert_runtime_state(gw.address, granted.grant_id, slice_plan="slice-mmtc")
-        ch, stub = admin(gw.address)
+        assert_runtime_state(gw, granted.grant_id, slice_plan="slice-mmtc")
+        ch, stub = admin(gw)
         with ch:
             platinum = stub.GetPlan(apb.GetPlanRequest(name="platinum"), timeout=5).plan
             assert [lim.name for lim in platinum.limits] == ["sms"]
@@ -190,8 +190,8 @@ def test_admin_changes_survive_restarts_and_a_changed_file(
         # 3. --plans-mode replace: the file wins wholesale, and the log says what it dropped;
         # grants are not policy and stay
         gw = restart(gw, tmp_path / "run4", plans, "--plans-mode", "replace")
-        assert check(gw.address, "k-stolen").decision == pb.DECISION_ALLOW
-        ch, stub = admin(gw.address)
+        assert check(gw, "k-stolen").decision == pb.DECISION_ALLOW
+        ch, stub = admin(gw)
         with ch:
             state = stub.GetState(
                 apb.GetStateRequest(subject=pb.Subject(tenant="mvno-demo", slice="1-000002")),
@@ -220,20 +220,22 @@ def test_admin_changes_survive_restarts_and_a_changed_file(
         assert gw.stop() == 0, gw.log()
 
 
-def assert_runtime_state(address: str, grant_id: str, *, slice_plan: str = "slice-embb") -> None:
+def assert_runtime_state(
+    gw: GatewayProcess, grant_id: str, *, slice_plan: str = "slice-embb"
+) -> None:
     """Every admin change made in the first run is live (``slice_plan``: the plan of slice
     1-000002 of mvno-demo, reassigned at runtime)."""
-    stolen = check(address, "k-stolen")
+    stolen = check(gw, "k-stolen")
     assert (stolen.decision, stolen.reason) == (pb.DECISION_DENY, pb.REASON_SUSPENDED)
     # the plan edit: sms-per-key holds 3
     key = f"fresh-{uuid.uuid4().hex[:6]}"
-    assert [check(address, key).decision for _ in range(4)] == [
+    assert [check(gw, key).decision for _ in range(4)] == [
         pb.DECISION_ALLOW,
         pb.DECISION_ALLOW,
         pb.DECISION_ALLOW,
         pb.DECISION_THROTTLE,
     ]
-    ch, stub = admin(address)
+    ch, stub = admin(gw)
     with ch:
         slice_state = stub.GetState(
             apb.GetStateRequest(subject=pb.Subject(tenant="mvno-demo", slice="1-000002")),
@@ -258,7 +260,7 @@ def test_the_supervisor_applies_the_file_once_and_workers_never_republish(
     shutil.copy(DEMO_PLANS, plans)
     gw = start_gateway(tmp_path / "run1", plans=plans, redis_url=redis_server.url)
     try:
-        ch, stub = admin(gw.address)
+        ch, stub = admin(gw)
         with ch:
             stub.Suspend(
                 apb.SuspendRequest(
@@ -268,7 +270,7 @@ def test_the_supervisor_applies_the_file_once_and_workers_never_republish(
             )
         gw = restart(gw, tmp_path / "run2", plans, workers=2)
         # every worker serves the suspension (new connections spread across the workers)
-        assert {check(gw.address, "k-stolen").reason for _ in range(8)} == {pb.REASON_SUSPENDED}
+        assert {check(gw, "k-stolen").reason for _ in range(8)} == {pb.REASON_SUSPENDED}
         logged = policy_log(gw)
         assert logged[0] == (
             f"plan file {plans} unchanged since version 1; live policy version 2 kept "

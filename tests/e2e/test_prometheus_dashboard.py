@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import redis
 import yaml
@@ -194,17 +193,17 @@ def check(stub: pb_grpc.MeteringServiceStub, tenant: str, key: str, amount: int 
     )
 
 
-def run_load(address: str, seconds: float) -> None:
-    """Several tenants at once, each client on its own connection (so spread over both
-    workers): cpaas-demo's Checks on three keys, fast enough to be throttled by the keys'
-    buckets (20, 10/s), and now and then one larger than a bucket (DENY); a report stream of
-    mvno-demo's slice past its rate (THROTTLE); a few Checks of cpaas-small, and of a tenant
-    the policy does not know (DENY NO_ENTITLEMENT)."""
+def run_load(gw: GatewayProcess, seconds: float) -> None:
+    """Several tenants at once (with the operator key), each client on its own connection (so
+    spread over both workers): cpaas-demo's Checks on three keys, fast enough to be throttled
+    by the keys' buckets (20, 10/s), and now and then one larger than a bucket (DENY); a
+    report stream of mvno-demo's slice past its rate (THROTTLE); a few Checks of cpaas-small,
+    and of a tenant the policy does not know (DENY NO_ENTITLEMENT)."""
     stop = time.monotonic() + seconds
     errors: list[BaseException] = []
 
     def cpaas(key: str) -> None:
-        with grpc.insecure_channel(address) as ch:
+        with gw.channel() as ch:
             stub = pb_grpc.MeteringServiceStub(ch)
             i = 0
             while time.monotonic() < stop:
@@ -213,7 +212,7 @@ def run_load(address: str, seconds: float) -> None:
                 time.sleep(0.004)
 
     def small() -> None:
-        with grpc.insecure_channel(address) as ch:
+        with gw.channel() as ch:
             stub = pb_grpc.MeteringServiceStub(ch)
             for _ in range(5):
                 check(stub, "nobody", "k")
@@ -240,7 +239,7 @@ def run_load(address: str, seconds: float) -> None:
                 )
                 time.sleep(0.05)
 
-        with grpc.insecure_channel(address) as ch:
+        with gw.channel() as ch:
             for _ in pb_grpc.MeteringServiceStub(ch).StreamUsage(batches(), timeout=seconds + 10):
                 pass
 
@@ -339,7 +338,7 @@ def test_every_dashboard_query_returns_data_with_its_labels_from_a_live_gateway(
         billing = redis.Redis.from_url(gw.redis_url)
         billing.xgroup_create("cp:{cpaas-demo}:ledger", "billing", id="0", mkstream=True)
         billing.close()
-        run_load(gw.address, LOAD_S)
+        run_load(gw, LOAD_S)
         time.sleep(3)  # a few scrapes after the last decision
 
         for target in dashboard_targets():

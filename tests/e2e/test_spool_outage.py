@@ -124,8 +124,8 @@ class Clients:
     - one admitting and reporting, alternately, for ``closed`` (fail-closed: its admits are
       denied in an outage and not spooled, its reports are spooled)."""
 
-    def __init__(self, address: str, traffic: Traffic) -> None:
-        self.address = address
+    def __init__(self, gateway: GatewayProcess, traffic: Traffic) -> None:
+        self.gateway = gateway
         self.traffic = traffic
         self.stop = threading.Event()
         self.threads = [
@@ -148,7 +148,7 @@ class Clients:
         assert not any(t.is_alive() for t in self.threads)
 
     def _unary(self, what: Callable[[int], tuple[str, bool]]) -> None:
-        with grpc.insecure_channel(self.address) as ch:
+        with self.gateway.channel() as ch:
             stub = pb_grpc.MeteringServiceStub(ch)
             i = 0
             while not self.stop.is_set():
@@ -163,7 +163,7 @@ class Clients:
                 self.traffic.answered(u, v)
 
     def _stream(self) -> None:
-        with grpc.insecure_channel(self.address) as ch:
+        with self.gateway.channel() as ch:
             stub = pb_grpc.MeteringServiceStub(ch)
             while not self.stop.is_set():
                 session = uuid.uuid4().hex
@@ -260,7 +260,7 @@ def test_spooled_usages_reach_the_ledger_once_through_a_redis_crash_and_a_gatewa
     figures: dict[str, object] = {}
     try:
         # -- 1. Redis SIGKILLed under load, restarted on its AOF --------------------------
-        with Clients(gw1.address, traffic):
+        with Clients(gw1, traffic):
             time.sleep(1.5)
             server.kill()
             killed_at = time.monotonic()
@@ -285,7 +285,7 @@ def test_spooled_usages_reach_the_ledger_once_through_a_redis_crash_and_a_gatewa
         )
 
         # -- 2. the gateway stops while its spool holds usages; the next one replays them -
-        with Clients(gw1.address, traffic):
+        with Clients(gw1, traffic):
             time.sleep(1.0)
             server.kill()
             time.sleep(2.5)
@@ -296,11 +296,13 @@ def test_spooled_usages_reach_the_ledger_once_through_a_redis_crash_and_a_gatewa
         server.start()
         metrics_port = free_port()
         restarted_at = time.monotonic()
+        # gw1's data dir: its spool, and its operator key
         gw2 = start_gateway(
             tmp_path / "gw2",
             plans=plans,
             redis_url=server.url,
-            extra_args=(*args, "--data-dir", str(data_dir), "--metrics-port", str(metrics_port)),
+            extra_args=(*args, "--metrics-port", str(metrics_port)),
+            data_dir=data_dir,
         )
         wait_for(lambda: spool_depth(data_dir) == 0, 30, "the next gateway drained the spool")
         figures["restart: spool depth held over"] = held
@@ -314,7 +316,7 @@ def test_spooled_usages_reach_the_ledger_once_through_a_redis_crash_and_a_gatewa
         settled = scrape(metrics_port, "chargepath_spool_usages_total", "outcome")
         assert settled["replayed"] + settled["already_recorded"] == held
         assert settled["dropped"] == 0
-        with Clients(gw2.address, traffic):
+        with Clients(gw2, traffic):
             time.sleep(1.5)
     finally:
         if gw2 is not None:

@@ -77,10 +77,13 @@ def test_quota_suspension_and_outage_events_reach_a_flaky_receiver(tmp_path: Pat
             while not db.exists(cursor_key("acme")) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert db.exists(cursor_key("acme")), gw.log()
-            with Client(gw.address) as client:
+            with Client(gw.address, api_key=gw.operator_key) as client:
                 assert client.check("acme", "api.sms.send", 8).decision.name == "ALLOW"
                 assert client.check("acme", "api.sms.send", 2).decision.name == "ALLOW"
-            chargepath("suspend", "acme", "--reason", "unpaid", "--target", gw.address)
+            chargepath(
+                "suspend", "acme", "--reason", "unpaid",
+                "--target", gw.address, "--data-dir", str(gw.data_dir),
+            )  # fmt: skip
             r.wait_for(
                 lambda r: {"quota.80:", "quota.100:", "suspension:True"} <= set(types(r)),
                 timeout=20,

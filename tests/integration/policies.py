@@ -37,7 +37,7 @@ plans:
   - name: hammer
     limits:
       - {name: bucket, metric: api.sms.send, scope: tenant,
-         rate: {capacity: 50, refill: 400, per: second}}
+         rate: {capacity: 100, refill: 200, per: second}}
 tenants:
   - {name: hot, plan: hammer}
 """

@@ -1,7 +1,8 @@
 """Every surface that talks to Redis, exercised on a given deployment (a Redis Cluster, Redis
 Sentinel): the metering and admin APIs of an in-process gateway (decisions, dedup, policy
-edits, suspensions, grants, GetState, ExplainDecision, WatchDecisions), the ledger's export
-and consumer group, and the API key store with its change feed."""
+edits, suspensions, grants, GetState, ExplainDecision, WatchDecisions), called as they ship:
+with authentication, the operator key the gateway bootstrapped in its data dir; the ledger's
+export and consumer group, and the API key store with its change feed."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from chargepath.app import Gateway
 from chargepath.core.auth import Role
 from chargepath.settings import Settings
 from chargepath.store.connect import RedisTarget
-from chargepath.store.keys import RedisKeyStore
+from chargepath.store.keys import OPERATOR_KEY_FILE, RedisKeyStore
 from chargepath.store.ledger import Ledger
 from chargepath.telemetry import Telemetry
 from chargepath_protos.v1 import admin_pb2 as apb
@@ -29,13 +30,21 @@ ROOT = Path(__file__).resolve().parents[2]
 PLANS = str(ROOT / "examples" / "plans.yaml")
 
 
-async def start_gateway(settings: Settings) -> Gateway:
-    """A gateway on port 0 with the demo plans, on the Redis that ``settings`` name."""
+async def start_gateway(settings: Settings, data_dir: Path) -> Gateway:
+    """A gateway on port 0 with the demo plans, on the Redis that ``settings`` name, its
+    operator key written to ``data_dir``."""
     settings.port = 0
     settings.plans = PLANS
+    settings.data_dir = str(data_dir)
     gateway = Gateway(settings, Telemetry())
     await gateway.start()
     return gateway
+
+
+def operator_metadata(gateway: Gateway) -> tuple[tuple[str, str], ...]:
+    """Call metadata with the operator key ``gateway`` bootstrapped in its data dir."""
+    key = (Path(gateway.settings.data_dir) / OPERATOR_KEY_FILE).read_text("ascii").strip()
+    return (("authorization", f"Bearer {key}"),)
 
 
 def usage(key: str, amount: int = 1, *, request_id: str = "", **kw: object) -> pb.Usage:
@@ -53,15 +62,18 @@ def usage(key: str, amount: int = 1, *, request_id: str = "", **kw: object) -> p
 async def check_every_surface(gateway: Gateway, target: RedisTarget) -> str:
     """Asserts that each surface works on ``target`` (the Redis ``gateway`` runs on); returns
     the request id of the report it made (tenant mvno-demo)."""
+    auth = operator_metadata(gateway)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         meter = pb_grpc.MeteringServiceStub(channel)
         admin = apb_grpc.AdminServiceStub(channel)
 
         async def check(u: pb.Usage) -> pb.Verdict:
-            return (await meter.Check(pb.CheckRequest(usage=u), timeout=5)).verdict
+            return (await meter.Check(pb.CheckRequest(usage=u), timeout=5, metadata=auth)).verdict
 
         # WatchDecisions reads from "now": keep deciding until the feed shows a decision
-        watch = admin.WatchDecisions(apb.WatchDecisionsRequest(tenant="cpaas-demo"), timeout=20)
+        watch = admin.WatchDecisions(
+            apb.WatchDecisionsRequest(tenant="cpaas-demo"), timeout=20, metadata=auth
+        )
         watched: list[str] = []
 
         async def read_watch() -> None:
@@ -84,6 +96,7 @@ async def check_every_surface(gateway: Gateway, target: RedisTarget) -> str:
             state = await admin.GetState(
                 apb.GetStateRequest(subject=pb.Subject(tenant="cpaas-demo", key="s-1")),
                 timeout=5,
+                metadata=auth,
             )
             return next(lim.used for lim in state.limits if lim.name == "sms-monthly")
 
@@ -112,11 +125,13 @@ async def check_every_surface(gateway: Gateway, target: RedisTarget) -> str:
 
         # suspension: a policy edit through the admin API (compare-and-set publish)
         key = pb.Subject(tenant="cpaas-demo", key="s-2")
-        suspended = await admin.Suspend(apb.SuspendRequest(subject=key, reason="t"), timeout=5)
+        suspended = await admin.Suspend(
+            apb.SuspendRequest(subject=key, reason="t"), timeout=5, metadata=auth
+        )
         denied = await check(usage("s-2"))
         assert (denied.decision, denied.reason) == (pb.DECISION_DENY, pb.REASON_SUSPENDED)
         assert denied.policy_version == suspended.policy_version
-        await admin.Resume(apb.ResumeRequest(subject=key), timeout=5)
+        await admin.Resume(apb.ResumeRequest(subject=key), timeout=5, metadata=auth)
         assert (await check(usage("s-2"))).decision == pb.DECISION_ALLOW
 
         # a grant, then the state that shows it
@@ -125,11 +140,13 @@ async def check_every_surface(gateway: Gateway, target: RedisTarget) -> str:
                 subject=pb.Subject(tenant="cpaas-demo"), limit="voice-daily", amount=10, note="T-1"
             ),
             timeout=5,
+            metadata=auth,
         )
         assert grant.capacity == 5010
         state = await admin.GetState(
             apb.GetStateRequest(subject=pb.Subject(tenant="cpaas-demo", key="s-1"), recent=50),
             timeout=5,
+            metadata=auth,
         )
         assert [(g.limit, g.amount, g.note) for g in state.grants] == [("voice-daily", 10, "T-1")]
         by_name = {lim.name: lim for lim in state.limits}
@@ -141,6 +158,7 @@ async def check_every_surface(gateway: Gateway, target: RedisTarget) -> str:
             await admin.ExplainDecision(
                 apb.ExplainDecisionRequest(tenant="cpaas-demo", decision_id=first.decision_id),
                 timeout=5,
+                metadata=auth,
             )
         ).decision
         assert (explained.request_id, explained.amount) == (first_usage.request_id, 3)

@@ -55,17 +55,23 @@ class Traced:
 
 
 @pytest_asyncio.fixture
-async def traced(redis_server: EmbeddedRedis, raw_redis: redis.Redis) -> AsyncIterator[Traced]:
+async def traced(
+    redis_server: EmbeddedRedis, raw_redis: redis.Redis, tmp_path: Path
+) -> AsyncIterator[Traced]:
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
     telemetry = Telemetry(tracer_provider, MeterProvider(metric_readers=[reader]))
+    # Tracing, not authentication, is under test here (tests/e2e/test_envoy.py calls the
+    # Envoy services with keys).
     settings = Settings(
         port=0,
         redis_url=redis_server.url,
         plans=str(ROOT / "examples" / "plans.yaml"),
         store_timeout_ms=2000,
+        auth="none",
+        data_dir=str(tmp_path),  # its outage spool; not the working directory's
     )
     gateway = Gateway(settings, telemetry)
     await gateway.start()

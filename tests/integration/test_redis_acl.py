@@ -22,10 +22,13 @@ from chargepath.settings import Settings
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.keys import RedisKeyStore
 from chargepath.store.ledger import Ledger
+from chargepath.store.redis_store import RedisStore
+from chargepath.store.webhooks import GROUP, SUSPENSION_OUTBOX, DeliveryRecord, WebhookStore
 from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
+from tests.integration.surfaces import operator_metadata
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +45,7 @@ ACL_RULE = (
     "+hget +hmget +hset +hgetall +hdel +hincrby +sadd +smembers "
     "+publish +subscribe +unsubscribe "
     "+xadd +xrange +xrevrange +xread +xreadgroup +xack +xtrim +xlen +xpending +xautoclaim "
+    "+xclaim +xdel "
     "+xgroup|create +xgroup|delconsumer +xinfo|stream +xinfo|groups +xinfo|consumers"
 )
 
@@ -55,11 +59,12 @@ def acl_url(redis_server: EmbeddedRedis, raw_redis: redis.Redis) -> Iterator[str
 
 
 @pytest_asyncio.fixture
-async def gateway(acl_url: str) -> AsyncIterator[Gateway]:
+async def gateway(acl_url: str, tmp_path: Path) -> AsyncIterator[Gateway]:
     settings = Settings(
         port=0,
         redis_url=acl_url,
         plans=str(ROOT / "examples" / "plans.yaml"),
+        data_dir=str(tmp_path / "gateway"),
         ledger_lag_interval_ms=100,
         health_probe_ms=100,
     )
@@ -84,23 +89,30 @@ def check(tenant: str = "cpaas-demo", key: str = "acl-key") -> pb.CheckRequest:
 async def test_a_gateway_and_the_ledger_work_through_an_acl_user(
     gateway: Gateway, acl_url: str, raw_redis: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # authentication as shipped: the operator key bootstrapped, and each call's key looked up,
+    # through the ACL user
+    auth = operator_metadata(gateway)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as ch:
         meter = pb_grpc.MeteringServiceStub(ch)
         admin = apb_grpc.AdminServiceStub(ch)
-        first = (await meter.Check(check())).verdict
+        first = (await meter.Check(check(), metadata=auth)).verdict
         assert first.decision == pb.DECISION_ALLOW and first.recorded and not first.degraded
         suspended = await admin.Suspend(
-            apb.SuspendRequest(subject=pb.Subject(tenant="cpaas-demo", key="acl-key"))
+            apb.SuspendRequest(subject=pb.Subject(tenant="cpaas-demo", key="acl-key")),
+            metadata=auth,
         )
-        denied = (await meter.Check(check())).verdict
+        denied = (await meter.Check(check(), metadata=auth)).verdict
         assert (denied.decision, denied.reason) == (pb.DECISION_DENY, pb.REASON_SUSPENDED)
         assert denied.policy_version == suspended.policy_version
         state = await admin.GetState(
-            apb.GetStateRequest(subject=pb.Subject(tenant="cpaas-demo", key="acl-key"))
+            apb.GetStateRequest(subject=pb.Subject(tenant="cpaas-demo", key="acl-key")),
+            metadata=auth,
         )
         assert state.policy_version == suspended.policy_version and state.limits
         assert [r.decision_id for r in state.recent][:2] == [denied.decision_id, first.decision_id]
-        audit = await admin.ListAuditEvents(apb.ListAuditEventsRequest(tenant="cpaas-demo"))
+        audit = await admin.ListAuditEvents(
+            apb.ListAuditEventsRequest(tenant="cpaas-demo"), metadata=auth
+        )
         assert [(e.method, e.outcome) for e in audit.events] == [("Suspend", "OK")]
 
     # API keys: scripts, the index and the change channel
@@ -131,6 +143,50 @@ async def test_a_gateway_and_the_ledger_work_through_an_acl_user(
     assert "NOPERM" not in caplog.text and "permission" not in caplog.text.lower()
 
 
+async def test_webhook_outboxes_and_their_log_work_through_an_acl_user(
+    acl_url: str, raw_redis: redis.Redis
+) -> None:
+    """What a gateway's webhook dispatcher sends: both relays' scripts, reads in the consumer
+    group, lease renewal (XCLAIM), a dead process's entries taken over (XAUTOCLAIM), delivered
+    entries acknowledged and deleted (XDEL), and the delivery log."""
+    store = RedisStore.from_url(acl_url, connect_timeout=1.0)
+    hooks = WebhookStore.of_store(store)
+    try:
+        assert await hooks.relay_thresholds("cpaas-demo") == (0, False)  # starts at the end
+        assert await hooks.relay_suspensions(1, {}) == 0  # the first call only records
+        assert await hooks.relay_suspensions(2, {("cpaas-demo", "", "acl-key"): "unpaid"}) == 1
+        [entry] = await hooks.read_new(SUSPENSION_OUTBOX, "gw-a", 10)
+        assert (entry.fields["t"], entry.fields["s"], entry.fields["r"]) == (
+            "cpaas-demo",
+            "1",
+            "unpaid",
+        )
+        await hooks.renew(SUSPENSION_OUTBOX, "gw-a", [entry.entry_id])
+        [taken] = await hooks.claim(SUSPENSION_OUTBOX, "gw-b", 0, 10)
+        assert taken == entry
+        await hooks.done(SUSPENSION_OUTBOX, [taken.entry_id])
+        record = DeliveryRecord(
+            at_ms=1,
+            event_id="evt_1",
+            type="suspension",
+            tenant="cpaas-demo",
+            endpoint="billing",
+            url="http://127.0.0.1:1/hooks",
+            attempt=1,
+            outcome="delivered",
+            status=200,
+            error="",
+            duration_ms=3,
+            retry_in_ms=0,
+        )
+        await hooks.log([record])
+        assert await hooks.read_log() == [record]
+    finally:
+        await store.close()
+    assert raw_redis.xlen(SUSPENSION_OUTBOX) == 0
+    assert raw_redis.xpending(SUSPENSION_OUTBOX, GROUP)["pending"] == 0
+
+
 def test_the_acl_user_is_refused_everything_else(acl_url: str, raw_redis: redis.Redis) -> None:
     raw_redis.set("other-app:secret", "x")
     client = redis.Redis.from_url(acl_url, decode_responses=True)
@@ -150,3 +206,10 @@ def test_the_acl_user_is_refused_everything_else(acl_url: str, raw_redis: redis.
     finally:
         client.close()
     assert raw_redis.get("other-app:secret") == "x"
+
+
+def test_the_readme_gives_the_rule_tested_here() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    [line] = [ln for ln in readme.splitlines() if ln.startswith("ACL SETUSER chargepath ")]
+    words = line.split()[3:]
+    assert [w for w in words if w != ">PASSWORD"] == ACL_RULE.split()

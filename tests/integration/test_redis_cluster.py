@@ -164,11 +164,11 @@ async def test_decisions_dedup_and_ledger_on_a_cluster(engine: Engine, cluster: 
         nodes.close()
 
 
-async def test_every_surface_on_a_cluster(cluster: list[int]) -> None:
+async def test_every_surface_on_a_cluster(cluster: list[int], tmp_path: Path) -> None:
     """Admin (suspend, grant, state, explain, watch), ledger export and consumer group, policy
     publish and load, and the key store with its change feed, all on the cluster."""
     settings = Settings(redis_url=f"redis://127.0.0.1:{cluster[0]}", redis_cluster=True)
-    gateway = await start_gateway(settings)
+    gateway = await start_gateway(settings, tmp_path)
     try:
         report_id = await check_every_surface(gateway, settings.redis_target())
     finally:

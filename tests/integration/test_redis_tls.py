@@ -37,6 +37,7 @@ from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
+from tests.integration.surfaces import operator_metadata
 
 pytestmark = pytest.mark.integration
 
@@ -118,12 +119,21 @@ async def tls_redis(
 
 
 async def test_a_gateway_decides_and_changes_policy_over_tls(
-    tls_redis: tuple[str, trustme.CA],
+    tls_redis: tuple[str, trustme.CA], tmp_path: Path
 ) -> None:
     url, _ = tls_redis
-    gw = Gateway(Settings(port=0, redis_url=url, plans=str(ROOT / "examples" / "plans.yaml")))
+    gw = Gateway(
+        Settings(
+            port=0,
+            redis_url=url,
+            plans=str(ROOT / "examples" / "plans.yaml"),
+            data_dir=str(tmp_path / "gateway"),
+        )
+    )
     await gw.start()
     try:
+        # the operator key the gateway bootstrapped over TLS, then its checks over TLS too
+        auth = operator_metadata(gw)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
             usage = pb.Usage(
                 request_id=str(uuid.uuid4()),
@@ -132,13 +142,14 @@ async def test_a_gateway_decides_and_changes_policy_over_tls(
                 amount=1,
                 mode=pb.MODE_ADMIT,
             )
-            verdict = (
-                await pb_grpc.MeteringServiceStub(ch).Check(pb.CheckRequest(usage=usage))
-            ).verdict
+            meter = pb_grpc.MeteringServiceStub(ch)
+            verdict = (await meter.Check(pb.CheckRequest(usage=usage), metadata=auth)).verdict
             assert verdict.decision == pb.DECISION_ALLOW and verdict.recorded
             assert not verdict.degraded
             admin = apb_grpc.AdminServiceStub(ch)
-            v = await admin.Suspend(apb.SuspendRequest(subject=pb.Subject(tenant="cpaas-demo")))
+            v = await admin.Suspend(
+                apb.SuspendRequest(subject=pb.Subject(tenant="cpaas-demo")), metadata=auth
+            )
             assert v.policy_version == verdict.policy_version + 1
     finally:
         await gw.stop()

@@ -42,11 +42,13 @@ def deployment(tmp_path: Path) -> Iterator[SentinelDeployment]:
         d.stop()
 
 
-async def test_every_surface_through_sentinel(deployment: SentinelDeployment) -> None:
+async def test_every_surface_through_sentinel(
+    deployment: SentinelDeployment, tmp_path: Path
+) -> None:
     settings = Settings.from_env(
         {}, redis_sentinel=deployment.sentinel_option, redis_master=MASTER_NAME
     )
-    gateway = await start_gateway(settings)
+    gateway = await start_gateway(settings, tmp_path / "gateway")
     try:
         report_id = await check_every_surface(gateway, settings.redis_target())
     finally:

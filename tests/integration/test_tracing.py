@@ -38,7 +38,9 @@ class Traced:
 
 
 @pytest_asyncio.fixture
-async def traced(redis_server: EmbeddedRedis, raw_redis: redis.Redis) -> AsyncIterator[Traced]:
+async def traced(
+    redis_server: EmbeddedRedis, raw_redis: redis.Redis, tmp_path: Path
+) -> AsyncIterator[Traced]:
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -46,7 +48,11 @@ async def traced(redis_server: EmbeddedRedis, raw_redis: redis.Redis) -> AsyncIt
     telemetry = Telemetry(tracer_provider, MeterProvider(metric_readers=[reader]))
     # Tracing, not authentication, is under test here (tests/e2e/test_auth.py has that).
     settings = Settings(
-        port=0, redis_url=redis_server.url, plans=str(ROOT / "examples" / "plans.yaml"), auth="none"
+        port=0,
+        redis_url=redis_server.url,
+        plans=str(ROOT / "examples" / "plans.yaml"),
+        auth="none",
+        data_dir=str(tmp_path),  # its outage spool; not the working directory's
     )
     gateway = Gateway(settings, telemetry)
     await gateway.start()
@@ -193,7 +199,7 @@ async def test_a_batch_the_caller_did_not_sample_records_no_span(traced: Traced)
 
 
 async def test_with_tracing_off_no_span_is_built_and_decisions_still_count(
-    redis_server: EmbeddedRedis, raw_redis: redis.Redis
+    redis_server: EmbeddedRedis, raw_redis: redis.Redis, tmp_path: Path
 ) -> None:
     """``Telemetry(tracing=False)`` (what setup() gives when nothing could be sampled): no
     span reaches even a processor that is attached, a sampled caller included, the verdicts
@@ -205,7 +211,11 @@ async def test_with_tracing_off_no_span_is_built_and_decisions_still_count(
     telemetry = Telemetry(tracer_provider, MeterProvider(metric_readers=[reader]), tracing=False)
     # Tracing, not authentication, is under test here (tests/e2e/test_auth.py has that).
     settings = Settings(
-        port=0, redis_url=redis_server.url, plans=str(ROOT / "examples" / "plans.yaml"), auth="none"
+        port=0,
+        redis_url=redis_server.url,
+        plans=str(ROOT / "examples" / "plans.yaml"),
+        auth="none",
+        data_dir=str(tmp_path),  # its outage spool; not the working directory's
     )
     gateway = Gateway(settings, telemetry)
     await gateway.start()

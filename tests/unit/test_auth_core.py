@@ -62,7 +62,7 @@ OPERATOR = Principal("operatoraaaa", Role.OPERATOR, None)
 def test_every_rpc_of_every_service_has_an_entry() -> None:
     missing = [m for m in ALL_METHODS if m not in PERMISSIONS]
     assert missing == []
-    assert len(ALL_METHODS) >= 2 + 14 + 4 + 3 + 1 + 2
+    assert len(ALL_METHODS) >= 2 + 15 + 4 + 3 + 1 + 2
 
 
 def test_every_entry_names_a_real_rpc() -> None:
@@ -122,8 +122,11 @@ def test_only_operators_call_what_is_not_about_one_tenant() -> None:
         ("/chargepath.v1.AdminService/ApplyPolicy", {Role.OPERATOR}),
         ("/chargepath.v1.AdminService/GetPolicy", {Role.OPERATOR}),
         ("/chargepath.v1.AdminService/Suspend", {Role.OPERATOR}),
+        ("/chargepath.v1.AdminService/ListAuditEvents", {Role.OPERATOR}),
         ("/chargepath.v1.KeyService/CreateKey", {Role.OPERATOR}),
         ("/chargepath.v1.KeyService/ListKeys", {Role.OPERATOR}),
+        ("/chargepath.v1.KeyService/RotateKey", {Role.OPERATOR}),
+        ("/chargepath.v1.KeyService/RevokeKey", {Role.OPERATOR}),
         ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", set(Role)),
         ("/grpc.health.v1.Health/List", set(Role)),
     ],

@@ -1,8 +1,9 @@
 """``chargepath audit``: read the audit trail of admin changes.
 
 It asks the gateway (AdminService.ListAuditEvents, operators only) rather than Redis: the
-operator's machine needs the gateway's address and an operator credential, never the Redis
-password, and the permission table decides who may read the trail. ``--follow`` polls every
+operator's machine needs the gateway's address and an operator credential (found as every
+command finds it: --api-key, CHARGEPATH_API_KEY, or the data dir's operator.key), never the
+Redis password, and the permission table decides who may read the trail. ``--follow`` polls every
 ``--interval`` seconds from the last cursor, so it neither misses nor repeats an event.
 
 Each event: when (UTC, the store's clock), who (key id or certificate identity, and role;
@@ -23,7 +24,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from chargepath.cli import render
+from chargepath.cli import connection, render
 from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
 
@@ -53,7 +54,7 @@ def add_parser(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
+    connection.add_options(p)
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call in seconds")
     p.add_argument("--tenant", default="", help="only the changes that affected this tenant")
     p.add_argument("--since", type=parse_since, help="30m, 1h, 7d, or an ISO 8601 time")
@@ -80,7 +81,12 @@ def run(args: argparse.Namespace) -> int:
     if args.since is not None:
         request.since.FromDatetime(args.since)
     out = render.console(200)
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        channel = connection.open_channel(args)
+    except connection.ConnectionOptionError as exc:
+        print(f"chargepath: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = apb_grpc.AdminServiceStub(channel)
         try:
             while True:
@@ -100,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                         return 0
                     time.sleep(args.interval)
         except grpc.RpcError as err:
-            print(f"chargepath: {err.code().name}: {err.details()}", file=sys.stderr)
+            print(f"chargepath: {connection.describe_error(err, args)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130
