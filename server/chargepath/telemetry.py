@@ -98,6 +98,7 @@ OUTCOMES: tuple[tuple[Decision, Reason, bool], ...] = (
     (Decision.DENY, Reason.AMOUNT_EXCEEDS_CAPACITY, False),
     (Decision.DENY, Reason.SUSPENDED, False),
     (Decision.DENY, Reason.INVALID_USAGE, False),
+    (Decision.DENY, Reason.CAP_REACHED, False),
     (Decision.ALLOW, Reason.STORE_UNAVAILABLE, True),
     (Decision.THROTTLE, Reason.STORE_UNAVAILABLE, True),
     (Decision.DENY, Reason.STORE_UNAVAILABLE, True),
