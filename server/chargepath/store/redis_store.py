@@ -15,6 +15,9 @@ in one slot and the scripts run unchanged on Redis Cluster):
 ``cp:{T}:r:<limit>:<sl>:<k>``  hash: token bucket level (sub-units) and its time; deleted
                                when full, expires when it would be full again
 ``cp:{T}:q:<limit>:<sl>:<k>``  hash: quota period start, used units, granted units
+``cp:{T}:cap:<cap>``           sorted set: the live members of a tenant cap (request_ids,
+                               sessions, slices, keys), scored with their records' expiry
+                               (store/scripts/lib/caps.lua); expires with its last member
 =============================  ==========================================================
 
 Scripts are package data (``store/scripts/*.lua``, with shared libraries in
