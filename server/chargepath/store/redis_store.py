@@ -42,6 +42,7 @@ from chargepath.store.base import (
     DecideItem,
     PolicyConflictError,
     PublishedPolicy,
+    StoreMemory,
     StoreUnavailableError,
 )
 from chargepath.store.connect import RedisClient, RedisTarget, ReplicaWait, connect
@@ -195,6 +196,28 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         return int(v) if v else 0
+
+    async def memory(self) -> StoreMemory:
+        """Redis' INFO memory; on a cluster, the node nearest its limit (the first to refuse
+        writes)."""
+        try:
+            info = await self.client.info("memory")
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        nodes = (
+            [info] if "used_memory" in info else [v for v in info.values() if isinstance(v, dict)]
+        )
+        readings = [
+            StoreMemory(
+                int(n.get("used_memory", 0)),
+                int(n.get("maxmemory", 0)),
+                str(n.get("maxmemory_policy", "")),
+            )
+            for n in nodes
+        ]
+        if not readings:
+            raise StoreUnavailableError("INFO memory: no used_memory in the reply")
+        return max(readings, key=lambda m: (m.utilization or 0.0, m.used_bytes))
 
     async def ping(self) -> None:
         try:
