@@ -174,7 +174,7 @@ class RedisMemory:
     """Every ``period_s`` (``redis_memory_interval_ms``), read the store's memory (Redis INFO
     memory: used_memory, maxmemory, maxmemory_policy) and hand it to the
     ``chargepath.redis.memory.*`` gauges, so that an alert fires before Redis refuses writes
-    (README: alert on ``chargepath_redis_memory_utilization_ratio > 0.8``). It reads first,
+    (README: alert on ``chargepath_redis_memory_utilization > 0.8``). It reads first,
     then sleeps; a failed read keeps the last figures. A Redis that may evict (any policy but
     ``noeviction``) is logged once: an evicted dedup record, session or ledger entry is a
     charge lost or counted twice."""
