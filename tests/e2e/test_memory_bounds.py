@@ -14,6 +14,7 @@ import re
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -34,8 +35,8 @@ CONNECTIONS = 20
 USAGES_PER_MESSAGE = 10
 WRITE_S = float(os.environ.get("CHARGEPATH_STREAMS_S", "15"))
 #: README "Bounded memory": a gateway process's RSS with open streams whose clients never
-#: read stays under 150 MB + 150 KB per stream (messages of 10 usages).
-RSS_BASE, RSS_PER_STREAM = 150 * 2**20, 150 * 2**10
+#: read stays under 150 MB + 100 KB per stream (messages of 10 usages).
+RSS_BASE, RSS_PER_STREAM = 150 * 2**20, 100 * 2**10
 
 
 def rss(pid: int) -> int:
@@ -79,10 +80,11 @@ def roomy(tmp_path_factory: pytest.TempPathFactory) -> GatewayProcess:
 
 
 async def _write_never_read(
-    gw: GatewayProcess, streams: int, seconds: float, samples: list[int]
+    gw: GatewayProcess, streams: int, seconds: float, samples: list[int], ended: list[str]
 ) -> int:
     """Open ``streams`` streams that write messages for ``seconds`` and never read; sample the
-    gateway's RSS every second. Returns the messages the clients could write."""
+    gateway's RSS every second. Returns the messages the clients could write; ``ended`` gets
+    the status of each stream that ended before the time was up."""
     channels = [grpc.aio.insecure_channel(gw.address) for _ in range(CONNECTIONS)]
     deadline = time.monotonic() + seconds
     written = 0
@@ -96,6 +98,9 @@ async def _write_never_read(
                 await asyncio.wait_for(call.write(message()), left)
             except TimeoutError:
                 break  # the gateway stopped reading this stream: flow control
+            except grpc.aio.AioRpcError as exc:
+                ended.append(exc.code().name)
+                break
             written += 1
         return call
 
@@ -146,16 +151,20 @@ async def test_two_thousand_streams_that_never_read_hold_bounded_memory(
     roomy: GatewayProcess,
 ) -> None:
     samples: list[int] = []
+    ended: list[str] = []
     start = rss(roomy.process.pid)
-    written = await _write_never_read(roomy, STREAMS, WRITE_S, samples)
+    written = await _write_never_read(roomy, STREAMS, WRITE_S, samples, ended)
     bound = RSS_BASE + RSS_PER_STREAM * STREAMS
     peak = max(samples)
     print(
         f"\n{STREAMS} streams that never read, {WRITE_S:.0f} s, {written:,} messages of "
         f"{USAGES_PER_MESSAGE} usages written: gateway RSS {start / 2**20:.0f} MB -> peak "
-        f"{peak / 2**20:.0f} MB, last {samples[-1] / 2**20:.0f} MB (bound {bound / 2**20:.0f} MB)"
+        f"{peak / 2**20:.0f} MB, last {samples[-1] / 2**20:.0f} MB (bound {bound / 2**20:.0f} "
+        f"MB); streams ended early: {Counter(ended)}"
     )
     assert peak <= bound, [s // 2**20 for s in samples]
+    # Streams that end early (INTERNAL in this one client process's transport, mostly past
+    # 30 s of a run) are printed, not asserted: the bound is on the gateway.
     # the gateway still serves
     with roomy.channel() as ch:
         v = pb_grpc.MeteringServiceStub(ch).Check(pb.CheckRequest(usage=message(1).usages[0]))
