@@ -167,10 +167,11 @@ class CapsSpec(_Strict):
     Each bound counts live records, exactly, on Redis' clock (store/scripts/lib/caps.lua):
 
     * ``request_ids``: request-id dedup records (Check, and stream usages without a session),
-      each kept for the dedup window (10 minutes by default). At about 320 bytes each (the
-      record and its entry in the count), the default holds about 320 MB.
+      each kept for the dedup window (10 minutes by default). About 340 bytes each (the
+      record ~220, its entry in the count ~120): the default holds about 340 MB.
     * ``sessions``: stream sessions, each kept for the session ttl (24 hours by default)
-      after its last usage. About 420 bytes each with the default replay window.
+      after its last usage: 300 bytes to 8.5 KB each (its replay window fills up to 128
+      verdicts of 65 bytes), plus ~120 in the count.
     * ``slices``: distinct slices with a live counter of a slice- or key-scoped limit (kept
       until the limit's period ends, a rate's until its bucket is full again).
     * ``keys``: distinct (slice, key) pairs with a live counter of a key-scoped limit.

@@ -23,7 +23,7 @@
 -- a member), one ZADD for all the members the batch adds or moves, one PTTL (and a PEXPIREAT
 -- when the set's expiry moves). Per usage: nothing for a resend or a known session; a ZSCORE
 -- per distinct slice or key per batch. Memory: one sorted-set entry per live record (about
--- 100 bytes with a 36-character id).
+-- 120 bytes with a 32-character id, measured on Redis 6.2).
 
 -- #include lib/numbers.lua
 
