@@ -13,22 +13,23 @@
 --   CAP_KEYS         slice US key        the latest expiry of its key-scoped counters
 -- Invariant: a member is in its set exactly while its record lives. It is added by the script
 -- that writes the record, scored with the record's expiry, and the members whose score is past
--- are removed (ZREMRANGEBYSCORE) before the set is counted; so the count stays exact under
--- expiry, without a timer, to within the run time of one script (a record's PX counts from
+-- are removed (ZREMRANGEBYSCORE) before a usage is refused on the count; so the count of live
+-- records is exact under expiry, without a timer, to within the run time of one script (a record's PX counts from
 -- when its SET runs, its score from the script's TIME). A usage that would add a member to a
 -- full set is refused (CAP_REACHED) before anything of it is written. The set itself expires
 -- with its last member.
 --
--- Cost per batch, for each cap in use: one ZREMRANGEBYSCORE and one ZCARD (when a usage adds
--- a member), one ZADD for all the members the batch adds or moves, one PTTL (and a PEXPIREAT
--- when the set's expiry moves). Per usage: nothing for a resend or a known session; a ZSCORE
+-- Cost per batch, for each cap in use: one ZCARD (when a usage adds a member) and, only once
+-- the count reaches the bound, one ZREMRANGEBYSCORE; one ZADD for all the members the batch
+-- adds or moves, one PTTL (and a PEXPIREAT when the set's expiry moves). Per usage: nothing for a resend or a known session; a ZSCORE
 -- per distinct slice or key per batch. Memory: one sorted-set entry per live record (about
 -- 120 bytes with a 32-character id, measured on Redis 6.2).
 
 -- #include lib/numbers.lua
 
 local caps_idx, caps_bound = {}, {}  -- cap -> key index of its set, bound (0: no cap)
-local caps_n = {}                    -- cap -> live members, once counted (trimmed first)
+local caps_n = {}                    -- cap -> members counted (see caps_full)
+local caps_trimmed = {}              -- cap -> true once its expired members are removed
 local caps_live = {}                 -- cap -> member -> live or not (read once a batch)
 local caps_add = {}                  -- cap -> member -> score to write at the close
 local caps_now = 0                   -- ms, Redis TIME without the clock offset
@@ -55,17 +56,22 @@ local function caps_open(values, specs, real_now)
   caps_skip = string.len(KEYS[KEY_ENTITLEMENT]) - string.len('ent') + string.len('d:')
 end
 
--- Cap `c`'s live members: its set trimmed of the expired ones, then counted (once a batch;
--- the batch's own additions are added to it as they are accepted).
-local function caps_count(c)
+-- Whether cap `c` has no room for one more member. Its count is read once a batch (ZCARD,
+-- then the batch's own additions are added as they are accepted) and includes members whose
+-- record has expired but are still in the set; those only make it larger, so the set is
+-- trimmed (ZREMRANGEBYSCORE, once a batch) only when the count reaches the bound: a usage is
+-- refused on the exact count of live records, never on expired ones.
+local function caps_full(c)
   local n = caps_n[c]
   if not n then
-    local key = KEYS[caps_idx[c]]
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(caps_now))
-    n = redis.call('ZCARD', key)
-    caps_n[c] = n
+    n = redis.call('ZCARD', KEYS[caps_idx[c]])
   end
-  return n
+  if n >= caps_bound[c] and not caps_trimmed[c] then
+    caps_trimmed[c] = true
+    n = n - redis.call('ZREMRANGEBYSCORE', KEYS[caps_idx[c]], '-inf', '(' .. int(caps_now))
+  end
+  caps_n[c] = n
+  return n >= caps_bound[c]
 end
 
 local function caps_has(c, member)
@@ -82,12 +88,10 @@ end
 -- request id (`dedup_key`, the key of a request id without a record; nil for none), a new
 -- session (`new_session`), a slice or key of the limits `set[1..nl]` without a live counter.
 local function caps_refuse(dedup_key, new_session, set, nl)
-  if dedup_key and caps_bound[CAP_REQUEST_IDS] > 0
-    and caps_count(CAP_REQUEST_IDS) >= caps_bound[CAP_REQUEST_IDS] then
+  if dedup_key and caps_bound[CAP_REQUEST_IDS] > 0 and caps_full(CAP_REQUEST_IDS) then
     return CAP_REQUEST_IDS
   end
-  if new_session and caps_bound[CAP_SESSIONS] > 0
-    and caps_count(CAP_SESSIONS) >= caps_bound[CAP_SESSIONS] then
+  if new_session and caps_bound[CAP_SESSIONS] > 0 and caps_full(CAP_SESSIONS) then
     return CAP_SESSIONS
   end
   -- one subject per usage: at most one new member per cap
@@ -96,7 +100,7 @@ local function caps_refuse(dedup_key, new_session, set, nl)
     local spec = set[j]
     local c = spec.cap
     if c and not caps_has(c, spec.cap_member) then
-      if caps_count(c) >= caps_bound[c] then return c end
+      if caps_full(c) then return c end
       if c == CAP_SLICES then new_slice = spec.cap_member else new_key = spec.cap_member end
     end
   end
