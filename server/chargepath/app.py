@@ -30,6 +30,7 @@ from chargepath.jobs import (
     LedgerLag,
     PolicyWatch,
     QuotaBurn,
+    RedisMemory,
     SpoolReplay,
     StoreProbe,
 )
@@ -56,7 +57,7 @@ from chargepath.transport.audit import AuditInterceptor
 from chargepath.transport.auth import Authenticator, AuthInterceptor, IdentityPrincipal
 from chargepath.transport.envoy import add_envoy_services
 from chargepath.transport.keys import KeyServicer
-from chargepath.transport.metering import MeteringServicer
+from chargepath.transport.metering import MeteringServicer, OpenStreams
 from chargepath.transport.tls import IdentityMap, ServerCertificates, TlsFiles
 from chargepath.webhooks import WebhookDispatcher, WebhookSettings, process_identity
 from chargepath_protos.v1 import admin_pb2, keys_pb2, metering_pb2
@@ -197,7 +198,12 @@ def embedded_redis(settings: Settings) -> EmbeddedRedis | None:
     FileNotFoundError when no redis-server binary can be found."""
     if not settings.redis_target().embedded:
         return None
-    return EmbeddedRedis(Path(settings.data_dir) / "redis", fsync=settings.redis_fsync)
+    maxmemory = settings.redis_maxmemory.strip()
+    return EmbeddedRedis(
+        Path(settings.data_dir) / "redis",
+        fsync=settings.redis_fsync,
+        maxmemory=None if maxmemory in ("", "0") else maxmemory,
+    )
 
 
 def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 0) -> Components:
@@ -329,6 +335,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
         AggregateFlush(ledger, engine, clock_offset_ms=s.clock_offset_ms),
         LedgerLag(ledger, engine, telemetry, period_s=s.ledger_lag_interval_ms / 1000),
         QuotaBurn(state, engine, telemetry, period_s=s.quota_burn_interval_ms / 1000),
+        RedisMemory(store.memory, telemetry, period_s=s.redis_memory_interval_ms / 1000),
         webhooks,
         *spool_jobs,
     )
@@ -375,6 +382,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
             engine,
             draining,
             OccurredAtWindow(s.occurred_at_max_age_s, s.occurred_at_max_ahead_s),
+            streams=OpenStreams(s.max_streams, s.max_streams_per_credential),
         ),
         admin=AdminServicer(engine, store, state, audit),
         key_service=KeyServicer(keys),
@@ -440,11 +448,13 @@ class Gateway:
         if parts.embedded is not None:
             await asyncio.to_thread(parts.embedded.start)
             log.info(
-                "embedded redis-server %s started on %s (binary %s); data and AOF in %s",
+                "embedded redis-server %s started on %s (binary %s); data and AOF in %s; "
+                "maxmemory %s, noeviction",
                 _redis_version(parts.embedded.binary),
                 parts.embedded.redacted_url,
                 parts.embedded.binary,
                 parts.embedded.data_dir,
+                parts.embedded.maxmemory or "none",
             )
         else:
             log.info("using Redis at %s", parts.redis_target.describe())

@@ -22,7 +22,13 @@ from redis.exceptions import RedisError
 from chargepath.core.model import LimitKind, Scope, Subject
 from chargepath.engine import Engine
 from chargepath.spool_replay import SpoolReplayer
-from chargepath.store.base import LedgerStore, MeteringStore, StateStore, StoreUnavailableError
+from chargepath.store.base import (
+    LedgerStore,
+    MeteringStore,
+    StateStore,
+    StoreMemory,
+    StoreUnavailableError,
+)
 from chargepath.telemetry import QuotaLevel, Telemetry
 
 log = logging.getLogger("chargepath")
@@ -161,6 +167,48 @@ class LedgerLag:
                     continue
             if lags:
                 self.telemetry.ledger_lag = lags
+            await asyncio.sleep(self.period_s)
+
+
+class RedisMemory:
+    """Every ``period_s`` (``redis_memory_interval_ms``), read the store's memory (Redis INFO
+    memory: used_memory, maxmemory, maxmemory_policy) and hand it to the
+    ``chargepath.redis.memory.*`` gauges, so that an alert fires before Redis refuses writes
+    (README: alert on ``chargepath_redis_memory_utilization > 0.8``). It reads first,
+    then sleeps; a failed read keeps the last figures. A Redis that may evict (any policy but
+    ``noeviction``) is logged once: an evicted dedup record, session or ledger entry is a
+    charge lost or counted twice."""
+
+    name = "redis-memory"
+
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[StoreMemory]],
+        telemetry: Telemetry,
+        *,
+        period_s: float,
+    ) -> None:
+        self.read = read
+        self.telemetry = telemetry
+        self.period_s = period_s
+        self._warned = False
+
+    async def run(self, draining: asyncio.Event) -> None:
+        while not draining.is_set():
+            try:
+                memory = await asyncio.wait_for(self.read(), 1.0)
+            except (StoreUnavailableError, TimeoutError):
+                memory = None
+            if memory is not None:
+                self.telemetry.store_memory = memory
+                if memory.policy not in ("noeviction", "") and not self._warned:
+                    self._warned = True
+                    log.warning(
+                        "Redis maxmemory-policy is %s: past maxmemory it evicts keys, and an "
+                        "evicted dedup record, session or ledger entry is a charge lost or "
+                        "counted twice; set maxmemory-policy noeviction",
+                        memory.policy,
+                    )
             await asyncio.sleep(self.period_s)
 
 

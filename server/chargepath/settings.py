@@ -61,6 +61,20 @@ class Settings:
     session_ttl_s: int = 86_400
     #: Embedded Redis AOF fsync policy: everysec or always.
     redis_fsync: str = "everysec"
+    #: The embedded Redis' ``maxmemory`` (Redis syntax: 512mb, 2gb, bytes; "0": none). It runs
+    #: with ``maxmemory-policy noeviction``: past the limit a write is refused (the decision
+    #: is degraded, by the tenant's failure policy; reports go to the spool) and nothing is
+    #: ever evicted (an evicted dedup record or ledger entry would be a lost or double
+    #: charge). The ``chargepath.redis.memory.*`` gauges say how close it is.
+    redis_maxmemory: str = "1gb"
+    #: How often the gateway reads Redis' INFO memory for those gauges.
+    redis_memory_interval_ms: int = 5000
+    #: Open StreamUsage streams this process serves at most, and per credential (API key or
+    #: client certificate identity; an operator's included); past either a new stream gets
+    #: RESOURCE_EXHAUSTED. Each open stream holds at most one message of usages and its
+    #: verdicts in this process (see MeteringServicer.StreamUsage), plus its HTTP/2 buffers.
+    max_streams: int = 4096
+    max_streams_per_credential: int = 1024
     #: On SIGTERM: how long open calls get to finish.
     drain_grace_s: float = 10.0
     #: How often the policy version is polled (a stale decision is refused by the store anyway).

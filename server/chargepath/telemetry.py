@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric as PrometheusMetric
 
     from chargepath.settings import Settings
+    from chargepath.store.base import StoreMemory
     from chargepath.store.spool import SpoolStats
 
 log = logging.getLogger("chargepath.telemetry")
@@ -98,6 +99,7 @@ OUTCOMES: tuple[tuple[Decision, Reason, bool], ...] = (
     (Decision.DENY, Reason.AMOUNT_EXCEEDS_CAPACITY, False),
     (Decision.DENY, Reason.SUSPENDED, False),
     (Decision.DENY, Reason.INVALID_USAGE, False),
+    (Decision.DENY, Reason.CAP_REACHED, False),
     (Decision.ALLOW, Reason.STORE_UNAVAILABLE, True),
     (Decision.THROTTLE, Reason.STORE_UNAVAILABLE, True),
     (Decision.DENY, Reason.STORE_UNAVAILABLE, True),
@@ -334,6 +336,8 @@ class Telemetry:
         self.ledger_lag: dict[tuple[str, str], int] = {}
         #: (tenant, quota limit name) -> its level; kept by the gateway for labelled tenants.
         self.quota: dict[tuple[str, str], QuotaLevel] = {}
+        #: The store's memory, read by the gateway's RedisMemory job (None until read).
+        self.store_memory: StoreMemory | None = None
         meter.create_observable_counter(
             "chargepath.decisions",
             callbacks=[self._observe_decisions],
@@ -390,6 +394,13 @@ class Telemetry:
         self.open_streams = meter.create_up_down_counter(
             "chargepath.streams.open", unit="{stream}", description="Open StreamUsage streams"
         )
+        self._streams_refused = meter.create_counter(
+            "chargepath.streams.refused",
+            unit="{stream}",
+            description="StreamUsage streams refused RESOURCE_EXHAUSTED: the process's or the "
+            "credential's cap on open streams was reached",
+        )
+        self._streams_refused.add(0)
         # adding 0 makes the point, so that these are there (at 0) from the start
         self._store_errors.add(0)
         self._loop_late.add(0)
@@ -401,6 +412,24 @@ class Telemetry:
             callbacks=[self._observe_ledger_lag],
             unit="{entry}",
             description="Ledger entries not yet acknowledged by a consumer group",
+        )
+        meter.create_observable_gauge(
+            "chargepath.redis.memory.used",
+            callbacks=[self._memory_gauge(lambda m: m.used_bytes)],
+            unit="By",
+            description="Bytes Redis uses (INFO used_memory)",
+        )
+        meter.create_observable_gauge(
+            "chargepath.redis.memory.limit",
+            callbacks=[self._memory_gauge(lambda m: m.limit_bytes)],
+            unit="By",
+            description="Redis' maxmemory (0: none); past it, with noeviction, writes are refused",
+        )
+        meter.create_observable_gauge(
+            "chargepath.redis.memory.utilization",
+            callbacks=[self._memory_gauge(lambda m: m.utilization)],
+            unit="1",
+            description="used_memory / maxmemory (absent without a maxmemory): alert before 1",
         )
         meter.create_observable_gauge(
             "chargepath.quota.used",
@@ -421,6 +450,9 @@ class Telemetry:
             unit="s",
             description="Time until a tenant-scope period quota resets",
         )
+
+    def stream_refused(self) -> None:
+        self._streams_refused.add(1)
 
     # -- collection (a reader's thread) --------------------------------------------------
 
@@ -467,6 +499,16 @@ class Telemetry:
             Observation(lag, {"tenant": tenant, "group": group})
             for (tenant, group), lag in lags.items()
         ]
+
+    def _memory_gauge(
+        self, value: Callable[[StoreMemory], float | None]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            memory = self.store_memory
+            v = value(memory) if memory is not None else None
+            return [] if v is None else [Observation(v)]
+
+        return observe
 
     # -- the outage spool (chargepath.store.spool) ---------------------------------------------
 

@@ -202,3 +202,63 @@ def test_a_bad_plan_given_to_the_admin_api_names_its_field() -> None:
         "plan",
         "limits.0.rate.capacity: Input should be greater than 0",
     )
+
+
+def test_caps_errors_name_the_field_and_its_line() -> None:
+    text = """\
+metrics: [{name: api.sms.send}]
+plans: [{name: p}]
+tenants:
+  - name: t
+    plan: p
+    caps:
+      request_ids: 0
+      sessions: many
+      slice: 5
+"""
+    with pytest.raises(PolicyError) as e:
+        load_policy_text(text, source="plans.yaml")
+    found = {(i.path, i.line) for i in e.value.issues}
+    assert found == {
+        ("tenants.0.caps.request_ids", 7),
+        ("tenants.0.caps.sessions", 8),
+        ("tenants.0.caps.slice", 9),
+    }
+    messages = {i.path: i.message for i in e.value.issues}
+    assert messages["tenants.0.caps.request_ids"] == "Input should be greater than or equal to 1"
+    assert messages["tenants.0.caps.slice"] == "Extra inputs are not permitted"
+
+
+def test_caps_default_and_null_means_no_cap() -> None:
+    text = """\
+metrics: [{name: api.sms.send}]
+plans: [{name: p}]
+tenants:
+  - {name: plain, plan: p}
+  - {name: tight, plan: p, caps: {request_ids: 10, keys: null}}
+"""
+    policy = Policy(load_policy_text(text), 1)
+    plain = policy.resolve(Subject("plain"), "api.sms.send").caps
+    tight = policy.resolve(Subject("tight"), "api.sms.send").caps
+    assert (plain.request_ids, plain.sessions, plain.slices, plain.keys) == (
+        1_000_000,
+        100_000,
+        10_000,
+        100_000,
+    )
+    # given: as written; left out: the default; null: no cap (0 to the store)
+    assert (tight.request_ids, tight.sessions, tight.slices, tight.keys) == (10, 100_000, 10_000, 0)
+    assert not policy.resolve(Subject("nobody"), "api.sms.send").tenant_known
+
+
+def test_default_caps_leave_the_canonical_document_and_its_digest_as_before() -> None:
+    base = "metrics: [{name: api.sms.send}]\nplans: [{name: p}]\n"
+    plain = load_policy_text(base + "tenants: [{name: t, plan: p}]\n")
+    assert '"caps"' not in plain.canonical_json()
+    spelled = load_policy_text(
+        base + "tenants: [{name: t, plan: p, caps: {request_ids: 1000000}}]\n"
+    )
+    assert spelled.digest() == plain.digest()
+    tight = load_policy_text(base + "tenants: [{name: t, plan: p, caps: {request_ids: 5}}]\n")
+    assert tight.digest() != plain.digest()
+    assert '"request_ids":5' in tight.canonical_json()

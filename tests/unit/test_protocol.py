@@ -60,7 +60,9 @@ plans:
   - name: agg
     ledger: {mode: aggregate, interval_s: 60}
 tenants:
-  - {name: acme, plan: p}
+  - {name: acme, plan: p,
+     caps: {request_ids: null, sessions: null, slices: null, keys: null}}
+  - {name: capped, plan: p, caps: {request_ids: 5, sessions: 6, slices: 7, keys: 8}}
 """
 
 
@@ -118,7 +120,8 @@ def test_a_batch_encodes_to_the_golden_keys_and_payload() -> None:
     assert args[:6] == [7, 0, 600_000, 86_400_000, 128, 1000]
     assert args[7] == "0"
     assert args[8] == 1_800_000_000_050 and len(args) == protocol.ARG_DEADLINE
-    specs, sets, subjects, usages = msgpack.unpackb(args[6])
+    specs, sets, subjects, usages, caps = msgpack.unpackb(args[6])
+    assert caps == [0] * 2 * protocol.CAP_COUNT  # acme has no caps
     # burst: 3/s -> scale 1000 / gcd(3, 1000) = 1000 sub-units per unit, 3 per ms
     assert specs == [
         6, 1, 0, 10_000, 1000, 3, 10, "burst",
@@ -144,7 +147,7 @@ def test_a_batch_encodes_to_the_golden_keys_and_payload() -> None:
 
 def test_the_payload_offsets_name_the_encoded_slots() -> None:
     keys, args = encode_batch("acme", 7, _items()[:1], Settings(recent_length=0))
-    specs, _, subjects, usages = msgpack.unpackb(args[6])
+    specs, _, subjects, usages, _ = msgpack.unpackb(args[6])
     rate = specs[: protocol.SPEC_SLOTS]
     assert rate[protocol.SPEC_KEY - 1] == 6 and keys[5] == "cp:{acme}:r:burst::k1"
     assert rate[protocol.SPEC_KIND - 1] == LimitKind.RATE
@@ -293,6 +296,68 @@ def test_a_reversal_encodes_to_its_record_and_entry() -> None:
     ]  # fmt: skip
     keys, args = encode_reversal("acme", Reversal(items[1], answered, 7), 128)
     assert keys == ["cp:{acme}:ledger", "cp:{acme}:s:sess"] and args[1:3] == [5, 128]
+
+
+def _capped_items() -> list[DecideItem]:
+    policy = Policy(load_policy_text(POLICY), 7)
+    usages = [
+        Usage("r-1", Subject("capped", "s1", "k1"), "api.sms.send", 1, Mode.ADMIT),
+        Usage("r-2", Subject("capped", "s1", ""), "slice.bytes", 9, Mode.REPORT, session_id="x"),
+    ]
+    return [
+        DecideItem(u, policy.resolve(u.subject, u.metric), f"{i:032x}", f"fp{i}")
+        for i, u in enumerate(usages)
+    ]
+
+
+def test_a_capped_tenant_sends_its_counts_and_each_specs_member() -> None:
+    keys, args = encode_batch("capped", 7, _capped_items(), Settings())
+    p = "cp:{capped}:"
+    assert keys[4:8] == [
+        p + "cap:request_ids", p + "cap:sessions", p + "cap:slices", p + "cap:keys",
+    ]  # fmt: skip
+    specs, _, _, _, caps = msgpack.unpackb(args[6])
+    assert caps[: 2 * protocol.CAP_COUNT] == [5, 5, 6, 6, 7, 7, 8, 8]
+    names = specs[protocol.SPEC_NAME - 1 :: protocol.SPEC_SLOTS]
+    assert names == ["burst", "monthly", "bytes"]
+    # per spec: burst counts (s1, k1) under keys, monthly (tenant scope) nothing, bytes s1
+    assert caps[2 * protocol.CAP_COUNT :] == [
+        protocol.CAP_KEYS, f"s1{US}k1", 0, "", protocol.CAP_SLICES, "s1",
+    ]  # fmt: skip
+    # the cap keys are the ones protocol names
+    assert keys[4] == protocol.caps_key("capped", protocol.CAP_REQUEST_IDS)
+
+
+def test_a_cap_reached_reply_names_the_cap_in_the_message() -> None:
+    items = _capped_items()
+    reply = [
+        protocol.REPLY_DECIDED, 1_800_000_000_123,
+        reply_code(Decision.DENY, Reason.CAP_REACHED, 0, 0), 0, protocol.CAP_KEYS,
+        reply_code(Decision.DENY, Reason.CAP_REACHED, 0, 0), 0, protocol.CAP_SESSIONS,
+    ]  # fmt: skip
+    v1, v2 = decode_reply(reply, items, 7)
+    assert (v1.decision, v1.reason, v1.recorded, v1.limits) == (
+        Decision.DENY,
+        Reason.CAP_REACHED,
+        False,
+        (),
+    )
+    assert v1.message.startswith("caps.keys: the tenant's 8 keys with live key-scoped")
+    assert v2.message.startswith("caps.sessions: the tenant's 6 live stream sessions")
+    assert v1.violations == () and v2.violations == ()
+
+
+def test_an_unknown_tenant_sends_no_trail_and_no_caps() -> None:
+    policy = Policy(load_policy_text(POLICY), 7)
+    u = Usage("r-1", Subject("nobody", "s1", "k1"), "api.sms.send", 1, Mode.ADMIT)
+    item = DecideItem(u, policy.resolve(u.subject, u.metric), "0" * 32, "fp", trace_id="ab")
+    assert not item.resolution.tenant_known and not item.resolution.entitled
+    keys, args = encode_batch("nobody", 7, [item], Settings(recent_length=1000))
+    assert args[protocol.ARG_RECENT_LENGTH - 1] == 0
+    assert not [k for k in keys if ":cap:" in k]
+    _, _, _, usages, caps = msgpack.unpackb(args[6])
+    assert caps == [0] * 2 * protocol.CAP_COUNT
+    assert usages[protocol.USAGE_FLAGS - 1] & protocol.USAGE_ENTITLED == 0
 
 
 def test_a_stale_reply_raises_with_the_stamped_version() -> None:

@@ -47,6 +47,7 @@ class Reason(enum.StrEnum):
     SUSPENDED = "suspended"
     SOFT_LIMIT_EXCEEDED = "soft_limit_exceeded"
     PERMISSION_DENIED = "permission_denied"
+    CAP_REACHED = "cap_reached"
 
 
 class LimitKind(enum.StrEnum):

@@ -50,6 +50,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--redis-wait-timeout-ms", type=int, help="WAIT's timeout (default 20)")
     p.add_argument("--redis-fsync", choices=["everysec", "always"], help="embedded AOF fsync")
     p.add_argument(
+        "--redis-maxmemory",
+        help="maxmemory of the embedded Redis (noeviction), e.g. 512mb, 2gb; 0: none (default 1gb)",
+    )
+    p.add_argument(
+        "--max-streams", type=int, help="open streams this process serves at most (default 4096)"
+    )
+    p.add_argument(
+        "--max-streams-per-credential",
+        type=int,
+        help="open streams per API key or client identity, per process (default 1024)",
+    )
+    p.add_argument(
         "--spool-max-entries",
         type=int,
         help="usages the outage spool (under --data-dir) holds at most; past it they are "
@@ -128,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
             store_timeout_ms=args.store_timeout_ms,
             dedup_window_s=args.dedup_window_s,
             redis_fsync=args.redis_fsync,
+            redis_maxmemory=args.redis_maxmemory,
+            max_streams=args.max_streams,
+            max_streams_per_credential=args.max_streams_per_credential,
             spool_max_entries=args.spool_max_entries,
             spool_max_bytes=args.spool_max_bytes,
             log_format=args.log_format,

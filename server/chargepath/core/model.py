@@ -41,6 +41,9 @@ class Reason(enum.IntEnum):
     #: The caller may not act for the usage's tenant (a stream item; Check answers with a
     #: PERMISSION_DENIED status instead). Set by the transport: nothing reached the store.
     PERMISSION_DENIED = 10
+    #: A tenant cap on what the store keeps (live request ids, sessions, slices, keys) was
+    #: reached: nothing written; the verdict's message names the cap.
+    CAP_REACHED = 11
 
 
 class LimitKind(enum.IntEnum):

@@ -153,8 +153,43 @@ class KeySpec(_Strict):
     suspended: Annotated[str, Field(max_length=256)] | None = None
 
 
+#: A cap's bound: a count of live records, or None for no cap (nothing counted, no cost).
+CapBound = Annotated[int, Field(ge=1, le=100_000_000)] | None
+
+
+class CapsSpec(_Strict):
+    """Bounds on what a tenant's usages keep in Redis, which grows with what a caller sends:
+    each new request id, stream session, slice and key creates records that live for a while.
+    A usage that would pass a cap is refused, DENY ``CAP_REACHED``, and writes nothing; a
+    usage that adds nothing new (a resend, a known session, slice or key) is decided as
+    usual. ``null``: no cap (and no counting cost).
+
+    Each bound counts live records, exactly, on Redis' clock (store/scripts/lib/caps.lua):
+
+    * ``request_ids``: request-id dedup records (Check, and stream usages without a session),
+      each kept for the dedup window (10 minutes by default). About 340 bytes each (the
+      record ~220, its entry in the count ~120): the default holds about 340 MB.
+    * ``sessions``: stream sessions, each kept for the session ttl (24 hours by default)
+      after its last usage: 300 bytes to 8.5 KB each (its replay window fills up to 128
+      verdicts of 65 bytes), plus ~120 in the count.
+    * ``slices``: distinct slices with a live counter of a slice- or key-scoped limit (kept
+      until the limit's period ends, a rate's until its bucket is full again).
+    * ``keys``: distinct (slice, key) pairs with a live counter of a key-scoped limit.
+
+    A tenant-scoped limit creates nothing per slice or key; neither cap applies to it."""
+
+    request_ids: CapBound = 1_000_000
+    sessions: CapBound = 100_000
+    slices: CapBound = 10_000
+    keys: CapBound = 100_000
+
+
+DEFAULT_CAPS = CapsSpec()
+
+
 class TenantSpec(_Strict):
-    """A tenant's entitlement: its plan, its slices, and its failure policy."""
+    """A tenant's entitlement: its plan, its slices, its failure policy, and its caps on what
+    its usages keep in the store."""
 
     name: str
     plan: str | None = None
@@ -163,6 +198,7 @@ class TenantSpec(_Strict):
     suspended: Annotated[str, Field(max_length=256)] | None = None
     slices: list[SliceSpec] = []
     keys: list[KeySpec] = []
+    caps: CapsSpec = DEFAULT_CAPS
 
     @model_validator(mode="after")
     def _check(self) -> TenantSpec:
@@ -363,12 +399,17 @@ class PolicyDocument(_Strict):
 
     def canonical_json(self) -> str:
         """A stable serialisation: equal documents give equal strings. A document without an
-        ``envoy`` or ``webhooks`` section serialises as it did before the section existed, so
-        that its published version does not change."""
+        ``envoy`` or ``webhooks`` section, or a tenant with the default ``caps``, serialises
+        as it did before the section existed, so that its published version does not
+        change."""
         data = self.model_dump(mode="json")
         for section in ("envoy", "webhooks"):
             if not data[section]:
                 del data[section]
+        defaults = DEFAULT_CAPS.model_dump(mode="json")
+        for tenant in data["tenants"]:
+            if tenant["caps"] == defaults:
+                del tenant["caps"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:

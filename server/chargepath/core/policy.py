@@ -15,6 +15,7 @@ from chargepath.core.model import LimitKind, Scope, Subject
 from chargepath.core.periods import Period
 from chargepath.core.plans import (
     SCOPES,
+    CapsSpec,
     DescriptorSpec,
     EnvoyDomainSpec,
     LimitSpec,
@@ -89,6 +90,24 @@ class Limit:
 
 
 @dataclass(frozen=True, slots=True)
+class Caps:
+    """A tenant's caps on the records its usages keep in the store (:class:`~chargepath.core.
+    plans.CapsSpec`), as counts of live records; 0: no cap."""
+
+    request_ids: int = 0
+    sessions: int = 0
+    slices: int = 0
+    keys: int = 0
+
+    @classmethod
+    def from_spec(cls, spec: CapsSpec) -> Caps:
+        return cls(spec.request_ids or 0, spec.sessions or 0, spec.slices or 0, spec.keys or 0)
+
+
+NO_CAPS = Caps()
+
+
+@dataclass(frozen=True, slots=True)
 class Entitlement:
     """What a tenant may do: its plan's limits (patterns kept for matching), the extra limits
     of each slice with a plan of its own, and its failure policy."""
@@ -105,12 +124,17 @@ class Entitlement:
 class Resolution:
     """The limits a usage touches, and whether its tenant is entitled to the metric at all.
 
-    ``aggregate_ms`` > 0: allowed admits reach the ledger as per-interval aggregates."""
+    ``aggregate_ms`` > 0: allowed admits reach the ledger as per-interval aggregates.
+    ``caps``: the tenant's caps. ``tenant_known`` False: the policy names no such tenant, and
+    deciding its usage writes nothing to the store (not even the trail of recent decisions):
+    a caller who names made-up tenants must not grow the store."""
 
     entitled: bool
     limits: tuple[Limit, ...]
     failure_mode: str
     aggregate_ms: int = 0
+    caps: Caps = NO_CAPS
+    tenant_known: bool = True
 
 
 class DescriptorRoute(NamedTuple):
@@ -158,6 +182,7 @@ class _EnvoyDomain:
 
 
 _UNKNOWN = DescriptorRoute(False)
+_UNKNOWN_TENANT = Resolution(False, (), "deny", tenant_known=False)
 _UNKNOWN_STRICT = DescriptorRoute(False, strict=True)
 
 
@@ -171,6 +196,7 @@ class Policy:
         plans = {p.name: p for p in document.plans}
         self.entitlements: dict[str, Entitlement] = {}
         self.aggregate_ms: dict[str, int] = {}
+        self.caps: dict[str, Caps] = {}
         #: (tenant, slice, key) -> reason; "" for "any" slice or no key.
         self.suspensions: dict[tuple[str, str, str], str] = {}
         for t in document.tenants:
@@ -193,6 +219,7 @@ class Policy:
                 (p.ledger.interval_s * 1000 for p in involved if p.ledger.mode == "aggregate"),
                 default=0,
             )
+            self.caps[t.name] = Caps.from_spec(t.caps)
             if t.suspended is not None:
                 self.suspensions[(t.name, "", "")] = t.suspended
             for s in t.slices:
@@ -224,7 +251,7 @@ class Policy:
             return hit
         ent = self.entitlements.get(subject.tenant)
         if ent is None:
-            res = Resolution(False, (), "deny")
+            res = _UNKNOWN_TENANT
         else:
             candidates = list(ent.limits)
             if subject.slice:
@@ -232,7 +259,11 @@ class Policy:
             matching = [lim for pattern, lim in candidates if fnmatchcase(metric, pattern)]
             limits = tuple(lim for lim in matching if lim.applies_to(subject))
             res = Resolution(
-                bool(matching), limits, ent.failure_mode, self.aggregate_ms.get(subject.tenant, 0)
+                bool(matching),
+                limits,
+                ent.failure_mode,
+                self.aggregate_ms.get(subject.tenant, 0),
+                self.caps[subject.tenant],
             )
         if len(self._cache) < 100_000:
             self._cache[ck] = res

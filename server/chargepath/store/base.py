@@ -99,6 +99,21 @@ class Reversal(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class StoreMemory:
+    """The store's memory as its server reports it (Redis INFO memory): bytes used, the
+    limit (0: none) and what happens past it (``noeviction``: writes are refused)."""
+
+    used_bytes: int
+    limit_bytes: int
+    policy: str
+
+    @property
+    def utilization(self) -> float | None:
+        """used / limit, or None without a limit."""
+        return self.used_bytes / self.limit_bytes if self.limit_bytes else None
+
+
+@dataclass(frozen=True, slots=True)
 class PublishedPolicy:
     """A policy document as the store holds it."""
 

@@ -7,8 +7,8 @@ uses the names below; the Lua sources use the same names, and :func:`read_script
 values in when it assembles a script (:func:`with_constants`), so no number is written twice in
 the source tree. ``tests/unit/test_protocol.py`` holds golden payloads and replies.
 
-Payload of ``decide.lua`` (ARGV[7], one MessagePack array of four arrays; offsets below are the
-1-based offsets Lua reads, named ``SPEC_*``/``RATE_*``/``QUOTA_*``/``USAGE_*``):
+Payload of ``decide.lua`` (ARGV[7], one MessagePack array of five arrays; offsets below are the
+1-based offsets Lua reads, named ``SPEC_*``/``RATE_*``/``QUOTA_*``/``USAGE_*``/``CAP_*``):
 
 1. limit specs, flat, :data:`SPEC_SLOTS` values per spec: key index, kind, soft (0/1), then
    for a rate its capacity in sub-units, sub-units per unit (scale), refill in sub-units per
@@ -27,6 +27,10 @@ Payload of ``decide.lua`` (ARGV[7], one MessagePack array of four arrays; offset
    entry and its trail record begin; no part may hold US), ledger tail (``""``, or
    ``US occurred_at_ms US labels JSON``; for an aggregated usage ``|slice|key|metric|mode``,
    its aggregate's field after the interval), trace id, subject number.
+5. the tenant's caps (store/scripts/lib/caps.lua): for each cap ``CAP_REQUEST_IDS`` ..
+   ``CAP_KEYS`` in turn, the key index of its count (0: no cap) and its bound; then, when the
+   slices or keys cap is set, per spec its cap (``CAP_SLICES``, ``CAP_KEYS``, or 0) and the
+   member it counts under (the slice, or ``slice US key``).
 
 Reply of ``decide.lua``: ``{REPLY_STALE, stamped_version}`` (nothing written),
 ``{REPLY_LATE, time_ms}`` (Redis' ``TIME`` was past ARGV[ARG_DEADLINE]: nothing written), or
@@ -34,6 +38,8 @@ Reply of ``decide.lua``: ``{REPLY_STALE, stamped_version}`` (nothing written),
 the verdict flags say replayed or conflict], then per limit reported: remaining units,
 reset_after_ms (``-1 - reset_after_ms`` when exceeded), and for a quota its capacity}``, where
 ``code = decision + REASON_UNIT * reason + FLAGS_UNIT * verdict flags + LIMITS_UNIT * limits``.
+A verdict with reason ``CAP_REACHED`` carries one more value after retry_after_ms: the number
+of the cap it reached (``CAP_*``); it has no limits.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ from chargepath.core.model import (
     Verdict,
 )
 from chargepath.core.periods import DAY_MS, HOUR_MS, Period
-from chargepath.core.policy import Limit
+from chargepath.core.policy import NO_CAPS, Caps, Limit
 from chargepath.store.base import DecideItem, Reversal, StalePolicyError, StoreDeadlineError
 
 # -- key layout (every key of a tenant shares the hash tag {tenant}) ---------------------------
@@ -91,6 +97,12 @@ def aggregates_key(tenant: str) -> str:
 def grant_notes_key(tenant: str) -> str:
     """The notes of a tenant's grants: grant id -> note (hash)."""
     return f"{tenant_prefix(tenant)}gnotes"
+
+
+def caps_key(tenant: str, cap: int) -> str:
+    """The count of a tenant's cap ``cap`` (``CAP_*``): a sorted set of the live members, each
+    scored with the ms its record expires at (store/scripts/lib/caps.lua)."""
+    return f"{tenant_prefix(tenant)}cap:{CAP_NAMES[cap]}"
 
 
 def scope_instance(limit: Limit, slice_: str, key: str) -> tuple[str, str]:
@@ -165,6 +177,36 @@ USAGE_REPORT = 1
 USAGE_ENTITLED = 2
 USAGE_SUSPENDED = 4
 USAGE_SESSION = 8  # the key index is a session, else a request-id dedup record
+
+# the caps of a tenant (the payload's fifth array; core.plans.CapsSpec names them)
+CAP_REQUEST_IDS = 1
+CAP_SESSIONS = 2
+CAP_SLICES = 3
+CAP_KEYS = 4
+CAP_COUNT = 4
+#: cap number -> its name in a policy's ``caps:`` block (and in its count's key)
+CAP_NAMES = {
+    CAP_REQUEST_IDS: "request_ids",
+    CAP_SESSIONS: "sessions",
+    CAP_SLICES: "slices",
+    CAP_KEYS: "keys",
+}
+_CAP_WHAT = {
+    CAP_REQUEST_IDS: "live request ids (each kept for the dedup window)",
+    CAP_SESSIONS: "live stream sessions (each kept for the session ttl after its last usage)",
+    CAP_SLICES: "slices with live slice-scoped counters (each kept until its period ends)",
+    CAP_KEYS: "keys with live key-scoped counters (each kept until its period ends)",
+}
+
+
+def cap_message(cap: int, caps: Caps) -> str:
+    """The message of a CAP_REACHED verdict: which cap, its bound, what it counts."""
+    name = CAP_NAMES[cap]
+    return (
+        f"caps.{name}: the tenant's {getattr(caps, name)} {_CAP_WHAT[cap]} are all in use; "
+        "nothing was counted or recorded"
+    )
+
 
 # -- the reply ------------------------------------------------------------------------------
 
@@ -397,7 +439,16 @@ def encode_batch(
     subject_of: dict[Any, int] = {}
     needs: dict[int, tuple[bool, bool]] = {}
     usages: list[Any] = []
-    with_trace = settings.recent_length > 0
+    # A tenant the policy does not name: nothing is written for it, not even the trail.
+    known = bool(items) and items[0].resolution.tenant_known
+    recent_length = settings.recent_length if known else 0
+    with_trace = recent_length > 0
+    caps = items[0].resolution.caps if known else NO_CAPS
+    cap_values: list[Any] = []
+    for cap, name in CAP_NAMES.items():
+        bound = getattr(caps, name)
+        cap_values += (idx(caps_key(tenant, cap)) if bound else 0, bound)
+    spec_caps: list[Any] | None = [] if caps.slices or caps.keys else None
     for item in items:
         u = item.usage
         res = item.resolution
@@ -441,6 +492,8 @@ def encode_batch(
                             else 0
                         )
                         specs += spec_values(lim, counter, grants)
+                        if spec_caps is not None:
+                            spec_caps += _spec_cap(lim, isl, ik, caps)
                         n = spec_of[spec_key] = len(specs) // SPEC_SLOTS
                     members.append(n)
                 sets.append(members)
@@ -472,12 +525,21 @@ def encode_batch(
         settings.dedup_window_ms,
         settings.session_ttl_ms,
         settings.session_window,
-        settings.recent_length,
-        msgpack.packb((specs, sets, subjects, usages)),
+        recent_length,
+        msgpack.packb((specs, sets, subjects, usages, cap_values + (spec_caps or []))),
         "1" if ok_limits else "0",
         deadline_ms,
     ]
     return keys, args
+
+
+def _spec_cap(limit: Limit, slice_: str, key: str, caps: Caps) -> tuple[int, str]:
+    """The cap a spec's counter counts under, and its member there: (0, "") for none."""
+    if limit.scope is Scope.SLICE and caps.slices:
+        return CAP_SLICES, slice_
+    if limit.scope is Scope.KEY and caps.keys:
+        return CAP_KEYS, f"{slice_}{US}{key}"
+    return 0, ""
 
 
 # -- decoding -------------------------------------------------------------------------------
@@ -521,14 +583,20 @@ def decode_reply(reply: Sequence[Any], items: Sequence[DecideItem], version: int
     decisions, reasons, rate = _DECISIONS, _REASONS, LimitKind.RATE
     with_id, recorded_bit = VERDICT_REPLAYED | VERDICT_CONFLICT, VERDICT_RECORDED
     replayed_bit, refused = VERDICT_REPLAYED, VERDICT_CONFLICT | VERDICT_WINDOW_MISS
+    cap_reached = int(Reason.CAP_REACHED)
     for item in items:
         code = reply[pos]
         retry = reply[pos + 1]
         pos += 2
         flags = (code >> _FLAGS_SHIFT) & _FLAGS_MASK
+        reason = (code >> _REASON_SHIFT) & _REASON_MASK
         did = item.decision_id
+        message = ""
         if flags & with_id:
             did = reply[pos] or did
+            pos += 1
+        elif reason == cap_reached:
+            message = cap_message(reply[pos], item.resolution.caps)
             pos += 1
         states: tuple[LimitState, ...] = ()
         nl = code >> _LIMITS_SHIFT
@@ -568,14 +636,14 @@ def decode_reply(reply: Sequence[Any], items: Sequence[DecideItem], version: int
             Verdict(
                 request_id=item.usage.request_id,
                 decision=decisions[code & _DECISION_MASK],
-                reason=reasons[(code >> _REASON_SHIFT) & _REASON_MASK],
+                reason=reasons[reason],
                 decision_id=did,
                 policy_version=version,
                 retry_after_ms=retry,
                 limits=states,
                 recorded=bool(flags & recorded_bit),
                 replayed=bool(flags & replayed_bit),
-                message=str(violations[0]) if violations else "",
+                message=str(violations[0]) if violations else message,
                 decided_at_ms=now,
                 trace_id=item.trace_id,
                 violations=violations,

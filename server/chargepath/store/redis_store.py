@@ -15,6 +15,9 @@ in one slot and the scripts run unchanged on Redis Cluster):
 ``cp:{T}:r:<limit>:<sl>:<k>``  hash: token bucket level (sub-units) and its time; deleted
                                when full, expires when it would be full again
 ``cp:{T}:q:<limit>:<sl>:<k>``  hash: quota period start, used units, granted units
+``cp:{T}:cap:<cap>``           sorted set: the live members of a tenant cap (request_ids,
+                               sessions, slices, keys), scored with their records' expiry
+                               (store/scripts/lib/caps.lua); expires with its last member
 =============================  ==========================================================
 
 Scripts are package data (``store/scripts/*.lua``, with shared libraries in
@@ -41,6 +44,7 @@ from chargepath.store.base import (
     PolicyConflictError,
     PublishedPolicy,
     Reversal,
+    StoreMemory,
     StoreUnavailableError,
 )
 from chargepath.store.clock import StoreClock
@@ -221,6 +225,28 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         return int(v) if v else 0
+
+    async def memory(self) -> StoreMemory:
+        """Redis' INFO memory; on a cluster, the node nearest its limit (the first to refuse
+        writes)."""
+        try:
+            info = await self.client.info("memory")
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        nodes = (
+            [info] if "used_memory" in info else [v for v in info.values() if isinstance(v, dict)]
+        )
+        readings = [
+            StoreMemory(
+                int(n.get("used_memory", 0)),
+                int(n.get("maxmemory", 0)),
+                str(n.get("maxmemory_policy", "")),
+            )
+            for n in nodes
+        ]
+        if not readings:
+            raise StoreUnavailableError("INFO memory: no used_memory in the reply")
+        return max(readings, key=lambda m: (m.utilization or 0.0, m.used_bytes))
 
     async def ping(self) -> None:
         try:

@@ -10,6 +10,15 @@ a verdict per usage). The stream contract is a response per message with its ver
 order of its usages; a response of one error verdict for a message of N usages would break it
 for every client that matches verdicts by position. Responses sent before such a message
 stand, nothing of it is decided, and a client that reconnects resends what was unanswered.
+
+Memory per stream is bounded by flow control. A stream reads its next message only once the
+response to the previous one was taken by grpc.aio (the servicer's ``yield`` returns when the
+write completes), and grpc's write completes only while the client's HTTP/2 window has room:
+a client that writes and never reads fills its window, then the server's write waits, and the
+stream is not read again until the client reads. So an open stream holds at most one message
+of usages and its verdicts in this process, beyond what HTTP/2 buffers; the number of open
+streams is capped per process and per credential (:class:`OpenStreams`), past which a new
+stream gets RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -79,6 +88,47 @@ def usage_violations(
     return out
 
 
+class OpenStreams:
+    """The StreamUsage streams open in this process, by credential. :meth:`open` admits a new
+    stream within ``per_process`` and ``per_credential`` (the API key's id or the client
+    certificate's identity; a gateway without authentication has only the process cap), or
+    says why not. Used from the event loop's thread only."""
+
+    def __init__(self, per_process: int, per_credential: int) -> None:
+        self.per_process = per_process
+        self.per_credential = per_credential
+        self.total = 0
+        self.by_credential: dict[str, int] = {}
+
+    def open(self, credential: str | None) -> str | None:
+        """Count a new stream and return None, or return why it is refused (counting
+        nothing)."""
+        if self.total >= self.per_process:
+            return (
+                f"this gateway process serves at most {self.per_process} streams at once: "
+                "retry later or on another process"
+            )
+        if credential is not None:
+            n = self.by_credential.get(credential, 0)
+            if n >= self.per_credential:
+                return (
+                    f"this credential has {n} streams open on this gateway process, the most "
+                    "it may: close one or send more usages per stream"
+                )
+            self.by_credential[credential] = n + 1
+        self.total += 1
+        return None
+
+    def close(self, credential: str | None) -> None:
+        self.total -= 1
+        if credential is not None:
+            n = self.by_credential[credential] - 1
+            if n:
+                self.by_credential[credential] = n
+            else:
+                del self.by_credential[credential]
+
+
 class MeteringServicer(pb_grpc.MeteringServiceServicer):
     """Check and StreamUsage. A THROTTLE or DENY is data; gRPC errors are for real failures.
 
@@ -92,11 +142,13 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         draining: asyncio.Event,
         occurred_at: OccurredAtWindow | None = None,
         wall_ms: Callable[[], int] = wall_ms,
+        streams: OpenStreams | None = None,
     ) -> None:
         self.engine = engine
         self.draining = draining
         self.occurred_at = occurred_at or OccurredAtWindow()
         self.wall_ms = wall_ms
+        self.streams = streams or OpenStreams(4096, 1024)
 
     async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
         telemetry = self.engine.telemetry
@@ -142,6 +194,12 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
         self, request_iterator: AsyncIterator[pb.StreamUsageRequest], context: Context
     ) -> AsyncIterator[pb.StreamUsageResponse]:
         telemetry = self.engine.telemetry
+        principal = current_principal()
+        credential = principal.identity if principal is not None else None
+        refusal = self.streams.open(credential)
+        if refusal is not None:
+            telemetry.stream_refused()
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
         telemetry.open_streams.add(1)
         # the caller's W3C traceparent: every batch span of this stream is its child
         caller = caller_context(telemetry, context.invocation_metadata())
@@ -183,10 +241,18 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                     await abort(
                         context, grpc.StatusCode.INTERNAL, f"internal error, incident {incident}"
                     )
-                view = request.view
-                yield pb.StreamUsageResponse(verdicts=[verdict_fields(v, view) for v in verdicts])
+                response = pb.StreamUsageResponse(
+                    verdicts=[verdict_fields(v, request.view) for v in verdicts]
+                )
+                # held no longer than needed: while the client does not read, this stream
+                # holds only the response grpc is writing
+                del request, verdicts
+                # returns once grpc.aio's write completed: flow control (module docstring)
+                yield response
+                del response
         finally:
             drain.cancel()
+            self.streams.close(credential)
             telemetry.open_streams.add(-1)
 
     async def _refuse_oversized(self, context: Context, count: int) -> NoReturn:

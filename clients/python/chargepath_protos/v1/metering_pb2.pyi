@@ -37,6 +37,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_SUSPENDED: _ClassVar[Reason]
     REASON_SOFT_LIMIT_EXCEEDED: _ClassVar[Reason]
     REASON_PERMISSION_DENIED: _ClassVar[Reason]
+    REASON_CAP_REACHED: _ClassVar[Reason]
 
 class LimitKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -74,6 +75,7 @@ REASON_INVALID_USAGE: Reason
 REASON_SUSPENDED: Reason
 REASON_SOFT_LIMIT_EXCEEDED: Reason
 REASON_PERMISSION_DENIED: Reason
+REASON_CAP_REACHED: Reason
 LIMIT_KIND_UNSPECIFIED: LimitKind
 LIMIT_KIND_RATE: LimitKind
 LIMIT_KIND_QUOTA: LimitKind

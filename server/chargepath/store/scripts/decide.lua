@@ -11,6 +11,10 @@
 --  * A batch that comes to run past its deadline (ARGV[ARG_DEADLINE], on Redis' clock: when
 --    the gateway stops waiting and answers by the failure policy) writes nothing and replies
 --    REPLY_LATE, so a caller answered degraded is not recorded behind its back.
+--  * A usage that would pass one of the tenant's caps (live request ids, sessions, slices,
+--    keys: lib/caps.lua) is refused, DENY CAP_REACHED, and writes nothing but its trail
+--    record; a tenant the policy does not name gets no trail either (the gateway sends
+--    ARGV[ARG_RECENT_LENGTH] 0), so its usages write nothing at all.
 --  * Time is Redis TIME (+ the clock offset, 0 outside tests); all amounts are integers
 --    (lib/numbers.lua says how they stay exact).
 --
@@ -22,8 +26,8 @@
 -- KEYS[KEY_LEDGER]       tenant ledger stream (lib/ledger.lua)
 -- KEYS[KEY_RECENT]       tenant recent-decisions stream (lib/trail.lua; capped)
 -- KEYS[KEY_AGGREGATES]   tenant ledger aggregates hash (lib/ledger.lua)
--- KEYS[5..]              dedup, session, bucket, quota and grant keys, by index from the
---                        payload
+-- KEYS[5..]              dedup, session, bucket, quota and grant keys, and the caps' counts,
+--                        by index from the payload
 --
 -- ARGV[ARG_POLICY_VERSION]  policy version the gateway decided with
 -- ARGV[ARG_CLOCK_OFFSET]    clock offset, ms
@@ -31,7 +35,7 @@
 -- ARGV[ARG_SESSION_TTL]     session ttl, ms
 -- ARGV[ARG_SESSION_WINDOW]  session replay window W (slots kept per session)
 -- ARGV[ARG_RECENT_LENGTH]   recent-decisions trail length, in decisions (approximate; 0: none)
--- ARGV[ARG_PAYLOAD]         MessagePack {specs, sets, subjects, usages} (one argument instead
+-- ARGV[ARG_PAYLOAD]         MessagePack {specs, sets, subjects, usages, caps} (one argument instead
 --                           of thousands: packing and parsing them dominated)
 -- ARGV[ARG_FULL_VIEW]       "0": basic view, a decision with reason OK replies no limits;
 --                           else every decision replies its limits. The trail keeps them
@@ -42,8 +46,8 @@
 -- Reply: {REPLY_STALE, stamped_version} when the tenant's stamp is newer than the version
 -- (nothing written), {REPLY_LATE, time_ms} when TIME is past the deadline (nothing written),
 -- else {REPLY_DECIDED, now_ms, then per usage: code, retry_after_ms,
--- [the record's decision id], then per limit: remaining, reset_after_ms, [a quota's
--- capacity]} (see protocol.py).
+-- [the record's decision id | the cap reached], then per limit: remaining, reset_after_ms,
+-- [a quota's capacity]} (see protocol.py).
 
 redis.replicate_commands()
 
@@ -54,6 +58,7 @@ redis.replicate_commands()
 -- #include lib/dedup.lua
 -- #include lib/ledger.lua
 -- #include lib/trail.lua
+-- #include lib/caps.lua
 
 local stamped = tonumber(redis.call('HGET', KEYS[KEY_ENTITLEMENT], 'v') or '0')
 if stamped > tonumber(ARGV[ARG_POLICY_VERSION]) then
@@ -61,12 +66,12 @@ if stamped > tonumber(ARGV[ARG_POLICY_VERSION]) then
 end
 
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+local real_now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 local deadline = tonumber(ARGV[ARG_DEADLINE])
-if deadline > 0 and now > deadline then
-  return {REPLY_LATE, now}
+if deadline > 0 and real_now > deadline then
+  return {REPLY_LATE, real_now}
 end
-now = now + tonumber(ARGV[ARG_CLOCK_OFFSET])
+local now = real_now + tonumber(ARGV[ARG_CLOCK_OFFSET])
 local now_s = int(now)
 local version = ARGV[ARG_POLICY_VERSION]
 local dedup_ms = tonumber(ARGV[ARG_DEDUP_WINDOW])
@@ -92,6 +97,7 @@ for n, members in ipairs(sets_in) do
   for j, s in ipairs(members) do set[j] = specs[s] end
   sets[n] = set
 end
+caps_open(payload[5], specs, real_now)
 
 -- Counter states by key index, loaded once and written back at the end. Two specs naming the
 -- same key share its state.
@@ -256,6 +262,7 @@ for o = 0, #batch - 1, USAGE_SLOTS do
   else
     local set, nl = NO_LIMITS, 0
     local decision, reason, retry, take
+    local cap = 0
     if not entitled then
       decision, reason, retry, take = DENY, NO_ENTITLEMENT, 0, false
     elseif suspended and not report then
@@ -266,7 +273,14 @@ for o = 0, #batch - 1, USAGE_SLOTS do
         set = sets[set_no]
         nl = #set
       end
-      decision, reason, retry, take = decide_limits(set, nl, amount, report, suspended)
+      cap = caps_refuse(dedup_idx > 0 and KEYS[dedup_idx],
+        sess_idx > 0 and session_hw(sess_idx) < 0, set, nl)
+      if cap > 0 then
+        set, nl = NO_LIMITS, 0
+        decision, reason, retry, take = DENY, CAP_REACHED, 0, false
+      else
+        decision, reason, retry, take = decide_limits(set, nl, amount, report, suspended)
+      end
     end
     local recorded = take and VERDICT_RECORDED or 0
     local text = batch[o + USAGE_TEXT]
@@ -282,12 +296,14 @@ for o = 0, #batch - 1, USAGE_SLOTS do
           batch[o + USAGE_LEDGER_TAIL])
       end
     end
-    if entitled then
+    if entitled and cap == 0 then
       if dedup_idx > 0 then
         dedup_remember(KEYS[dedup_idx], fp, decision, reason, retry_s, recorded, did, dedup_ms)
+        caps_record_written(CAP_REQUEST_IDS, dedup_idx, dedup_ms)
       elseif sess_idx > 0 then
         session_remember(sess_idx, seq, decision, reason, recorded, retry, did, window,
           session_fp(fp))
+        caps_record_written(CAP_SESSIONS, sess_idx, session_ms)
       end
     end
 
@@ -299,6 +315,10 @@ for o = 0, #batch - 1, USAGE_SLOTS do
       + LIMITS_UNIT * (with_limits and nl or 0)
     reply[rn + 2] = retry
     rn = rn + 2
+    if cap > 0 then
+      rn = rn + 1
+      reply[rn] = cap
+    end
     for j = 1, nl do
       local spec = set[j]
       local st = spec.st
@@ -333,13 +353,14 @@ trail_close(KEYS[KEY_RECENT], recent_len, subjects, now_s)
 for idx, st in pairs(states) do
   if st.dirty then
     if st.spec.kind == KIND_RATE then
-      bucket_write(KEYS[idx], st.level, st.spec, now_s)
+      caps_counter_written(st.spec, bucket_write(KEYS[idx], st.level, st.spec, now_s))
     else
-      quota_write(KEYS[idx], st.start, st.finish, st.used, now)
+      caps_counter_written(st.spec, quota_write(KEYS[idx], st.start, st.finish, st.used, now))
     end
   end
 end
 
 sessions_close(session_ms)
+caps_close()
 
 return reply

@@ -43,12 +43,14 @@ local function bucket_read(key, spec, now)
 end
 
 -- Write a bucket back: a full one is deleted (idle subjects cost nothing), any other expires
--- when it would be full again.
+-- when it would be full again. Returns its time to live in ms (nil: deleted).
 local function bucket_write(key, level, spec, now_s)
   if level >= spec.capacity_sub then
     redis.call('DEL', key)
-  else
-    redis.call('HSET', key, 'l', int(level), 't', now_s, 's', int(spec.scale))
-    redis.call('PEXPIRE', key, bucket_wait(spec.capacity_sub, level, spec.refill_per_ms))
+    return nil
   end
+  local ttl = bucket_wait(spec.capacity_sub, level, spec.refill_per_ms)
+  redis.call('HSET', key, 'l', int(level), 't', now_s, 's', int(spec.scale))
+  redis.call('PEXPIRE', key, ttl)
+  return ttl
 end

@@ -27,12 +27,13 @@ local function split_bars(s)
 end
 
 -- (decision, reason) -> "US decision US reason", as ledger entries and trail records hold them
+-- (a reason may have two digits: CAP_REACHED is in the trail)
 local verdict_texts = {}
 local function verdict_text(d, r)
   local k = d * 16 + r
   local s = verdict_texts[k]
   if not s then
-    s = US .. DIGIT[d] .. US .. DIGIT[r]
+    s = US .. DIGIT[d] .. US .. (DIGIT[r] or int(r))
     verdict_texts[k] = s
   end
   return s

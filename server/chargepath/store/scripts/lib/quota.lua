@@ -44,8 +44,11 @@ local function quota_read(key, period, now)
   return start, finish, quota_used(tonumber(v[1]), tonumber(v[2] or '0'), start)
 end
 
--- Write a quota back; it expires an hour after its period ends.
+-- Write a quota back; it expires an hour after its period ends. Returns its time to live
+-- in ms.
 local function quota_write(key, start, finish, used, now)
+  local ttl = finish - now + HOUR_MS
   redis.call('HSET', key, 'p', int(start), 'u', int(used))
-  redis.call('PEXPIRE', key, finish - now + HOUR_MS)
+  redis.call('PEXPIRE', key, ttl)
+  return ttl
 end
