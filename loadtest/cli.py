@@ -12,15 +12,15 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, cast
 
 from rich.console import Console
 from rich.markup import escape
 
-from loadtest import chaos, credentials, gogen, processes, report
+from loadtest import alternate, chaos, credentials, gogen, processes, report
 from loadtest.runner import Measurement, PhasePlan, WorkerError, WorkerPool, measure
 from loadtest.worker import FlowSpec, TargetSpec, WorkerSpec
-from loadtest.workload import WorkloadError, load_workload
+from loadtest.workload import WorkloadError, load_workload, require_rls_route
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -32,8 +32,22 @@ SMOKE_RATE = 100.0
 SMOKE_SECONDS = 10.0
 REDACTED = "(redacted)"
 
-Scenario = Literal["check", "stream", "mixed"]
-SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed")
+Scenario = Literal["check", "stream", "mixed", "rls"]
+SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed", "rls")
+#: What the ceilings can run: they answer no RLS call.
+CEILING_SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed")
+DEFAULT_ROUNDS = 3
+
+
+class Target(NamedTuple):
+    """One measurement of a run: what to load (``kind``: the gateway at ``address``, or a
+    ceiling started for it) with which scenario; ``turn`` places it in an ``alternate`` run."""
+
+    label: str
+    kind: str
+    address: str
+    scenario: Scenario
+    turn: alternate.Turn | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     subjects.add_argument("--stream-metric", default="slice.bytes")
     subjects.add_argument("--stream-amount", type=int, default=1500)
     subjects.add_argument(
+        "--rls-domain",
+        default="cpaas-edge",
+        help="rls: the Envoy domain of the requests; the plan file's envoy section must map its "
+        "descriptor [tenant, api_key, route] to --check-tenant, the key and --check-metric "
+        "(cpaas-edge)",
+    )
+    subjects.add_argument(
+        "--rls-route", default="sms-send", help="rls: the value of the route entry (sms-send)"
+    )
+    subjects.add_argument(
         "--view",
         choices=["full", "basic"],
         default="full",
@@ -168,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check": "unary Check calls, MODE_ADMIT (a CPaaS API gateway)",
         "stream": "StreamUsage streams of batches, MODE_REPORT (a slice controller)",
         "mixed": "both at once, split by --check-share",
+        "rls": "Envoy's ShouldRateLimit (RLS v3), one descriptor [tenant, api_key, route] per "
+        "call: the admits of check, as Envoy asks them",
     }
     pid_help = (
         "a process id of the gateway, to report its CPU time per usage (Linux /proc); repeat "
@@ -189,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the ceilings and the gateway in one run, and the ratio gateway/ceiling",
     )
     for p in (ceiling, compare):
-        p.add_argument("--scenario", choices=SCENARIOS, default="check")
+        p.add_argument("--scenario", choices=CEILING_SCENARIOS, default="check")
         p.add_argument(
             "--only", choices=("redis", "echo"), help="run only this ceiling (default: both)"
         )
@@ -208,7 +234,46 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--target-pid", type=int, action="append", default=[], help=pid_help)
     ceiling.set_defaults(target_pid=[])
     chaos.add_parser(sub)
+    alternating = sub.add_parser(
+        "alternate",
+        parents=[common],
+        help="several scenarios against one gateway in alternating rounds at one rate, with "
+        "the gateway's CPU per usage (--target-pid) and its ratio to the first scenario's",
+    )
+    alternating.add_argument(
+        "--scenarios",
+        type=_scenario_list,
+        default=("check", "rls"),
+        metavar="A,B,...",
+        help="the scenarios, comma-separated; ratios are to the first (check,rls)",
+    )
+    alternating.add_argument(
+        "--rounds",
+        type=int,
+        default=DEFAULT_ROUNDS,
+        help=f"rounds; each runs every scenario once, even rounds in reverse order "
+        f"({DEFAULT_ROUNDS})",
+    )
+    alternating.add_argument("--target", default=DEFAULT_TARGET, help=target_help)
+    alternating.add_argument("--target-pid", type=int, action="append", default=[], help=pid_help)
     return parser
+
+
+def _scenario_list(text: str) -> tuple[Scenario, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or len(names) < 2 or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected two or more different scenarios of {', '.join(SCENARIOS)}"
+        )
+    return cast(tuple[Scenario, ...], names)
+
+
+def scenarios_of(args: argparse.Namespace) -> tuple[Scenario, ...]:
+    """The scenarios a command runs."""
+    if args.command == "alternate":
+        return tuple(args.scenarios)
+    return (args.command if args.command in SCENARIOS else args.scenario,)
 
 
 def flows_for(
@@ -219,6 +284,8 @@ def flows_for(
     stream = FlowSpec("stream", "stream", 1.0, args.batch, args.streams)
     if scenario == "check":
         return (check,)
+    if scenario == "rls":
+        return (FlowSpec("rls", "rls", 1.0, 1),)
     if scenario == "stream":
         return (stream,)
     return (
@@ -242,8 +309,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     need(args.keys >= 1, "--keys must be >= 1")
     need(args.step_factor > 1, "--step-factor must be above 1")
     need(args.step_seconds > 0 and args.max_steps >= 1, "--step-seconds/--max-steps too small")
-    scenario = args.command if args.command in SCENARIOS else args.scenario
-    if scenario != "check":
+    scenarios = scenarios_of(args)
+    if {"stream", "mixed"} & set(scenarios):
         need(
             args.streams >= args.procs,
             f"--streams ({args.streams}) must be at least --procs ({args.procs}): every worker "
@@ -255,11 +322,15 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error(problem)
     echo_tls = (getattr(args, "echo_tls_cert", ""), getattr(args, "echo_tls_key", ""))
     need(all(echo_tls) or not any(echo_tls), "--echo-tls-cert and --echo-tls-key go together")
+    if args.command == "alternate":
+        need(args.rounds >= 1, "--rounds must be >= 1")
+        need(not args.find_max, "alternate measures every scenario at one rate: no --find-max")
     if args.generator == "go":
-        need(
-            scenario != "stream",
-            "--generator go sends Check calls only: the stream scenario has none",
-        )
+        for no_check in ("stream", "rls"):
+            need(
+                no_check not in scenarios,
+                f"--generator go sends Check calls only: the {no_check} scenario has none",
+            )
         try:
             gogen.require_binary()
         except gogen.GoGeneratorError as exc:
@@ -302,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return chaos.run(args, list(argv if argv is not None else sys.argv[1:]))
     if args.rate is None:
         args.rate = SMOKE_RATE if args.smoke else DEFAULT_RATE
-    scenario: Scenario = args.command if args.command in SCENARIOS else args.scenario
+    scenarios = scenarios_of(args)
     targets = _targets(args)
     if args.smoke:
         args.duration = max(2.0, SMOKE_SECONDS / len(targets))
@@ -321,7 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream_metric=args.stream_metric,
             stream_amount=args.stream_amount,
             view=args.view,
+            rls_domain=args.rls_domain,
+            rls_route=args.rls_route,
         )
+        if "rls" in scenarios:
+            require_rls_route(workload)
     except WorkloadError as exc:
         parser.error(str(exc))
 
@@ -343,9 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     metadata = tuple((k, v) for k, _, v in (item.partition("=") for item in args.metadata))
     measurements: list[Measurement] = []
+    played: list[tuple[alternate.Turn, Measurement]] = []
     failure = None
     try:
-        for label, kind, address in targets:
+        for label, kind, address, scenario, turn in targets:
             with _target(kind, address, args.target_pid, args) as (where, pids):
                 spec = WorkerSpec(
                     target=TargetSpec(
@@ -374,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         target_pids=pids,
                     )
             measurements.append(m)
+            if turn is not None:
+                played.append((turn, m))
             report.print_measurement(console, m)
     except (WorkerError, TimeoutError, RuntimeError) as exc:
         failure = str(exc)
@@ -384,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     document: dict[str, Any] = {
         "tool": "chargepath-loadtest",
         "command": args.command,
-        "scenario": scenario,
+        "scenario": ",".join(scenarios),
         "argv": _redacted(list(argv if argv is not None else sys.argv[1:]), args.api_key),
         "run_id": run_id,
         "started_at": started_at,
@@ -408,8 +486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = report.comparison_rows(gateway, ceilings)
         report.print_comparison(console, rows, args.find_max)
         document["comparison"] = rows
+    if args.command == "alternate":
+        document["alternation"] = alternate.summary(played, scenarios)
+        alternate.print_summary(console, document["alternation"])
 
-    stem = args.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.command}-{scenario}"
+    stem = args.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.command}-{'-'.join(scenarios)}"
     written = [args.out / f"{stem}.json"]
     report.write_json(written[0], document)
     run = report.RunInfo(scenario, started_at, platform.node(), os.cpu_count())
@@ -426,16 +507,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _targets(args: argparse.Namespace) -> list[tuple[str, str, str]]:
-    """(label, kind, address) of what to measure, in order: ceilings first, then the gateway."""
-    targets: list[tuple[str, str, str]] = []
+def _targets(args: argparse.Namespace) -> list[Target]:
+    """What to measure, in order: ceilings first, then the gateway; for ``alternate``, the
+    gateway once per scenario and round."""
+    if args.command == "alternate":
+        return [
+            Target(alternate.label(turn), "grpc", args.target, cast(Scenario, turn.scenario), turn)
+            for turn in alternate.turns(args.scenarios, args.rounds)
+        ]
+    (scenario,) = scenarios_of(args)
+    targets: list[Target] = []
     if args.command in ("ceiling", "compare"):
         if args.only in (None, "redis"):
-            targets.append(("redis ceiling", "redis", ""))
+            targets.append(Target("redis ceiling", "redis", "", scenario))
         if args.only in (None, "echo"):
-            targets.append(("echo ceiling", "echo", ""))
+            targets.append(Target("echo ceiling", "echo", "", scenario))
     if args.command != "ceiling":
-        targets.append(("gateway", "grpc", args.target))
+        targets.append(Target("gateway", "grpc", args.target, scenario))
     return targets
 
 

@@ -20,20 +20,31 @@ from collections.abc import Sequence
 
 import grpc
 import redis.asyncio
+from envoy.service.ratelimit.v3 import rls_pb2
 
 from chargepath_protos.v1 import metering_pb2 as pb
 from loadtest.ceiling_redis import BatchDecision
 from loadtest.schedule import Schedule
 from loadtest.stats import DEGRADED_OFFSET, FlowRecorder
-from loadtest.workload import CheckRequests, StreamBatches, Workload
+from loadtest.workload import CheckRequests, RlsRequests, StreamBatches, Workload
 
 CHECK_METHOD = "/chargepath.v1.MeteringService/Check"
 STREAM_METHOD = "/chargepath.v1.MeteringService/StreamUsage"
+RLS_METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
 
 Metadata = tuple[tuple[str, str], ...]
 
 #: The error of a Check answered with a verdict for another request id (both generators).
 REQUEST_ID_MISMATCH = "REQUEST_ID_MISMATCH"
+#: The error of a ShouldRateLimit answer whose overall code is neither OK nor OVER_LIMIT.
+RLS_UNKNOWN_CODE = "RLS_UNKNOWN_CODE"
+
+#: An RLS answer counted as the decision it stands for: OK as ALLOW, OVER_LIMIT as THROTTLE (it
+#: does not tell a THROTTLE from a DENY, nor say whether the decision was degraded).
+RLS_OUTCOMES = {
+    rls_pb2.RateLimitResponse.OK: int(pb.DECISION_ALLOW),
+    rls_pb2.RateLimitResponse.OVER_LIMIT: int(pb.DECISION_THROTTLE),
+}
 
 # Pacing sleeps no less than this: below it, timer wake-ups cost more than they save.
 MIN_SLEEP_S = 0.0005
@@ -195,6 +206,61 @@ class CheckFlow(_TaskFlow):
             rec.failed(time.monotonic(), REQUEST_ID_MISMATCH, detail)
             return
         rec.answered(intended, time.monotonic(), (outcome(resp.verdict),))
+
+
+class RlsFlow(_TaskFlow):
+    """Unary ``ShouldRateLimit`` calls of Envoy's rate limit service (RLS v3), one descriptor
+    each, round-robin over the worker's channels: the ``check`` flow's admits as Envoy asks."""
+
+    def __init__(
+        self,
+        channels: Sequence[grpc.aio.Channel],
+        requests: RlsRequests,
+        *,
+        timeout_s: float,
+        metadata: Metadata,
+        max_in_flight: int,
+        name: str = "rls",
+    ) -> None:
+        super().__init__(name, 1, max_in_flight)
+        self._calls: list[
+            grpc.aio.UnaryUnaryMultiCallable[rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse]
+        ] = [
+            ch.unary_unary(
+                RLS_METHOD,
+                request_serializer=rls_pb2.RateLimitRequest.SerializeToString,
+                response_deserializer=rls_pb2.RateLimitResponse.FromString,
+            )
+            for ch in channels
+        ]
+        self._requests = requests
+        self._timeout_s = timeout_s
+        self._metadata = metadata or None
+        self._next = 0
+
+    def _start(self, intended: float, rec: FlowRecorder) -> None:
+        call = self._calls[self._next % len(self._calls)]
+        self._next += 1
+        self._spawn(asyncio.get_running_loop().create_task(self._ask(call, intended, rec)))
+
+    async def _ask(
+        self,
+        call: grpc.aio.UnaryUnaryMultiCallable[rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse],
+        intended: float,
+        rec: FlowRecorder,
+    ) -> None:
+        try:
+            resp = await call(
+                self._requests.next(), timeout=self._timeout_s, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            rec.failed(time.monotonic(), exc.code().name, exc.details() or "")
+            return
+        decision = RLS_OUTCOMES.get(resp.overall_code)
+        if decision is None:
+            rec.failed(time.monotonic(), RLS_UNKNOWN_CODE, f"overall_code {resp.overall_code}")
+            return
+        rec.answered(intended, time.monotonic(), (decision,))
 
 
 class _Session:

@@ -25,11 +25,11 @@ import uvloop
 
 from loadtest import ceiling_redis
 from loadtest.credentials import PLAINTEXT, ClientCredentials
-from loadtest.drivers import CheckFlow, Flow, Metadata, RedisBatchFlow, StreamFlow
+from loadtest.drivers import CheckFlow, Flow, Metadata, RedisBatchFlow, RlsFlow, StreamFlow
 from loadtest.gogen import GoCheckFlow, GoGeneratorError
 from loadtest.schedule import Schedule
 from loadtest.stats import FlowRecorder, FlowStats
-from loadtest.workload import CheckRequests, Workload
+from loadtest.workload import CheckRequests, RlsRequests, Workload
 
 PROGRESS_INTERVAL_S = 0.25
 
@@ -42,7 +42,7 @@ class FlowSpec:
     native generator (go, :mod:`loadtest.gogen`)."""
 
     name: str
-    kind: Literal["check", "stream"]
+    kind: Literal["check", "stream", "rls"]
     share: float
     batch: int = 1
     streams: int = 0
@@ -217,7 +217,7 @@ def _redis_client(target: TargetSpec) -> redis.asyncio.Redis:
 async def _redis_flow(
     spec: WorkerSpec, fs: FlowSpec, client: redis.asyncio.Redis, prefix: str
 ) -> Flow:
-    mode: ceiling_redis.Mode = "admit" if fs.kind == "check" else "report"
+    mode: ceiling_redis.Mode = "report" if fs.kind == "stream" else "admit"
     decide = await ceiling_redis.prepare(client, spec.workload, mode, f"{prefix}-{fs.name}")
     return RedisBatchFlow(
         client, decide, batch=fs.batch, max_in_flight=spec.max_in_flight, name=fs.name
@@ -248,6 +248,15 @@ async def _grpc_flow(
         return CheckFlow(
             channels,
             CheckRequests(spec.workload, f"{prefix}-{fs.name}"),
+            timeout_s=spec.target.timeout_s,
+            metadata=spec.target.call_metadata(),
+            max_in_flight=spec.max_in_flight,
+            name=fs.name,
+        )
+    if fs.kind == "rls":
+        return RlsFlow(
+            channels,
+            RlsRequests(spec.workload),
             timeout_s=spec.target.timeout_s,
             metadata=spec.target.call_metadata(),
             max_in_flight=spec.max_in_flight,

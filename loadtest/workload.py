@@ -1,7 +1,9 @@
 """What the load is about: tenants, subjects and metrics, taken from a plan file.
 
 ``check`` admits ``api.sms.send`` for the CPaaS tenant (``cpaas-demo``), one message per call;
-``stream`` reports ``slice.bytes`` for the MVNO tenant (``mvno-demo``) on its slices. With
+``rls`` asks the same of Envoy's rate limit service, one descriptor [tenant, api_key, route] per
+call that the plan file's ``envoy`` section maps onto the same subject and metric; ``stream``
+reports ``slice.bytes`` for the MVNO tenant (``mvno-demo``) on its slices. With
 ``--tenants many`` the usages are spread over many keys (and every slice of the tenant); with
 ``--tenants hot`` they all go to one key (and the first slice), i.e. one set of buckets.
 """
@@ -13,12 +15,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as rl
+from envoy.service.ratelimit.v3 import rls_pb2
 
+from chargepath.core.plans import PolicyError
+from chargepath.core.policy import Policy
+from chargepath.policy_files import load_policy_file
 from chargepath_protos.v1 import metering_pb2 as pb
 
 TenantSpread = Literal["many", "hot"]
 
 HOT_KEY = "key-hot"
+
+#: The entries of an ``rls`` descriptor, in order: Envoy's rate limit filter configured with a
+#: request header for each (examples/envoy/envoy.yaml).
+RLS_ENTRY_KEYS = ("tenant", "api_key", "route")
 
 
 class WorkloadError(ValueError):
@@ -41,12 +52,21 @@ class Workload:
     slices: tuple[str, ...]
     #: the VerdictView every request asks for (chargepath.v1 enum number)
     view: pb.VerdictView = pb.VERDICT_VIEW_FULL
+    #: the Envoy domain of ``rls`` requests, and the value of their ``route`` entry
+    rls_domain: str = "cpaas-edge"
+    rls_route: str = "sms-send"
 
     def check_subject(self, n: int) -> tuple[str, str, str]:
         """(tenant, slice, key) of the ``n``-th admit."""
         if self.spread == "hot":
             return (self.check_tenant, "", HOT_KEY)
         return (self.check_tenant, "", f"key-{n % self.keys:05d}")
+
+    def rls_entries(self, n: int) -> tuple[tuple[str, str], ...]:
+        """The descriptor entries of the ``n``-th ``rls`` call: the subject of the ``n``-th
+        admit, so both scenarios touch the same buckets."""
+        tenant, _, key = self.check_subject(n)
+        return tuple(zip(RLS_ENTRY_KEYS, (tenant, key, self.rls_route), strict=True))
 
     def stream_subject(self, n: int) -> tuple[str, str, str]:
         """(tenant, slice, key) of the ``n``-th report; the key is a subscriber of the slice."""
@@ -69,6 +89,8 @@ def load_workload(
     stream_metric: str = "slice.bytes",
     stream_amount: int = 1500,
     view: Literal["full", "basic"] = "full",
+    rls_domain: str = "cpaas-edge",
+    rls_route: str = "sms-send",
 ) -> Workload:
     """Read the tenants and slices of ``plans`` and check that the chosen ones exist."""
     try:
@@ -98,7 +120,32 @@ def load_workload(
         stream_amount=stream_amount,
         slices=slices,
         view=pb.VERDICT_VIEW_BASIC if view == "basic" else pb.VERDICT_VIEW_FULL,
+        rls_domain=rls_domain,
+        rls_route=rls_route,
     )
+
+
+def require_rls_route(workload: Workload) -> None:
+    """Raise :class:`WorkloadError` unless the plan file maps the ``rls`` descriptor onto the
+    admit of ``check``: the same subject and metric, so the work per decision is comparable.
+    (An unmapped descriptor would be answered OK and counted nowhere: a fast, empty run.)"""
+    try:
+        policy = Policy(load_policy_file(workload.plans), 1)
+    except PolicyError as exc:
+        raise WorkloadError(f"{workload.plans}: {exc}") from exc
+    entries = workload.rls_entries(0)
+    route = policy.route_descriptor(workload.rls_domain, entries)
+    tenant, slice_, key = workload.check_subject(0)
+    wanted = (tenant, slice_, key, workload.check_metric)
+    got = (route.subject.tenant, route.subject.slice, route.subject.key, route.metric)
+    if not route.matched or got != wanted:
+        shown = ", ".join(f"{k}={v}" for k, v in entries)
+        raise WorkloadError(
+            f"{workload.plans}: the envoy mapping of domain {workload.rls_domain!r} does not "
+            f"map the descriptor [{shown}] to tenant {tenant!r}, key {key!r}, metric "
+            f"{workload.check_metric!r}"
+            + (f" (it maps it to {got})" if route.matched else " (no descriptor matches it)")
+        )
 
 
 class CheckRequests:
@@ -123,6 +170,33 @@ class CheckRequests:
                 mode=pb.MODE_ADMIT,
             ),
             view=w.view,
+        )
+
+
+class RlsRequests:
+    """Builds the ``ShouldRateLimit`` requests of one worker, shaped like Envoy's: one
+    descriptor per call, ``hits_addend`` the admit's amount (left 0, i.e. 1, when it is 1, as
+    Envoy leaves it). Envoy names no request id: the gateway makes one per descriptor."""
+
+    def __init__(self, workload: Workload) -> None:
+        self._workload = workload
+        self._n = 0
+        self._descriptors: dict[tuple[tuple[str, str], ...], rl.RateLimitDescriptor] = {}
+
+    def next(self) -> rls_pb2.RateLimitRequest:
+        n = self._n
+        self._n = n + 1
+        w = self._workload
+        entries = w.rls_entries(n)
+        descriptor = self._descriptors.get(entries)
+        if descriptor is None:
+            descriptor = self._descriptors[entries] = rl.RateLimitDescriptor(
+                entries=[rl.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries]
+            )
+        return rls_pb2.RateLimitRequest(
+            domain=w.rls_domain,
+            descriptors=[descriptor],
+            hits_addend=w.check_amount if w.check_amount != 1 else 0,
         )
 
 

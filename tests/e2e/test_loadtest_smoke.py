@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from tests.conftest import ledger_entries
 from tests.e2e.conftest import GatewayProcess, start_gateway
 
 pytestmark = pytest.mark.e2e
@@ -158,3 +160,83 @@ def test_ceilings_run_and_report(tmp_path: Path) -> None:
     for m in doc["measurements"]:
         (phase,) = m["phases"]
         assert phase["decided_usages"] > 0 and phase["error_ops"] == 0
+
+
+def test_rls_scenario_is_answered_and_reaches_the_ledger(
+    gateway: GatewayProcess, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """rls: Envoy-shaped ShouldRateLimit calls for one key of the demo plans (a bucket of 20,
+    refilled 10/s): the first are OK, the rest OVER_LIMIT, none fails, and every OK is one
+    admit in the tenant's ledger (the descriptor reached the same subject and metric)."""
+    key = "key-hot"
+    before = ledger_entries(redis_client, "cpaas-demo")
+    proc = run_loadtest(
+        "rls",
+        "--target", gateway.address, "--api-key", gateway.operator_key,
+        "--rate", "60", "--duration", "3", "--warmup", "0", "--tenants", "hot",
+        "--procs", "1", "--connections", "1",
+        "--out", str(tmp_path), "--name", "smoke-rls", "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    assert (tmp_path / "smoke-rls-gateway.png").read_bytes()[:8] == PNG_SIGNATURE
+    doc = json.loads((tmp_path / "smoke-rls.json").read_text())
+    assert doc["scenario"] == "rls"
+    (phase,) = doc["measurements"][0]["phases"]
+    (flow,) = phase["flows"]
+    assert flow["flow"] == "rls"
+    assert_answered_cleanly(flow)
+    tally = flow["tally"]
+    assert tally["scheduled_ops"] == tally["sent_ops"] == tally["ok_ops"] == 180
+    allowed = tally["decisions"].get("ALLOW", 0)  # OK
+    over = tally["decisions"].get("THROTTLE", 0)  # OVER_LIMIT
+    assert allowed + over == 180 and allowed >= 20 and over > 0, tally["decisions"]
+
+    new = ledger_entries(redis_client, "cpaas-demo")[len(before) :]
+    assert [(e.metric, e.key, e.mode, e.amount) for e in new] == [
+        ("api.sms.send", key, "admit", 1)
+    ] * allowed
+
+
+def test_rls_refuses_a_plan_file_that_does_not_map_its_descriptor(tmp_path: Path) -> None:
+    """An unmapped descriptor would be answered OK and counted nowhere: refused up front."""
+    proc = run_loadtest(
+        "rls", "--rls-route", "no-such-route", "--smoke", "--quiet", timeout=60
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "does not map the descriptor" in proc.stderr and "no-such-route" in proc.stderr
+
+
+def test_alternate_measures_check_and_rls_on_one_gateway(
+    gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    """alternate: check and rls in turn against the same gateway process, each with the
+    gateway's CPU per usage, and the per-round ratio rls/check."""
+    proc = run_loadtest(
+        "alternate", "--scenarios", "check,rls", "--rounds", "2",
+        "--target", gateway.address, "--api-key", gateway.operator_key,
+        "--target-pid", str(gateway.process.pid),
+        "--rate", "40", "--duration", "2", "--warmup", "0", "--procs", "1",
+        "--connections", "1", "--out", str(tmp_path), "--name", "alt", "--quiet",
+        timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    doc = json.loads((tmp_path / "alt.json").read_text())
+    assert [m["label"] for m in doc["measurements"]] == [
+        "check round 1", "rls round 1", "rls round 2", "check round 2",
+    ]  # fmt: skip
+    for m in doc["measurements"]:
+        (phase,) = m["phases"]
+        (flow,) = phase["flows"]
+        assert flow["flow"] == m["label"].split()[0]
+        assert flow["tally"]["ok_ops"] == 80 and flow["tally"]["error_ops"] == 0
+        assert phase["target_cpu_s"] > 0
+    alternation = doc["alternation"]
+    assert alternation["baseline"] == "check" and alternation["rounds"] == 2
+    cpu = {s: f["cpu_us_per_usage"] for s, f in alternation["scenarios"].items()}
+    assert all(v is not None and v > 0 for values in cpu.values() for v in values), cpu
+    assert alternation["cpu_ratio_to_baseline"]["rls"] == [
+        pytest.approx(r / c, abs=0.001) for r, c in zip(cpu["rls"], cpu["check"], strict=True)
+    ]
+    assert "rls / check" in proc.stdout
