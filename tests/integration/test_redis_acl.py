@@ -37,12 +37,14 @@ USER = "chargepath-acl-test"
 
 #: The ACL rule of a Redis user for Chargepath (gateways and the ledger commands): its keys and
 #: channels only (every one starts with "cp:"), and only the commands it sends, directly or from
-#: its scripts. No KEYS, FLUSHALL, CONFIG, DEBUG, SCRIPT FLUSH, or keys of other applications.
+#: its scripts (INFO: the memory gauges read INFO memory). No KEYS, FLUSHALL, CONFIG, DEBUG,
+#: SCRIPT FLUSH, or keys of other applications.
 ACL_RULE = (
     "on resetkeys ~cp:* resetchannels &cp:* -@all "
     "+ping +hello +auth +time +multi +exec +discard +evalsha +script|load +script|exists "
-    "+get +set +del +exists +incr +pexpire +getrange +setrange "
+    "+info +get +set +del +exists +incr +pexpire +pexpireat +pttl +getrange +setrange "
     "+hget +hmget +hset +hgetall +hdel +hincrby +sadd +smembers "
+    "+zadd +zcard +zscore +zremrangebyscore "
     "+publish +subscribe +unsubscribe "
     "+xadd +xrange +xrevrange +xread +xreadgroup +xack +xtrim +xlen +xpending +xautoclaim "
     "+xclaim +xdel "
@@ -67,6 +69,7 @@ async def gateway(acl_url: str, tmp_path: Path) -> AsyncIterator[Gateway]:
         data_dir=str(tmp_path / "gateway"),
         ledger_lag_interval_ms=100,
         health_probe_ms=100,
+        redis_memory_interval_ms=100,
     )
     gw = Gateway(settings)
     await gw.start()
@@ -141,6 +144,8 @@ async def test_a_gateway_and_the_ledger_work_through_an_acl_user(
     # the background jobs (health probe, policy watch, ledger lag, aggregates) ran too
     await asyncio.sleep(0.3)
     assert "NOPERM" not in caplog.text and "permission" not in caplog.text.lower()
+    # the memory gauges' job read INFO memory (a refused read only keeps the gauges empty)
+    assert gateway.parts is not None and gateway.parts.telemetry.store_memory is not None
 
 
 async def test_webhook_outboxes_and_their_log_work_through_an_acl_user(
