@@ -31,8 +31,14 @@ VALID: dict[str, Any] = {
 }
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-NOW = datetime.now(UTC)
-AGO_35_DAYS_AND_A_MINUTE = NOW - timedelta(days=35, minutes=1)
+
+
+@dataclass(frozen=True)
+class FromNow:
+    """A time this far from the clock when a case's usage is built, not when the table was:
+    a whole suite runs for many minutes between collecting the table and running a case."""
+
+    offset: timedelta
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,9 @@ class ValidationCase:
     field: str | None = None
 
     def usage(self) -> dict[str, Any]:
-        return {**VALID, **self.changes}
+        fields = {**VALID, **self.changes}
+        now = datetime.now(UTC)
+        return {k: now + v.offset if isinstance(v, FromNow) else v for k, v in fields.items()}
 
 
 def _case(id: str, field: str | None = None, **changes: Any) -> ValidationCase:
@@ -109,12 +117,16 @@ CASES: tuple[ValidationCase, ...] = (
     _case("label value at 257", "labels", labels={"k": "v" * 257}),
     # occurred_at: within 35 days before and 5 minutes after the clock (the gateway's default
     # window; a minute of margin either side for the time between building and checking)
-    _case("occurred now", occurred_at=NOW),
-    _case("occurred 34 days ago", occurred_at=NOW - timedelta(days=34, hours=23, minutes=59)),
-    _case("occurred 4 minutes ahead", occurred_at=NOW + timedelta(minutes=4)),
-    _case("occurred 35 days and a minute ago", "occurred_at", occurred_at=AGO_35_DAYS_AND_A_MINUTE),
-    _case("occurred 6 minutes ahead", "occurred_at", occurred_at=NOW + timedelta(minutes=6)),
-    _case("occurred a year ahead", "occurred_at", occurred_at=NOW + timedelta(days=366)),
+    _case("occurred now", occurred_at=FromNow(timedelta(0))),
+    _case("occurred 34 days ago", occurred_at=FromNow(-timedelta(days=34, hours=23, minutes=59))),
+    _case("occurred 4 minutes ahead", occurred_at=FromNow(timedelta(minutes=4))),
+    _case(
+        "occurred 35 days and a minute ago",
+        "occurred_at",
+        occurred_at=FromNow(-timedelta(days=35, minutes=1)),
+    ),
+    _case("occurred 6 minutes ahead", "occurred_at", occurred_at=FromNow(timedelta(minutes=6))),
+    _case("occurred a year ahead", "occurred_at", occurred_at=FromNow(timedelta(days=366))),
     _case("occurred at the epoch", "occurred_at", occurred_at=EPOCH),
     _case("occurred before the epoch", "occurred_at", occurred_at=EPOCH - timedelta(seconds=1)),
     _case(
