@@ -36,7 +36,8 @@ def test_a_block_that_overruns_on_an_idle_loop_times_out_at_its_delay(run: Runne
                 await asyncio.sleep(10)
         return time.perf_counter() - started
 
-    assert 0.05 <= run(main()) < 0.5
+    # uvloop keeps timers in whole milliseconds (libuv): one may fire up to 1 ms early
+    assert 0.049 - 0.001 <= run(main()) < 0.5
 
 
 @RUNNERS
