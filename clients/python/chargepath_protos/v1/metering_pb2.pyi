@@ -38,6 +38,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_SOFT_LIMIT_EXCEEDED: _ClassVar[Reason]
     REASON_PERMISSION_DENIED: _ClassVar[Reason]
     REASON_CAP_REACHED: _ClassVar[Reason]
+    REASON_LEASE_EXPIRED: _ClassVar[Reason]
 
 class LimitKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -76,6 +77,7 @@ REASON_SUSPENDED: Reason
 REASON_SOFT_LIMIT_EXCEEDED: Reason
 REASON_PERMISSION_DENIED: Reason
 REASON_CAP_REACHED: Reason
+REASON_LEASE_EXPIRED: Reason
 LIMIT_KIND_UNSPECIFIED: LimitKind
 LIMIT_KIND_RATE: LimitKind
 LIMIT_KIND_QUOTA: LimitKind
