@@ -143,8 +143,8 @@ def test_a_document_without_envoy_serialises_as_before() -> None:
         ),
         (
             "      - {key: a, metric: api.calls}\n      - {key: a, metric: api.calls}",
-            4,
-            "envoy.0",
+            8,
+            "envoy.0.descriptors.1",
             "duplicate descriptor (key, value) name 'a=*'",
         ),
     ],

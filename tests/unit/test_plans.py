@@ -52,7 +52,7 @@ plans:
         rate: { capacity: -3, refill: 1 }
       - name: daily
         metric: api.sms.send
-        quota: { amount: 5, per: week }
+        quota: { amount: 5, per: fortnight }
 """
     with pytest.raises(PolicyError) as e:
         load_policy_text(text, source="plans.yaml")
@@ -69,13 +69,14 @@ plans:
     )
 
 
-def test_a_rule_across_fields_names_the_document_as_a_whole() -> None:
+def test_a_rule_across_fields_names_the_field_and_its_line() -> None:
     text = "metrics: [{name: api.sms.send}]\ntenants: [{name: t, plan: nope}]\n"
     with pytest.raises(PolicyError) as e:
         load_policy_text(text, source="plans.yaml")
     (issue,) = e.value.issues
-    assert (issue.path, issue.line, issue.message) == ("", 1, "tenant 't': unknown plan 'nope'")
-    assert str(issue) == "plans.yaml:1: (document): tenant 't': unknown plan 'nope'"
+    assert (issue.path, issue.line, issue.column) == ("tenants.0.plan", 2, 27)
+    assert issue.message == "unknown plan 'nope': not in 'plans'"
+    assert str(issue) == "plans.yaml:2: tenants.0.plan: unknown plan 'nope': not in 'plans'"
 
 
 def test_text_that_is_not_a_document_is_an_issue_without_a_field() -> None:
@@ -108,7 +109,7 @@ def test_an_unreadable_file_is_a_policy_error_naming_the_file(tmp_path: Path) ->
         ("plans: [{name: p, limits: [{name: l, metric: api.sms.send}]}]", "exactly one of"),
         (
             "plans: [{name: p, limits: [{name: l, metric: api.sms.send, "
-            "quota: {amount: 5, per: week}}]}]",
+            "quota: {amount: 5, per: year}}]}]",
             "plans.0.limits.0.quota.per",
         ),
         ("tenants: [{name: t}, {name: t}]", "duplicate tenant name 't'"),
