@@ -16,6 +16,7 @@ from chargepath.core.plans import (
     load_policy_text,
     parse_plan,
     parse_policy,
+    policy_rules,
 )
 from chargepath.core.policy import Policy
 from chargepath.policy_files import load_policy_file
@@ -85,13 +86,41 @@ def test_a_rule_across_fields_names_the_field_and_its_line() -> None:
     assert str(issue) == "plans.yaml:2: tenants.0.plan: unknown plan 'nope': not in 'plans'"
 
 
-def test_text_that_is_not_a_document_is_an_issue_without_a_field() -> None:
+def test_text_that_is_not_a_document_is_an_issue_without_a_field_at_its_line() -> None:
     with pytest.raises(PolicyError) as e:
-        load_policy_text("plans: [oops", source="document")
+        load_policy_text("metrics: []\nplans: [oops", source="document")
     (issue,) = e.value.issues
-    assert issue.path is None and issue.line is None
-    assert issue.message.startswith("not valid YAML: ")
-    assert str(issue) == "document: " + issue.message
+    assert (issue.path, issue.line, issue.column) == (None, 2, 13)
+    assert issue.message == (
+        "not valid YAML: while parsing a flow sequence: expected ',' or ']', but got '<stream end>'"
+    )
+    assert str(issue) == "document:2: " + issue.message
+
+
+def test_a_key_written_twice_is_an_issue_at_its_second_line() -> None:
+    text = """\
+metrics: [{name: api.sms.send}]
+plans:
+  - name: p
+    limits:
+      - name: l
+        metric: api.sms.send
+        quota: {amount: 5, per: day, amount: 500}
+        name: l2
+tenants: [{name: t, plan: nope}]
+"""
+    with pytest.raises(PolicyError) as e:
+        load_policy_text(text, source="p.yaml")
+    assert e.value.errors == [
+        "p.yaml:7: plans.0.limits.0.quota.amount: key written twice in this mapping: only the "
+        "last one would count",
+        "p.yaml:8: plans.0.limits.0.name: key written twice in this mapping: only the last one "
+        "would count",
+        "p.yaml:9: tenants.0.plan: unknown plan 'nope': not in 'plans'",
+    ]
+    # alone, it is refused as well
+    with pytest.raises(PolicyError, match="key written twice"):
+        load_policy_text("metrics: [{name: api.sms.send, name: api.sms.recv}]\n")
 
 
 def test_an_unreadable_file_is_a_policy_error_naming_the_file(tmp_path: Path) -> None:
@@ -418,3 +447,76 @@ def test_a_published_document_with_an_older_free_unit_still_loads() -> None:
     assert doc.metrics[0].unit == "MB"
     with pytest.raises(ValidationError, match="unknown unit 'MB'"):
         PolicyDocument.model_validate_json(stored)
+
+
+# Valid fields, every rule across fields broken: found by the models' own validators (the
+# document's rules on its rule_view) and by the rules on the decoded data, alike.
+RULES_ONLY = """\
+metrics: [{name: api.sms.send}, {name: api.sms.send}, {name: slice.bytes}]
+plans:
+  - name: p
+    limits:
+      - {name: l, metric: api.voice.*, quota: {amount: 1, per: week}}
+      - {name: l, metric: api.sms.send, quota: {amount: 1, per: day}}
+  - {name: s, limits: [{name: l, metric: slice.bytes, rate: {capacity: 1, refill: 1}}]}
+  - {name: p}
+tenants:
+  - name: t
+    plan: p
+    slices: [{name: s1, plan: s}, {name: s1}, {name: s2, plan: gone}]
+    keys: [{name: k}, {name: k}]
+  - {name: t, plan: nope}
+envoy:
+  - domain: d
+    descriptors:
+      - {key: a, metric: api.nope}
+      - {key: a, subject: tenant, descriptors: [{key: b, subject: tenant, metric: slice.bytes}]}
+  - {domain: d, tenant: t, descriptors: [{key: c, metric: slice.bytes}]}
+webhooks:
+  - {name: w, url: 'https://x/h', events: [quota.80, quota.80], secret_env: S, tenants: [zed]}
+  - {name: w, url: 'https://x/h', events: [degraded], secret_env: S}
+"""
+
+
+def test_the_rules_find_the_same_on_the_models_as_on_the_decoded_data() -> None:
+    data = yaml.safe_load(RULES_ONLY)
+    with pytest.raises(PolicyError) as e:
+        parse_policy(data)
+    from_models = {(i.path, i.message) for i in e.value.issues}
+    on_data = {(".".join(map(str, loc)), message) for loc, message in policy_rules(data)}
+    assert from_models == on_data
+    paths = {path for path, _ in on_data}
+    assert {
+        "metrics.1.name",
+        "plans.0.limits.0.metric",
+        "plans.0.limits.1.name",
+        "plans.2.name",
+        "tenants.0.slices.0.plan",  # scope 'tenant', and 'l' in both plans
+        "tenants.0.slices.1.name",
+        "tenants.0.slices.2.plan",
+        "tenants.0.keys.1.name",
+        "tenants.1.name",
+        "tenants.1.plan",
+        "envoy.0.descriptors.0.metric",
+        "envoy.0.descriptors.0",  # no tenant
+        "envoy.0.descriptors.1",  # duplicate (key, value)
+        "envoy.0.descriptors.1.descriptors.0.subject",
+        "envoy.1.domain",
+        "webhooks.0.events.1",
+        "webhooks.0.tenants.0",
+        "webhooks.1.name",
+    } == paths
+    # the document's own validator (on its rule_view), when every nested model validates
+    nested_ok = (
+        RULES_ONLY.replace("{name: l, metric: api.sms.send", "{name: m, metric: api.sms.send")
+        .replace("{name: s1}, ", "")
+        .replace("{name: k}, {name: k}", "{name: k}")
+        .replace("      - {key: a, metric: api.nope}\n", "      - {key: z, metric: api.nope}\n")
+        .replace("[quota.80, quota.80]", "[quota.80]")
+    )
+    data = yaml.safe_load(nested_ok)
+    with pytest.raises(ValidationError) as v:
+        PolicyDocument.model_validate(data)
+    found = {(".".join(map(str, e["loc"])), e["msg"]) for e in v.value.errors()}
+    assert found == {(".".join(map(str, loc)), message) for loc, message in policy_rules(data)}
+    assert {e["type"] for e in v.value.errors()} == {"policy_rule"} and len(found) == 14

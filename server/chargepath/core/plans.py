@@ -259,6 +259,8 @@ class TenantSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TenantSpec:
+        if len(self.slices) < 2 and len(self.keys) < 2:
+            return self  # nothing can be a duplicate (most tenants: skip the work)
         names = {
             "slices": [{"name": s.name} for s in self.slices],
             "keys": [{"name": k.name, "slice": k.slice} for k in self.keys],
@@ -397,8 +399,41 @@ class PolicyDocument(_Strict):
 
     @model_validator(mode="after")
     def _cross_check(self) -> PolicyDocument:
-        _refuse("PolicyDocument", policy_rules(self.model_dump(mode="json")))
+        # the nested models validated, their own rules included
+        _refuse("PolicyDocument", policy_rules(self.rule_view(), nested=False))
         return self
+
+    def rule_view(self) -> dict[str, Any]:
+        """What :func:`policy_rules` reads of the document, as decoded data: the names and
+        references only (a whole ``model_dump`` of a large document costs more than the rules).
+        """
+        return {
+            "metrics": [{"name": m.name} for m in self.metrics],
+            "plans": [
+                {
+                    "name": p.name,
+                    "limits": [
+                        {"name": lim.name, "metric": lim.metric, "scope": lim.scope}
+                        for lim in p.limits
+                    ],
+                }
+                for p in self.plans
+            ],
+            "tenants": [
+                {
+                    "name": t.name,
+                    "plan": t.plan,
+                    "slices": [{"name": s.name, "plan": s.plan} for s in t.slices],
+                    "keys": [{"name": k.name, "slice": k.slice} for k in t.keys],
+                }
+                for t in self.tenants
+            ],
+            "envoy": [d.model_dump(mode="json") for d in self.envoy],
+            "webhooks": [
+                {"name": w.name, "events": list(w.events), "tenants": list(w.tenants)}
+                for w in self.webhooks
+            ],
+        }
 
     def canonical_json(self) -> str:
         """A stable serialisation: equal documents give equal strings. A document without an
@@ -426,15 +461,16 @@ class PolicyDocument(_Strict):
 # one pass. What is not of the expected shape is skipped here; the schema reports it.
 
 
-def _items(data: Any, key: str) -> list[tuple[int, Mapping[str, Any]]]:
-    """The mappings of the list ``data[key]``, with their indexes."""
-    seq = data.get(key) if isinstance(data, Mapping) else None
+def _items(data: Any, key: str) -> list[tuple[int, dict[str, Any]]]:
+    """The mappings of the list ``data[key]``, with their indexes. (YAML and JSON decode
+    mappings as dicts; ``isinstance(x, dict)`` is also much cheaper than an ABC check.)"""
+    seq = data.get(key) if isinstance(data, dict) else None
     if not isinstance(seq, list):
         return []
-    return [(i, item) for i, item in enumerate(seq) if isinstance(item, Mapping)]
+    return [(i, item) for i, item in enumerate(seq) if isinstance(item, dict)]
 
 
-def _text(item: Mapping[str, Any], key: str) -> str | None:
+def _text(item: dict[str, Any], key: str) -> str | None:
     value = item.get(key)
     return value if isinstance(value, str) else None
 
@@ -464,7 +500,7 @@ def _plan_rules(plan: Any, loc: Loc) -> Found:
 
 
 def _tenant_rules(tenant: Any, loc: Loc) -> Found:
-    def key_id(k: Mapping[str, Any]) -> str | None:
+    def key_id(k: dict[str, Any]) -> str | None:
         name, slice_ = _text(k, "name"), k.get("slice", "")
         return f"{slice_}/{name}" if name is not None and isinstance(slice_, str) else None
 
@@ -476,7 +512,7 @@ def _tenant_rules(tenant: Any, loc: Loc) -> Found:
 def _descriptor_duplicates(node: Any, loc: Loc) -> Found:
     """Two children of one node (or domain) that match the same (key, value)."""
 
-    def match(d: Mapping[str, Any]) -> str | None:
+    def match(d: dict[str, Any]) -> str | None:
         key, value = _text(d, "key"), d.get("value")
         if key is None or not isinstance(value, str | None):
             return None
@@ -502,13 +538,14 @@ def _event_duplicates(events: Any, loc: Loc) -> Found:
     )
 
 
-def _envoy_rules(data: Any, metrics: frozenset[str]) -> Found:
+def _envoy_rules(data: Any, metrics: frozenset[str], *, nested: bool) -> Found:
     """The rules of the Envoy mapping that need the whole document: a metric in the catalog, a
     tenant on the path of every node with a metric, a subject part bound once per path."""
     out: Found = []
 
-    def walk(parent: Mapping[str, Any], loc: Loc, bound: frozenset[str]) -> None:
-        out.extend(_descriptor_duplicates(parent, loc))
+    def walk(parent: dict[str, Any], loc: Loc, bound: frozenset[str]) -> None:
+        if nested:
+            out.extend(_descriptor_duplicates(parent, loc))
         for i, node in _items(parent, "descriptors"):
             here = (*loc, "descriptors", i)
             now = bound
@@ -538,13 +575,17 @@ def _envoy_rules(data: Any, metrics: frozenset[str]) -> Found:
     return out
 
 
-def policy_rules(data: Any) -> Found:
+def policy_rules(data: Any, *, nested: bool = True) -> Found:
     """Every rule of a policy document across its fields, on the decoded document: names are
     unique (metrics, plans, tenants, limits of a plan, slices and keys of a tenant, Envoy
     domains and descriptors, webhooks and their events); a limit's metric pattern matches a
     metric of the catalog; a plan assigned to a tenant or a slice exists; a slice's plan counts
     at scope slice or key, with limit names of its own; the Envoy mapping's metrics and
-    tenants; a webhook's tenants exist. Each issue names the field it concerns."""
+    tenants; a webhook's tenants exist. Each issue names the field it concerns.
+
+    ``nested=False`` leaves out the rules that the nested models check themselves (names
+    unique within a plan, a tenant, a descriptor node, a webhook's events): for a document
+    whose models all validated."""
     out: Found = []
     metrics, plans, tenants = (
         _items(data, "metrics"),
@@ -561,12 +602,13 @@ def policy_rules(data: Any) -> Found:
     ):
         out += _duplicates((((section, i, key), _text(it, key)) for i, it in items), what)
     catalog = [name for _, m in metrics if (name := _text(m, "name")) is not None]
-    by_name: dict[str, Mapping[str, Any]] = {}
+    by_name: dict[str, dict[str, Any]] = {}
     for p, plan in plans:
         name = _text(plan, "name")
         if name is not None:
             by_name.setdefault(name, plan)
-        out += _plan_rules(plan, ("plans", p))
+        if nested:
+            out += _plan_rules(plan, ("plans", p))
         for i, lim in _items(plan, "limits"):
             pattern = _text(lim, "metric")
             # a malformed pattern is the schema's issue; a well-formed one must match
@@ -584,15 +626,16 @@ def policy_rules(data: Any) -> Found:
         return f"unknown plan {plan!r}: not in 'plans'"
 
     for t, tenant in tenants:
-        out += _tenant_rules(tenant, ("tenants", t))
+        if nested:
+            out += _tenant_rules(tenant, ("tenants", t))
         assigned = _text(tenant, "plan")
         if assigned is not None and assigned not in by_name:
             out.append((("tenants", t, "plan"), unknown(assigned)))
-        own = {_text(lim, "name") for _, lim in _items(by_name.get(assigned or ""), "limits")}
         for s, slice_ in _items(tenant, "slices"):
             plan_name = _text(slice_, "plan")
             if plan_name is None:
                 continue
+            own = {_text(lim, "name") for _, lim in _items(by_name.get(assigned or ""), "limits")}
             here = ("tenants", t, "slices", s, "plan")
             if plan_name not in by_name:
                 out.append((here, unknown(plan_name)))
@@ -615,10 +658,11 @@ def policy_rules(data: Any) -> Found:
                             f"slice's plan {plan_name!r}; limit names must differ",
                         )
                     )
-    out += _envoy_rules(data, frozenset(catalog))
+    out += _envoy_rules(data, frozenset(catalog), nested=nested)
     known = {name for _, t in tenants if (name := _text(t, "name")) is not None}
     for w, hook in webhooks:
-        out += _event_duplicates(hook.get("events"), ("webhooks", w))
+        if nested:
+            out += _event_duplicates(hook.get("events"), ("webhooks", w))
         listed = hook.get("tenants")
         for i, name in enumerate(listed if isinstance(listed, list) else []):
             # a malformed name is the schema's issue
@@ -741,17 +785,58 @@ def _issues(
     for loc, message in found:
         line, column = _position_of(yaml_root, loc) if yaml_root is not None else (None, None)
         issues.append(PolicyIssue(source, ".".join(str(p) for p in loc), line, message, column))
-    # in the order of the text; sorted() is stable: the schema's order within a line
+    return _in_text_order(issues)
+
+
+def _in_text_order(issues: list[PolicyIssue]) -> list[PolicyIssue]:
+    # sorted() is stable: the order they were found in, within a line
     return sorted(issues, key=lambda i: (i.line is None, i.line or 0, i.column or 0))
 
 
+def _duplicate_keys(node: yaml.Node, loc: Loc = ()) -> list[tuple[Loc, yaml.Node]]:
+    """Keys written twice in one mapping (YAML keeps only the last one, silently)."""
+    out: list[tuple[Loc, yaml.Node]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name in seen:
+                out.append(((*loc, name), key))
+            if name is not None:
+                seen.add(name)
+            out += _duplicate_keys(value, (*loc, name if name is not None else "?"))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += _duplicate_keys(item, (*loc, i))
+    return out
+
+
 def load_policy_text(text: str, *, source: str = "policy") -> PolicyDocument:
-    """Parse YAML (or JSON, a subset of YAML) text into a validated document."""
+    """Parse YAML (or JSON, a subset of YAML) text into a validated document; raise
+    :class:`PolicyError` with every issue: a key written twice in a mapping, and each issue of
+    :func:`parse_policy`. Text that is not YAML is one issue, at the line where parsing
+    stopped."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise PolicyError([PolicyIssue(source, None, None, f"not valid YAML: {exc}")]) from None
+        mark = getattr(exc, "problem_mark", None)
+        what = ": ".join(
+            str(part)
+            for part in (getattr(exc, "context", None), getattr(exc, "problem", None))
+            if part
+        )
+        raise PolicyError(
+            [
+                PolicyIssue(
+                    source,
+                    None,
+                    None if mark is None else mark.line + 1,
+                    f"not valid YAML: {what or type(exc).__name__}",
+                    None if mark is None else mark.column + 1,
+                )
+            ]
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -765,7 +850,23 @@ def load_policy_text(text: str, *, source: str = "policy") -> PolicyDocument:
                 )
             ]
         )
-    return parse_policy(data, source=source, yaml_root=root)
+    duplicates = [
+        PolicyIssue(
+            source,
+            ".".join(str(p) for p in loc),
+            key.start_mark.line + 1,
+            "key written twice in this mapping: only the last one would count",
+            key.start_mark.column + 1,
+        )
+        for loc, key in (_duplicate_keys(root) if root is not None else [])
+    ]
+    try:
+        document = parse_policy(data, source=source, yaml_root=root)
+    except PolicyError as exc:
+        raise PolicyError(_in_text_order([*exc.issues, *duplicates])) from None
+    if duplicates:
+        raise PolicyError(duplicates)
+    return document
 
 
 SCOPES = {"tenant": Scope.TENANT, "slice": Scope.SLICE, "key": Scope.KEY}
