@@ -4,12 +4,13 @@ from, across a grant and a plan change that converts and clamps a bucket."""
 
 from __future__ import annotations
 
+import pytest
 import redis
 
 from chargepath.core.model import Decision, Mode, Subject, Usage
-from chargepath.core.plans import load_policy_text
+from chargepath.core.plans import PolicyError, load_policy_text
 from chargepath.store.admin import AdminStore
-from chargepath.store.redis_store import RedisStore
+from chargepath.store.redis_store import POLICY_KEY, RedisStore
 from chargepath.transport.mapping import limit_state_to_pb
 from tests.conftest import make_engine
 
@@ -107,3 +108,20 @@ async def test_a_weekly_quota_is_decided_and_shown_until_next_monday(store: Redi
     # GetState's limit: the period by name
     shown = limit_state_to_pb("w", "api.sms.send", limits[0], weekly)
     assert (shown.per, shown.used, shown.capacity) == ("week", 4, 5)
+
+
+async def test_a_live_policy_published_with_a_unit_before_the_list_still_loads(
+    store: RedisStore, raw_redis: redis.Redis
+) -> None:
+    """A policy published before units came from a list (``unit: MB``) is what the store holds:
+    the gateway loads it and decides; a new document with that unit is refused."""
+    engine = await make_engine(store, WEEKLY)
+    doc = raw_redis.hget(POLICY_KEY, "doc")
+    assert isinstance(doc, str) and '"unit":"message"' in doc
+    raw_redis.hset(POLICY_KEY, "doc", doc.replace('"unit":"message"', '"unit":"MB"'))
+    loaded = await store.load_policy()
+    assert loaded is not None and loaded.document.metrics[0].unit == "MB"
+    await engine.reload_policy()
+    assert (await engine.check(admit(200, 1))).decision is Decision.ALLOW
+    with pytest.raises(PolicyError, match="unknown unit 'MB'"):
+        load_policy_text(loaded.document.model_dump_json())
