@@ -232,7 +232,19 @@ def _apply(args: argparse.Namespace, stub: Any, console: Console) -> int:
     """``plans apply``. Without ``--prune`` a file that leaves out live plans or tenants is
     refused by the gateway (the list is shown). With ``--prune`` a dry run shows the diff and
     what will be removed, the user confirms (or ``--yes``), and the file is applied only if
-    the live policy is still the version that was previewed."""
+    the live policy is still the version that was previewed. A file that does not validate
+    is refused here, every issue on a line of its own (``file:line: field: reason``), exit 1,
+    without a call."""
+    # pydantic loads only for this command
+    from chargepath.core.plans import PolicyError
+    from chargepath.policy_files import load_policy_file, refusal_lines
+
+    try:
+        load_policy_file(args.file)
+    except PolicyError as exc:
+        lines = refusal_lines(exc, "plans apply")
+        print("chargepath: " + "\n".join(lines), file=sys.stderr)
+        return 1
     text = Path(args.file).read_text(encoding="utf-8")
     t = args.timeout
     try:

@@ -66,7 +66,7 @@ from chargepath.core.model import (
     Scope,
     Verdict,
 )
-from chargepath.core.periods import DAY_MS, HOUR_MS, Period
+from chargepath.core.periods import DAY_MS, HOUR_MS, WEEK_MS, WEEK_OFFSET_MS, Period
 from chargepath.core.policy import NO_CAPS, Caps, Limit
 from chargepath.store.base import DecideItem, Reversal, StalePolicyError, StoreDeadlineError
 
@@ -296,7 +296,8 @@ def lua_constants() -> dict[str, int | str]:
     out.update({r.name: int(r) for r in Reason})
     out.update({f"KIND_{k.name}": int(k) for k in LimitKind})
     out.update({f"PERIOD_{p.name}": int(p) for p in Period})
-    out.update(HOUR_MS=HOUR_MS, DAY_MS=DAY_MS, MAX_DEBT=MAX_DEBT)
+    out.update(HOUR_MS=HOUR_MS, DAY_MS=DAY_MS, WEEK_MS=WEEK_MS, WEEK_OFFSET_MS=WEEK_OFFSET_MS)
+    out.update(MAX_DEBT=MAX_DEBT)
     for name, value in globals().items():
         if name.isupper() and not name.startswith("_") and isinstance(value, int | str):
             out[name] = value
