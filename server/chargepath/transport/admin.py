@@ -451,6 +451,12 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         bad = check_tenant(request.tenant, "tenant")
         if bad is not None:
             await abort_invalid(context, [bad])
+        # a tenant the policy does not have would never have a decision: say so at once
+        policy = await self._guard(context, self.engine.reload_policy())
+        if request.tenant not in policy.entitlements:
+            await abort(
+                context, grpc.StatusCode.NOT_FOUND, f"tenant: unknown tenant {request.tenant!r}"
+            )
         decisions = {int(d) for d in request.decisions}
         reasons = {int(r) for r in request.reasons}
         try:
