@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from chargepath_protos.v1 import metering_pb2 as pb
+from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 from tests.e2e.conftest import DEMO_PLANS, GatewayProcess, start_gateway
 from tests.e2e.test_cli import cli
 
@@ -324,3 +326,38 @@ def test_state_watch_reconnects_after_a_gateway_restart(tmp_path: Path) -> None:
         if second is not None:
             assert second.stop() == 0, second.log()
         gw.redis.stop()
+
+
+def test_explain_from_the_id_alone_beyond_the_last_1000_decisions(
+    gateway: GatewayProcess,
+) -> None:
+    args = ("check", "--tenant", "mvno-demo", "--slice", "1-000002", "--metric", "slice.bytes")
+    first = json.loads(cli(gateway, *args, "--amount", "1234", "--report", "--json").stdout)
+    with gateway.channel() as ch:
+        stub = pb_grpc.MeteringServiceStub(ch)
+        for b in range(11):  # 1,100 decisions of the same tenant after it
+            usages = [
+                pb.Usage(
+                    request_id=f"explain-{b}-{i}",
+                    subject=pb.Subject(tenant="mvno-demo", slice="1-000001"),
+                    metric="slice.bytes",
+                    amount=1,
+                    mode=pb.MODE_REPORT,
+                )
+                for i in range(100)
+            ]
+            (answer,) = stub.StreamUsage(iter([pb.StreamUsageRequest(usages=usages)]), timeout=10)
+            assert all(v.recorded for v in answer.verdicts)
+    explained = cli(gateway, "explain", first["decision_id"])
+    assert explained.returncode == 0, explained.stderr
+    assert "ALLOW" in explained.stdout and "OK" in explained.stdout
+    assert "1.2 KiB" in explained.stdout and first["request_id"] in explained.stdout
+    as_json = json.loads(cli(gateway, "explain", first["decision_id"], "--json").stdout)
+    assert (as_json["decision"], as_json["amount"]) == ("ALLOW", 1234)
+    assert as_json["subject"] == {"tenant": "mvno-demo", "slice": "1-000002", "key": ""}
+    # a viewer of another tenant: as if the id did not exist
+    viewer = _key(gateway, "viewer", "cpaas-demo")
+    theirs = cli(gateway, "explain", first["decision_id"], "--api-key", viewer)
+    made_up = cli(gateway, "explain", "f" * 32, "--api-key", viewer)
+    _one_line(theirs, 1, "chargepath: NOT_FOUND: decision_id: no decision ")
+    assert theirs.stderr.replace(first["decision_id"], "f" * 32) == made_up.stderr
