@@ -5,7 +5,9 @@ malformed value, gets one line naming the flag and exit status 2, never a traceb
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +139,14 @@ def test_help_is_plain_text(path: tuple[str, ...], capsys: pytest.CaptureFixture
     assert out.startswith("usage: chargepath")
     assert "``" not in out
     assert ":class:" not in out and ":func:" not in out and ":data:" not in out
+
+
+def test_make_help_lists_every_target() -> None:
+    """`make help` prints the targets with a ``## `` comment: every .PHONY target has one."""
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    phony = re.search(r"^\.PHONY:((?:.*\\\n)*.*)$", makefile, re.M)
+    assert phony is not None
+    targets = set(phony.group(1).replace("\\\n", " ").split())
+    documented = set(re.findall(r"^([a-zA-Z0-9_-]+):.*?## ", makefile, re.M))
+    assert "test-e2e" in targets
+    assert targets - documented == set()

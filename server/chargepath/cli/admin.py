@@ -99,7 +99,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--slice", default="")
     p.add_argument("--key", default="")
     p.add_argument("--limit", required=True, help="name of a quota limit")
-    p.add_argument("--amount", type=values.integer(1, 2**63 - 1), required=True)
+    p.add_argument("--amount", type=values.INT64, required=True)
     p.add_argument(
         "--expires",
         type=values.time_or_duration,

@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
     connection.add_options(p)
     p.add_argument("--tenant", required=True)
     p.add_argument("--metric", required=True)
-    p.add_argument("--amount", type=values.integer(1, 2**63 - 1), default=1)
+    p.add_argument("--amount", type=values.INT64, default=1)
     p.add_argument("--slice", default="")
     p.add_argument("--key", default="")
     p.add_argument("--report", action="store_true", help="MODE_REPORT (default MODE_ADMIT)")

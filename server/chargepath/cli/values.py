@@ -87,6 +87,10 @@ def integer(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+#: A whole number protobuf's int64 holds (the gateway checks the field's own bounds).
+INT64: Final = integer(-(2**63), 2**63 - 1)
+
+
 def one_of(names: list[str], what: str) -> Callable[[str], str]:
     """One of ``names``, in any case, returned as spelled in ``names`` (upper case for
     decisions and reasons: ``allow`` and ``DECISION_ALLOW`` both give ``ALLOW``)."""
