@@ -60,7 +60,7 @@ def test_plans_apply_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
     out = chargepath(
         "plans", "apply", "nonexistent.yaml", "--target", f"127.0.0.1:{free_port()}", cwd=tmp_path
     )
-    assert out.returncode == 1
+    assert out.returncode == 2  # a bad argument, as every unreadable file the CLI is given
     assert out.stderr == (
         "chargepath: plans apply: nonexistent.yaml: cannot read: No such file or directory\n"
     )

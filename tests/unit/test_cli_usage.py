@@ -114,7 +114,10 @@ def test_a_plan_file_that_cannot_be_read_is_one_line(capsys: pytest.CaptureFixtu
     code = main(["plans", "apply", "/nonexistent.yaml", "--target", "127.0.0.1:1"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err == "chargepath: /nonexistent.yaml: cannot read: No such file or directory\n"
+    assert (
+        err
+        == "chargepath: plans apply: /nonexistent.yaml: cannot read: No such file or directory\n"
+    )
 
 
 def test_tail_accepts_decisions_and_reasons_in_any_spelling() -> None:

@@ -426,17 +426,17 @@ def _apply(args: argparse.Namespace, stub: Any, console: Console) -> int:
     from chargepath.policy_files import load_policy_file, refusal_lines
 
     try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise values.UsageError(f"plans apply: {args.file}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise values.UsageError(f"plans apply: {args.file}: not UTF-8 text") from None
+    try:
         load_policy_file(args.file)
     except PolicyError as exc:
         lines = refusal_lines(exc, "plans apply")
         print("chargepath: " + "\n".join(lines), file=sys.stderr)
         return 1
-    try:
-        text = Path(args.file).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise values.UsageError(f"{args.file}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise values.UsageError(f"{args.file}: not UTF-8 text") from None
     t = args.timeout
     try:
         r = stub.ApplyPolicy(
