@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator
 
-import pytest
 import pytest_asyncio
 import redis
 

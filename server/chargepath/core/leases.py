@@ -137,6 +137,29 @@ class LeaseView:
     holds: tuple[LeaseHold, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """An answered lease ask as the store keeps it for explain (the most recent ones)."""
+
+    decision_id: str
+    request_id: str
+    subject: Subject
+    metric: str
+    lease_id: str
+    holder: str
+    decision: Decision
+    reason: Reason
+    requested: int
+    used: int
+    granted: int
+    recorded: int
+    overage: int
+    refunded: int
+    policy_version: int
+    decided_at_ms: int
+    trace_id: str = ""
+
+
 def _shorten(value: str) -> str:
     return value if len(value) <= 32 else f"{value[:29]}... ({len(value)} characters)"
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from chargepath.core.audit import AuditEvent
 from chargepath.core.auth import ApiKey, KeyRecord, Role
-from chargepath.core.leases import LeaseAnswer, LeaseAsk, LeaseView
+from chargepath.core.leases import LeaseAnswer, LeaseAsk, LeaseRecord, LeaseView
 from chargepath.core.model import DecisionRecord, Subject, ThresholdEvent, Usage, Verdict
 from chargepath.core.plans import PolicyDocument
 from chargepath.core.policy import Limit, Resolution
@@ -505,4 +505,9 @@ class LeaseStore(Protocol):
     ) -> tuple[int, list[LeaseView]]:
         """(now_ms, the open leases of exactly ``subject``, narrowed to ``metric`` if given),
         soonest expiry first, at most ``limit``; one consistent read."""
+        ...
+
+    async def find_decision(self, tenant: str, decision_id: str) -> LeaseRecord | None:
+        """The answered lease ask with this decision id, if it is among the tenant's most
+        recent ones (about as many as the decisions trail keeps)."""
         ...

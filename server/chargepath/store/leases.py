@@ -25,8 +25,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from chargepath.core.leases import LeaseAnswer, LeaseHold, LeaseView
-from chargepath.core.model import DecisionRecord, Subject
+from chargepath.core.leases import LeaseAnswer, LeaseHold, LeaseRecord, LeaseView
+from chargepath.core.model import Decision, Reason, Subject
 from chargepath.store.base import LeaseItem, StoreUnavailableError
 from chargepath.store.protocol import (
     REPLY_DECIDED,
@@ -150,21 +150,35 @@ class RedisLeaseStore:
             )
         return now, out
 
-    async def find_decision(self, tenant: str, decision_id: str) -> DecisionRecord | None:
-        """Not a lease: lease decisions are found by :meth:`find_lease_decision`."""
-        return None
-
-    async def find_lease_decision(self, tenant: str, decision_id: str) -> dict[str, str] | None:
-        """The lease decision with this id among the tenant's recent ones (the trail keeps
-        about ``recent_length``), as its fields (``lease.lua`` lists them), newest first."""
+    async def find_decision(self, tenant: str, decision_id: str) -> LeaseRecord | None:
         try:
-            entries = await self.client.xrevrange(lease_trail_key(tenant), count=10_000)
+            entries = await self.client.xrevrange(
+                lease_trail_key(tenant), count=max(self.recent_length * 2, 100)
+            )
         except (RedisError, OSError) as exc:
             raise _unavailable(exc) from exc
         for _, fields in entries or ():
             f = {_text(k): _text(v) for k, v in (fields or {}).items()}
             if f.get("did") == decision_id:
-                return f
+                return LeaseRecord(
+                    decision_id=decision_id,
+                    request_id=f.get("rid", ""),
+                    subject=Subject(tenant, f.get("sl", ""), f.get("k", "")),
+                    metric=f.get("m", ""),
+                    lease_id=f.get("ls", ""),
+                    holder=f.get("h", ""),
+                    decision=Decision(int(f.get("d", "3"))),
+                    reason=Reason(int(f.get("r", "7"))),
+                    requested=int(f.get("q", "0")),
+                    used=int(f.get("us", "0")),
+                    granted=int(f.get("g", "0")),
+                    recorded=int(f.get("rc", "0")),
+                    overage=int(f.get("ov", "0")),
+                    refunded=int(f.get("rf", "0")),
+                    policy_version=int(f.get("pv", "0")),
+                    decided_at_ms=int(f.get("ts", "0")),
+                    trace_id=f.get("tr", ""),
+                )
         return None
 
 
