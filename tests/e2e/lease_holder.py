@@ -157,16 +157,19 @@ async def main(cfg: dict[str, Any]) -> None:
     metadata = (("authorization", f"Bearer {cfg['key']}"),)
     async with grpc.aio.insecure_channel(cfg["address"]) as channel:
         stub = lpb_grpc.LeaseServiceStub(channel)
-        holders = [
-            Holder(stub, cfg, f"{cfg['name']}-{i}", metadata) for i in range(cfg["holders"])
-        ]
-        out = Path(cfg["out"])
+        holders = [Holder(stub, cfg, f"{cfg['name']}-{i}", metadata) for i in range(cfg["holders"])]
         if cfg.get("hold_forever"):
             await asyncio.gather(*(h.hold() for h in holders))
-            out.write_text(json.dumps([h.result() for h in holders]))
+            write_results(cfg["out"], holders)
             await asyncio.Event().wait()
         await asyncio.gather(*(h.run() for h in holders))
-        out.write_text(json.dumps([h.result() for h in holders]))
+    write_results(cfg["out"], holders)
+
+
+def write_results(path: str, holders: list[Holder]) -> None:
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps([h.result() for h in holders]))
+    tmp.replace(path)  # whole, or not there: the tests poll for it
 
 
 if __name__ == "__main__":

@@ -85,8 +85,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
 def create_meter_key(gateway: GatewayProcess, tenant: str) -> str:
     with gateway.channel() as ch:
         stub = kpb_grpc.KeyServiceStub(ch)
-        created = stub.CreateKey(kpb.CreateKeyRequest(tenant=tenant, role=kpb.ROLE_METER), timeout=5)
-        return str(created.secret_key)
+        request = kpb.CreateKeyRequest(tenant=tenant, role=kpb.ROLE_METER)
+        return str(stub.CreateKey(request, timeout=5).secret_key)
 
 
 @pytest.fixture(scope="module")
@@ -345,4 +345,3 @@ def test_state_and_explain_show_a_lease(gateway: GatewayProcess, meter_key: str)
     )
     assert cli.returncode == 0, cli.stderr
     assert "open leases" in cli.stdout and "gw-test" in cli.stdout
-
