@@ -353,7 +353,7 @@ def test_the_readme_example_runs(gateway: GatewayProcess, meter_key: str) -> Non
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Quota leases", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    code = code.replace("cpaas-demo", TENANT).replace("gw3-000", uuid.uuid4().hex[:8])
+    code = code.replace('"acme"', f'"{TENANT}"').replace("gw3-000", uuid.uuid4().hex[:8])
     with gateway.channel(meter_key) as channel:
         scope: dict[str, Any] = {"channel": channel}
         exec(compile(code, "README.md", "exec"), scope)

@@ -8,6 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 import redis
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from chargepath.core.leases import LeaseAnswer, LeaseAsk, LeaseTerms, LimitRoom, grant_size
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage
@@ -305,3 +308,29 @@ async def test_a_quota_period_rolls_over_with_a_lease_open(
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_each_ask_has_a_span(store: RedisStore) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    await store.publish_policy(load_policy_text(policy()))
+    engine = Engine(store, EngineSettings(store_timeout_s=2.0), Telemetry(provider))
+    await engine.reload_policy()
+    leasing = Leasing(engine, RedisLeaseStore(store))
+    a = await one(leasing, LeaseAsk("t-1", SUBJECT, SMS, requested=5))
+    await one(leasing, LeaseAsk("t-2", SUBJECT, SMS, lease_id=a.lease_id, used=5, release=True))
+    spans = [s for s in exporter.get_finished_spans() if s.name == "chargepath.lease"]
+    assert [
+        (
+            s.attributes["chargepath.lease.kind"],  # type: ignore[index]
+            s.attributes["chargepath.decision"],  # type: ignore[index]
+            s.attributes["chargepath.tenant"],  # type: ignore[index]
+        )
+        for s in spans
+    ] == [("open", "ALLOW", "t1"), ("release", "ALLOW", "t1")]
+    # low cardinality: no request id, lease id or subject part beyond the tenant
+    assert all(
+        "t-1" not in str(s.attributes) and a.lease_id not in str(s.attributes) for s in spans
+    )
+    provider.shutdown()
