@@ -345,6 +345,28 @@ def test_state_and_explain_show_a_lease(gateway: GatewayProcess, meter_key: str)
     )
     assert cli.returncode == 0, cli.stderr
     assert "open leases" in cli.stdout and "gw-test" in cli.stdout
+    explained = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chargepath",
+            "explain",
+            b.decision_id,
+            "--tenant",
+            TENANT,
+            "--target",
+            gateway.address,
+            "--api-key",
+            gateway.operator_key,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert explained.returncode == 0, explained.stderr
+    assert "lease ask ALLOW OK" in explained.stdout
+    assert f"lease {a.lease_id}" in explained.stdout and "used 2 (recorded 2" in explained.stdout
 
 
 def test_the_readme_example_runs(gateway: GatewayProcess, meter_key: str) -> None:
