@@ -3,11 +3,14 @@ dedup of retried asks, and the Lua sizing against the Python reference on random
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest_asyncio
 import redis
+from google.protobuf.message import Message
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -22,7 +25,12 @@ from chargepath.store.leases import RedisLeaseStore
 from chargepath.store.protocol import lease_index_key
 from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
+from chargepath.transport import services
+from chargepath.transport.leases import LeaseServicer
+from chargepath_protos.v1 import lease_pb2 as lpb
+from chargepath_protos.v1 import metering_pb2 as pb
 from tests.conftest import ledger_entries, make_engine
+from tests.fuzzing import RawFuzz
 
 POLICY = """\
 metrics:
@@ -334,3 +342,63 @@ async def test_each_ask_has_a_span(store: RedisStore) -> None:
         "t-1" not in str(s.attributes) and a.lease_id not in str(s.attributes) for s in spans
     )
     provider.shutdown()
+
+
+async def test_raw_bytes_on_every_lease_rpc_get_only_the_expected_codes(
+    store: RedisStore,
+) -> None:
+    """LeaseService registered as the gateway registers it (deserializers that never raise),
+    on a real Redis: mutated and random bytes on Lease and LeaseStream get OK or
+    INVALID_ARGUMENT, never an exception's text."""
+    engine = await make_engine(store, policy())
+    servicer = LeaseServicer(Leasing(engine, RedisLeaseStore(store)), asyncio.Event())
+    server = grpc.aio.server()
+    services.add_service(server, servicer, services.LEASE)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    seeds: dict[str, list[Message]] = {
+        "Lease": [
+            lpb.LeaseRequest(
+                ask=lpb.LeaseAsk(
+                    request_id="seed-1",
+                    subject=pb.Subject(tenant="t1"),
+                    metric=SMS,
+                    requested=5,
+                    holder="fuzz",
+                )
+            ),
+            lpb.LeaseRequest(
+                ask=lpb.LeaseAsk(
+                    request_id="seed-2",
+                    subject=pb.Subject(tenant="t1"),
+                    metric=SMS,
+                    lease_id="0" * 32,
+                    used=3,
+                    release=True,
+                )
+            ),
+        ],
+        "LeaseStream": [
+            lpb.LeaseStreamRequest(
+                asks=[
+                    lpb.LeaseAsk(
+                        request_id="seed-3",
+                        subject=pb.Subject(tenant="t1"),
+                        metric=SMS,
+                        requested=1,
+                    )
+                ]
+            )
+        ],
+    }
+    try:
+        fuzz = RawFuzz(f"127.0.0.1:{port}")
+        await asyncio.to_thread(fuzz.run, services.LEASE, seeds)  # type: ignore[arg-type]
+    finally:
+        await server.stop(None)
+    print("\n" + fuzz.report())
+    assert not fuzz.leaks, fuzz.leaks[:5]
+    for rpc, counts in fuzz.codes.items():
+        assert set(counts) <= {"OK", "INVALID_ARGUMENT"}, (rpc, counts)
+        assert counts["INVALID_ARGUMENT"] > 0 and counts["OK"] > 0, (rpc, counts)
+    assert fuzz.total() >= len(services.LEASE.methods) * 500
