@@ -779,6 +779,9 @@ LEASE_ARG_DEDUP_WINDOW = 3
 LEASE_ARG_DEADLINE = 4
 LEASE_ARG_TRAIL_LENGTH = 5
 LEASE_ARG_PAYLOAD = 6
+#: the most leases a tenant may hold open (its lease index's members, expired ones not yet
+#: swept included); 0: no bound
+LEASE_ARG_MAX_OPEN = 7
 
 LSPEC_SLOTS = SPEC_SLOTS + 4
 LSPEC_MAX_UNITS = SPEC_SLOTS + 1
@@ -831,6 +834,7 @@ LEASE_CONFLICT = 2  # the request id was used for another ask
 LEASE_MISMATCH = 4  # the lease is for another subject or metric: nothing done
 LEASE_FINAL = 8
 LEASE_CLOSED = 16
+LEASE_CAPPED = 32  # refused: the tenant holds the most open leases it may (CAP_REACHED)
 
 # a hold of a lease (its "hd" field, MessagePack, HOLD_SLOTS values each)
 HOLD_SLOTS = 7
@@ -856,6 +860,15 @@ class LeaseBatchSettings(Protocol):
     dedup_window_ms: int
     recent_length: int
     clock_offset_ms: int
+    max_open_leases: int
+
+
+def lease_cap_message(bound: int) -> str:
+    """The message of a lease refused CAP_REACHED."""
+    return (
+        f"the tenant holds {bound} open leases, the most it may: release or let one expire; "
+        "nothing was granted"
+    )
 
 
 def encode_lease_batch(
@@ -931,6 +944,7 @@ def encode_lease_batch(
         deadline_ms,
         settings.recent_length,
         msgpack.packb((specs, sets, asks)),
+        settings.max_open_leases,
     ]
     return keys, args
 
@@ -940,7 +954,7 @@ def _text(value: Any) -> str:
 
 
 def decode_lease_reply(
-    reply: Sequence[Any], items: Sequence[LeaseItem], version: int
+    reply: Sequence[Any], items: Sequence[LeaseItem], version: int, max_open: int = 0
 ) -> list[LeaseAnswer]:
     """Answers, in the order of ``items``, from lease.lua's reply; raises
     :class:`StalePolicyError` or :class:`StoreDeadlineError` (nothing written)."""
@@ -983,7 +997,13 @@ def decode_lease_reply(
                 limits=tuple(limits),
                 policy_version=version,
                 replayed=bool(flags & LEASE_REPLAYED),
-                message=str(violations[0]) if violations else "",
+                message=(
+                    str(violations[0])
+                    if violations
+                    else lease_cap_message(max_open)
+                    if flags & LEASE_CAPPED
+                    else ""
+                ),
                 violations=violations,
                 decided_at_ms=int(ans[ANS_DECIDED_AT - 1]),
                 closed=bool(flags & LEASE_CLOSED),
