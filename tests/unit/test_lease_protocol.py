@@ -98,6 +98,11 @@ def test_a_limit_without_lease_terms_is_refused_before_the_script() -> None:
     item = LeaseItem(LeaseAsk("r", Subject("t"), "m.x", requested=1), res, "d", "f", "h")
     with pytest.raises(ValueError, match="'b' has no lease terms"):
         encode_lease_batch("t", 1, [item], ["x"], Settings())
+    # a report on an open lease whose limit lost its settings: sent, with no terms
+    report = LeaseItem(LeaseAsk("r", Subject("t"), "m.x", lease_id="L", used=2), res, "d", "f", "h")
+    _, args = encode_lease_batch("t", 1, [report], ["L"], Settings())
+    specs, _, _ = msgpack.unpackb(args[LEASE_ARG_PAYLOAD - 1])
+    assert specs[-4:] == [0, 0, 0, 0]
 
 
 def test_decode_answers() -> None:

@@ -56,7 +56,7 @@ from typing import Any, Protocol
 import msgpack
 
 from chargepath.core.counters import MAX_DEBT
-from chargepath.core.leases import LeaseAnswer
+from chargepath.core.leases import LeaseAnswer, LeaseTerms
 from chargepath.core.model import (
     Decision,
     FieldViolation,
@@ -770,6 +770,9 @@ def lease_dedup_key(tenant: str, request_id: str) -> str:
     return f"{tenant_prefix(tenant)}ld:{request_id}"
 
 
+#: the terms sent for a limit without lease settings, on an ask that asks for nothing
+NO_TERMS = LeaseTerms(max_units=0, max_share_pct=0, validity_ms=0, renew_below_pct=0)
+
 LEASE_KEY_INDEX = 3
 LEASE_KEY_TRAIL = 4
 
@@ -911,7 +914,11 @@ def encode_lease_batch(
             if n is None:
                 terms = lim.lease
                 if terms is None:
-                    raise ValueError(f"limit {lim.name!r} has no lease terms")
+                    # a report or release on a lease whose limit lost its lease settings
+                    # (the caller asks for nothing then): no terms are needed
+                    if a.requested:
+                        raise ValueError(f"limit {lim.name!r} has no lease terms")
+                    terms = NO_TERMS
                 grants = idx(grants_key(tenant, lim, sl, k)) if lim.kind is LimitKind.QUOTA else 0
                 specs += spec_values(lim, idx(counter), grants)
                 specs += (
