@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chargepath.core.audit import AuditEvent
+from chargepath.core.leases import LeaseAnswer, LeaseAsk, LeaseRecord, LeaseView
 from chargepath.core.model import (
     Decision,
     DecisionRecord,
@@ -22,10 +23,11 @@ from chargepath.core.model import (
     Usage,
     Verdict,
 )
-from chargepath.core.plans import PlanSpec, PolicyError
+from chargepath.core.plans import PlanSpec, PolicyError, format_validity_ms
 from chargepath.core.policy import Limit
 from chargepath.store.base import GrantReading, LimitReading
 from chargepath_protos.v1 import admin_pb2 as apb
+from chargepath_protos.v1 import lease_pb2 as lpb
 from chargepath_protos.v1 import metering_pb2 as pb
 
 MODES = {pb.MODE_ADMIT: Mode.ADMIT, pb.MODE_REPORT: Mode.REPORT}
@@ -153,6 +155,96 @@ def verdict_fields(v: Verdict, view: int = pb.VERDICT_VIEW_FULL) -> Fields:
     return out
 
 
+# -- leases -----------------------------------------------------------------------------
+
+
+def lease_ask_from_pb(m: lpb.LeaseAsk) -> LeaseAsk:
+    """Map a wire lease ask; its checks are the core's (leases.validate_ask)."""
+    s = m.subject
+    return LeaseAsk(
+        request_id=m.request_id,
+        subject=Subject(s.tenant, s.slice, s.key),
+        metric=m.metric,
+        lease_id=m.lease_id,
+        requested=m.requested,
+        used=m.used,
+        release=m.release,
+        labels=tuple(m.labels.items()) if m.labels else (),
+        holder=m.holder,
+    )
+
+
+def lease_answer_fields(a: LeaseAnswer) -> Fields:
+    """A ``chargepath.v1.LeaseAnswer`` as the dict its constructor takes."""
+    out: Fields = {
+        "request_id": a.request_id,
+        "lease_id": a.lease_id,
+        "decision": a.decision,
+        "reason": a.reason,
+        "granted": a.granted,
+        "available": a.available,
+        "renew_below": a.renew_below,
+        "final_units": a.final_units,
+        "recorded": a.recorded,
+        "overage": a.overage,
+        "refunded": a.refunded,
+        "policy_version": a.policy_version,
+        "replayed": a.replayed,
+        "closed": a.closed,
+        "decision_id": a.decision_id,
+    }
+    if a.valid_for_ms:
+        out["valid_for"] = duration(a.valid_for_ms)
+    if a.retry_after_ms:
+        out["retry_after"] = duration(a.retry_after_ms)
+    if a.limits:
+        out["limits"] = [_limit_fields(lim) for lim in a.limits]
+    if a.message:
+        out["message"] = a.message
+    if a.violations:
+        out["violations"] = [{"field": fv.field, "description": fv.reason} for fv in a.violations]
+    if a.decided_at_ms:
+        out["decided_at"] = timestamp(a.decided_at_ms)
+    return out
+
+
+def lease_state_to_pb(v: LeaseView) -> apb.LeaseState:
+    return apb.LeaseState(
+        lease_id=v.lease_id,
+        metric=v.metric,
+        holder=v.holder,
+        granted=v.granted,
+        used=v.used,
+        available=v.available,
+        expires_in=duration(v.expires_in_ms),
+        expires_at=timestamp(v.expires_at_ms),
+        policy_version=v.policy_version,
+        holds=[apb.LeaseHold(limit=h.limit, units=h.units) for h in v.holds],
+    )
+
+
+def lease_record_to_pb(r: LeaseRecord) -> apb.LeaseDecision:
+    return apb.LeaseDecision(
+        decision_id=r.decision_id,
+        request_id=r.request_id,
+        subject=subject_to_pb(r.subject),
+        metric=r.metric,
+        lease_id=r.lease_id,
+        holder=r.holder,
+        decision=DECISIONS[r.decision],
+        reason=REASONS[r.reason],
+        requested=r.requested,
+        used=r.used,
+        granted=r.granted,
+        recorded=r.recorded,
+        overage=r.overage,
+        refunded=r.refunded,
+        policy_version=r.policy_version,
+        decided_at=timestamp(r.decided_at_ms),
+        trace_id=r.trace_id,
+    )
+
+
 # -- admin ------------------------------------------------------------------------------
 
 
@@ -190,6 +282,17 @@ def plan_from_pb(plan: apb.Plan) -> dict[str, Any]:
             }
         if lim.HasField("quota"):
             d["quota"] = {"amount": lim.quota.amount, "per": lim.quota.per}
+        if lim.HasField("lease"):
+            ls = lim.lease
+            d["lease"] = {
+                "max_units": ls.max_units,
+                "max_share_pct": ls.max_share_pct,
+                "validity": format_validity_ms(
+                    ls.validity.seconds * 1000 + ls.validity.nanos // 1_000_000
+                ),
+                "renew_below_pct": ls.renew_below_pct,
+                "gateway": ls.gateway,
+            }
         limits.append(d)
     return {"name": plan.name, "description": plan.description, "limits": limits}
 
@@ -206,6 +309,16 @@ def plan_to_pb(plan: PlanSpec) -> apb.Plan:
             )
         if lim.quota is not None:
             m.quota.CopyFrom(apb.QuotaLimit(amount=lim.quota.amount, per=lim.quota.per))
+        if lim.lease is not None:
+            m.lease.CopyFrom(
+                apb.LeaseSettings(
+                    max_units=lim.lease.max_units,
+                    max_share_pct=lim.lease.max_share_pct,
+                    validity=duration(lim.lease.validity_ms),
+                    renew_below_pct=lim.lease.renew_below_pct,
+                    gateway=lim.lease.gateway,
+                )
+            )
     return out
 
 

@@ -70,20 +70,36 @@ class Plan(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[Limit, _Mapping]]] = ...) -> None: ...
 
 class Limit(_message.Message):
-    __slots__ = ("name", "metric", "scope", "rate", "quota", "soft")
+    __slots__ = ("name", "metric", "scope", "rate", "quota", "soft", "lease")
     NAME_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     RATE_FIELD_NUMBER: _ClassVar[int]
     QUOTA_FIELD_NUMBER: _ClassVar[int]
     SOFT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     name: str
     metric: str
     scope: _metering_pb2.Scope
     rate: RateLimit
     quota: QuotaLimit
     soft: bool
-    def __init__(self, name: _Optional[str] = ..., metric: _Optional[str] = ..., scope: _Optional[_Union[_metering_pb2.Scope, str]] = ..., rate: _Optional[_Union[RateLimit, _Mapping]] = ..., quota: _Optional[_Union[QuotaLimit, _Mapping]] = ..., soft: _Optional[bool] = ...) -> None: ...
+    lease: LeaseSettings
+    def __init__(self, name: _Optional[str] = ..., metric: _Optional[str] = ..., scope: _Optional[_Union[_metering_pb2.Scope, str]] = ..., rate: _Optional[_Union[RateLimit, _Mapping]] = ..., quota: _Optional[_Union[QuotaLimit, _Mapping]] = ..., soft: _Optional[bool] = ..., lease: _Optional[_Union[LeaseSettings, _Mapping]] = ...) -> None: ...
+
+class LeaseSettings(_message.Message):
+    __slots__ = ("max_units", "max_share_pct", "validity", "renew_below_pct", "gateway")
+    MAX_UNITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SHARE_PCT_FIELD_NUMBER: _ClassVar[int]
+    VALIDITY_FIELD_NUMBER: _ClassVar[int]
+    RENEW_BELOW_PCT_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    max_units: int
+    max_share_pct: int
+    validity: _duration_pb2.Duration
+    renew_below_pct: int
+    gateway: bool
+    def __init__(self, max_units: _Optional[int] = ..., max_share_pct: _Optional[int] = ..., validity: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., renew_below_pct: _Optional[int] = ..., gateway: _Optional[bool] = ...) -> None: ...
 
 class RateLimit(_message.Message):
     __slots__ = ("capacity", "refill", "per")
@@ -340,7 +356,7 @@ class Suspension(_message.Message):
     def __init__(self, subject: _Optional[_Union[_metering_pb2.Subject, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetStateResponse(_message.Message):
-    __slots__ = ("policy_version", "plan", "slice_plan", "limits", "grants", "suspensions", "failure_mode", "recent", "read_at")
+    __slots__ = ("policy_version", "plan", "slice_plan", "limits", "grants", "suspensions", "failure_mode", "recent", "read_at", "leases")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SLICE_PLAN_FIELD_NUMBER: _ClassVar[int]
@@ -350,6 +366,7 @@ class GetStateResponse(_message.Message):
     FAILURE_MODE_FIELD_NUMBER: _ClassVar[int]
     RECENT_FIELD_NUMBER: _ClassVar[int]
     READ_AT_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     plan: str
     slice_plan: str
@@ -359,7 +376,78 @@ class GetStateResponse(_message.Message):
     failure_mode: FailureMode
     recent: _containers.RepeatedCompositeFieldContainer[DecisionRecord]
     read_at: _timestamp_pb2.Timestamp
-    def __init__(self, policy_version: _Optional[int] = ..., plan: _Optional[str] = ..., slice_plan: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ..., grants: _Optional[_Iterable[_Union[GrantState, _Mapping]]] = ..., suspensions: _Optional[_Iterable[_Union[Suspension, _Mapping]]] = ..., failure_mode: _Optional[_Union[FailureMode, str]] = ..., recent: _Optional[_Iterable[_Union[DecisionRecord, _Mapping]]] = ..., read_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    leases: _containers.RepeatedCompositeFieldContainer[LeaseState]
+    def __init__(self, policy_version: _Optional[int] = ..., plan: _Optional[str] = ..., slice_plan: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ..., grants: _Optional[_Iterable[_Union[GrantState, _Mapping]]] = ..., suspensions: _Optional[_Iterable[_Union[Suspension, _Mapping]]] = ..., failure_mode: _Optional[_Union[FailureMode, str]] = ..., recent: _Optional[_Iterable[_Union[DecisionRecord, _Mapping]]] = ..., read_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., leases: _Optional[_Iterable[_Union[LeaseState, _Mapping]]] = ...) -> None: ...
+
+class LeaseState(_message.Message):
+    __slots__ = ("lease_id", "metric", "holder", "granted", "used", "available", "expires_in", "expires_at", "policy_version", "holds")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    metric: str
+    holder: str
+    granted: int
+    used: int
+    available: int
+    expires_in: _duration_pb2.Duration
+    expires_at: _timestamp_pb2.Timestamp
+    policy_version: int
+    holds: _containers.RepeatedCompositeFieldContainer[LeaseHold]
+    def __init__(self, lease_id: _Optional[str] = ..., metric: _Optional[str] = ..., holder: _Optional[str] = ..., granted: _Optional[int] = ..., used: _Optional[int] = ..., available: _Optional[int] = ..., expires_in: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy_version: _Optional[int] = ..., holds: _Optional[_Iterable[_Union[LeaseHold, _Mapping]]] = ...) -> None: ...
+
+class LeaseHold(_message.Message):
+    __slots__ = ("limit", "units")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    limit: str
+    units: int
+    def __init__(self, limit: _Optional[str] = ..., units: _Optional[int] = ...) -> None: ...
+
+class LeaseDecision(_message.Message):
+    __slots__ = ("decision_id", "request_id", "subject", "metric", "lease_id", "holder", "decision", "reason", "requested", "used", "granted", "recorded", "overage", "refunded", "policy_version", "decided_at", "trace_id")
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    OVERAGE_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    decision_id: str
+    request_id: str
+    subject: _metering_pb2.Subject
+    metric: str
+    lease_id: str
+    holder: str
+    decision: _metering_pb2.Decision
+    reason: _metering_pb2.Reason
+    requested: int
+    used: int
+    granted: int
+    recorded: int
+    overage: int
+    refunded: int
+    policy_version: int
+    decided_at: _timestamp_pb2.Timestamp
+    trace_id: str
+    def __init__(self, decision_id: _Optional[str] = ..., request_id: _Optional[str] = ..., subject: _Optional[_Union[_metering_pb2.Subject, _Mapping]] = ..., metric: _Optional[str] = ..., lease_id: _Optional[str] = ..., holder: _Optional[str] = ..., decision: _Optional[_Union[_metering_pb2.Decision, str]] = ..., reason: _Optional[_Union[_metering_pb2.Reason, str]] = ..., requested: _Optional[int] = ..., used: _Optional[int] = ..., granted: _Optional[int] = ..., recorded: _Optional[int] = ..., overage: _Optional[int] = ..., refunded: _Optional[int] = ..., policy_version: _Optional[int] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class ExplainDecisionRequest(_message.Message):
     __slots__ = ("tenant", "decision_id")
@@ -370,10 +458,12 @@ class ExplainDecisionRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., decision_id: _Optional[str] = ...) -> None: ...
 
 class ExplainDecisionResponse(_message.Message):
-    __slots__ = ("decision",)
+    __slots__ = ("decision", "lease")
     DECISION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     decision: DecisionRecord
-    def __init__(self, decision: _Optional[_Union[DecisionRecord, _Mapping]] = ...) -> None: ...
+    lease: LeaseDecision
+    def __init__(self, decision: _Optional[_Union[DecisionRecord, _Mapping]] = ..., lease: _Optional[_Union[LeaseDecision, _Mapping]] = ...) -> None: ...
 
 class WatchDecisionsRequest(_message.Message):
     __slots__ = ("tenant", "decisions", "reasons")
