@@ -29,10 +29,17 @@ Contract
   one that restarted under a new name. So an acknowledged entry is never delivered again to
   the group, and an entry delivered but not acknowledged is delivered again, never lost.
   Billing deduplicates redeliveries by entry id (or ``request_id``).
-* **Export.** :meth:`Ledger.export` reads a range with ``XRANGE`` in pages. With ``mark`` it
-  records the id of the last entry exported in ``cp:{T}:ledger:exported``; the mark only
-  moves forward, and only over a contiguous export (an export starting past unexported
-  entries does not move it).
+* **Export.** :meth:`Ledger.export` reads a range with ``XRANGE`` in pages of ``page_size``
+  (memory bounded by a page, whatever the ledger's length). With ``mark`` it records the id
+  of the last entry exported in ``cp:{T}:ledger:exported``; the mark only moves forward, and
+  only over a contiguous export (an export starting past unexported entries does not move
+  it). ``chargepath ledger export`` never marks unless given ``--ack``, and then only what it
+  has written and flushed.
+* **Rows.** :meth:`LedgerEntry.to_row` is what billing reads (:data:`ROW_COLUMNS`, in that
+  order): names for decision and reason, ISO 8601 UTC times (None when unset), the tenant and
+  the metric's unit; :meth:`LedgerEntry.from_row` reads one back (JSON line or CSV row).
+  :class:`LedgerSummary` sums entries per tenant, subject, metric and period, reversals
+  netted out.
 * **What is trimmed, when.** :meth:`Ledger.trim` (called after every :meth:`Ledger.ack` and
   every export mark) removes, with ``XTRIM MINID`` in one Lua script (``trim_ledger.lua``):
   when the stream has consumer groups, the entries that every group has acknowledged: below the
