@@ -61,6 +61,7 @@ Contract
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ from typing import TYPE_CHECKING, Any, Final
 from redis.exceptions import ResponseError
 
 from chargepath.core.model import Decision, Reason
-from chargepath.core.periods import Period, period_bounds
+from chargepath.core.periods import DAY_MS, Period, civil_from_days, days_from_civil, period_bounds
 from chargepath.core.plans import PolicyDocument
 from chargepath.store.connect import RedisClient, RedisTarget, connect
 from chargepath.store.protocol import US, ledger_key, read_script, tenant_prefix
@@ -135,16 +136,29 @@ OVERAGE_REASONS: Final = frozenset(
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
+_EXPANDED: Final = re.compile(r"([+-]\d{5,})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)\.(\d{3})Z")
 
 
 def iso_ms(ms: int) -> str:
     """Milliseconds since the epoch as ISO 8601 UTC with milliseconds:
-    ``2026-03-01T12:00:00.250Z`` (exact: integer arithmetic, no float)."""
-    return (_EPOCH + ms * _MS).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    ``2026-03-01T12:00:00.250Z`` (exact: integer arithmetic, no float). A time past the year
+    9999 (stored times go up to 2^53 - 1 ms) takes ISO 8601's expanded year, ``+285616-...``."""
+    days, rem = divmod(ms, DAY_MS)
+    y, mo, d = civil_from_days(days)
+    h, rem = divmod(rem, 3_600_000)
+    mi, rem = divmod(rem, 60_000)
+    sec, milli = divmod(rem, 1000)
+    year = f"{y:04d}" if 0 <= y <= 9999 else f"{y:+06d}"
+    return f"{year}-{mo:02d}-{d:02d}T{h:02d}:{mi:02d}:{sec:02d}.{milli:03d}Z"
 
 
 def parse_iso_ms(text: str) -> int:
-    """The inverse of :func:`iso_ms` (any ISO 8601 time; UTC when it has no offset)."""
+    """The inverse of :func:`iso_ms` (also any ISO 8601 time :mod:`datetime` reads; UTC when it
+    has no offset)."""
+    m = _EXPANDED.fullmatch(text)
+    if m:
+        y, mo, d, h, mi, sec, milli = (int(g) for g in m.groups())
+        return days_from_civil(y, mo, d) * DAY_MS + ((h * 60 + mi) * 60 + sec) * 1000 + milli
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
