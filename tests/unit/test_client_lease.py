@@ -514,3 +514,29 @@ def test_the_client_lease_answer_carries_every_field_of_the_wire_answer() -> Non
         True,
         1.5,
     )
+
+
+def test_an_answer_that_did_nothing_is_resent_with_the_same_request_id() -> None:
+    """The gateway answers THROTTLE STORE_UNAVAILABLE when its store is down: nothing was
+    recorded, so the report must go again, as it was."""
+    clock = Clock()
+    gateway = FakeGateway(clock, pool=1000)
+    lease = make_lease(clock)
+    settle(lease, gateway)
+    assert spend(lease, 85) == 85
+    planned = lease.plan(clock.now)
+    assert isinstance(planned, PlannedAsk) and planned.kind is AskKind.RENEW
+    unavailable = lease_pb2.LeaseAnswer(
+        request_id=planned.request.request_id,
+        lease_id="lease-1",
+        decision=pb.DECISION_THROTTLE,
+        reason=pb.REASON_STORE_UNAVAILABLE,
+    )
+    unavailable.retry_after.FromMilliseconds(100)
+    pause = lease.resend_after(planned, LeaseAnswer.from_pb(unavailable), clock.now)
+    assert pause == pytest.approx(0.1)
+    assert lease.unreported == 85 and lease.available == 15  # nothing applied
+    answer = gateway.ask(planned.request)
+    assert lease.resend_after(planned, answer, clock.now) is None
+    lease.applied(planned, answer, clock.now, clock.now)
+    assert gateway.recorded == 85 and lease.unreported == 0

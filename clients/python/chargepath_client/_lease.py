@@ -457,6 +457,8 @@ class BaseLease:
     def applied(self, ask: PlannedAsk, answer: LeaseAnswer, sent_at: float, now: float) -> None:
         """Take in the gateway's answer to `ask`, first sent at `sent_at` (monotonic s)."""
         self._retries = 0
+        if self._failure is not None:
+            return
         self._last_answer = answer
         self._answers += 1
         if ask.kind is AskKind.RELEASE:
@@ -557,6 +559,34 @@ class BaseLease:
             ask.request.request_id,
             ask.kind.value,
             code.name,
+            pause,
+        )
+        for until in (self._freeze_at, self._give_up_at):
+            if until > now:
+                pause = min(pause, until - now)
+        return pause
+
+    def resend_after(self, ask: PlannedAsk, answer: LeaseAnswer, now: float) -> float | None:
+        """Seconds to wait before sending `ask` again (same request id) when `answer` says
+        nothing was done (the gateway's store was unavailable: nothing granted, recorded or
+        released); None when the answer is to be `applied`. An open is not resent: it is a
+        refusal like any other (nothing was held)."""
+        if answer.reason is not Reason.STORE_UNAVAILABLE or ask.kind is AskKind.OPEN:
+            return None
+        if now >= self._give_up_at:
+            self.failed(
+                ChargepathError(
+                    f"store unavailable: {answer.message}", request_id=ask.request.request_id
+                )
+            )
+            return None
+        if now >= self._freeze_at:
+            self._freeze()
+        pause = min(answer.retry_after if answer.retry_after > 0 else MIN_PAUSE, MAX_PAUSE)
+        logger.info(
+            "lease ask %s (%s): the gateway's store is unavailable, resending in %.3fs",
+            ask.request.request_id,
+            ask.kind.value,
             pause,
         )
         for until in (self._freeze_at, self._give_up_at):

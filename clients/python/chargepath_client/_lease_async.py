@@ -160,5 +160,9 @@ class AsyncLease(BaseLease):
                     return
                 await asyncio.sleep(pause)
             else:
-                self.applied(ask, LeaseAnswer.from_pb(response.answer), sent_at, self._clock())
-                return
+                answer = LeaseAnswer.from_pb(response.answer)
+                pause = self.resend_after(ask, answer, self._clock())
+                if pause is None:
+                    self.applied(ask, answer, sent_at, self._clock())
+                    return
+                await asyncio.sleep(pause)

@@ -171,5 +171,9 @@ class Lease(BaseLease):
                     return
                 time.sleep(pause)
             else:
-                self.applied(ask, LeaseAnswer.from_pb(response.answer), sent_at, self._clock())
-                return
+                answer = LeaseAnswer.from_pb(response.answer)
+                pause = self.resend_after(ask, answer, self._clock())
+                if pause is None:
+                    self.applied(ask, answer, sent_at, self._clock())
+                    return
+                time.sleep(pause)
