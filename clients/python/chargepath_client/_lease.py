@@ -37,7 +37,7 @@ from typing import Final
 import grpc
 
 from chargepath_client import _wire
-from chargepath_client._errors import ChargepathError, InvalidUsage, from_rpc_error
+from chargepath_client._errors import ChargepathError, InvalidUsage, from_rpc_error, public_field
 from chargepath_client._retry import RetryPolicy
 from chargepath_client._validation import validate_holder, validate_usage
 from chargepath_client._verdict import (
@@ -128,6 +128,23 @@ class LeaseAnswer:
             closed=answer.closed,
             raw=answer,
         )
+
+
+#: The fields of a LeaseAsk under the names of the `lease(...)` arguments.
+_ARGUMENTS: Final = {"requested": "units"}
+
+
+def _lease_argument(path: str) -> str:
+    """ "ask.subject.tenant" -> "tenant", "ask.requested" -> "units", "ask.holder" -> "holder"."""
+    field = public_field(path.removeprefix("ask."))
+    return _ARGUMENTS.get(field, field)
+
+
+def _lease_fields(error: InvalidUsage) -> InvalidUsage:
+    """The gateway's INVALID_ARGUMENT on a lease ask, naming the `lease(...)` arguments."""
+    violations = tuple((_lease_argument(f), reason) for f, reason in error.violations)
+    field, reason = violations[0]
+    return InvalidUsage(field, reason, request_id=error.request_id, violations=violations)
 
 
 class AskKind(enum.Enum):
@@ -543,6 +560,8 @@ class BaseLease:
         request id), or None when it is final (the lease has then `failed`)."""
         code = error.code()
         failure = from_rpc_error(error, request_id=ask.request.request_id)
+        if isinstance(failure, InvalidUsage):
+            failure = _lease_fields(failure)
         transient = code == grpc.StatusCode.DEADLINE_EXCEEDED or self._retry.is_transient(
             code, error.details()
         )
