@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chargepath_client import AsyncClient, Client, Lease
+from chargepath_client import AsyncClient, ChargepathError, Client, Lease
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_ROUNDS = 5
@@ -98,7 +98,11 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"gateway ({DEFAULT_TARGET})")
-    p.add_argument("--api-key", default=os.environ.get("CHARGEPATH_API_KEY"), help="API key")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("CHARGEPATH_API_KEY"),
+        help="API key (default $CHARGEPATH_API_KEY; empty: none)",
+    )
     p.add_argument("--tls-ca", default=None, metavar="FILE", help="CA of the gateway (TLS)")
     p.add_argument("--tenant", default="lease-bench", help="tenant (lease-bench)")
     p.add_argument("--metric", default="api.sms.send", help="metric (api.sms.send)")
@@ -257,10 +261,15 @@ def run(args: argparse.Namespace) -> int:
         f"{result.machine['python']}",
         flush=True,
     )
-    if args.client == "sync":
-        run_sync(args, result)
-    else:
-        run_async(args, result)
+    args.api_key = args.api_key or None
+    try:
+        if args.client == "sync":
+            run_sync(args, result)
+        else:
+            run_async(args, result)
+    except ChargepathError as exc:
+        print(f"lease-local: error: {exc}", file=sys.stderr)
+        return 1
     summary = result.summary()
     print(
         f"median: {summary['lease_decisions_per_s']:,.0f} try_acquire decisions/s, ceiling "
