@@ -540,3 +540,19 @@ def test_an_answer_that_did_nothing_is_resent_with_the_same_request_id() -> None
     assert lease.resend_after(planned, answer, clock.now) is None
     lease.applied(planned, answer, clock.now, clock.now)
     assert gateway.recorded == 85 and lease.unreported == 0
+
+
+def test_reports_do_not_postpone_the_rotation_of_a_lease_that_is_not_renewed() -> None:
+    clock = Clock()
+    gateway = FakeGateway(clock, pool=1000)
+    lease = make_lease(clock, report_every=1.0)
+    settle(lease, gateway)
+    for _ in range(5):  # a slow spender: a report a second, no renewal
+        assert spend(lease, 1) == 1
+        clock.now += 1.0
+        planned = lease.plan(clock.now)
+        assert isinstance(planned, PlannedAsk) and planned.kind is AskKind.REPORT
+        lease.applied(planned, gateway.ask(planned.request), clock.now, clock.now)
+    clock.now += VALIDITY * 0.6 - 5.0
+    planned = lease.plan(clock.now)
+    assert isinstance(planned, PlannedAsk) and planned.kind is AskKind.OPEN  # rotated on time

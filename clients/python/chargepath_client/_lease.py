@@ -54,9 +54,10 @@ logger = logging.getLogger("chargepath_client")
 
 #: A level no spending reaches: the renewal flag when the background needs no wake.
 _NEVER: Final = 1 << 62
-#: A lease is rotated (a new one opened, the old one released) at this share of its
-#: validity, unless a renewal has pushed its expiry further; it is closed locally at its
-#: expiry minus `_freeze_margin`, before the gateway takes its units back.
+#: A lease is rotated (a new one opened, the old one released) once this share of its
+#: validity has passed since its last grant (a renewal pushes its expiry further; a report
+#: does not); it is closed locally at its expiry minus `_freeze_margin`, before the gateway
+#: takes its units back.
 ROTATE_AT: Final = 0.6
 #: Longest wait before asking again after a refusal (a DENY until a monthly reset would
 #: otherwise wait for days and miss a grant that tops the quota up).
@@ -225,6 +226,7 @@ class BaseLease:
         "_spent",
         "_starved",
         "_threshold",
+        "_validity",
         "holder",
         "key",
         "metric",
@@ -285,6 +287,7 @@ class BaseLease:
         self._not_before = 0.0
         self._rotate_at = math.inf
         self._freeze_at = math.inf
+        self._validity = 0.0
         self._next_report_at = math.inf
         self._closing = False
         self._final = False
@@ -525,9 +528,12 @@ class BaseLease:
         if answer.granted > 0:
             self._final = answer.final_units
         if answer.valid_for > 0:
+            if answer.granted > 0 or self._validity == 0:
+                self._validity = answer.valid_for  # a grant's answer: the whole validity
             # The gateway decided at or after sent_at, so its expiry is no earlier than this.
-            self._rotate_at = sent_at + answer.valid_for * ROTATE_AT
-            self._freeze_at = sent_at + answer.valid_for - _freeze_margin(answer.valid_for)
+            expiry = sent_at + answer.valid_for
+            self._rotate_at = expiry - self._validity * (1 - ROTATE_AT)
+            self._freeze_at = expiry - _freeze_margin(self._validity)
         if self.report_every is not None:
             self._next_report_at = sent_at + self.report_every
 
