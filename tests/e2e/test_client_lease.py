@@ -155,7 +155,7 @@ def holder_command(gateway: GatewayProcess, tenant: str, metric: str, *args: str
     return [
         sys.executable,
         "-m",
-        "tests.e2e.lease_holder",
+        "tests.e2e.client_lease_holder",
         "--target",
         gateway.address,
         "--api-key",

@@ -74,8 +74,9 @@ def _freeze_margin(valid_for: float) -> float:
 class LeaseAnswer:
     """The gateway's answer to one lease ask (`chargepath.v1.LeaseAnswer`), in seconds and
     client enums. `allowed` for ALLOW. `closed`: the lease is over (released, or expired
-    before the ask: reason LEASE_EXPIRED, its `used` then recorded as overage). `raw` is the
-    protobuf message."""
+    before the ask: reason LEASE_EXPIRED, its `used` then recorded as overage).
+    `decision_id` is what `chargepath explain` finds the ask by. `raw` is the protobuf
+    message."""
 
     request_id: str
     lease_id: str
@@ -96,6 +97,7 @@ class LeaseAnswer:
     message: str
     decided_at: datetime | None
     closed: bool
+    decision_id: str
     raw: lease_pb2.LeaseAnswer = field(repr=False, compare=False, hash=False)
 
     @property
@@ -127,6 +129,7 @@ class LeaseAnswer:
             message=answer.message,
             decided_at=decided_at,
             closed=answer.closed,
+            decision_id=answer.decision_id,
             raw=answer,
         )
 

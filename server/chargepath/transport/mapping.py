@@ -191,6 +191,7 @@ def lease_answer_fields(a: LeaseAnswer) -> Fields:
         "policy_version": a.policy_version,
         "replayed": a.replayed,
         "closed": a.closed,
+        "decision_id": a.decision_id,
     }
     if a.valid_for_ms:
         out["valid_for"] = duration(a.valid_for_ms)
