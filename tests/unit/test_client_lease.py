@@ -556,3 +556,30 @@ def test_reports_do_not_postpone_the_rotation_of_a_lease_that_is_not_renewed() -
     clock.now += VALIDITY * 0.6 - 5.0
     planned = lease.plan(clock.now)
     assert isinstance(planned, PlannedAsk) and planned.kind is AskKind.OPEN  # rotated on time
+
+
+def test_the_sync_lease_counts_exactly_under_threads() -> None:
+    """Four threads taking from one `Lease` (its lock around the counter): together they are
+    allowed exactly what the lease holds, no unit twice and none lost."""
+    import threading
+
+    from chargepath_client import Lease
+
+    def unused_call(*args: object, **kwargs: object) -> lease_pb2.LeaseResponse:
+        raise AssertionError("no call is made")
+
+    lease = Lease(unused_call, (), "cpaas-demo", "api.sms.send", units=10)
+    lease._limit = 200_000  # as if granted: try_acquire decides on the counters alone
+    allowed = [0] * 4
+
+    def take(i: int) -> None:
+        while lease.try_acquire():
+            allowed[i] += 1
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(allowed) == lease.spent == 200_000
+    assert lease.available == 0
