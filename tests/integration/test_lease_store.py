@@ -402,3 +402,42 @@ async def test_raw_bytes_on_every_lease_rpc_get_only_the_expected_codes(
         assert set(counts) <= {"OK", "INVALID_ARGUMENT"}, (rpc, counts)
         assert counts["INVALID_ARGUMENT"] > 0 and counts["OK"] > 0, (rpc, counts)
     assert fuzz.total() >= len(services.LEASE.methods) * 500
+
+
+async def test_open_leases_per_tenant_are_capped(store: RedisStore) -> None:
+    engine = await make_engine(store, policy())
+    leasing = Leasing(engine, RedisLeaseStore(store, max_open_leases=2))
+    a = await one(leasing, LeaseAsk("c1", SUBJECT, SMS, requested=1))
+    await one(leasing, LeaseAsk("c2", SUBJECT, SMS, requested=1))
+    third = await one(leasing, LeaseAsk("c3", SUBJECT, SMS, requested=1))
+    assert (third.decision, third.reason, third.granted, third.lease_id) == (
+        Decision.DENY,
+        Reason.CAP_REACHED,
+        0,
+        "",
+    )
+    assert "2 open leases" in third.message
+    # a renewal of an open lease is not a new one
+    renewed = await one(leasing, LeaseAsk("c4", SUBJECT, SMS, lease_id=a.lease_id, requested=1))
+    assert renewed.granted == 1
+    await one(leasing, LeaseAsk("c5", SUBJECT, SMS, lease_id=a.lease_id, release=True))
+    assert (await one(leasing, LeaseAsk("c6", SUBJECT, SMS, requested=1))).granted == 1
+
+
+async def test_a_report_after_the_plan_drops_lease_settings_is_recorded(store: RedisStore) -> None:
+    """The holder's use reaches the ledger even once its limits grant no more leases; a new
+    grant is refused (NO_ENTITLEMENT, naming the limit)."""
+    engine = await make_engine(store, policy())
+    leasing = Leasing(engine, RedisLeaseStore(store))
+    a = await one(leasing, LeaseAsk("d1", SUBJECT, SMS, requested=10))
+    no_leases = POLICY.replace(
+        "        lease: {{ max_units: {max_units}, max_share_pct: {share}, validity: 30s }}\n", ""
+    ).format(capacity=1000, max_units=1, share=1, quota=10**6)
+    await store.publish_policy(load_policy_text(no_leases))
+    more = await one(leasing, LeaseAsk("d2", SUBJECT, SMS, lease_id=a.lease_id, requested=5))
+    assert (more.decision, more.reason) == (Decision.DENY, Reason.NO_ENTITLEMENT)
+    assert "'burst'" in more.message
+    rep = await one(
+        leasing, LeaseAsk("d3", SUBJECT, SMS, lease_id=a.lease_id, used=4, release=True)
+    )
+    assert (rep.decision, rep.recorded, rep.refunded, rep.closed) == (Decision.ALLOW, 4, 6, True)

@@ -16,6 +16,7 @@ from chargepath.store.protocol import (
     ASK_NEW,
     ASK_RELEASE,
     ASK_SLOTS,
+    LEASE_ARG_MAX_OPEN,
     LEASE_ARG_PAYLOAD,
     LEASE_CLOSED,
     LEASE_CONFLICT,
@@ -55,6 +56,7 @@ class Settings:
     dedup_window_ms = 600_000
     recent_length = 1000
     clock_offset_ms = 7
+    max_open_leases = 5
 
 
 def items() -> list[LeaseItem]:
@@ -76,7 +78,7 @@ def test_encode_keys_specs_and_asks() -> None:
     keys, args = encode_lease_batch("t", 3, items(), ["NEW", "L"], Settings(), deadline_ms=99)
     assert keys[:4] == ["cp:{t}:ent", "cp:{t}:ledger", "cp:{t}:leases", "cp:{t}:ltrail"]
     assert "cp:{t}:lease:NEW" in keys and "cp:{t}:ld:r1" in keys
-    assert args[:5] == [3, 7, 600_000, 99, 1000]
+    assert args[:5] == [3, 7, 600_000, 99, 1000] and args[LEASE_ARG_MAX_OPEN - 1] == 5
     specs, sets, asks = msgpack.unpackb(args[LEASE_ARG_PAYLOAD - 1])
     assert len(specs) == 2 * LSPEC_SLOTS and sets == [[1, 2]]
     # the lease terms after decide.lua's spec slots
@@ -96,6 +98,11 @@ def test_a_limit_without_lease_terms_is_refused_before_the_script() -> None:
     item = LeaseItem(LeaseAsk("r", Subject("t"), "m.x", requested=1), res, "d", "f", "h")
     with pytest.raises(ValueError, match="'b' has no lease terms"):
         encode_lease_batch("t", 1, [item], ["x"], Settings())
+    # a report on an open lease whose limit lost its settings: sent, with no terms
+    report = LeaseItem(LeaseAsk("r", Subject("t"), "m.x", lease_id="L", used=2), res, "d", "f", "h")
+    _, args = encode_lease_batch("t", 1, [report], ["L"], Settings())
+    specs, _, _ = msgpack.unpackb(args[LEASE_ARG_PAYLOAD - 1])
+    assert specs[-4:] == [0, 0, 0, 0]
 
 
 def test_decode_answers() -> None:

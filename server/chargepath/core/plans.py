@@ -91,8 +91,9 @@ class LeaseSpec(_Strict):
     * ``max_units``: the largest grant this limit allows at once.
     * ``max_share_pct``: 1 to 100, at most this share of what the limit has left (but at
       least one unit while one is left), so that many holders cannot starve one another.
-    * ``validity``: how long a grant lasts unreported, e.g. ``30s``, ``500ms``, ``5m``; at
-      expiry whatever was granted and not reported goes back to the limit.
+    * ``validity``: how long a grant lasts unreported, e.g. ``30s``, ``500ms``, ``5m`` (kept
+      in its largest exact unit: ``60s`` is ``1m``); at expiry whatever was granted and not
+      reported goes back to the limit.
     * ``renew_below_pct``: 0 to 100, the renewal threshold as a share of the grant.
     * ``gateway``: the gateway itself may hold leases on this limit to answer Checks
       locally."""
@@ -113,13 +114,23 @@ class LeaseSpec(_Strict):
             )
         if not MIN_VALIDITY_MS <= ms <= MAX_VALIDITY_MS:
             raise ValueError(f"must be between 100ms and 24h (got {validity!r})")
-        return str(validity)
+        return format_validity_ms(ms)
 
     @property
     def validity_ms(self) -> int:
         ms = parse_validity_ms(self.validity)
         assert ms is not None  # checked when the spec was made
         return ms
+
+
+def format_validity_ms(ms: int) -> str:
+    """``ms`` in its largest exact unit (60000 -> ``1m``): the one form a validity is kept in,
+    so that ``60s``, ``1m`` and 60,000 ms on the wire are one document."""
+    for unit in ("h", "m", "s"):
+        size = VALIDITY_UNIT_MS[unit]
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
 
 
 def parse_validity_ms(text: str) -> int | None:
