@@ -383,6 +383,7 @@ class BaseLease:
 
     @property
     def closed(self) -> bool:
+        """True once `close` has begun: nothing more is spent or asked for."""
         return self._closing
 
     # -- the state machine the background runs ----------------------------------------

@@ -77,16 +77,19 @@ class AsyncLease(BaseLease):
     def _wake(self) -> None:
         self._event.set()
 
-    async def open(self, deadline: float = 2.0) -> AsyncLease:
-        """Ask for the first grant (retried within `deadline` seconds), then start the
-        background task. A THROTTLE or DENY is not an error: the lease holds nothing yet and
-        the background asks again (`last_answer` says why). Raises the call's
-        `ChargepathError` when the gateway refuses the caller or cannot be reached."""
+    async def open(self, deadline: float | None = None) -> AsyncLease:
+        """Ask for the first grant (retried within `deadline` seconds, by default the
+        client's `default_deadline`), then start the background task. A THROTTLE or DENY is
+        not an error: the lease holds nothing yet and the background asks again
+        (`last_answer` says why). Raises the call's `ChargepathError` when the gateway
+        refuses the caller or cannot be reached."""
         if self._task is not None:
             raise RuntimeError("the lease is already open")
-        self._give_up_at = self._clock() + deadline
+        wait = deadline if deadline is not None else self._attempt_timeout
+        self._give_up_at = self._clock() + wait
         step = self.plan(self._clock())
-        assert isinstance(step, PlannedAsk)
+        if not isinstance(step, PlannedAsk):
+            raise RuntimeError("the lease is closed (or failed): make another one")
         await self._send(step)
         self._give_up_at = float("inf")
         if self._failure is not None:
