@@ -109,6 +109,48 @@ def test_the_reported_cases(
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("path", "commands"),
+    [
+        (("ledger",), "export, consume, summary"),
+        (("keys",), "create, list, rotate, revoke"),
+        (("plans",), "apply, list, show"),
+        (("webhooks",), "log"),
+    ],
+    ids=" ".join,
+)
+def test_a_group_without_its_command_is_one_line_listing_them(
+    path: tuple[str, ...], commands: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(list(path))
+    err = capsys.readouterr().err
+    group = " ".join(path)
+    assert exited.value.code == 2
+    assert err == (
+        f"chargepath {group}: a command is required: {commands} (see chargepath {group} --help)\n"
+    )
+
+
+def test_no_command_at_all_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.startswith("chargepath: a command is required: serve, check, plans,"), err
+    assert len(err.splitlines()) == 1
+
+
+def test_an_unknown_command_of_a_group_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["ledger", "bogus"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.startswith("chargepath ledger: COMMAND: invalid choice: 'bogus'"), err
+    assert len(err.splitlines()) == 1
+    assert "ledger_command" not in err
+
+
 def test_a_plan_file_that_cannot_be_read_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     # no gateway is needed: the file is read before anything is sent
     code = main(["plans", "apply", "/nonexistent.yaml", "--target", "127.0.0.1:1"])

@@ -14,7 +14,8 @@ import argparse
 import os
 import re
 import sys
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from chargepath import __version__
 from chargepath.cli import admin, audit, check, keys, ledger, serve, values, webhooks
@@ -32,6 +33,27 @@ class Parser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         return plain_text(super().format_help())
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        """A group of commands (``chargepath ledger export``...). ``required=True`` is checked
+        here rather than by argparse, whose message names the internal ``dest``: a group run
+        without its command is one line listing the commands; each is shown as COMMAND."""
+        self._command_required = bool(kwargs.pop("required", False))
+        kwargs.setdefault("metavar", "COMMAND")
+        return super().add_subparsers(required=False, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if getattr(self, "_command_required", False):
+            group = self._subparsers_action()
+            if getattr(parsed, group.dest, None) is None:
+                self.error(f"a command is required: {', '.join(group.choices)}")
+        return parsed, extras
+
+    def _subparsers_action(self) -> argparse._SubParsersAction[Any]:
+        return next(a for a in self._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def plain_text(text: str) -> str:
