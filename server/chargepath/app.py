@@ -230,6 +230,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
         dedup_window_ms=s.dedup_window_s * 1000,
         session_ttl_ms=s.session_ttl_s * 1000,
         recent_length=s.recent_decisions,
+        explain_window_ms=s.explain_window_ms,
         clock_offset_ms=s.clock_offset_ms,
         replica_wait=ReplicaWait(
             s.redis_wait_replicas,

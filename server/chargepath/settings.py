@@ -57,6 +57,11 @@ class Settings:
     breaker_cooldown_ms: int = 1000
     #: How long a request id's first verdict is kept for retries.
     dedup_window_s: int = 600
+    #: How long the decision trail keeps every decision, so that ``explain ID`` finds it by
+    #: id alone whatever the tenant's rate (about 240 to 300 bytes of Redis per decision;
+    #: README "Sizing"). -1: the dedup window; 0 up to ``dedup_window_s``; 0 keeps only about
+    #: ``recent_decisions`` per tenant.
+    explain_window_s: int = -1
     #: How long an idle stream session is remembered for resends.
     session_ttl_s: int = 86_400
     #: Embedded Redis AOF fsync policy: everysec or always.
@@ -168,7 +173,20 @@ class Settings:
             return "--tls-client-ca: mTLS needs --tls-cert and --tls-key too"
         if self.tls_identities and not self.tls_client_ca:
             return "--tls-identities: needs --tls-client-ca (it names client certificates)"
+        if self.explain_window_s != -1 and not 0 <= self.explain_window_s <= self.dedup_window_s:
+            return (
+                f"--explain-window-s: {self.explain_window_s} must be between 0 and "
+                f"--dedup-window-s ({self.dedup_window_s}): the trail cannot explain a decision "
+                "whose request id the gateway has already forgotten"
+            )
         return None
+
+    @property
+    def explain_window_ms(self) -> int:
+        """The trail's window in ms: ``explain_window_s``, or the dedup window if unset."""
+        if self.explain_window_s == -1:
+            return self.dedup_window_s * 1000
+        return self.explain_window_s * 1000
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -186,6 +186,12 @@ def test_the_lock_of_a_dead_server_blocks_nobody(tmp_path: Path) -> None:
         (("--plans", "bad.yaml"), ("--plans", "bad.yaml:1: metrics.0.name: must be dot-")),
         (("--plans", "missing.yaml"), ("--plans", "missing.yaml", "cannot read")),
         (("--workers", "2", "--port", "0"), ("--workers", "--port")),
+        (("--explain-window-s", "601"), ("--explain-window-s", "601", "--dedup-window-s (600)")),
+        (
+            ("--dedup-window-s", "60", "--explain-window-s", "61"),
+            ("--explain-window-s", "61", "--dedup-window-s (60)"),
+        ),
+        (("--explain-window-s", "-5"), ("--explain-window-s", "-5", "between 0 and")),
     ],
 )
 def test_a_configuration_error_is_one_line_and_starts_nothing(

@@ -73,6 +73,7 @@ class Settings:
     session_window: int = 128
     recent_length: int = 1000
     clock_offset_ms: int = 0
+    explain_window_ms: int = 120_000
 
 
 def _items() -> list[DecideItem]:
@@ -119,7 +120,8 @@ def test_a_batch_encodes_to_the_golden_keys_and_payload() -> None:
     ]  # fmt: skip
     assert args[:6] == [7, 0, 600_000, 86_400_000, 128, 1000]
     assert args[7] == "0"
-    assert args[8] == 1_800_000_000_050 and len(args) == protocol.ARG_DEADLINE
+    assert args[8] == 1_800_000_000_050
+    assert args[9] == 120_000 and len(args) == protocol.ARG_EXPLAIN_WINDOW
     specs, sets, subjects, usages, caps = msgpack.unpackb(args[6])
     assert caps == [0] * 2 * protocol.CAP_COUNT  # acme has no caps
     # burst: 3/s -> scale 1000 / gcd(3, 1000) = 1000 sub-units per unit, 3 per ms

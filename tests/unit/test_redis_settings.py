@@ -105,3 +105,42 @@ def test_serve_refuses_a_malformed_sentinel_flag_in_one_line(
         "chargepath: --redis-sentinel: '10.0.0.1' is not host:port "
         "(expected host:port,host:port,...)\n"
     )
+
+
+def test_the_explain_window_defaults_to_the_dedup_window() -> None:
+    assert Settings.from_env({}).explain_window_ms == 600_000
+    assert Settings.from_env({}, dedup_window_s=60).explain_window_ms == 60_000
+    s = Settings.from_env({"CHARGEPATH_EXPLAIN_WINDOW_S": "120"})
+    assert s.explain_window_ms == 120_000 and s.problem() is None
+    assert Settings.from_env({}, explain_window_s=0).explain_window_ms == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (
+            {"explain_window_s": 601},
+            "--explain-window-s: 601 must be between 0 and --dedup-window-s (600)",
+        ),
+        (
+            {"explain_window_s": 31, "dedup_window_s": 30},
+            "--explain-window-s: 31 must be between 0 and --dedup-window-s (30)",
+        ),
+        ({"explain_window_s": -2}, "--explain-window-s: -2 must be between 0 and"),
+    ],
+)
+def test_an_explain_window_above_the_dedup_window_is_refused(
+    overrides: dict[str, int], says: str
+) -> None:
+    problem = Settings.from_env({}, **overrides).problem()
+    assert problem is not None and problem.startswith(says) and "\n" not in problem
+
+
+def test_serve_refuses_an_explain_window_above_the_dedup_window_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # refused before anything starts: no data dir, no Redis, no port
+    assert main(["serve", "--explain-window-s", "900"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chargepath: --explain-window-s: 900 must be between 0 and ")
+    assert len(err.splitlines()) == 1

@@ -138,7 +138,9 @@ def add_parsers(sub: Any) -> None:
         sub.add_parser(
             "explain",
             help="explain a decision by its id",
-            description="Explain a decision by its id (at least for the dedup window).",
+            description="Explain a decision by its id: any of the explain window (serve "
+            "--explain-window-s, by default the dedup window), and the tenant's most recent "
+            "ones.",
         )
     )
     p.add_argument("decision_id")

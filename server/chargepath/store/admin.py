@@ -1,12 +1,12 @@
 """The admin side of the Redis store: grants, live state, and the recent-decisions trail.
 
 The trail is a Redis Stream per tenant (``cp:{T}:recent``, written by decide.lua in the same
-step as the decisions, see ``scripts/lib/trail.lua``; it keeps every decision of the dedup
-window and about ``recent_length`` beyond it): an entry ``e=b`` holds the decisions of one
-batch with every limit's remaining units before and after, entries ``e=th`` are quota
-threshold crossings (80% and 100%). It serves ``GetState`` (the last decisions),
-``ExplainDecision`` (a read of the entries around the time in the decision id) and
-``WatchDecisions`` (a blocking read of new entries). Live counters are read by
+step as the decisions, see ``scripts/lib/trail.lua``; it keeps every decision of the explain
+window, by default the dedup window, and about ``recent_length`` beyond it): an entry
+``e=b`` holds the decisions of one batch with every limit's remaining units before and after,
+entries ``e=th`` are quota threshold crossings (80% and 100%). It serves ``GetState`` (the
+last decisions), ``ExplainDecision`` (a read of the entries around the time in the decision
+id) and ``WatchDecisions`` (a blocking read of new entries). Live counters are read by
 ``read_limits.lua`` with decide.lua's own rules.
 """
 
@@ -56,8 +56,13 @@ class AdminStore:
 
     @property
     def recent_length(self) -> int:
-        """How many decisions the trail keeps per tenant beyond the dedup window."""
+        """How many decisions the trail keeps per tenant beyond the explain window."""
         return self.store.recent_length
+
+    @property
+    def explain_window_ms(self) -> int:
+        """How long the trail keeps every decision, ms."""
+        return self.store.explain_window_ms
 
     async def grant(
         self, subject: Subject, limit: Limit, amount: int, expires_at_ms: int, note: str
@@ -154,11 +159,12 @@ class AdminStore:
 
     async def find_decision(self, tenant: str, decision_id: str) -> DecisionRecord | None:
         """The decision with this id, if the tenant's trail still has it: every decision of the
-        dedup window does. A decision id begins with the milliseconds it was made at, and its
-        batch's trail entry is written (on Redis' clock) within the store deadline after, so
-        the search reads the entries of :data:`FIND_SKEW_MS` around that time, page by page
-        (clocks of gateway hosts and Redis may differ by that much); then, if it is not
-        there, the tenant's :attr:`recent_length` newest decisions."""
+        explain window does (the dedup window unless set lower). A decision id begins with the
+        milliseconds it was made at, and its batch's trail entry is written (on Redis' clock)
+        within the store deadline after, so the search reads the entries of
+        :data:`FIND_SKEW_MS` around that time, page by page (clocks of gateway hosts and Redis
+        may differ by that much); then, if it is not there, the tenant's
+        :attr:`recent_length` newest decisions."""
         key = recent_key(tenant)
         try:
             made_ms = int(decision_id[:12], 16)

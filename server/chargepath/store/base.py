@@ -265,10 +265,15 @@ class StateStore(Protocol):
     metric, times are milliseconds on the store's clock (Redis ``TIME``). Every call raises
     :class:`StoreUnavailableError` when the store cannot answer. Reads change nothing."""
 
-    #: How many decisions the trail keeps per tenant beyond the dedup window (explain finds
+    #: How many decisions the trail keeps per tenant beyond the explain window (explain finds
     #: every decision of the window, and these).
     @property
     def recent_length(self) -> int: ...
+
+    #: How long the trail keeps every decision, ms (the explain window: at most the dedup
+    #: window).
+    @property
+    def explain_window_ms(self) -> int: ...
 
     async def grant(
         self, subject: Subject, limit: Limit, amount: int, expires_at_ms: int, note: str
@@ -294,7 +299,7 @@ class StateStore(Protocol):
 
     async def find_decision(self, tenant: str, decision_id: str) -> DecisionRecord | None:
         """The decision with this id, if the tenant's trail still has it: every decision of the
-        dedup window, and the tenant's :attr:`recent_length` most recent ones."""
+        explain window, and the tenant's :attr:`recent_length` most recent ones."""
         ...
 
     def watch(self, tenant: str) -> AsyncIterator[DecisionRecord | ThresholdEvent | None]:

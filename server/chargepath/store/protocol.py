@@ -149,6 +149,8 @@ ARG_FULL_VIEW = 8
 #: the batch's deadline on Redis' clock (``TIME``, without the clock offset), ms (0: none); see
 #: :class:`~chargepath.store.clock.StoreClock`
 ARG_DEADLINE = 9
+#: how long the trail keeps every decision (explain's window), ms: at most the dedup window
+ARG_EXPLAIN_WINDOW = 10
 
 # -- the payload: slots of a spec and of a usage (1-based, as Lua reads them) -----------------
 
@@ -390,6 +392,9 @@ class BatchSettings(Protocol):
     RedisStore` has them): windows and ttl in ms, the trail length in decisions."""
 
     dedup_window_ms: int
+    #: how long the trail keeps every decision, whatever the tenant's rate (at most
+    #: ``dedup_window_ms``); beyond it, about ``recent_length`` decisions
+    explain_window_ms: int
     session_ttl_ms: int
     session_window: int
     recent_length: int
@@ -537,6 +542,7 @@ def encode_batch(
         msgpack.packb((specs, sets, subjects, usages, cap_values + (spec_caps or []))),
         "1" if ok_limits else "0",
         deadline_ms,
+        settings.explain_window_ms,
     ]
     return keys, args
 

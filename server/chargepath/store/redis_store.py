@@ -77,8 +77,11 @@ class RedisStore:
     ``dedup_window_ms``: how long a request id's first verdict is kept (168 bytes per request
     id, i.e. ~170 MB per million ids in the window). ``session_ttl_ms``: how long an
     idle stream session is remembered. ``session_window``: how many recent verdicts a session
-    keeps for resends (81 bytes each). ``clock_offset_ms`` shifts Redis' clock and exists for
-    tests of period boundaries only.
+    keeps for resends (81 bytes each). ``explain_window_ms``: how long the decision trail keeps
+    every decision, so that ``explain`` finds it by id whatever the tenant's rate (about 240 to
+    300 bytes per decision); None (the default): the dedup window, whatever it is set to.
+    Beyond it the trail keeps about ``recent_length`` decisions per tenant. ``clock_offset_ms``
+    shifts Redis' clock and exists for tests of period boundaries only.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class RedisStore:
         session_ttl_ms: int = 86_400_000,
         session_window: int = 128,
         recent_length: int = 1000,
+        explain_window_ms: int | None = None,
         clock_offset_ms: int = 0,
         replica_wait: ReplicaWait | None = None,
     ) -> None:
@@ -99,6 +103,7 @@ class RedisStore:
         self.session_ttl_ms = session_ttl_ms
         self.session_window = session_window
         self.recent_length = recent_length
+        self._explain_window_ms = explain_window_ms
         self.clock_offset_ms = clock_offset_ms
         #: Redis' clock as seen from this process: how a caller's deadline is sent.
         self.clock = StoreClock()
@@ -106,6 +111,18 @@ class RedisStore:
         self._reverse = client.register_script(read_script("reverse.lua"))
         self._publish = client.register_script(read_script("publish.lua"))
         self._stamp = client.register_script(read_script("stamp.lua"))
+
+    @property
+    def explain_window_ms(self) -> int:
+        """How long the trail keeps every decision, ms: the one set, never more than the dedup
+        window (the settings refuse more at start)."""
+        if self._explain_window_ms is None:
+            return self.dedup_window_ms
+        return min(self._explain_window_ms, self.dedup_window_ms)
+
+    @explain_window_ms.setter
+    def explain_window_ms(self, value: int) -> None:
+        self._explain_window_ms = value
 
     @classmethod
     def from_url(

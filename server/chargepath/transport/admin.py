@@ -434,7 +434,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     async def ExplainDecision(
         self, request: apb.ExplainDecisionRequest, context: Context
     ) -> apb.ExplainDecisionResponse:
-        """A decision by its id, for at least the dedup window. Without a tenant, the tenants
+        """A decision by its id, for at least the explain window. Without a tenant, the tenants
         whose tag (:func:`~chargepath.engine.tenant_tag`) the id carries are tried, among those
         the caller may act for: another tenant's id is NOT_FOUND, as an id that never was."""
         if request.tenant:
@@ -467,7 +467,8 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         await abort(
             context,
             grpc.StatusCode.NOT_FOUND,
-            f"decision_id: no decision {request.decision_id} in the dedup window or among the "
+            f"decision_id: no decision {request.decision_id} in the explain window (the last "
+            f"{self.state.explain_window_ms // 1000} s) or among the "
             f"{self.state.recent_length} most recent decisions"
             + (" of the tenant" if request.tenant else ""),
         )

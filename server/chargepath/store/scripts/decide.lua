@@ -25,7 +25,8 @@
 --                        publish)
 -- KEYS[KEY_LEDGER]       tenant ledger stream (lib/ledger.lua)
 -- KEYS[KEY_RECENT]       tenant recent-decisions stream (lib/trail.lua; every decision of the
---                        dedup window, and about ARGV[ARG_RECENT_LENGTH] beyond it)
+--                        explain window ARGV[ARG_EXPLAIN_WINDOW], and about
+--                        ARGV[ARG_RECENT_LENGTH] beyond it)
 -- KEYS[KEY_AGGREGATES]   tenant ledger aggregates hash (lib/ledger.lua)
 -- KEYS[5..]              dedup, session, bucket, quota and grant keys, and the caps' counts,
 --                        by index from the payload
@@ -43,6 +44,8 @@
 --                           either way.
 -- ARGV[ARG_DEADLINE]        the batch's deadline on Redis' clock (TIME, without the clock
 --                           offset), ms; 0: none
+-- ARGV[ARG_EXPLAIN_WINDOW]  how long the trail keeps every decision, ms (at most the dedup
+--                           window; 0: only about ARGV[ARG_RECENT_LENGTH] decisions)
 --
 -- Reply: {REPLY_STALE, stamped_version} when the tenant's stamp is newer than the version
 -- (nothing written), {REPLY_LATE, time_ms} when TIME is past the deadline (nothing written),
@@ -79,6 +82,7 @@ local dedup_ms = tonumber(ARGV[ARG_DEDUP_WINDOW])
 local session_ms = tonumber(ARGV[ARG_SESSION_TTL])
 local window = tonumber(ARGV[ARG_SESSION_WINDOW])
 local recent_len = tonumber(ARGV[ARG_RECENT_LENGTH])
+local explain_ms = tonumber(ARGV[ARG_EXPLAIN_WINDOW])
 local full_view = ARGV[ARG_FULL_VIEW] ~= '0'
 local payload = cmsgpack.unpack(ARGV[ARG_PAYLOAD])
 local specs_in, sets_in, subjects, batch = payload[1], payload[2], payload[3], payload[4]
@@ -348,7 +352,7 @@ for o = 0, #batch - 1, USAGE_SLOTS do
   end
 end
 
-trail_close(KEYS[KEY_RECENT], recent_len, subjects, now_s, real_now, dedup_ms)
+trail_close(KEYS[KEY_RECENT], recent_len, subjects, now_s, real_now, explain_ms)
 
 -- 6. Write back every counter that changed.
 for idx, st in pairs(states) do

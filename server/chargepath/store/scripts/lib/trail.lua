@@ -5,11 +5,12 @@
 -- and
 --   text US trace_id US decision US reason US retry_after_ms US limits
 -- with limits "name,kind,remaining_before,remaining_after,capacity,exceeded(0/1)" joined by
--- ";". The stream keeps every entry of the last `keep_ms` (the dedup window, so a decision id
--- can be explained for at least that long, whatever the tenant's rate) and, beyond it, at most
--- ceil(length / decisions in the batch) entries, i.e. about `length` decisions while batch
--- sizes stay alike: once it holds more, the entries older than the window go (MINID ~, whole
--- stream nodes). Entry ids are Redis' TIME. Quota threshold crossings
+-- ";". The stream keeps every entry of the last `keep_ms` (the explain window: the dedup
+-- window unless set lower, so that a decision id can be explained for at least that long,
+-- whatever the tenant's rate) and, beyond it, at most ceil(length / decisions in the batch)
+-- entries, i.e. about `length` decisions while batch sizes stay alike: once it holds more,
+-- the entries older than the window go (MINID ~, whole stream nodes). Entry ids are Redis'
+-- TIME. Quota threshold crossings
 -- (QUOTA_WARN_PERCENT, 100) follow the batch's entry as entries "e" = "th".
 -- The entry is built as pieces, joined once: no string is concatenated per decision.
 
