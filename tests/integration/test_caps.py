@@ -1,26 +1,42 @@
 """Tenant caps on what usages keep in Redis (issue #12, item 7), on a real redis-server: live
 request ids, sessions, slices and keys are counted exactly under expiry, a usage past a cap is
-DENY CAP_REACHED and writes nothing, and a tenant the policy does not name writes nothing."""
+DENY CAP_REACHED and writes nothing, and a tenant the policy does not name writes nothing.
+Open quota leases are capped the same way (``caps.leases``), over the gateway's LeaseService."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
+import pytest
 import pytest_asyncio
 import redis
 
+from chargepath.core.auth import Role
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage, Verdict
+from chargepath.core.plans import load_policy_text
 from chargepath.engine import Engine
+from chargepath.leasing import Leasing
 from chargepath.store.embedded import EmbeddedRedis
+from chargepath.store.keys import RedisKeyStore
+from chargepath.store.leases import RedisLeaseStore
 from chargepath.store.protocol import (
     CAP_KEYS,
     CAP_REQUEST_IDS,
     CAP_SESSIONS,
     CAP_SLICES,
     caps_key,
+    lease_index_key,
 )
 from chargepath.store.redis_store import RedisStore
+from chargepath.transport import services
+from chargepath.transport.auth import Authenticator, AuthInterceptor
+from chargepath.transport.leases import LeaseServicer
+from chargepath_protos.v1 import lease_pb2 as lpb
+from chargepath_protos.v1 import lease_pb2_grpc as lpb_grpc
+from chargepath_protos.v1 import metering_pb2 as pb
 from tests.conftest import ledger_entries, make_engine
 
 CAPPED = """
@@ -236,3 +252,115 @@ async def test_an_unknown_tenant_creates_nothing_in_redis(
     assert raw_redis.exists("cp:{acme}:recent") == 0
     await e.check(Usage("x", Subject("acme"), "api.sms.send", 1, Mode.ADMIT))
     assert raw_redis.exists("cp:{acme}:recent") == 1
+
+
+# -- caps.leases: open quota leases, over the gateway's LeaseService with authentication ------
+
+LEASED = """
+metrics: [{name: api.sms.send}]
+plans:
+  - name: p
+    limits:
+      - {name: burst, metric: api.sms.send, rate: {capacity: 1000, refill: 1, per: hour},
+         lease: {max_units: 10, max_share_pct: 100, validity: 60s}}
+tenants:
+  - {name: acme, plan: p, caps: {leases: 2}}
+  - {name: other, plan: p}
+"""
+
+
+@pytest_asyncio.fixture
+async def lease_gateway(
+    redis_server: EmbeddedRedis, store: RedisStore
+) -> AsyncIterator[tuple[str, RedisKeyStore, Engine]]:
+    """LeaseService as the gateway serves it: API keys in Redis, the auth interceptor, the
+    servicer's registration; on port 0. Yields its address, the key store and the engine."""
+    engine = await make_engine(store, LEASED)
+    keys = RedisKeyStore.from_url(redis_server.url)
+    authenticator = Authenticator(keys)
+    await authenticator.start()
+    server = grpc.aio.server(interceptors=[AuthInterceptor(authenticator)])
+    leasing = Leasing(engine, RedisLeaseStore(store))
+    services.add_service(server, LeaseServicer(leasing, asyncio.Event()), services.LEASE)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}", keys, engine
+    await server.stop(None)
+    await authenticator.close()
+    await keys.close()
+
+
+async def test_open_leases_are_capped_by_caps_leases(
+    lease_gateway: tuple[str, RedisKeyStore, Engine], store: RedisStore, raw_redis: redis.Redis
+) -> None:
+    """acme may hold 2 open leases (``caps.leases: 2``): a third is DENY CAP_REACHED naming
+    the cap, nothing granted or written, while a renewal of an open one is granted and
+    another tenant (the default, 100,000) is not held back; a caller of another tenant and
+    a caller without a key are refused before anything is counted; raising the cap in the
+    policy lets the third in."""
+    address, keys, engine = lease_gateway
+    _, acme_key = await keys.create("acme", Role.METER, None, "acme meter")
+    _, other_key = await keys.create("other", Role.METER, None, "other meter")
+
+    async def lease(
+        key: str | None, rid: str, tenant: str = "acme", **fields: Any
+    ) -> lpb.LeaseAnswer:
+        ask = lpb.LeaseAsk(
+            request_id=rid,
+            subject=pb.Subject(tenant=tenant),
+            metric="api.sms.send",
+            holder="edge-1",
+            **fields,
+        )
+        metadata = () if key is None else (("authorization", f"Bearer {key}"),)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = lpb_grpc.LeaseServiceStub(channel)
+            reply = await stub.Lease(lpb.LeaseRequest(ask=ask), metadata=metadata, timeout=10)
+        return reply.answer
+
+    first = await lease(acme_key.plaintext, "a1", requested=5)
+    second = await lease(acme_key.plaintext, "a2", requested=5)
+    assert first.granted == second.granted == 5
+    index = lease_index_key("acme")
+    ledger_before = raw_redis.xlen("cp:{acme}:ledger")
+    third = await lease(acme_key.plaintext, "a3", requested=5)
+    assert (third.decision, third.reason, third.granted, third.lease_id) == (
+        pb.DECISION_DENY,
+        pb.REASON_CAP_REACHED,
+        0,
+        "",
+    )
+    assert third.message.startswith("caps.leases: the tenant's 2 open leases"), third.message
+    assert raw_redis.zcard(index) == 2
+    assert raw_redis.xlen("cp:{acme}:ledger") == ledger_before
+    level, scale = raw_redis.hmget("cp:{acme}:r:burst::", ["l", "s"])
+    assert int(level) // int(scale) == 990  # the two grants of 5 only
+    # a renewal (with a report) of an open lease is not a new lease
+    renewed = await lease(acme_key.plaintext, "a4", lease_id=first.lease_id, used=5, requested=5)
+    assert (renewed.decision, renewed.granted, renewed.recorded) == (pb.DECISION_ALLOW, 5, 5)
+    # the cap is acme's: another tenant opens leases as it likes
+    for n in range(3):
+        assert (await lease(other_key.plaintext, f"o{n}", tenant="other", requested=1)).granted
+
+    # callers who must be refused, and who change nothing
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await lease(other_key.plaintext, "x1", requested=1)
+    assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+        await lease(None, "x2", requested=1)
+    assert anonymous.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert raw_redis.zcard(index) == 2
+
+    # a release frees a place; then the cap holds again
+    released = await lease(acme_key.plaintext, "a5", lease_id=second.lease_id, release=True)
+    assert released.closed
+    assert (await lease(acme_key.plaintext, "a6", requested=1)).granted == 1
+    assert (await lease(acme_key.plaintext, "a7", requested=1)).reason == pb.REASON_CAP_REACHED
+
+    # the cap is the policy's: raised to 3, the third lease is granted
+    await store.publish_policy(load_policy_text(LEASED.replace("leases: 2", "leases: 3")))
+    await engine.reload_policy()
+    assert (await lease(acme_key.plaintext, "a8", requested=1)).granted == 1
+    assert raw_redis.zcard(index) == 3
+    refused_again = await lease(acme_key.plaintext, "a9", requested=1)
+    assert refused_again.message.startswith("caps.leases: the tenant's 3 open leases")

@@ -181,3 +181,80 @@ async def test_asks_through_a_stopped_and_a_killed_redis(own_redis: EmbeddedRedi
     finally:
         raw.close()
         await store.close()
+
+
+async def test_the_lease_cap_holds_through_a_stopped_and_a_killed_redis(
+    own_redis: EmbeddedRedis,
+) -> None:
+    """``caps.leases: 2`` while Redis is stopped and then killed (restarted from its AOF): the
+    two leases granted before survive and still fill the cap, a third asked during the outage
+    and resent after it is DENY CAP_REACHED, and the use reported on the leases is in the
+    ledger exactly as acknowledged."""
+    store = RedisStore.from_url(own_redis.url, connect_timeout=0.2)
+    raw = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        await store.publish_policy(
+            load_policy_text(
+                POLICY.replace(
+                    "tenants: [{name: t1, plan: p}]",
+                    "tenants: [{name: t1, plan: p, caps: {leases: 2}}]",
+                )
+            )
+        )
+        engine = Engine(
+            store, EngineSettings(store_timeout_s=0.2, breaker_cooldown_s=0.1), Telemetry()
+        )
+        await engine.reload_policy()
+        leasing = Leasing(engine, RedisLeaseStore(store))
+
+        async def ask(a: LeaseAsk) -> LeaseAnswer:
+            (answer,) = await leasing.lease([a], ["h"])
+            return answer
+
+        async def until_answered(a: LeaseAsk) -> LeaseAnswer:
+            for _ in range(200):
+                answer = await ask(a)
+                if answer.reason is not Reason.STORE_UNAVAILABLE:
+                    return answer
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"{a.request_id} was never answered")
+
+        first = await ask(LeaseAsk("c1", SUBJECT, SMS, requested=20))
+        second = await ask(LeaseAsk("c2", SUBJECT, SMS, requested=20))
+        assert first.granted == second.granted == 20
+        report = LeaseAsk("c3", SUBJECT, SMS, lease_id=first.lease_id, used=7, requested=0)
+        assert (await ask(report)).recorded == 7
+
+        assert own_redis.process is not None
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        third = LeaseAsk("c4", SUBJECT, SMS, requested=5)
+        late_report = LeaseAsk("c5", SUBJECT, SMS, lease_id=second.lease_id, used=4)
+        assert (await ask(third)).reason is Reason.STORE_UNAVAILABLE
+        assert (await ask(late_report)).reason is Reason.STORE_UNAVAILABLE
+        os.kill(own_redis.process.pid, signal.SIGCONT)
+        own_redis.kill()
+        own_redis.start()
+
+        again = await until_answered(third)
+        assert (again.decision, again.reason, again.granted) == (
+            Decision.DENY,
+            Reason.CAP_REACHED,
+            0,
+        )
+        assert again.message.startswith("caps.leases: the tenant's 2 open leases")
+        assert raw.zcard(lease_index_key("t1")) == 2  # the grants acknowledged survived
+        reported = await until_answered(late_report)
+        assert reported.recorded == 4
+        # each report in the ledger once, as acknowledged
+        entries = [e for e in ledger_entries(raw, "t1") if e.mode == "lease"]
+        assert sorted((e.request_id, e.amount) for e in entries) == [("c3", 7), ("c5", 4)]
+        for lease_id, rid in ((first.lease_id, "c6"), (second.lease_id, "c7")):
+            done = await until_answered(
+                LeaseAsk(rid, SUBJECT, SMS, lease_id=lease_id, release=True)
+            )
+            assert done.closed
+        assert raw.zcard(lease_index_key("t1")) == 0
+        assert (await ask(LeaseAsk("c8", SUBJECT, SMS, requested=5))).granted == 5
+    finally:
+        raw.close()
+        await store.close()

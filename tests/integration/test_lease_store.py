@@ -405,8 +405,8 @@ async def test_raw_bytes_on_every_lease_rpc_get_only_the_expected_codes(
 
 
 async def test_open_leases_per_tenant_are_capped(store: RedisStore) -> None:
-    engine = await make_engine(store, policy())
-    leasing = Leasing(engine, RedisLeaseStore(store, max_open_leases=2))
+    engine = await make_engine(store, policy() + "    caps: {leases: 2}\n")
+    leasing = Leasing(engine, RedisLeaseStore(store))
     a = await one(leasing, LeaseAsk("c1", SUBJECT, SMS, requested=1))
     await one(leasing, LeaseAsk("c2", SUBJECT, SMS, requested=1))
     third = await one(leasing, LeaseAsk("c3", SUBJECT, SMS, requested=1))
@@ -416,7 +416,7 @@ async def test_open_leases_per_tenant_are_capped(store: RedisStore) -> None:
         0,
         "",
     )
-    assert "2 open leases" in third.message
+    assert third.message.startswith("caps.leases: the tenant's 2 open leases")
     # a renewal of an open lease is not a new one
     renewed = await one(leasing, LeaseAsk("c4", SUBJECT, SMS, lease_id=a.lease_id, requested=1))
     assert renewed.granted == 1

@@ -47,7 +47,7 @@ plans:
         scope: key
         quota: {amount: 100, per: day}
         lease: {max_units: 50, max_share_pct: 100, validity: 1s}
-tenants: [{name: t, plan: p}]
+tenants: [{name: t, plan: p, caps: {leases: 5}}]
 """
 )
 
@@ -56,7 +56,6 @@ class Settings:
     dedup_window_ms = 600_000
     recent_length = 1000
     clock_offset_ms = 7
-    max_open_leases = 5
 
 
 def items() -> list[LeaseItem]:

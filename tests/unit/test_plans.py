@@ -251,6 +251,7 @@ tenants:
       request_ids: 0
       sessions: many
       slice: 5
+      leases: -1
 """
     with pytest.raises(PolicyError) as e:
         load_policy_text(text, source="plans.yaml")
@@ -259,10 +260,12 @@ tenants:
         ("tenants.0.caps.request_ids", 7),
         ("tenants.0.caps.sessions", 8),
         ("tenants.0.caps.slice", 9),
+        ("tenants.0.caps.leases", 10),
     }
     messages = {i.path: i.message for i in e.value.issues}
     assert messages["tenants.0.caps.request_ids"] == "Input should be greater than or equal to 1"
     assert messages["tenants.0.caps.slice"] == "Extra inputs are not permitted"
+    assert messages["tenants.0.caps.leases"] == "Input should be greater than or equal to 1"
 
 
 def test_caps_default_and_null_means_no_cap() -> None:
@@ -271,19 +274,23 @@ metrics: [{name: api.sms.send}]
 plans: [{name: p}]
 tenants:
   - {name: plain, plan: p}
-  - {name: tight, plan: p, caps: {request_ids: 10, keys: null}}
+  - {name: tight, plan: p, caps: {request_ids: 10, keys: null, leases: 7}}
+  - {name: loose, plan: p, caps: {leases: null}}
 """
     policy = Policy(load_policy_text(text), 1)
     plain = policy.resolve(Subject("plain"), "api.sms.send").caps
     tight = policy.resolve(Subject("tight"), "api.sms.send").caps
-    assert (plain.request_ids, plain.sessions, plain.slices, plain.keys) == (
+    assert (plain.request_ids, plain.sessions, plain.slices, plain.keys, plain.leases) == (
         1_000_000,
         100_000,
         10_000,
         100_000,
+        100_000,
     )
     # given: as written; left out: the default; null: no cap (0 to the store)
     assert (tight.request_ids, tight.sessions, tight.slices, tight.keys) == (10, 100_000, 10_000, 0)
+    assert tight.leases == 7
+    assert policy.resolve(Subject("loose"), "api.sms.send").caps.leases == 0
     assert not policy.resolve(Subject("nobody"), "api.sms.send").tenant_known
 
 

@@ -291,6 +291,11 @@ class CapsSpec(_Strict):
     * ``slices``: distinct slices with a live counter of a slice- or key-scoped limit (kept
       until the limit's period ends, a rate's until its bucket is full again).
     * ``keys``: distinct (slice, key) pairs with a live counter of a key-scoped limit.
+    * ``leases``: open quota leases (LeaseService), each kept until it is released or, once
+      expired, swept (expired ones not yet swept count): about 306 bytes of lease hash each,
+      plus its member in the tenant's lease index; the default holds about 31 MB. A new lease
+      past it is refused (DENY ``CAP_REACHED``, nothing granted); a renewal, report or
+      release of an open lease is not a new one.
 
     A tenant-scoped limit creates nothing per slice or key; neither cap applies to it."""
 
@@ -298,6 +303,7 @@ class CapsSpec(_Strict):
     sessions: CapBound = 100_000
     slices: CapBound = 10_000
     keys: CapBound = 100_000
+    leases: CapBound = 100_000
 
 
 DEFAULT_CAPS = CapsSpec()

@@ -118,10 +118,18 @@ class Caps:
     sessions: int = 0
     slices: int = 0
     keys: int = 0
+    #: open quota leases (counted by lease.lua, not lib/caps.lua: the tenant's lease index)
+    leases: int = 0
 
     @classmethod
     def from_spec(cls, spec: CapsSpec) -> Caps:
-        return cls(spec.request_ids or 0, spec.sessions or 0, spec.slices or 0, spec.keys or 0)
+        return cls(
+            spec.request_ids or 0,
+            spec.sessions or 0,
+            spec.slices or 0,
+            spec.keys or 0,
+            spec.leases or 0,
+        )
 
 
 NO_CAPS = Caps()

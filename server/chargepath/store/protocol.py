@@ -790,7 +790,7 @@ LEASE_ARG_DEADLINE = 4
 LEASE_ARG_TRAIL_LENGTH = 5
 LEASE_ARG_PAYLOAD = 6
 #: the most leases a tenant may hold open (its lease index's members, expired ones not yet
-#: swept included); 0: no bound
+#: swept included): the policy's ``caps.leases``; 0: no bound
 LEASE_ARG_MAX_OPEN = 7
 
 LSPEC_SLOTS = SPEC_SLOTS + 4
@@ -870,14 +870,13 @@ class LeaseBatchSettings(Protocol):
     dedup_window_ms: int
     recent_length: int
     clock_offset_ms: int
-    max_open_leases: int
 
 
-def lease_cap_message(bound: int) -> str:
-    """The message of a lease refused CAP_REACHED."""
+def lease_cap_message(caps: Caps) -> str:
+    """The message of a lease refused CAP_REACHED: the cap, its bound, what it counts."""
     return (
-        f"the tenant holds {bound} open leases, the most it may: release or let one expire; "
-        "nothing was granted"
+        f"caps.leases: the tenant's {caps.leases} open leases (expired ones not yet swept "
+        "included) are all in use: release one or let one expire; nothing was granted"
     )
 
 
@@ -958,7 +957,8 @@ def encode_lease_batch(
         deadline_ms,
         settings.recent_length,
         msgpack.packb((specs, sets, asks)),
-        settings.max_open_leases,
+        # one tenant per batch: its caps are those of every item
+        items[0].resolution.caps.leases if items else 0,
     ]
     return keys, args
 
@@ -968,7 +968,7 @@ def _text(value: Any) -> str:
 
 
 def decode_lease_reply(
-    reply: Sequence[Any], items: Sequence[LeaseItem], version: int, max_open: int = 0
+    reply: Sequence[Any], items: Sequence[LeaseItem], version: int
 ) -> list[LeaseAnswer]:
     """Answers, in the order of ``items``, from lease.lua's reply; raises
     :class:`StalePolicyError` or :class:`StoreDeadlineError` (nothing written)."""
@@ -1014,7 +1014,7 @@ def decode_lease_reply(
                 message=(
                     str(violations[0])
                     if violations
-                    else lease_cap_message(max_open)
+                    else lease_cap_message(item.resolution.caps)
                     if flags & LEASE_CAPPED
                     else ""
                 ),

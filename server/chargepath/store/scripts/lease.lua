@@ -30,9 +30,9 @@
 -- ARGV[LEASE_ARG_DEADLINE]        the batch's deadline on Redis' clock (TIME), ms; 0: none
 -- ARGV[LEASE_ARG_TRAIL_LENGTH]    lease decisions kept for explain (approximate; 0: none)
 -- ARGV[LEASE_ARG_PAYLOAD]         MessagePack {specs, sets, asks}
--- ARGV[LEASE_ARG_MAX_OPEN]        the most leases the tenant may hold open (0: no bound): a
---                                 new lease past it is refused, DENY CAP_REACHED, nothing
---                                 granted
+-- ARGV[LEASE_ARG_MAX_OPEN]        the most leases the tenant may hold open, its policy's
+--                                 caps.leases (0: no bound): a new lease past it is refused,
+--                                 DENY CAP_REACHED, nothing granted
 --
 -- Reply: {REPLY_STALE, stamped_version}, {REPLY_LATE, time_ms} (nothing written either
 -- way), else {REPLY_DECIDED, now_ms, one answer (an array, ANS_* slots, then per limit of
