@@ -140,7 +140,7 @@ def test_serve_refuses_an_explain_window_above_the_dedup_window_in_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # refused before anything starts: no data dir, no Redis, no port
-    assert main(["serve", "--explain-window-s", "900"]) == 2
+    assert main(["serve", "--dedup-window-s", "600", "--explain-window-s", "900"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("chargepath: --explain-window-s: 900 must be between 0 and ")
     assert len(err.splitlines()) == 1
