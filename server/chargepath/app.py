@@ -564,7 +564,7 @@ async def _settle_late_replies(engine: Engine, bound_s: float = LATE_DRAIN_S) ->
         await asyncio.wait_for(engine.late_replies_settled(), bound_s)
     except TimeoutError:
         log.warning(
-            "drain: late store replies still unread after %.0f s, left to the spool's holds "
+            "drain: late store replies still unread after %.1f s, left to the spool's holds "
             "and the store's records",
             bound_s,
         )

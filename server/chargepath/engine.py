@@ -426,7 +426,9 @@ class Engine:
         by the caller: what is left unread then is settled from the spool's holds lapsing and
         the store's records."""
         while self._late or self._unholding:
-            await asyncio.gather(*self._late, *self._unholding, return_exceptions=True)
+            # asyncio.wait: a caller that stops waiting (a bounded drain) cancels only its
+            # own wait, never the reconciliations
+            await asyncio.wait(self._late | self._unholding)
 
     def _unhold(self, decision_ids: list[str], *, recorded: bool) -> None:
         """End the spool holds of ``decision_ids`` in the background (:meth:`Spool.
