@@ -8,6 +8,7 @@ the batch wrote."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from chargepath.engine import Engine, EngineSettings
 from chargepath.spool_replay import RedisSessionSlots, SpoolReplayer
 from chargepath.store.connect import ReplicaWait
 from chargepath.store.embedded import EmbeddedRedis
+from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore, ledger_key
 from chargepath.store.spool import SPOOL_FILE, Spool
 from chargepath.telemetry import Telemetry
@@ -193,3 +195,66 @@ async def test_with_a_replica_a_verdict_waits_until_the_replica_has_it(
         replica.close()
         await store.close()
     assert wait.unreplicated_batches == 0
+
+
+async def _first_batches(ledger: Ledger, n: int) -> list[list[str]]:
+    """The ids of the first ``n`` batches ``ledger`` hands on to consumer c1 of "billing"."""
+    out: list[list[str]] = []
+    batches = ledger.consume_batches("acme", "billing", "c1", count=10, block_ms=50)
+    try:
+        async for batch in batches:
+            out.append([i for i, _ in batch])
+            if batch:
+                await ledger.ack("acme", "billing", [i for i, _ in batch])
+            if len(out) == n:
+                break
+    finally:
+        await batches.aclose()
+    return out
+
+
+async def test_a_consumer_with_a_replica_wait_hands_on_only_what_a_replica_holds(
+    redis_server: EmbeddedRedis, raw_redis: redis.Redis
+) -> None:
+    """No replica here: WAIT never confirms, so nothing is handed on (empty batches let the
+    caller stop) and the entries stay pending; a consumer without the wait gets them."""
+    store = RedisStore.from_url(redis_server.url, connect_timeout=1.0)
+    try:
+        engine = await make_engine(store, OPEN)
+        for i in range(3):
+            assert (await engine.check(report(f"r-{i}"))).recorded
+        waiting = Ledger.from_url(redis_server.url, replica_wait=(1, 20))
+        try:
+            assert await asyncio.wait_for(_first_batches(waiting, 3), 10) == [[], [], []]
+        finally:
+            await waiting.close()
+        assert raw_redis.xpending(ledger_key("acme"), "billing")["pending"] == 3
+        plain = Ledger.from_url(redis_server.url)
+        try:
+            (handed,) = await asyncio.wait_for(_first_batches(plain, 1), 10)
+        finally:
+            await plain.close()
+        assert len(handed) == 3
+    finally:
+        await store.close()
+
+
+async def test_a_consumer_with_a_replica_wait_hands_on_once_the_replica_has_it(
+    replicated: SentinelDeployment,
+) -> None:
+    store = RedisStore.connect(replicated.target, connect_timeout=1.0)
+    ledger = Ledger.connect(replicated.target, replica_wait=(1, 1000))
+    replica = replicated.replicas[0].client()
+    try:
+        engine = await make_engine(store, OPEN)
+        for i in range(5):
+            assert (await engine.check(report(f"r-{i}"))).recorded
+        (handed,) = await asyncio.wait_for(_first_batches(ledger, 1), 10)
+        assert len(handed) == 5
+        # the delivery and the acknowledgement are on the replica too
+        info = replica.xinfo_groups(ledger_key("acme"))
+        assert [(g["name"], g["pending"]) for g in info] == [("billing", 0)]
+    finally:
+        replica.close()
+        await ledger.close()
+        await store.close()

@@ -132,6 +132,18 @@ def add_parser(subparsers: Any) -> None:
         default=60.0,
         help="take over entries pending on other consumers for this long (default 60; 0: never)",
     )
+    con.add_argument(
+        "--redis-wait-replicas",
+        type=int,
+        default=0,
+        help="hand a batch on only once N replicas hold it (WAIT; 0: do not wait)",
+    )
+    con.add_argument(
+        "--redis-wait-timeout-ms",
+        type=int,
+        default=200,
+        help="how long one WAIT waits for the replicas (default 200)",
+    )
 
 
 def resolve_redis_url(args: argparse.Namespace, env: dict[str, str] | None = None) -> str:
@@ -218,8 +230,21 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             if args.batch <= 0:
                 raise LedgerCliError("--batch must be positive")
+            if args.redis_wait_replicas < 0 or args.redis_wait_timeout_ms <= 0:
+                raise LedgerCliError(
+                    "--redis-wait-replicas must be 0 or more, --redis-wait-timeout-ms positive"
+                )
+            wait = (
+                (args.redis_wait_replicas, args.redis_wait_timeout_ms)
+                if args.redis_wait_replicas
+                else None
+            )
             return asyncio.run(
-                _consume(Ledger.connect(target), _Writer(sys.stdout, args.format, header), args)
+                _consume(
+                    Ledger.connect(target, replica_wait=wait),
+                    _Writer(sys.stdout, args.format, header),
+                    args,
+                )
             )
         raise LedgerCliError(f"unknown ledger command {args.ledger_command!r}")
     except LedgerCliError as exc:
