@@ -200,11 +200,23 @@ async def _failover_under_load(deployment: SentinelDeployment, kind: str, wait: 
     return run
 
 
-@pytest.mark.parametrize("kind", ["sigkill", "failover"])
+@pytest.mark.parametrize(("kind", "replicas"), [("sigkill", 2), ("failover", 1)])
 async def test_with_wait_every_acknowledged_usage_survives_a_failover(
-    deployment: SentinelDeployment, kind: str
+    tmp_path: Path, kind: str, replicas: int
 ) -> None:
-    run = await _failover_under_load(deployment, kind, wait=True)
+    """WAIT 1 with as many replicas as a failover leaves usable. A SIGKILL: two replicas, so
+    the promoted one (the one with the highest offset) still has a replica and WAIT 1 confirms
+    again (with one, nothing is recorded until the dead master returns as a replica). A forced
+    failover: one replica (with two, the replica not promoted keeps acknowledging the old
+    master's writes until it is moved, and they are lost: WAIT N is certain only with N equal
+    to the number of replicas); the old master becomes its replica, and WAIT confirms again
+    once it has resynchronised."""
+    deployment = SentinelDeployment(tmp_path, replicas=replicas)
+    try:
+        deployment.start()
+        run = await _failover_under_load(deployment, kind, wait=True)
+    finally:
+        deployment.stop()
     # a usage is answered recorded only once WAIT saw it on the replica: never lost
     assert run.missing == set()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -300,6 +301,42 @@ async def _consume(ledger: Ledger, out: _Writer, args: argparse.Namespace) -> in
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     out.flush()
+    consuming = asyncio.ensure_future(_consume_until(ledger, out, args, consumer, claim_ms, stop))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({consuming, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not consuming.done():
+            # a signal: the batch in hand is finished and acknowledged, within a bound (a store
+            # call stuck in a failover must not keep the process); past it, what was handed on
+            # and not acknowledged is delivered again to the next consumer (at least once)
+            done, _ = await asyncio.wait({consuming}, timeout=STOP_GRACE_S)
+            if not done:
+                print(
+                    f"chargepath ledger: stopped after {STOP_GRACE_S:.0f} s without finishing "
+                    "the batch in hand; it is delivered again",
+                    file=sys.stderr,
+                )
+                consuming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await consuming  # its own cleanup closes the ledger
+                return 0
+        return consuming.result()
+    finally:
+        stopping.cancel()
+
+
+#: How long ``ledger consume`` takes to stop on SIGTERM or SIGINT at most.
+STOP_GRACE_S = 10.0
+
+
+async def _consume_until(
+    ledger: Ledger,
+    out: _Writer,
+    args: argparse.Namespace,
+    consumer: str,
+    claim_ms: int | None,
+    stop: asyncio.Event,
+) -> int:
     block_ms = 1000
     if args.idle_exit_s is not None:
         block_ms = max(10, min(block_ms, int(args.idle_exit_s * 1000)))
