@@ -375,7 +375,7 @@ class Engine:
                 self.telemetry.store_error()
                 answered = await self._spool(self._degraded(policy, items, str(exc)))
                 self._follow_late(
-                    tenant, policy.version, items, answered, _done(exc), durable=False
+                    tenant, policy.version, items, answered, _done(exc), durable=False, held=False
                 )
                 return answered
             except (StoreUnavailableError, TimeoutError) as exc:
@@ -405,17 +405,19 @@ class Engine:
         call: asyncio.Future[list[Verdict]],
         *,
         durable: bool = True,
+        held: bool = True,
     ) -> None:
         """Read the reply of a store call whose caller was answered by the failure policy
-        (``answered``) in the background, and reconcile it (:meth:`_reconcile`)."""
+        (``answered``) in the background, and reconcile it (:meth:`_reconcile`). ``held``:
+        its spooled usages are held in the spool until then."""
         if len(self._late) >= MAX_LATE_CALLS:
             call.cancel()
             self._note_late("abandoned", items)
-            # unread: the replay decides its spooled usages by the store's records
-            self._unhold(_spooled_ids(items, answered), recorded=False)
+            if held:  # unread: the replay decides its spooled usages by the store's records
+                self._unhold(_spooled_ids(items, answered), recorded=False)
             return
         task = asyncio.ensure_future(
-            self._reconcile(tenant, version, items, answered, call, durable=durable)
+            self._reconcile(tenant, version, items, answered, call, durable=durable, held=held)
         )
         self._late.add(task)
         task.add_done_callback(self._late.discard)
@@ -454,6 +456,7 @@ class Engine:
         call: asyncio.Future[list[Verdict]],
         *,
         durable: bool = True,
+        held: bool = True,
     ) -> None:
         """Make the ledger agree with verdicts already given, once the store call behind them
         answers late (or, ``durable=False``, answered in time but unreplicated: its writes may
@@ -472,7 +475,7 @@ class Engine:
           the client's resend with the same ids is answered from the record, counted once.
 
         A call refused as too late (:class:`StoreDeadlineError`) or stale wrote nothing."""
-        spooled = _spooled_ids(items, answered)
+        spooled = _spooled_ids(items, answered) if held else []
         try:
             stored = await asyncio.wait_for(call, LATE_REPLY_WAIT_S)
         except StoreUnreplicatedError as exc:  # a late reply, not durable either
