@@ -591,9 +591,14 @@ class BillingConsumer:
 
     def _pending_ids(self) -> set[str]:
         with self.deployment.redis() as r:
-            rows = r.xpending_range(
-                ledger_key(STREAM_TENANT), GROUP, "-", "+", 100_000, consumername=CONSUMER
-            )
+            try:
+                rows = r.xpending_range(
+                    ledger_key(STREAM_TENANT), GROUP, "-", "+", 100_000, consumername=CONSUMER
+                )
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                return set()  # the consumer has not created its group yet: nothing pending
         return {str(row["message_id"]) for row in rows}
 
     def _restart(self) -> bool:

@@ -35,9 +35,8 @@ Contract
   connection): a failover never loses an entry a consumer handed on, nor its place in the
   consumer's pending list, so a consumer restarted after a failover delivers it again. A batch
   WAIT does not confirm is not handed on (an empty batch is yielded instead) and read again
-  from the consumer's pending list. An acknowledgement WAIT does not confirm is remembered,
-  and an entry this process acknowledged is acknowledged again, never handed on twice, should
-  a failover bring it back.
+  from the consumer's pending list. An acknowledgement is sent again until WAIT confirms it,
+  so a failover never brings an acknowledged entry back.
 * **Export.** :meth:`Ledger.export` reads a range with ``XRANGE`` in pages. With ``mark`` it
   records the id of the last entry exported in ``cp:{T}:ledger:exported``; the mark only
   moves forward, and only over a contiguous export (an export starting past unexported
@@ -253,9 +252,6 @@ class Ledger:
     ``XRANGE`` of an export.
     """
 
-    #: acknowledgements WAIT did not confirm, remembered at most this many
-    MAX_UNCONFIRMED_ACKS = 100_000
-
     def __init__(
         self,
         client: RedisClient,
@@ -268,8 +264,6 @@ class Ledger:
         if replica_wait is not None and (replica_wait[0] < 1 or replica_wait[1] < 1):
             raise ValueError("replica_wait: replicas and timeout_ms must be positive")
         self.replica_wait = replica_wait
-        #: ids acknowledged by this process without replica confirmation (insertion order)
-        self._acked_unconfirmed: dict[str, None] = {}
         self._flush = client.register_script(read_script("flush_aggregates.lua"))
         self._trim = client.register_script(read_script("trim_ledger.lua"))
 
@@ -501,19 +495,38 @@ class Ledger:
         if self.replica_wait is None:
             acked = int(await self.client.xack(ledger_key(tenant), group, *ids))
         else:
-            n, timeout_ms = self.replica_wait
+            acked = await self._ack_replicated(tenant, group, ids, *self.replica_wait)
+        await self.trim(tenant)
+        return acked
+
+    async def _ack_replicated(
+        self, tenant: str, group: str, ids: Sequence[str], n: int, timeout_ms: int
+    ) -> int:
+        """XACK then WAIT on the same connection, again (XACK is idempotent) until ``n``
+        replicas hold it: an acknowledgement a failover could lose would deliver the entries
+        again. Stuck while no replica answers, like the deliveries; a store error raises (the
+        consumer stops, and its successor gets the entries again as pending, not as new)."""
+        acked = -1
+        attempts = 0
+        while True:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.xack(ledger_key(tenant), group, *ids)
                 pipe.execute_command("WAIT", n, timeout_ms)
-                acked, replicas = await pipe.execute()
-            acked = int(acked)
-            unconfirmed = self._acked_unconfirmed
-            if int(replicas) < n:
-                unconfirmed.update(dict.fromkeys(ids))
-                while len(unconfirmed) > self.MAX_UNCONFIRMED_ACKS:
-                    del unconfirmed[next(iter(unconfirmed))]
-        await self.trim(tenant)
-        return acked
+                done, replicas = await pipe.execute()
+            if acked < 0:
+                acked = int(done)
+            if int(replicas) >= n:
+                return acked
+            attempts += 1
+            if attempts % 50 == 1:
+                log.warning(
+                    "ledger consume: WAIT %d %d: %d replica(s) hold the acknowledgement of %d "
+                    "entries; acknowledging again",
+                    n,
+                    timeout_ms,
+                    int(replicas),
+                    len(ids),
+                )
 
     async def _batch(self, tenant: str, group: str, entries: list[tuple[str, Any]]) -> Batch:
         """Entries as :class:`LedgerEntry`; a pending id whose entry no longer exists (deleted
@@ -521,9 +534,7 @@ class Ledger:
         out: Batch = []
         gone: list[str] = []
         for entry_id, f in entries:
-            if entry_id in self._acked_unconfirmed:
-                gone.append(entry_id)  # handed on and acknowledged by this process already
-            elif f:
+            if f:
                 out.append((entry_id, LedgerEntry.from_fields(entry_id, f)))
             else:
                 gone.append(entry_id)
