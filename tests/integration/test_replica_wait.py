@@ -9,6 +9,9 @@ the batch wrote."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,3 +261,27 @@ async def test_a_consumer_with_a_replica_wait_hands_on_once_the_replica_has_it(
         replica.close()
         await ledger.close()
         await store.close()
+
+
+CONSUME = (sys.executable, "-m", "chargepath", "ledger", "consume")
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--redis-wait-replicas", "-1"], "--redis-wait-replicas"),
+        (["--redis-wait-replicas", "1", "--redis-wait-timeout-ms", "0"], "--redis-wait-timeout-ms"),
+    ],
+)
+def test_ledger_consume_refuses_a_bad_replica_wait(
+    redis_server: EmbeddedRedis, flags: list[str], named: str
+) -> None:
+    done = subprocess.run(
+        [*CONSUME, "--tenant", "acme", "--group", "billing", "--max", "1", *flags],
+        env={**os.environ, "CHARGEPATH_REDIS_URL": redis_server.url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert named in done.stderr and "Traceback" not in done.stderr
