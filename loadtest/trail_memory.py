@@ -1,8 +1,9 @@
 """What the decision trail costs in Redis per decision it keeps (README "Sizing").
 
 The trail keeps every decision of the explain window (``--explain-window-s``, by default the
-dedup window; so that ``chargepath explain ID`` finds any of them by id alone). This decides ``--decisions`` reports of one tenant in batches of each
-``--batch`` size through the gateway's own store and decision script, on a fresh redis-server,
+dedup window; so that ``chargepath explain ID`` finds any of them by id alone). This decides
+``--decisions`` reports of one tenant in batches of each ``--batch`` size through the
+gateway's own store and decision script, on a fresh redis-server,
 and prints ``MEMORY USAGE`` of the trail divided by the decisions it holds::
 
     .venv/bin/python -m loadtest.trail_memory --decisions 100000 --batch 1 --batch 10 --batch 100

@@ -23,7 +23,13 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from chargepath.core.auth import Principal, Role
 from chargepath.core.validation import OccurredAtWindow
-from chargepath.engine import Engine, EngineSettings
+from chargepath.engine import (
+    LATE_REPLY_WAIT_S,
+    REVERSE_ATTEMPTS,
+    REVERSE_TIMEOUT_S,
+    Engine,
+    EngineSettings,
+)
 from chargepath.jobs import (
     AggregateFlush,
     Job,
@@ -72,6 +78,9 @@ METERING = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
 LEASE = lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 KEYS = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
+#: How long a drain waits for the late store replies still followed (the engine's own bound
+#: for one: the wait for its reply, then its reversals' attempts and pauses).
+LATE_DRAIN_S = LATE_REPLY_WAIT_S + REVERSE_ATTEMPTS * REVERSE_TIMEOUT_S + 1.0
 
 
 class ListenError(RuntimeError):
@@ -549,6 +558,7 @@ class Gateway:
                 await parts.status.close()
             await parts.serving.health.enter_graceful_shutdown()
             await parts.server.stop(self.settings.drain_grace_s)
+            await _settle_late_replies(parts.engine)
             for t in self._tasks:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -562,6 +572,22 @@ class Gateway:
                 await asyncio.to_thread(parts.embedded.stop)
                 log.info("embedded redis-server stopped")
         log.info("stopped")
+
+
+async def _settle_late_replies(engine: Engine, bound_s: float = LATE_DRAIN_S) -> None:
+    """On drain, once no call is served: read and reconcile the store calls still followed in
+    the background (reversals, spool holds), for ``bound_s`` at most. Past it they are
+    cancelled with the store: their spooled usages' holds lapse and the replay (this
+    process's successor's) finds the store's records; a refused admit recorded late then
+    stays billed, as the log says."""
+    try:
+        await asyncio.wait_for(engine.late_replies_settled(), bound_s)
+    except TimeoutError:
+        log.warning(
+            "drain: late store replies still unread after %.1f s, left to the spool's holds "
+            "and the store's records",
+            bound_s,
+        )
 
 
 async def _wait_for_store(store: RedisStore, attempts: int = 100) -> None:

@@ -37,6 +37,7 @@ from chargepath.store.base import (
     StalePolicyError,
     StoreDeadlineError,
     StoreUnavailableError,
+    StoreUnreplicatedError,
 )
 from chargepath.store.spool import Spool, SpoolClosedError, SpooledUsage
 from chargepath.telemetry import Telemetry
@@ -53,6 +54,10 @@ MAX_LATE_CALLS = 256
 #: Attempts at writing the reversals of one late reply (2 s each, 0.2 s then 0.8 s between).
 REVERSE_ATTEMPTS = 3
 REVERSE_TIMEOUT_S = 2.0
+#: How long a usage spooled while its store call is still in flight is held from the replay
+#: (ms): the late reply settles it first (:meth:`Engine._reconcile`); if this process dies
+#: meanwhile the hold lapses and the replay finds the store's records (docs/design.md).
+SPOOL_HOLD_MS = int(LATE_REPLY_WAIT_S * 1000) + 5_000
 
 #: A Check waiting for its tenant's next store call: the usage, its trace id, its verdict.
 _Pending = tuple[Usage, str, "asyncio.Future[Verdict]"]
@@ -154,6 +159,8 @@ class Engine:
         self._flushing: set[asyncio.Future[None]] = set()
         #: store calls that timed out, followed until their late reply is reconciled
         self._late: set[asyncio.Future[None]] = set()
+        #: spool holds being ended (Spool.settle_held), awaited on drain
+        self._unholding: set[asyncio.Future[None]] = set()
         self._late_logged_at = 0.0
         self._late_since_log: dict[str, int] = {}
         self._late_ids: list[str] = []
@@ -332,6 +339,9 @@ class Engine:
                 return await self._spool(self._degraded(policy, items, "circuit breaker open"))
             started = time.perf_counter()
             call: asyncio.Future[list[Verdict]] | None = None
+            delay = self.settings.store_timeout_s + self.settings.store_timeout_per_usage_s * (
+                len(items) - 1
+            )
             try:
                 with self.telemetry.store_span(tenant, len(items)):
                     deadline = StoreDeadline(
@@ -349,6 +359,9 @@ class Engine:
                                     items,
                                     ok_limits=ok_limits,
                                     deadline=deadline.latest,
+                                    # half the timeout: a reply to a batch that runs later
+                                    # may be read too late (see docs/design.md)
+                                    doubt=deadline.when - delay / 2,
                                 )
                             )
                             verdicts = await asyncio.shield(call)
@@ -366,13 +379,25 @@ class Engine:
                 except StoreUnavailableError:
                     return await self._spool(self._degraded(policy, items, "policy reload failed"))
                 continue
+            except StoreUnreplicatedError as exc:
+                # committed on the master, not durable: answered as if the store were away
+                # (spooled; the replay's dedup finds the master's write if it survives), and
+                # a refused admit that the master recorded is reversed
+                self.breaker.failure()
+                self.telemetry.store_error()
+                answered = await self._spool(self._degraded(policy, items, str(exc)))
+                self._follow_late(
+                    tenant, policy.version, items, answered, _done(exc), durable=False, held=False
+                )
+                return answered
             except (StoreUnavailableError, TimeoutError) as exc:
                 self.breaker.failure()
                 self.telemetry.store_error()
                 reason = str(exc) or "store timeout"
-                answered = await self._spool(self._degraded(policy, items, reason))
-                if call is not None and not isinstance(exc, StoreUnavailableError):
-                    # the deadline passed: the call may yet commit
+                # the deadline passed: the call may yet commit, its spooled usages are held
+                in_flight = call is not None and not isinstance(exc, StoreUnavailableError)
+                answered = await self._spool(self._degraded(policy, items, reason), hold=in_flight)
+                if call is not None and in_flight:
                     self._follow_late(tenant, policy.version, items, answered, call)
                 return answered
             self.telemetry.store_latency(time.perf_counter() - started)
@@ -390,22 +415,49 @@ class Engine:
         items: list[DecideItem],
         answered: list[Verdict],
         call: asyncio.Future[list[Verdict]],
+        *,
+        durable: bool = True,
+        held: bool = True,
     ) -> None:
         """Read the reply of a store call whose caller was answered by the failure policy
-        (``answered``) in the background, and reconcile it (:meth:`_reconcile`)."""
+        (``answered``) in the background, and reconcile it (:meth:`_reconcile`). ``held``:
+        its spooled usages are held in the spool until then."""
         if len(self._late) >= MAX_LATE_CALLS:
             call.cancel()
             self._note_late("abandoned", items)
+            if held:  # unread: the replay decides its spooled usages by the store's records
+                self._unhold(_spooled_ids(items, answered), recorded=False)
             return
-        task = asyncio.ensure_future(self._reconcile(tenant, version, items, answered, call))
+        task = asyncio.ensure_future(
+            self._reconcile(tenant, version, items, answered, call, durable=durable, held=held)
+        )
         self._late.add(task)
         task.add_done_callback(self._late.discard)
 
     async def late_replies_settled(self) -> None:
         """Wait until every store call followed in the background is reconciled (at most
-        :data:`LATE_REPLY_WAIT_S` plus the reversals' attempts)."""
-        while self._late:
-            await asyncio.gather(*self._late, return_exceptions=True)
+        :data:`LATE_REPLY_WAIT_S` plus the reversals' attempts). Called on drain, bounded
+        by the caller: what is left unread then is settled from the spool's holds lapsing and
+        the store's records."""
+        while self._late or self._unholding:
+            # asyncio.wait: a caller that stops waiting (a bounded drain) cancels only its
+            # own wait, never the reconciliations
+            await asyncio.wait(self._late | self._unholding)
+
+    def _unhold(self, decision_ids: list[str], *, recorded: bool) -> None:
+        """End the spool holds of ``decision_ids`` in the background (:meth:`Spool.
+        settle_held`); a failure leaves them to lapse (``SPOOL_HOLD_MS``)."""
+        if not decision_ids or self.spool is None:
+            return
+        task = asyncio.ensure_future(self._settle_held(self.spool, decision_ids, recorded))
+        self._unholding.add(task)
+        task.add_done_callback(self._unholding.discard)
+
+    async def _settle_held(self, spool: Spool, decision_ids: list[str], recorded: bool) -> None:
+        try:
+            await spool.settle_held(decision_ids, recorded=recorded)
+        except Exception as exc:  # a closed spool, a disk error: the holds lapse by themselves
+            log.warning("spool holds of %d usage(s) not ended: %s", len(decision_ids), exc)
 
     async def _reconcile(
         self,
@@ -414,41 +466,62 @@ class Engine:
         items: list[DecideItem],
         answered: list[Verdict],
         call: asyncio.Future[list[Verdict]],
+        *,
+        durable: bool = True,
+        held: bool = True,
     ) -> None:
         """Make the ledger agree with verdicts already given, once the store call behind them
-        answers late. Per usage the store recorded by this call (not replayed from an earlier
+        answers late (or, ``durable=False``, answered in time but unreplicated: its writes may
+        yet be lost). Per usage the store recorded by this call (not replayed from an earlier
         record):
 
         * an admit the caller was refused (DENY or THROTTLE by the failure policy): reversed
           (:meth:`~chargepath.store.base.DecisionStore.reverse`): billing nets it to 0, and
           a resend is decided anew;
-        * a usage answered ``spooled``: nothing to do, the spool's replay finds the record
-          (same request id and fingerprint, or the session slot) and records nothing again;
+        * a usage answered ``spooled`` and recorded (by this call or an earlier record): it
+          leaves the spool as already recorded (:meth:`Spool.settle_held`), before the replay
+          can pick it up (it is held until then); a spooled usage not recorded is released to
+          the replay. Unreplicated (``durable=False``): released, never settled: the replay's
+          dedup finds the master's write if it survives;
         * any other (answered neither recorded nor spooled: an allowed admit, a report): kept;
           the client's resend with the same ids is answered from the record, counted once.
 
         A call refused as too late (:class:`StoreDeadlineError`) or stale wrote nothing."""
+        spooled = _spooled_ids(items, answered) if held else []
         try:
             stored = await asyncio.wait_for(call, LATE_REPLY_WAIT_S)
+        except StoreUnreplicatedError as exc:  # a late reply, not durable either
+            stored, durable = exc.verdicts, False
         except (StoreDeadlineError, StalePolicyError):
             self._note_late("nothing_written", items)
+            self._unhold(spooled, recorded=False)
             return
         except (StoreUnavailableError, TimeoutError):
             # unknown: a resend or the spool's replay is answered from the record if any
             self._note_late("unknown", items)
+            self._unhold(spooled, recorded=False)
             return
         refused: list[Reversal] = []
+        settled: list[str] = []
         for item, given, got in zip(items, answered, stored, strict=True):
             if not got.recorded:
                 self._note_late("not_recorded", [item])
+            elif given.spooled and durable:
+                settled.append(item.decision_id)
+                self._note_late("spooled", [item])
             elif got.replayed:
                 self._note_late("replayed", [item])
             elif given.spooled:
-                self._note_late("spooled", [item])
+                self._note_late("unreplicated_spooled", [item])
             elif item.usage.mode is Mode.ADMIT and given.decision is not Decision.ALLOW:
                 refused.append(Reversal(item, given, version))
             else:
                 self._note_late("resend", [item])
+        if spooled:
+            # settled first: only then may the replayer see the others
+            self._unhold(settled, recorded=True)
+            done = set(settled)
+            self._unhold([d for d in spooled if d not in done], recorded=False)
         if refused:
             await self._reverse(tenant, refused)
 
@@ -553,13 +626,17 @@ class Engine:
             )
         return items, out
 
-    async def _spool(self, degraded: tuple[list[DecideItem], list[Verdict]]) -> list[Verdict]:
+    async def _spool(
+        self, degraded: tuple[list[DecideItem], list[Verdict]], *, hold: bool = False
+    ) -> list[Verdict]:
         """Write to the spool every usage of a degraded batch that the client may act on: a
         report of an entitled subject (the usage happened whatever the failure policy said),
         and an admit the failure policy allowed (the work goes ahead). A verdict says
         ``spooled`` only once its usage is on disk; a usage refused (spool full, a disk
         error, no spool, or a write slower than ``spool_timeout_s``) keeps a verdict that
-        says neither recorded nor spooled, so the client keeps the obligation to resend."""
+        says neither recorded nor spooled, so the client keeps the obligation to resend.
+        ``hold``: the batch's store call is still in flight: its spooled usages are held from
+        the replay until its late reply is reconciled (:data:`SPOOL_HOLD_MS` at most)."""
         items, verdicts = degraded
         if self.spool is None:
             return verdicts
@@ -571,15 +648,16 @@ class Engine:
         entries = [
             SpooledUsage(
                 items[i].usage,
-                # the replay is keyed on the request id, also for a stream usage (whose item
-                # carries its session fingerprint: its dedup is the session's)
-                fingerprint(items[i].usage) if items[i].usage.session_id else items[i].fingerprint,
+                # the replay is keyed on the request id, also for a stream usage, with the
+                # fingerprint its first attempt had: a stream usage's session fingerprint,
+                # which the request-id record of a batch run in doubt holds (ARG_DOUBT)
+                items[i].fingerprint,
                 items[i].decision_id,
                 items[i].trace_id,
             )
             for i in picked
         ]
-        accepted = await self._append(self.spool, entries)
+        accepted = await self._append(self.spool, entries, hold_ms=SPOOL_HOLD_MS if hold else 0)
         out = list(verdicts)
         for i, ok in zip(picked, accepted, strict=True):
             v = verdicts[i]
@@ -592,15 +670,30 @@ class Engine:
             )
         return out
 
-    async def _append(self, spool: Spool, entries: Sequence[SpooledUsage]) -> list[bool]:
+    async def _append(
+        self, spool: Spool, entries: Sequence[SpooledUsage], *, hold_ms: int = 0
+    ) -> list[bool]:
         """``spool.append_all`` bounded by ``spool_timeout_s`` (the wait for the spool's write
         lock: past it the usages are withdrawn, never written); all False on an error."""
         try:
-            accepted = await spool.append_all(entries, timeout_s=self.settings.spool_timeout_s)
+            accepted = await spool.append_all(
+                entries, timeout_s=self.settings.spool_timeout_s, hold_ms=hold_ms
+            )
         except SpoolClosedError:
             log.error("spool closed: %d usage(s) answered as not spooled", len(entries))
             return [False] * len(entries)
         return accepted
+
+
+def _done(exc: StoreUnreplicatedError) -> asyncio.Future[list[Verdict]]:
+    """A store call already answered with ``exc``, for :meth:`Engine._reconcile`."""
+    future: asyncio.Future[list[Verdict]] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
+def _spooled_ids(items: Sequence[DecideItem], answered: Sequence[Verdict]) -> list[str]:
+    return [i.decision_id for i, v in zip(items, answered, strict=True) if v.spooled]
 
 
 def spoolable(item: DecideItem, verdict: Verdict) -> bool:

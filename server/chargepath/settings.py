@@ -35,9 +35,10 @@ class Settings:
     #: Credentials of the sentinels themselves (``requirepass`` or an ACL user).
     redis_sentinel_username: str = ""
     redis_sentinel_password: str = ""
-    #: After each decision batch, WAIT for this many replicas (0: no WAIT). A verdict is
-    #: returned once they hold the batch, or after ``redis_wait_timeout_ms`` (then it is
-    #: still recorded on the master and counted as unreplicated: store.connect.ReplicaWait).
+    #: After each decision batch, WAIT for this many replicas (0: no WAIT). A verdict says
+    #: recorded only once they hold the batch; past ``redis_wait_timeout_ms`` it is committed
+    #: on the master, answered by the failure policy and spooled, counted as unreplicated
+    #: (store.connect.ReplicaWait).
     redis_wait_replicas: int = 0
     #: WAIT's timeout; must stay below ``store_timeout_ms``.
     redis_wait_timeout_ms: int = 20

@@ -21,7 +21,8 @@ Replay semantics:
     could be refused now, and the work would never be billed). Its ledger entry says
     ``report``. Its dedup record keeps the admit's fingerprint, so a late resend of the admit
     is answered from it (recorded) rather than decided again;
-  - a stream usage is replayed under its request id too, not under its session and sequence:
+  - a stream usage is replayed under its request id too (with its session fingerprint), not
+    under its session and sequence:
     by the time the store is back the session has usually moved on (past the replay window a
     sequence is refused, and a session reused by a restarted controller could hold another
     usage at that sequence). Before that, its session slot is read: a slot that holds the
@@ -37,6 +38,21 @@ Replay semantics:
   gets the time it was spooled, so billing sees when it happened, not when it was replayed.
   Its limits and version are those of the policy live at replay time (the store refuses any
   other).
+* Holds: a usage spooled while its first store call was still in flight is held (see
+  :mod:`chargepath.store.spool`): the replay stops at it, for its tenant, until the engine
+  has read that call's late reply and settled it (recorded late: it leaves the spool as
+  already recorded, never replayed) or released it, or until the hold lapses (the process
+  died): then the store's records answer, as below.
+* Stream usages and the session window: a stream usage whose first attempt committed late
+  is found by its request id's dedup record whatever the session window says, because
+  ``decide.lua`` writes that record too for a session usage of a batch that ran past its
+  doubt time (``ARG_DOUBT``: half the store timeout; always with a replica wait), and the
+  spool keeps that attempt's fingerprint. A replay that ran first is found the same way by a
+  late first attempt, which then records nothing. docs/design.md, "Late commits and the
+  spool", goes through every order.
+* Caps: a replay is never refused by a tenant cap (``CAP_REACHED``): its usages were
+  acknowledged already, and caps bound the memory taken by new keys of usages not yet
+  acknowledged. A replay may take a tenant past a cap; the next new usages are refused.
 * One process replays at a time: the one holding the spool's replay lease.
 """
 
@@ -286,6 +302,12 @@ class SpoolReplayer:
         self, tenant: str, records: list[SpoolRecord]
     ) -> list[tuple[int, Outcome]]:
         outcomes: list[tuple[int, Outcome]] = []
+        now = self.clock_ms()
+        held = next((n for n, r in enumerate(records) if r.held_until_ms > now), None)
+        if held is not None:
+            # its first store call is still in flight: the engine settles it when the late
+            # reply comes in; the tenant's later usages wait behind it (order is kept)
+            records = records[:held]
         todo = records
         sessions = [r for r in records if r.entry.usage.session_id]
         if sessions and self.session_slots is not None:
@@ -323,7 +345,8 @@ class SpoolReplayer:
             ]
             try:
                 verdicts = await asyncio.wait_for(
-                    self.store.decide(tenant, policy.version, items), self.store_timeout_s
+                    self.store.decide(tenant, policy.version, items, replay=True),
+                    self.store_timeout_s,
                 )
             except StalePolicyError as exc:
                 policy = await asyncio.wait_for(

@@ -22,25 +22,6 @@ clock past which decide.lua writes nothing, and the engine reconciles a late rep
 that started in time, reversing a refused admit the store recorded (a reversal ledger entry,
 netted by the harness as billing nets it). So refused-but-billed is asserted 0."""
 
-SPOOLED_LATE_REPLAY_FIXED = False
-"""The residue of late commits for spooled stream usages: a stream batch answered spooled
-whose store call had started before its deadline (so it still commits) and whose usages are
-also replayed from the spool. The replay recognises it through the session slot only while
-the session is within its replay window (128 sequences); a stream that moved further on by
-then gets it twice in the ledger. Only the one batch in flight at the fault can do this now.
-Until the reconciliation tells the spool (or writes a request-id record the replay finds),
-such doubles are allowed when, and only when, the harness explains them as exactly this."""
-
-UNREPLICATED_LOSS_FIXED = False
-"""A forced Sentinel failover (``SENTINEL FAILOVER``, ``WAIT 1``, ``min-replicas-to-write 1``)
-can lose a usage answered ``recorded``: the batch was committed on the old master, WAIT timed
-out because the replica had stopped reading at its promotion, and the gateway still answers
-recorded (counting it in ``chargepath.store.unreplicated``; README, "High availability"). Seen
-in about 1 run in 12 of the sentinel-failover test, 1 usage each time. Until the gateway stops
-answering recorded for what no replica acknowledged, such a usage counts as missing and as a
-flag mismatch, explained only when the gateway's own count of unreplicated usages covers it.
-Set True once that is fixed: acknowledged-and-missing is then asserted 0 in every run."""
-
 #: faults during which the store cannot answer: decisions are degraded and usages spooled
 STORE_OUTAGES = ("redis-sigkill", "redis-sigstop", "client-pause", "sentinel-failover")
 
@@ -51,25 +32,17 @@ def assert_invariant(fig: ChaosFigures) -> None:
     assert fig.unexplained() == [], "verdicts and ledger disagree, and no known bug explains it"
     if LATE_COMMITS_FIXED:
         assert fig.refused_but_billed == 0, "a refused admit is billed"
-    if LATE_COMMITS_FIXED and SPOOLED_LATE_REPLAY_FIXED:
-        assert fig.doubled == 0, "a request id twice in the ledger"
-        assert fig.late_commits == 0
-    if UNREPLICATED_LOSS_FIXED:
-        assert fig.missing == 0, "acknowledged (recorded or spooled) and not in the ledger"
-        assert fig.lost_unreplicated == 0
-    if LATE_COMMITS_FIXED and SPOOLED_LATE_REPLAY_FIXED and UNREPLICATED_LOSS_FIXED:
-        assert fig.flag_mismatches == 0
-    # a usage acknowledged and missing is only ever one the gateway counted unreplicated
-    assert fig.missing == fig.lost_unreplicated
+    assert fig.doubled == 0, "a request id twice in the ledger"
+    assert fig.late_commits == 0
+    assert fig.missing == 0, "acknowledged (recorded or spooled) and not in the ledger"
+    assert fig.lost_unreplicated == 0
+    assert fig.flag_mismatches == 0
     assert fig.unsettled == 0, "a usage still unacknowledged after the clients' resends"
     assert fig.foreign_entries == 0, "a ledger entry that no client sent"
     # billing: every entry delivered at least once, acknowledged once, none left behind
     assert fig.consumer_skipped == 0
     assert fig.consumer_acked_twice == 0
-    if UNREPLICATED_LOSS_FIXED or fig.fault != "sentinel-failover":
-        # a forced failover can also lose the consumer group's own writes on the old master
-        # (deliveries and acknowledgements not yet replicated): the same cause as above
-        assert fig.consumer_lost_after_death == 0
+    assert fig.consumer_lost_after_death == 0
     assert fig.consumer_pending_end == 0
     assert fig.consumer_exit == 0
     assert fig.gateway_exit == 0

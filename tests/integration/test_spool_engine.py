@@ -18,7 +18,7 @@ import redis
 
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage, Verdict
 from chargepath.core.plans import load_policy_text
-from chargepath.engine import Engine, EngineSettings, fingerprint
+from chargepath.engine import Engine, EngineSettings, session_fingerprint
 from chargepath.spool_replay import RedisSessionSlots, SpoolReplayer
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.redis_store import RedisStore
@@ -149,8 +149,9 @@ async def test_what_the_client_may_act_on_is_spooled_and_replayed_once(outage: O
         "st2",
         "st3",
     ]
-    # a stream usage's replay is keyed on its request id: it carries the unary fingerprint
-    assert held[5].entry.fingerprint == fingerprint(stream[0])
+    # a stream usage's replay is keyed on its request id, with its first attempt's (session)
+    # fingerprint: the one a request-id record written in doubt holds
+    assert held[5].entry.fingerprint == session_fingerprint(stream[0])
     assert [r.entry.decision_id for r in held[5:]] == [v.decision_id for v in streamed]
 
     await outage.replay()

@@ -109,26 +109,36 @@ def _items() -> list[DecideItem]:
 
 def test_a_batch_encodes_to_the_golden_keys_and_payload() -> None:
     keys, args = encode_batch(
-        "acme", 7, _items(), Settings(), ok_limits=False, deadline_ms=1_800_000_000_050
+        "acme",
+        7,
+        _items(),
+        Settings(),
+        ok_limits=False,
+        deadline_ms=1_800_000_000_050,
+        doubt_ms=1_800_000_000_025,
     )
     p = "cp:{acme}:"
+    # a session usage's request-id record is named too when the batch has a doubt time
     assert keys == [
         p + "ent", p + "ledger", p + "recent", p + "agg",
         p + "d:r-1", p + "r:burst::k1", p + "q:monthly::", p + "g:monthly::",
-        p + "s:sess", p + "r:bytes:s1:",
+        p + "s:sess", p + "d:r-2", p + "r:bytes:s1:",
         p + "d:r-3", p + "d:r-4",
     ]  # fmt: skip
     assert args[:6] == [7, 0, 600_000, 86_400_000, 128, 1000]
     assert args[7] == "0"
-    assert args[8] == 1_800_000_000_050
-    assert args[9] == 120_000 and len(args) == protocol.ARG_EXPLAIN_WINDOW
+    assert args[protocol.ARG_DEADLINE - 1] == 1_800_000_000_050
+    assert args[protocol.ARG_DOUBT - 1] == 1_800_000_000_025
+    assert args[protocol.ARG_REPLAY - 1] == "0"
+    assert args[protocol.ARG_EXPLAIN_WINDOW - 1] == 120_000
+    assert len(args) == protocol.ARG_EXPLAIN_WINDOW
     specs, sets, subjects, usages, caps = msgpack.unpackb(args[6])
     assert caps == [0] * 2 * protocol.CAP_COUNT  # acme has no caps
     # burst: 3/s -> scale 1000 / gcd(3, 1000) = 1000 sub-units per unit, 3 per ms
     assert specs == [
         6, 1, 0, 10_000, 1000, 3, 10, "burst",
         7, 2, 1, 500, 3, 8, 0, "monthly",
-        10, 1, 0, 1000, 1, 1, 1000, "bytes",
+        11, 1, 0, 1000, 1, 1, 1000, "bytes",
     ]  # fmt: skip
     # r-1 and r-3 share their set (and their subject); r-4 (no limit matches) has none
     assert sets == [[1, 2], [3]]
@@ -139,12 +149,15 @@ def test_a_batch_encodes_to_the_golden_keys_and_payload() -> None:
     text4 = US.join(["r-4", f"{3:032x}", "", "", "slice.sessions", "1", "admit"])
     trace = "ab" * 16
     assert usages == [
-        2, 2, 5, 0, "fp0", f"{0:032x}", 1, 0, text1, "", trace, 1,
+        2, 2, 5, 0, "fp0", f"{0:032x}", 1, 0, text1, "", trace, 1, 0,
         1 | 2 | 8, 1500, 9, 5, "fp1", f"{1:032x}", 2, 0, text2,
-        f'{US}1800000000000{US}{{"cell":"42"}}', trace, 2,
-        2 | 4, 1, 11, 0, "fp2", f"{2:032x}", 1, 0, text3, "", trace, 1,
-        0, 1, 12, 0, "fp3", f"{3:032x}", 0, 0, text4, "", trace, 3,
+        f'{US}1800000000000{US}{{"cell":"42"}}', trace, 2, 10,
+        2 | 4, 1, 12, 0, "fp2", f"{2:032x}", 1, 0, text3, "", trace, 1, 0,
+        0, 1, 13, 0, "fp3", f"{3:032x}", 0, 0, text4, "", trace, 3, 0,
     ]  # fmt: skip
+    # without a doubt time, a session usage names only its session; a replay says so
+    keys, args = encode_batch("acme", 7, _items(), Settings(), replay=True)
+    assert p + "d:r-2" not in keys and args[protocol.ARG_REPLAY - 1] == "1"
 
 
 def test_the_payload_offsets_name_the_encoded_slots() -> None:
@@ -297,7 +310,8 @@ def test_a_reversal_encodes_to_its_record_and_entry() -> None:
         int(Decision.DENY), int(Reason.STORE_UNAVAILABLE), 7,
     ]  # fmt: skip
     keys, args = encode_reversal("acme", Reversal(items[1], answered, 7), 128)
-    assert keys == ["cp:{acme}:ledger", "cp:{acme}:s:sess"] and args[1:3] == [5, 128]
+    assert keys == ["cp:{acme}:ledger", "cp:{acme}:s:sess", "cp:{acme}:d:r-2"]
+    assert args[1:3] == [5, 128]
 
 
 def _capped_items() -> list[DecideItem]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -187,6 +188,18 @@ def add_parser(subparsers: Any) -> None:
         type=float,
         default=60.0,
         help="take over entries pending on other consumers for this long (default 60; 0: never)",
+    )
+    con.add_argument(
+        "--redis-wait-replicas",
+        type=int,
+        default=0,
+        help="hand a batch on only once N replicas hold it (WAIT; 0: do not wait)",
+    )
+    con.add_argument(
+        "--redis-wait-timeout-ms",
+        type=int,
+        default=200,
+        help="how long one WAIT waits for the replicas (default 200)",
     )
     add_redis_options(con)
 
@@ -373,11 +386,22 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             if args.batch <= 0:
                 raise LedgerCliError("--batch: must be positive")
+            if args.redis_wait_replicas < 0:
+                raise LedgerCliError("--redis-wait-replicas: must be 0 or more")
+            if args.redis_wait_timeout_ms <= 0:
+                raise LedgerCliError("--redis-wait-timeout-ms: must be positive")
         target = resolve_redis_target(args)
         if args.ledger_command == "export":
             return _run_export(Ledger.connect(target), args)
         if args.ledger_command == "consume":
-            return asyncio.run(_consume(Ledger.connect(target), sys.stdout, args))
+            wait = (
+                (args.redis_wait_replicas, args.redis_wait_timeout_ms)
+                if args.redis_wait_replicas
+                else None
+            )
+            return asyncio.run(
+                _consume(Ledger.connect(target, replica_wait=wait), sys.stdout, args)
+            )
         if args.ledger_command == "summary":
             return asyncio.run(_summary(Ledger.connect(target), args))
         raise LedgerCliError(f"unknown ledger command {args.ledger_command!r}")
@@ -483,6 +507,42 @@ async def _consume(ledger: Ledger, out: IO[str], args: argparse.Namespace) -> in
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    consuming = asyncio.ensure_future(_consume_until(ledger, out, args, consumer, claim_ms, stop))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({consuming, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not consuming.done():
+            # a signal: the batch in hand is finished and acknowledged, within a bound (a store
+            # call stuck in a failover must not keep the process); past it, what was handed on
+            # and not acknowledged is delivered again to the next consumer (at least once)
+            done, _ = await asyncio.wait({consuming}, timeout=STOP_GRACE_S)
+            if not done:
+                print(
+                    f"chargepath ledger: stopped after {STOP_GRACE_S:.0f} s without finishing "
+                    "the batch in hand; it is delivered again",
+                    file=sys.stderr,
+                )
+                consuming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await consuming  # its own cleanup closes the ledger
+                return 0
+        return consuming.result()
+    finally:
+        stopping.cancel()
+
+
+#: How long ``ledger consume`` takes to stop on SIGTERM or SIGINT at most.
+STOP_GRACE_S = 10.0
+
+
+async def _consume_until(
+    ledger: Ledger,
+    out: IO[str],
+    args: argparse.Namespace,
+    consumer: str,
+    claim_ms: int | None,
+    stop: asyncio.Event,
+) -> int:
     block_ms = 1000
     if args.idle_exit_s is not None:
         block_ms = max(10, min(block_ms, int(args.idle_exit_s * 1000)))

@@ -62,6 +62,20 @@ class StoreDeadlineError(StoreUnavailableError):
         super().__init__("store deadline passed before the batch ran: nothing written")
 
 
+class StoreUnreplicatedError(StoreUnavailableError):
+    """The batch was decided and committed on the master, but fewer replicas than required
+    acknowledged it within the replica wait (``WAIT``): a failover now could lose it. The
+    store's verdicts are in :attr:`verdicts`; a caller must not answer them as recorded
+    (the engine answers by the failure policy and spools, and the replay's dedup makes it
+    exactly once whether the master's write survives or not)."""
+
+    def __init__(self, verdicts: list[Verdict], acked: int, required: int) -> None:
+        self.verdicts = verdicts
+        super().__init__(
+            f"WAIT: {acked} of {required} replica(s) acknowledged the batch: not durable yet"
+        )
+
+
 class StalePolicyError(Exception):
     """The tenant has been stamped with a newer policy version than the one used."""
 
@@ -176,6 +190,8 @@ class DecisionStore(Protocol):
         *,
         ok_limits: bool = True,
         deadline: float | None = None,
+        doubt: float | None = None,
+        replay: bool = False,
     ) -> list[Verdict]:
         """Decide ``items`` (all of ``tenant``) atomically; verdicts in the same order.
         ``ok_limits=False``: a verdict with reason OK carries no limit states (the caller's
@@ -183,7 +199,13 @@ class DecisionStore(Protocol):
         event-loop time (``loop.time()``, seconds) at which the caller stops waiting; a batch
         that comes to run later on the store's clock raises :class:`StoreDeadlineError`
         (nothing written). A store that cannot yet tell its clock from the loop's runs the
-        batch whenever it comes."""
+        batch whenever it comes. ``doubt``: the event-loop time past which the caller may have
+        stopped waiting for the reply: a session usage of a batch that runs later (or, the
+        store unable to tell, any batch) also keeps a request-id dedup record, which a replay
+        of the spooled usage finds (and it finds the replay's). ``replay``: the batch replays
+        spooled usages, already acknowledged: no tenant cap refuses them. With a replica
+        wait, a batch that too few replicas acknowledged raises
+        :class:`StoreUnreplicatedError` (committed on the master, not durable)."""
         ...
 
     async def reverse(self, tenant: str, reversals: list[Reversal]) -> list[bool]:

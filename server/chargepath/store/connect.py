@@ -293,14 +293,20 @@ class ReplicaWait:
     wrote (its debits, dedup records and ledger entries) or ``timeout_ms`` has passed.
 
     Contract when WAIT answers fewer than ``numreplicas`` within ``timeout_ms``: the batch IS
-    committed on the master (a script runs whole or not at all), so its verdicts are returned
-    as they are: recorded, not degraded. Answering "not recorded" would be a lie whenever the
-    master survives, and would leave a refused caller billed. Such a batch is counted as
-    unreplicated (:attr:`unreplicated_batches`, :attr:`unreplicated_usages`, the
-    ``chargepath.store.unreplicated`` counter) and logged: it is what a failover in the next
-    moments could lose. WAIT is not consensus either: Sentinel promotes the replica with the
-    highest offset it knows of, so ``numreplicas`` equal to the number of replicas is what makes
-    an acknowledged usage survive the loss of the master for certain.
+    committed on the master (a script runs whole or not at all), but a failover in the next
+    moments could lose it, so it is never answered as recorded:
+    :meth:`~chargepath.store.redis_store.RedisStore.decide` raises
+    :class:`~chargepath.store.base.StoreUnreplicatedError` with the store's verdicts, and the
+    engine answers by the tenant's failure policy, spooling what the client may act on (a
+    report, an admit allowed), and reverses a refused admit that the master recorded. The
+    spool's replay is exactly once whether the master's write survives (its dedup record is
+    found: every session usage also keeps a request-id record while a replica wait is on) or
+    is lost (the replay records it). Such a batch is counted as unreplicated
+    (:attr:`unreplicated_batches`, :attr:`unreplicated_usages`, the
+    ``chargepath.store.unreplicated`` counter) and logged. WAIT is not consensus either:
+    Sentinel promotes the replica with the highest offset it knows of, so ``numreplicas``
+    equal to the number of replicas is what makes an acknowledged usage survive the loss of
+    the master for certain.
 
     ``timeout_ms`` must be positive (``WAIT n 0`` blocks for ever) and stay below the store
     timeout, or the caller's timeout answers first. Not for Redis Cluster: the cluster client
@@ -327,9 +333,10 @@ class ReplicaWait:
     async def run(
         self, client: RedisClient, script: AsyncScript, keys: Sequence[str], args: Sequence[Any],
         usages: int,
-    ) -> Any:  # fmt: skip
+    ) -> tuple[Any, int]:  # fmt: skip
         """``script`` (EVALSHA, loaded again on NOSCRIPT: a promoted replica has not seen it),
-        then WAIT on the same connection; the script's reply."""
+        then WAIT on the same connection; the script's reply and the number of replicas that
+        acknowledged it."""
         if isinstance(client, RedisCluster):
             raise TypeError("WAIT after a decision is not supported on Redis Cluster")
         for attempt in (1, 2):
@@ -348,7 +355,7 @@ class ReplicaWait:
             raise acked
         if int(acked) < self.numreplicas:
             self._unreplicated(int(acked), usages)
-        return reply
+        return reply, int(acked)
 
     def _unreplicated(self, acked: int, usages: int) -> None:
         self.unreplicated_batches += 1
@@ -360,7 +367,8 @@ class ReplicaWait:
             self._last_log = now
             log.warning(
                 "WAIT %d %d: %d replica(s) acknowledged a decision batch; its %d usage(s) are "
-                "recorded on the master but not replicated yet (%d unreplicated so far)",
+                "committed on the master but not replicated yet, answered by the failure "
+                "policy and spooled (%d unreplicated so far)",
                 self.numreplicas,
                 self.timeout_ms,
                 acked,

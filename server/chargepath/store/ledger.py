@@ -29,6 +29,14 @@ Contract
   one that restarted under a new name. So an acknowledged entry is never delivered again to
   the group, and an entry delivered but not acknowledged is delivered again, never lost.
   Billing deduplicates redeliveries by entry id (or ``request_id``).
+* **With a replica wait** (``replica_wait=(n, timeout_ms)``, Sentinel: ``ledger consume
+  --redis-wait-replicas``): a batch is handed on only once ``n`` replicas hold it and its
+  delivery to this consumer (an ``XCLAIM`` of its ids to itself, then ``WAIT`` on the same
+  connection): a failover never loses an entry a consumer handed on, nor its place in the
+  consumer's pending list, so a consumer restarted after a failover delivers it again. A batch
+  WAIT does not confirm is not handed on (an empty batch is yielded instead) and read again
+  from the consumer's pending list. An acknowledgement is sent again until WAIT confirms it,
+  so a failover never brings an acknowledged entry back.
 * **Export.** :meth:`Ledger.export` reads a range with ``XRANGE`` in pages of ``page_size``
   (memory bounded by a page, whatever the ledger's length). With ``mark`` it records the id
   of the last entry exported in ``cp:{T}:ledger:exported``; the mark only moves forward, and
@@ -61,6 +69,7 @@ Contract
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -69,6 +78,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from redis.exceptions import ResponseError
+from redis.typing import StreamIdT
 
 from chargepath.core.model import Decision, Reason
 from chargepath.core.periods import DAY_MS, Period, civil_from_days, days_from_civil, period_bounds
@@ -189,6 +199,9 @@ def _flag(raw: Any) -> bool:
 
 def _opt_ms(raw: Any) -> int:
     return parse_iso_ms(str(raw)) if raw not in (None, "") else 0
+
+
+log = logging.getLogger("chargepath.ledger")
 
 
 def exported_key(tenant: str) -> str:
@@ -530,9 +543,18 @@ class Ledger:
     ``XRANGE`` of an export.
     """
 
-    def __init__(self, client: RedisClient, *, page_size: int = 1000) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        page_size: int = 1000,
+        replica_wait: tuple[int, int] | None = None,
+    ) -> None:
         self.client = client
         self.page_size = page_size
+        if replica_wait is not None and (replica_wait[0] < 1 or replica_wait[1] < 1):
+            raise ValueError("replica_wait: replicas and timeout_ms must be positive")
+        self.replica_wait = replica_wait
         self._flush = client.register_script(read_script("flush_aggregates.lua"))
         self._trim = client.register_script(read_script("trim_ledger.lua"))
 
@@ -662,47 +684,88 @@ class Ledger:
         def want() -> int:
             return count if limit is None else min(count, limit - delivered)
 
-        # 1. this consumer's own pending entries
-        start = "0"
-        while want() > 0:
-            raw = await self.client.xreadgroup(group, consumer, {key: start}, count=want())
-            entries = _stream_entries(raw)
-            if not entries:
-                break
-            start = entries[-1][0]
-            batch = await self._batch(tenant, group, entries)
-            delivered += len(batch)
-            if batch:
-                yield batch
-
         last_claim = float("-inf")
         while want() > 0:
-            # 2. entries abandoned by other consumers
-            if claim_idle_ms is not None and time.monotonic() - last_claim >= max(
-                claim_idle_ms / 1000, 1.0
-            ):
-                last_claim = time.monotonic()
-                cursor = "0-0"
-                while want() > 0:
-                    reply = await self.client.xautoclaim(
-                        key, group, consumer, claim_idle_ms, cursor, count=want()
-                    )
-                    cursor = str(reply[0])
-                    batch = await self._batch(tenant, group, list(reply[1]))
-                    delivered += len(batch)
-                    if batch:
-                        yield batch
-                    if cursor == "0-0":
-                        break
-                await self._prune_consumers(tenant, group, consumer, claim_idle_ms)
+            # 1. this consumer's own pending entries (again after an unconfirmed batch)
+            start = "0"
+            unconfirmed = False
+            while want() > 0:
+                raw = await self.client.xreadgroup(group, consumer, {key: start}, count=want())
+                entries = _stream_entries(raw)
+                if not entries:
+                    break
+                start = entries[-1][0]
+                batch = await self._batch(tenant, group, entries)
+                if batch and not await self._confirmed(key, group, consumer, batch):
+                    unconfirmed = True
+                    break
+                delivered += len(batch)
+                if batch:
+                    yield batch
+            if unconfirmed:
+                yield []  # the caller may stop; the batch stays pending, read again
                 continue
-            # 3. new entries
-            raw = await self.client.xreadgroup(
-                group, consumer, {key: ">"}, count=want(), block=block_ms
-            )
-            batch = await self._batch(tenant, group, _stream_entries(raw))
-            delivered += len(batch)
-            yield batch
+
+            while want() > 0 and not unconfirmed:
+                # 2. entries abandoned by other consumers
+                if claim_idle_ms is not None and time.monotonic() - last_claim >= max(
+                    claim_idle_ms / 1000, 1.0
+                ):
+                    last_claim = time.monotonic()
+                    cursor = "0-0"
+                    while want() > 0:
+                        reply = await self.client.xautoclaim(
+                            key, group, consumer, claim_idle_ms, cursor, count=want()
+                        )
+                        cursor = str(reply[0])
+                        batch = await self._batch(tenant, group, list(reply[1]))
+                        if batch and not await self._confirmed(key, group, consumer, batch):
+                            unconfirmed = True
+                            break
+                        delivered += len(batch)
+                        if batch:
+                            yield batch
+                        if cursor == "0-0":
+                            break
+                    if not unconfirmed:
+                        await self._prune_consumers(tenant, group, consumer, claim_idle_ms)
+                    continue
+                # 3. new entries
+                raw = await self.client.xreadgroup(
+                    group, consumer, {key: ">"}, count=want(), block=block_ms
+                )
+                batch = await self._batch(tenant, group, _stream_entries(raw))
+                if batch and not await self._confirmed(key, group, consumer, batch):
+                    unconfirmed = True
+                    break
+                delivered += len(batch)
+                yield batch
+            if unconfirmed:
+                yield []
+
+    async def _confirmed(self, key: str, group: str, consumer: str, batch: Batch) -> bool:
+        """With a replica wait: whether ``n`` replicas hold ``batch`` and its delivery to
+        ``consumer`` (XCLAIM of its ids to itself, a write that follows theirs, then WAIT on
+        the same connection); always True without one."""
+        if self.replica_wait is None:
+            return True
+        n, timeout_ms = self.replica_wait
+        ids: list[StreamIdT] = [i for i, _ in batch]
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xclaim(key, group, consumer, 0, ids, justid=True)
+            pipe.execute_command("WAIT", n, timeout_ms)
+            _, acked = await pipe.execute()
+        if int(acked) >= n:
+            return True
+        log.warning(
+            "ledger consume: WAIT %d %d: %d replica(s) hold a batch of %d entries; not handed "
+            "on until they do",
+            n,
+            timeout_ms,
+            int(acked),
+            len(ids),
+        )
+        return False
 
     async def consume(
         self,
@@ -732,9 +795,41 @@ class Ledger:
         """Acknowledge ``ids`` for ``group``, then trim. Returns the number acknowledged."""
         if not ids:
             return 0
-        acked = int(await self.client.xack(ledger_key(tenant), group, *ids))
+        if self.replica_wait is None:
+            acked = int(await self.client.xack(ledger_key(tenant), group, *ids))
+        else:
+            acked = await self._ack_replicated(tenant, group, ids, *self.replica_wait)
         await self.trim(tenant)
         return acked
+
+    async def _ack_replicated(
+        self, tenant: str, group: str, ids: Sequence[str], n: int, timeout_ms: int
+    ) -> int:
+        """XACK then WAIT on the same connection, again (XACK is idempotent) until ``n``
+        replicas hold it: an acknowledgement a failover could lose would deliver the entries
+        again. Stuck while no replica answers, like the deliveries; a store error raises (the
+        consumer stops, and its successor gets the entries again as pending, not as new)."""
+        acked = -1
+        attempts = 0
+        while True:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.xack(ledger_key(tenant), group, *ids)
+                pipe.execute_command("WAIT", n, timeout_ms)
+                done, replicas = await pipe.execute()
+            if acked < 0:
+                acked = int(done)
+            if int(replicas) >= n:
+                return acked
+            attempts += 1
+            if attempts % 50 == 1:
+                log.warning(
+                    "ledger consume: WAIT %d %d: %d replica(s) hold the acknowledgement of %d "
+                    "entries; acknowledging again",
+                    n,
+                    timeout_ms,
+                    int(replicas),
+                    len(ids),
+                )
 
     async def _batch(self, tenant: str, group: str, entries: list[tuple[str, Any]]) -> Batch:
         """Entries as :class:`LedgerEntry`; a pending id whose entry no longer exists (deleted

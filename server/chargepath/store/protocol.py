@@ -26,7 +26,8 @@ Payload of ``decide.lua`` (ARGV[7], one MessagePack array of five arrays; offset
    (``request_id US decision_id US slice US key US metric US amount US mode``: how its ledger
    entry and its trail record begin; no part may hold US), ledger tail (``""``, or
    ``US occurred_at_ms US labels JSON``; for an aggregated usage ``|slice|key|metric|mode``,
-   its aggregate's field after the interval), trace id, subject number.
+   its aggregate's field after the interval), trace id, subject number, and for a session
+   usage the key index of its request id's dedup record (0 otherwise; see :data:`ARG_DOUBT`).
 5. the tenant's caps (store/scripts/lib/caps.lua): for each cap ``CAP_REQUEST_IDS`` ..
    ``CAP_KEYS`` in turn, the key index of its count (0: no cap) and its bound; then, when the
    slices or keys cap is set, per spec its cap (``CAP_SLICES``, ``CAP_KEYS``, or 0) and the
@@ -149,8 +150,17 @@ ARG_FULL_VIEW = 8
 #: the batch's deadline on Redis' clock (``TIME``, without the clock offset), ms (0: none); see
 #: :class:`~chargepath.store.clock.StoreClock`
 ARG_DEADLINE = 9
+#: the batch's doubt time on Redis' clock (``TIME``), ms (0: never): a session usage of a batch
+#: that runs later may have been answered by the failure policy (and spooled) before its reply
+#: is read, so it is also checked against, and written to, its request id's dedup record (the
+#: key at ``USAGE_DOUBT_KEY``), which the spool's replay finds whatever the session window
+#: says (docs/design.md, "Late commits and the spool")
+ARG_DOUBT = 10
+#: "1": the batch replays spooled usages (already acknowledged to their callers): the
+#: tenant's caps are not applied to it, else "0"
+ARG_REPLAY = 11
 #: how long the trail keeps every decision (explain's window), ms: at most the dedup window
-ARG_EXPLAIN_WINDOW = 10
+ARG_EXPLAIN_WINDOW = 12
 
 # -- the payload: slots of a spec and of a usage (1-based, as Lua reads them) -----------------
 
@@ -167,7 +177,7 @@ QUOTA_PERIOD = 5
 QUOTA_GRANTS_KEY = 6
 SPEC_NAME = 8
 
-USAGE_SLOTS = 12
+USAGE_SLOTS = 13
 USAGE_FLAGS = 1
 USAGE_AMOUNT = 2
 USAGE_DEDUP_KEY = 3
@@ -180,6 +190,7 @@ USAGE_TEXT = 9
 USAGE_LEDGER_TAIL = 10
 USAGE_TRACE_ID = 11
 USAGE_SUBJECT = 12
+USAGE_DOUBT_KEY = 13  # a session usage's request-id dedup key index (0: none); see ARG_DOUBT
 
 # flag bits of a usage (the USAGE_FLAGS slot)
 USAGE_REPORT = 1
@@ -425,10 +436,12 @@ def encode_batch(
     *,
     ok_limits: bool = True,
     deadline_ms: int = 0,
+    doubt_ms: int = 0,
+    replay: bool = False,
 ) -> tuple[list[str], list[Any]]:
     """decide.lua's KEYS and ARGV for ``items`` (all of ``tenant``); ``deadline_ms``: the
     batch's deadline on Redis' clock (0: none; see :class:`~chargepath.store.clock.
-    StoreClock`)."""
+    StoreClock`); ``doubt_ms``: see :data:`ARG_DOUBT`; ``replay``: see :data:`ARG_REPLAY`."""
     prefix = tenant_prefix(tenant)
     keys: list[str] = [prefix + "ent", prefix + "ledger", prefix + "recent", prefix + "agg"]
     index: dict[str, int] = {}
@@ -474,9 +487,12 @@ def encode_batch(
             | (USAGE_ENTITLED if res.entitled else 0)
             | (USAGE_SUSPENDED if item.suspended else 0)
         )
+        doubt_idx = 0
         if u.session_id:
             flags |= USAGE_SESSION
             kidx = idx(f"{prefix}s:{u.session_id}")
+            if doubt_ms:
+                doubt_idx = idx(f"{prefix}d:{u.request_id}")
         else:
             kidx = idx(f"{prefix}d:{u.request_id}")
         set_no = 0
@@ -530,7 +546,7 @@ def encode_batch(
             tail = ""
         usages += (
             flags, u.amount, kidx, u.sequence, item.fingerprint, item.decision_id, set_no,
-            aggregate, text, tail, item.trace_id if with_trace else "", subject_no,
+            aggregate, text, tail, item.trace_id if with_trace else "", subject_no, doubt_idx,
         )  # fmt: skip
     args: list[Any] = [
         policy_version,
@@ -542,6 +558,8 @@ def encode_batch(
         msgpack.packb((specs, sets, subjects, usages, cap_values + (spec_caps or []))),
         "1" if ok_limits else "0",
         deadline_ms,
+        doubt_ms,
+        "1" if replay else "0",
         settings.explain_window_ms,
     ]
     return keys, args
@@ -675,10 +693,14 @@ def encode_reversal(
     """reverse.lua's KEYS and ARGV for one reversal (see its header)."""
     u = reversal.item.usage
     prefix = tenant_prefix(tenant)
+    keys = [prefix + "ledger"]
     if u.session_id:
-        record, sequence = f"{prefix}s:{u.session_id}", u.sequence
+        # and its request id's record, written too if the batch ran in doubt (ARG_DOUBT)
+        keys += [f"{prefix}s:{u.session_id}", f"{prefix}d:{u.request_id}"]
+        sequence = u.sequence
     else:
-        record, sequence = f"{prefix}d:{u.request_id}", -1
+        keys.append(f"{prefix}d:{u.request_id}")
+        sequence = -1
     mode = "report" if u.mode is Mode.REPORT else "admit"
     v = reversal.verdict
     args: list[Any] = [
@@ -686,7 +708,7 @@ def encode_reversal(
         u.request_id, u.subject.slice, u.subject.key, u.metric, u.amount, mode,
         int(v.decision), int(v.reason), reversal.policy_version,
     ]  # fmt: skip
-    return [prefix + "ledger", record], args
+    return keys, args
 
 
 # -- read_limits.lua ------------------------------------------------------------------------

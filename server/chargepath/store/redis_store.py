@@ -46,6 +46,7 @@ from chargepath.store.base import (
     Reversal,
     StoreMemory,
     StoreUnavailableError,
+    StoreUnreplicatedError,
 )
 from chargepath.store.clock import StoreClock
 from chargepath.store.connect import RedisClient, RedisTarget, ReplicaWait, connect
@@ -148,18 +149,34 @@ class RedisStore:
         *,
         ok_limits: bool = True,
         deadline: float | None = None,
+        doubt: float | None = None,
+        replay: bool = False,
     ) -> list[Verdict]:
         loop = asyncio.get_running_loop()
         deadline_ms = 0 if deadline is None else self.clock.deadline_ms(deadline)
+        doubt_ms = 0
+        if doubt is not None:
+            # with a replica wait any batch may come back unreplicated and be spooled: always;
+            # without a clock estimate (0) too: a record too many costs memory, one too few a
+            # double
+            doubt_ms = 1 if self.replica_wait is not None else self.clock.deadline_ms(doubt) or 1
         keys, args = encode_batch(
-            tenant, policy_version, items, self, ok_limits=ok_limits, deadline_ms=deadline_ms
+            tenant,
+            policy_version,
+            items,
+            self,
+            ok_limits=ok_limits,
+            deadline_ms=deadline_ms,
+            doubt_ms=doubt_ms,
+            replay=replay,
         )
         sent = loop.time()
+        acked = -1
         try:
             if self.replica_wait is None:
                 reply = await self._decide(keys=keys, args=args)
             else:  # HA: the same EVALSHA, then WAIT on its connection (connect.ReplicaWait)
-                reply = await self.replica_wait.run(
+                reply, acked = await self.replica_wait.run(
                     self.client, self._decide, keys, args, len(items)
                 )
         except RedisError as exc:
@@ -170,7 +187,10 @@ class RedisStore:
             self.clock.observe(sent, loop.time(), int(reply[1]) - self.clock_offset_ms)
         elif reply[0] == REPLY_LATE:  # its time_ms: TIME
             self.clock.observe(sent, loop.time(), int(reply[1]))
-        return decode_reply(reply, items, policy_version)
+        verdicts = decode_reply(reply, items, policy_version)
+        if self.replica_wait is not None and acked < self.replica_wait.numreplicas:
+            raise StoreUnreplicatedError(verdicts, acked, self.replica_wait.numreplicas)
+        return verdicts
 
     async def reverse(self, tenant: str, reversals: list[Reversal]) -> list[bool]:
         out = []

@@ -8,9 +8,14 @@ Contract:
   verdict may then say ``spooled``. False means the usage is NOT spooled (the spool is full,
   the disk failed, or the write was withdrawn at its ``timeout_s``) and never will be: the
   verdict must then say neither recorded nor spooled, so the client keeps the obligation to
-  resend. An appended usage leaves the spool only through :meth:`Spool.settle`,
-  with its outcome counted (and, for a dropped one, logged by the replayer): nothing
-  acknowledged as spooled is ever removed silently.
+  resend. An appended usage leaves the spool only through :meth:`Spool.settle` (the
+  replayer, once the store answered for it) or :meth:`Spool.settle_held` (the engine, once
+  the late reply of its first store call says the store recorded it), with its outcome
+  counted (and, for a dropped one, logged by the replayer): nothing acknowledged as spooled
+  is ever removed silently.
+* Holds: a usage appended with ``hold_ms`` (its first store call timed out in flight and may
+  still commit) is not replayed until the engine ends the hold (:meth:`Spool.settle_held`) or
+  the hold lapses; the replayer keeps its tenant's order and stops at it.
 * Full policy: an append that would pass ``max_entries`` usages or ``max_bytes`` bytes of
   encoded usages is refused; nothing already spooled is evicted to make room.
 * Order: :meth:`Spool.head` returns usages in append order (commit order across processes).
@@ -72,6 +77,15 @@ _SCHEMA = (
         lease_until_ms INTEGER NOT NULL DEFAULT 0
     )""",
     "INSERT OR IGNORE INTO spool_meta (id, depth, bytes) VALUES (1, 0, 0)",
+    # A usage whose first store call may still commit (it timed out in flight) is held: the
+    # replayer leaves it (and its tenant's later ones) until the engine has read that call's
+    # late reply (Spool.settle_held) or until_ms has passed (its process died meanwhile).
+    """CREATE TABLE IF NOT EXISTS spool_hold (
+        seq INTEGER PRIMARY KEY,                -- spool_usage.seq
+        decision_id TEXT NOT NULL,              -- the degraded verdict's decision id
+        until_ms INTEGER NOT NULL               -- wall clock, ms since the Unix epoch
+    )""",
+    "CREATE INDEX IF NOT EXISTS spool_hold_decision ON spool_hold (decision_id)",
 )
 
 
@@ -83,8 +97,10 @@ def wall_ms() -> int:
 class SpooledUsage:
     """A usage answered degraded, as it must be replayed.
 
-    ``fingerprint`` is the usage's dedup fingerprint as the engine computes it for a unary
-    usage (mode included), also for a stream usage: the replay is keyed on the request id.
+    ``fingerprint`` is the usage's dedup fingerprint as its first attempt had it: a unary
+    usage's (mode included), a stream usage's session fingerprint (its request id and
+    content). The replay is keyed on the request id, with this fingerprint, so that it finds
+    the request-id record a late first attempt left (and that attempt finds the replay's).
     ``decision_id`` is the degraded verdict's, so that the ledger entry written by the replay
     carries the id the client saw, and a late commit of the same attempt is recognised by it.
     ``spooled_at_ms`` is the wall clock at the degraded verdict.
@@ -147,10 +163,12 @@ class SpooledUsage:
 
 
 class SpoolRecord(NamedTuple):
-    """A spooled usage with its place in the spool."""
+    """A spooled usage with its place in the spool, and the wall-clock time (ms) until which
+    it is held (0: not held; see :meth:`Spool.settle_held`)."""
 
     seq: int
     entry: SpooledUsage
+    held_until_ms: int = 0
 
 
 class Outcome(enum.Enum):
@@ -276,7 +294,11 @@ class Spool:
         return bool((await self.append_all([entry], timeout_s=timeout_s))[0])
 
     async def append_all(
-        self, entries: Sequence[SpooledUsage], *, timeout_s: float | None = None
+        self,
+        entries: Sequence[SpooledUsage],
+        *,
+        timeout_s: float | None = None,
+        hold_ms: int = 0,
     ) -> list[bool]:
         """Write usages durably, in order, in the same transaction as whatever else is queued;
         per usage True once fsync'd, False if refused (full: this usage, and not necessarily
@@ -286,12 +308,17 @@ class Spool:
         process's transaction): past it the usages are withdrawn, all False, and never
         written. Usages already taken into a transaction when it expires are waited for to
         the end of that transaction (their inserts and one fsync), so the answer is always
-        what the file holds."""
+        what the file holds.
+
+        ``hold_ms`` > 0: the usages are held that long (by their decision ids) in the same
+        transaction: the replayer leaves them until :meth:`settle_held` names them or the hold
+        lapses. For usages whose first store call is still in flight."""
         if not entries:
             return []
         now = self._clock_ms()
         stamped = [e if e.spooled_at_ms else replace(e, spooled_at_ms=now) for e in entries]
-        encoded = [(e.spooled_at_ms, e.encode()) for e in stamped]
+        until = now + hold_ms if hold_ms > 0 else 0
+        encoded = [(e.spooled_at_ms, e.encode(), until, e.decision_id) for e in stamped]
         claim = _Claim()
         written: asyncio.Future[list[bool]] = self._submit("append", (encoded, claim))
         if timeout_s is None:
@@ -306,9 +333,20 @@ class Spool:
     # -- consuming ------------------------------------------------------------------------
 
     async def head(self, limit: int) -> list[SpoolRecord]:
-        """The oldest ``limit`` usages, oldest first, left in the spool."""
-        rows: list[tuple[int, bytes]] = await self._submit("head", limit)
-        return [SpoolRecord(seq, SpooledUsage.decode(body)) for seq, body in rows]
+        """The oldest ``limit`` usages, oldest first, left in the spool, with their holds."""
+        rows: list[tuple[int, bytes, int]] = await self._submit("head", limit)
+        return [SpoolRecord(seq, SpooledUsage.decode(body), held) for seq, body, held in rows]
+
+    async def settle_held(self, decision_ids: Sequence[str], *, recorded: bool) -> int:
+        """End the holds of the held usages with these decision ids, in one transaction.
+        ``recorded``: the store recorded them (their first call committed late): they leave
+        the spool as :attr:`Outcome.ALREADY_RECORDED`; else they stay, free to be replayed.
+        Only the engine calls this, once it has read the late reply of their first call.
+        Returns how many usages left the spool."""
+        if not decision_ids:
+            return 0
+        removed: int = await self._submit("settle_held", (list(decision_ids), recorded))
+        return removed
 
     async def settle(self, outcomes: Sequence[tuple[int, Outcome]]) -> None:
         """Remove the usages ``(seq, outcome)`` for good, in one transaction, and count their
@@ -415,8 +453,12 @@ class Spool:
                 db = self._connection()
                 if kind == "head":
                     result = db.execute(
-                        "SELECT seq, body FROM spool_usage ORDER BY seq LIMIT ?", (payload,)
+                        "SELECT u.seq, u.body, COALESCE(h.until_ms, 0) FROM spool_usage u "
+                        "LEFT JOIN spool_hold h ON h.seq = u.seq ORDER BY u.seq LIMIT ?",
+                        (payload,),
                     ).fetchall()
+                elif kind == "settle_held":
+                    result = self._settle_held(db, *payload)
                 elif kind == "settle":
                     self._settle(db, payload)
                     result = None
@@ -451,19 +493,37 @@ class Spool:
                 withdrawn = [j for j in queued if j[1][1].withdrawn]
                 depth, size = db.execute("SELECT depth, bytes FROM spool_meta").fetchone()
                 rows: list[tuple[int, int, bytes]] = []
+                holds: list[tuple[int, str, int]] = []  # (row number, decision id, until)
                 for job in jobs:
                     flags = []
-                    for at_ms, body in job[1][0]:
+                    for at_ms, body, until, decision_id in job[1][0]:
                         fits = depth < self.max_entries and size + len(body) <= self.max_bytes
                         if fits:
                             depth += 1
                             size += len(body)
+                            if until:
+                                holds.append((len(rows), decision_id, until))
                             rows.append((at_ms, len(body), body))
                         flags.append(fits)
                     accepted.append(flags)
-                db.executemany(
-                    "INSERT INTO spool_usage (spooled_at_ms, size, body) VALUES (?, ?, ?)", rows
-                )
+                if holds:  # one by one, for the seq of each held row (append order kept)
+                    seqs = [
+                        db.execute(
+                            "INSERT INTO spool_usage (spooled_at_ms, size, body) "
+                            "VALUES (?, ?, ?) RETURNING seq",
+                            row,
+                        ).fetchone()[0]
+                        for row in rows
+                    ]
+                    db.executemany(
+                        "INSERT INTO spool_hold (seq, decision_id, until_ms) VALUES (?, ?, ?)",
+                        [(seqs[n], did, until) for n, did, until in holds],
+                    )
+                else:
+                    db.executemany(
+                        "INSERT INTO spool_usage (spooled_at_ms, size, body) VALUES (?, ?, ?)",
+                        rows,
+                    )
                 db.execute("UPDATE spool_meta SET depth = ?, bytes = ? WHERE id = 1", (depth, size))
         except Exception as exc:  # refused, never left waiting: the engine awaits the answer
             # ``jobs``: every queued append if the lock was never taken, else those taken
@@ -533,6 +593,7 @@ class Spool:
                     freed += row[0]
                     removed += 1
                     counts[outcome] += 1
+                    db.execute("DELETE FROM spool_hold WHERE seq = ?", (seq,))
             db.execute(
                 "UPDATE spool_meta SET depth = depth - ?, bytes = bytes - ? WHERE id = 1",
                 (removed, freed),
@@ -544,6 +605,31 @@ class Spool:
             already_recorded=s.already_recorded + counts[Outcome.ALREADY_RECORDED],
             dropped=s.dropped + counts[Outcome.DROPPED],
         )
+
+    def _settle_held(self, db: sqlite3.Connection, decision_ids: list[str], recorded: bool) -> int:
+        removed = freed = 0
+        with self._transaction(db):
+            for did in decision_ids:
+                for (seq,) in db.execute(
+                    "DELETE FROM spool_hold WHERE decision_id = ? RETURNING seq", (did,)
+                ).fetchall():
+                    if not recorded:
+                        continue
+                    row = db.execute(
+                        "DELETE FROM spool_usage WHERE seq = ? RETURNING size", (seq,)
+                    ).fetchone()
+                    if row is not None:
+                        freed += row[0]
+                        removed += 1
+            if removed:
+                db.execute(
+                    "UPDATE spool_meta SET depth = depth - ?, bytes = bytes - ? WHERE id = 1",
+                    (removed, freed),
+                )
+        if removed:
+            s = self._stats
+            self._stats = replace(s, already_recorded=s.already_recorded + removed)
+        return removed
 
     def _claim(self, db: sqlite3.Connection, holder: str, lease_ms: int) -> bool:
         now = self._clock_ms()

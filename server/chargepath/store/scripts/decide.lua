@@ -11,6 +11,13 @@
 --  * A batch that comes to run past its deadline (ARGV[ARG_DEADLINE], on Redis' clock: when
 --    the gateway stops waiting and answers by the failure policy) writes nothing and replies
 --    REPLY_LATE, so a caller answered degraded is not recorded behind its back.
+--  * A session usage of a batch that runs past its doubt time (ARGV[ARG_DOUBT], on Redis'
+--    clock: its caller may have been answered by the failure policy, and the usage spooled,
+--    before this reply is read) is also checked against its request id's dedup record, and
+--    writes it with the session slot: the spool's replay (by request id) finds it whatever
+--    the session window says, and a replay that ran first is found by this batch.
+--  * A replay of spooled usages (ARGV[ARG_REPLAY] "1") is never refused by a cap: its usages
+--    were acknowledged to their callers already.
 --  * A usage that would pass one of the tenant's caps (live request ids, sessions, slices,
 --    keys: lib/caps.lua) is refused, DENY CAP_REACHED, and writes nothing but its trail
 --    record; a tenant the policy does not name gets no trail either (the gateway sends
@@ -44,6 +51,8 @@
 --                           either way.
 -- ARGV[ARG_DEADLINE]        the batch's deadline on Redis' clock (TIME, without the clock
 --                           offset), ms; 0: none
+-- ARGV[ARG_DOUBT]           the batch's doubt time on Redis' clock (TIME), ms; 0: never
+-- ARGV[ARG_REPLAY]          "1": a replay of spooled usages (no caps), else "0"
 -- ARGV[ARG_EXPLAIN_WINDOW]  how long the trail keeps every decision, ms (at most the dedup
 --                           window; 0: only about ARGV[ARG_RECENT_LENGTH] decisions)
 --
@@ -76,6 +85,9 @@ if deadline > 0 and real_now > deadline then
   return {REPLY_LATE, real_now}
 end
 local now = real_now + tonumber(ARGV[ARG_CLOCK_OFFSET])
+local doubt_ms = tonumber(ARGV[ARG_DOUBT])
+local in_doubt = doubt_ms > 0 and real_now > doubt_ms
+local replay = ARGV[ARG_REPLAY] == '1'
 local now_s = int(now)
 local version = ARGV[ARG_POLICY_VERSION]
 local dedup_ms = tonumber(ARGV[ARG_DEDUP_WINDOW])
@@ -244,8 +256,11 @@ for o = 0, #batch - 1, USAGE_SLOTS do
   local report = flags % (2 * USAGE_REPORT) >= USAGE_REPORT
   local entitled = flags % (2 * USAGE_ENTITLED) >= USAGE_ENTITLED
   local suspended = flags % (2 * USAGE_SUSPENDED) >= USAGE_SUSPENDED
-  local dedup_idx, sess_idx = kidx, 0
-  if flags >= USAGE_SESSION then dedup_idx, sess_idx = 0, kidx end
+  local dedup_idx, sess_idx, doubt_idx = kidx, 0, 0
+  if flags >= USAGE_SESSION then
+    dedup_idx, sess_idx = 0, kidx
+    if in_doubt then doubt_idx = batch[o + USAGE_DOUBT_KEY] end
+  end
 
   -- 1. A resend: answer from the record, change nothing.
   local rd, rr, rt, rf, rdid
@@ -254,6 +269,12 @@ for o = 0, #batch - 1, USAGE_SLOTS do
   elseif sess_idx > 0 and seq <= session_hw(sess_idx) then
     fp = session_fp(fp)
     rd, rr, rt, rf, rdid = session_replay(sess_idx, seq, window, fp)
+  end
+  if not rd and doubt_idx > 0 then
+    -- in doubt: a replay of this usage from the spool (same request id and fingerprint) may
+    -- have recorded it already
+    fp = session_fp(fp)
+    rd, rr, rt, rf, rdid = dedup_replay(KEYS[doubt_idx], fp)
   end
 
   if rd then
@@ -278,8 +299,10 @@ for o = 0, #batch - 1, USAGE_SLOTS do
         set = sets[set_no]
         nl = #set
       end
-      cap = caps_refuse(dedup_idx > 0 and KEYS[dedup_idx],
-        sess_idx > 0 and session_hw(sess_idx) < 0, set, nl)
+      if not replay then
+        cap = caps_refuse(dedup_idx > 0 and KEYS[dedup_idx],
+          sess_idx > 0 and session_hw(sess_idx) < 0, set, nl)
+      end
       if cap > 0 then
         set, nl = NO_LIMITS, 0
         decision, reason, retry, take = DENY, CAP_REACHED, 0, false
@@ -309,6 +332,11 @@ for o = 0, #batch - 1, USAGE_SLOTS do
         session_remember(sess_idx, seq, decision, reason, recorded, retry, did, window,
           session_fp(fp))
         caps_record_written(CAP_SESSIONS, sess_idx, session_ms)
+        if doubt_idx > 0 then
+          dedup_remember(KEYS[doubt_idx], session_fp(fp), decision, reason, retry_s, recorded,
+            did, dedup_ms)
+          caps_record_written(CAP_REQUEST_IDS, doubt_idx, dedup_ms)
+        end
       end
     end
 

@@ -11,6 +11,9 @@
 --
 -- KEYS[1]  tenant ledger stream
 -- KEYS[2]  the usage's request-id dedup record, or its session key
+-- KEYS[3]  for a session usage: its request id's dedup record, which decide.lua also wrote
+--          if the batch ran in doubt (ARG_DOUBT); deleted with the slot if it holds this
+--          decision
 --
 -- ARGV[1]  the decision id recorded (the late decision's)
 -- ARGV[2]  the session sequence, or -1 for a request-id record
@@ -47,6 +50,10 @@ else
   end
   -- a blank sequence matches no sequence: the slot reads as never decided
   redis.call('SETRANGE', KEYS[2], off, string.rep(' ', SESSION_SEQ_DIGITS))
+  if KEYS[3] then
+    local rec = redis.call('GET', KEYS[3])
+    if rec and split_bars(rec)[6] == did then redis.call('DEL', KEYS[3]) end
+  end
 end
 
 local t = redis.call('TIME')
