@@ -438,3 +438,16 @@ class KeyStore(Protocol):
         :class:`StoreUnavailableError` from the iterator; changes made while not subscribed are
         not replayed (poll :meth:`epoch` for those)."""
         ...
+
+
+class RoomEvents(Protocol):
+    """Announcements that a tenant may have more room than before: a grant, a new policy
+    version reaching it. Each is published in the same atomic step as the change, after it
+    (``store/room.py``). The over-limit cache drops the tenant's entries on one."""
+
+    def events(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+        """``async with events() as tenants``: once entered, the subscription is live and
+        yields the tenant of each announcement made from then on. A broken or silent
+        subscription raises :class:`StoreUnavailableError` (from the enter or the iterator);
+        announcements made while not subscribed are not replayed."""
+        ...

@@ -124,6 +124,14 @@ def grants_key(tenant: str, limit: Limit, slice_: str, key: str) -> str:
     return f"{tenant_prefix(tenant)}g:{limit.name}:{sl}:{k}"
 
 
+# -- room events ----------------------------------------------------------------------------
+
+#: The pub/sub channel of room events: a tenant's name, published by a script that may add
+#: room to the tenant's limits (grant.lua, stamp.lua: a new policy version); store/room.py
+#: reads it for the over-limit cache. Pub/sub channels are not bound to a slot: a PUBLISH on
+#: any node of a cluster reaches the subscribers of every node.
+ROOM_CHANNEL = "cp:room"
+
 # -- decide.lua: KEYS and ARGV --------------------------------------------------------------
 
 KEY_ENTITLEMENT = 1

@@ -440,7 +440,8 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"decision_id: {request.decision_id} is not among the tenant's "
-                f"{self.state.recent_length} most recent decisions",
+                f"{self.state.recent_length} most recent decisions (a decision answered by a "
+                "gateway's over-limit cache never is: its verdict's message says so)",
             )
         return apb.ExplainDecisionResponse(decision=mapping.record_to_pb(record))
 
