@@ -59,7 +59,7 @@ from chargepath.transport import services
 from chargepath.transport.admin import AdminServicer
 from chargepath.transport.audit import AuditInterceptor
 from chargepath.transport.auth import Authenticator, AuthInterceptor, IdentityPrincipal
-from chargepath.transport.envoy import add_envoy_services
+from chargepath.transport.envoy import RLQS_SERVICE, RLS_SERVICE, add_envoy_services
 from chargepath.transport.keys import KeyServicer
 from chargepath.transport.metering import MeteringServicer, OpenStreams
 from chargepath.transport.tls import IdentityMap, ServerCertificates, TlsFiles
@@ -522,6 +522,8 @@ class Gateway:
                 METERING,
                 ADMIN,
                 KEYS,
+                RLS_SERVICE,
+                RLQS_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),

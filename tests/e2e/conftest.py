@@ -105,6 +105,9 @@ def start_gateway(
     (default ``workdir/data``) is passed as --data-dir unless it is serve's default,
     ``workdir/.chargepath`` (the gateway runs in ``workdir``). ``ready_line``: wait for this
     text in the log instead (for a gateway no health check can reach)."""
+    if any(a == "--data-dir" or a.startswith("--data-dir=") for a in extra_args):
+        # it would be overridden by the one given below: say so rather than test another dir
+        raise ValueError("start_gateway: pass the data dir as data_dir=, not in extra_args")
     workdir.mkdir(parents=True, exist_ok=True)
     server: EmbeddedRedis | None = None
     data = data_dir or workdir / "data"

@@ -66,7 +66,15 @@ def test_health_and_reflection(gateway: GatewayProcess) -> None:
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
         )
         names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"chargepath.v1.MeteringService", "grpc.health.v1.Health"} <= names
+    # every service the port serves is listed, Envoy's included (grpcurl needs it)
+    assert {
+        "chargepath.v1.MeteringService",
+        "chargepath.v1.AdminService",
+        "chargepath.v1.KeyService",
+        "envoy.service.ratelimit.v3.RateLimitService",
+        "envoy.service.rate_limit_quota.v3.RateLimitQuotaService",
+        "grpc.health.v1.Health",
+    } <= names
 
 
 def field_violations(err: grpc.RpcError) -> list[str]:

@@ -48,6 +48,7 @@ class Reason(enum.StrEnum):
     SOFT_LIMIT_EXCEEDED = "soft_limit_exceeded"
     PERMISSION_DENIED = "permission_denied"
     CAP_REACHED = "cap_reached"
+    LEASE_EXPIRED = "lease_expired"
 
 
 class LimitKind(enum.StrEnum):

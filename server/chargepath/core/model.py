@@ -44,6 +44,9 @@ class Reason(enum.IntEnum):
     #: A tenant cap on what the store keeps (live request ids, sessions, slices, keys) was
     #: reached: nothing written; the verdict's message names the cap.
     CAP_REACHED = 11
+    #: A lease ask named a lease that had expired or was released: its ``used`` was recorded
+    #: as overage, and a new lease must be opened.
+    LEASE_EXPIRED = 12
 
 
 class LimitKind(enum.IntEnum):
