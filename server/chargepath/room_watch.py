@@ -29,15 +29,15 @@ class RoomWatch:
         self.retry_s = retry_s
 
     async def run(self, draining: asyncio.Event) -> None:
-        broken = False
+        broken, first = False, True
         try:
             while not draining.is_set():
                 try:
                     async with self.events.events() as tenants:
                         self.cache.open()
-                        if broken:
-                            log.info("over-limit cache on again: subscribed to room events")
-                            broken = False
+                        if broken or first:
+                            log.info("over-limit cache on: subscribed to room events")
+                            broken = first = False
                         async for tenant in tenants:
                             self.cache.invalidate(tenant)
                 except StoreUnavailableError as exc:
