@@ -32,10 +32,12 @@ SMOKE_RATE = 100.0
 SMOKE_SECONDS = 10.0
 REDACTED = "(redacted)"
 
-Scenario = Literal["check", "stream", "mixed", "rls"]
-SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed", "rls")
+Scenario = Literal["check", "stream", "mixed", "rls", "over-limit"]
+SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed", "rls", "over-limit")
 #: What the ceilings can run: they answer no RLS call.
-CEILING_SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed")
+CEILING_SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed", "over-limit")
+#: The plan file of ``over-limit`` unless ``--plans`` names another.
+OVERLIMIT_PLANS = PACKAGE_DIR / "overlimit-plans.yaml"
 DEFAULT_ROUNDS = 3
 
 
@@ -194,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         "mixed": "both at once, split by --check-share",
         "rls": "Envoy's ShouldRateLimit (RLS v3), one descriptor [tenant, api_key, route] per "
         "call: the admits of check, as Envoy asks them",
+        "over-limit": "the Check calls of check, every one for one subject whose bucket is "
+        "empty for an hour (loadtest/overlimit-plans.yaml, --tenants hot): what a gateway "
+        "with --overlimit-cache answers without Redis",
     }
     pid_help = (
         "a process id of the gateway, to report its CPU time per usage (Linux /proc); repeat "
@@ -282,7 +287,7 @@ def flows_for(
     """The flows of ``scenario``; ``generator`` sends the check flow's calls."""
     check = FlowSpec("check", "check", 1.0, 1, generator=generator)
     stream = FlowSpec("stream", "stream", 1.0, args.batch, args.streams)
-    if scenario == "check":
+    if scenario in ("check", "over-limit"):
         return (check,)
     if scenario == "rls":
         return (FlowSpec("rls", "rls", 1.0, 1),)
@@ -374,6 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rate is None:
         args.rate = SMOKE_RATE if args.smoke else DEFAULT_RATE
     scenarios = scenarios_of(args)
+    if "over-limit" in scenarios:
+        # one subject, its bucket empty after the first admit: every later Check is refused
+        args.tenants = "hot"
+        if args.plans == DEFAULT_PLANS:
+            args.plans = OVERLIMIT_PLANS
     targets = _targets(args)
     if args.smoke:
         args.duration = max(2.0, SMOKE_SECONDS / len(targets))

@@ -4,6 +4,7 @@ retry marker, explain on a cached decision."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from chargepath_protos.v1 import keys_pb2_grpc as kpb_grpc
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 from tests.e2e.conftest import GatewayProcess, start_gateway
+from tests.e2e.test_loadtest_smoke import ROOT, run_loadtest
 
 LIVE = "over-limit cache on: subscribed to room events"
 
@@ -171,6 +173,34 @@ def test_without_the_flag_there_is_no_cache(tmp_path: Path) -> None:
             answers = [check(meter, f"p-{i}", 1) for i in range(1, 4)]
         assert all(v.reason == pb.REASON_QUOTA_EXHAUSTED for v in answers)
         assert not any(v.message == CACHED_MESSAGE for v in answers)
+    finally:
+        assert gw.stop() == 0, gw.log()
+        assert gw.redis is not None
+        gw.redis.stop()
+
+
+def test_the_over_limit_load_scenario_refuses_all_but_the_first(tmp_path: Path) -> None:
+    """``python -m loadtest over-limit`` on its plan file: one subject, one ALLOW, then every
+    Check refused (by the cache once it learned), nothing failed."""
+    gw = start_gateway(
+        tmp_path / "gw",
+        plans=ROOT / "loadtest" / "overlimit-plans.yaml",
+        extra_args=("--overlimit-cache",),
+    )
+    try:
+        proc = run_loadtest(
+            "over-limit", "--target", gw.address, "--api-key", gw.operator_key,
+            "--rate", "100", "--duration", "3", "--warmup", "0", "--procs", "1",
+            "--connections", "1", "--out", str(tmp_path), "--name", "ol", "--quiet",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        doc = json.loads((tmp_path / "ol.json").read_text())
+        (measurement,) = doc["measurements"]
+        (phase,) = measurement["phases"]
+        (flow,) = phase["flows"]
+        decisions = flow["tally"]["decisions"]
+        assert decisions.get("ALLOW", 0) <= 1 and decisions["THROTTLE"] >= 250, decisions
+        assert flow["tally"]["error_ops"] == 0
     finally:
         assert gw.stop() == 0, gw.log()
         assert gw.redis is not None
