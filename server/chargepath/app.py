@@ -29,6 +29,7 @@ from chargepath.engine import Engine, EngineSettings, monotonic_ms, new_decision
 from chargepath.jobs import (
     AggregateFlush,
     Job,
+    LeaseSweep,
     LedgerLag,
     PolicyWatch,
     QuotaBurn,
@@ -36,6 +37,7 @@ from chargepath.jobs import (
     SpoolReplay,
     StoreProbe,
 )
+from chargepath.leasing import Leasing
 from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
 from chargepath.room_watch import RoomWatch
 from chargepath.settings import Settings
@@ -49,6 +51,7 @@ from chargepath.store.base import LedgerStore, StoreUnavailableError
 from chargepath.store.connect import RedisTarget, ReplicaWait
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.keys import RedisKeyStore, bootstrap_operator_key
+from chargepath.store.leases import RedisLeaseStore
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
 from chargepath.store.room import RedisRoomEvents
@@ -61,14 +64,16 @@ from chargepath.transport.audit import AuditInterceptor
 from chargepath.transport.auth import Authenticator, AuthInterceptor, IdentityPrincipal
 from chargepath.transport.envoy import RLQS_SERVICE, RLS_SERVICE, add_envoy_services
 from chargepath.transport.keys import KeyServicer
+from chargepath.transport.leases import LeaseServicer
 from chargepath.transport.metering import MeteringServicer, OpenStreams
 from chargepath.transport.tls import IdentityMap, ServerCertificates, TlsFiles
 from chargepath.webhooks import WebhookDispatcher, WebhookSettings, process_identity
-from chargepath_protos.v1 import admin_pb2, keys_pb2, metering_pb2
+from chargepath_protos.v1 import admin_pb2, keys_pb2, lease_pb2, metering_pb2
 
 log = logging.getLogger("chargepath")
 
 METERING = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
+LEASE = lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 KEYS = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
@@ -187,6 +192,8 @@ class Components:
     draining: asyncio.Event
     serving: ServingStatus
     metering: MeteringServicer
+    #: Quota leases (LeaseService), on the same Redis and beside the engine.
+    leases: LeaseServicer
     admin: AdminServicer
     key_service: KeyServicer
     server: grpc.aio.Server
@@ -297,6 +304,8 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
     keys = RedisKeyStore(store.client)
     authenticator = Authenticator(keys) if s.auth == "keys" else None
     ledger: LedgerStore = Ledger.of_store(store)
+    # Quota leases (issue #16): on the store's Redis, beside the engine.
+    lease_store = RedisLeaseStore(store)
     # The audit trail of admin calls; its interceptor comes first, outside authentication,
     # so that refused calls are audited too (transport/audit.py).
     audit = AuditStream.of_store(store)
@@ -317,15 +326,17 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
                 certificate_principal(trust.identities) if trust.identities is not None else None,
             )
         )
-    # The metering and Envoy services make their own server spans (transport.tracing.
-    # server_span: one per Check, RLS call or stream message); the instrumentation traces the
-    # admin, health and reflection services.
+    # The metering, lease and Envoy services make their own server spans (transport.tracing.
+    # server_span: one per Check, Lease, RLS call or stream message); the instrumentation
+    # traces the admin, health and reflection services.
     interceptors.append(
         aio_server_interceptor(
             tracer_provider=telemetry.tracer_provider,
             filter_=filters.negate(
                 filters.any_of(
-                    filters.service_name(METERING), filters.service_prefix("envoy.service.")
+                    filters.service_name(METERING),
+                    filters.service_name(LEASE),
+                    filters.service_prefix("envoy.service."),
                 )
             ),
         )
@@ -358,6 +369,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
         AggregateFlush(ledger, engine, clock_offset_ms=s.clock_offset_ms),
         LedgerLag(ledger, engine, telemetry, period_s=s.ledger_lag_interval_ms / 1000),
         QuotaBurn(state, engine, telemetry, period_s=s.quota_burn_interval_ms / 1000),
+        LeaseSweep(lease_store, engine),
         RedisMemory(store.memory, telemetry, period_s=s.redis_memory_interval_ms / 1000),
         webhooks,
         *spool_jobs,
@@ -408,7 +420,12 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
             OccurredAtWindow(s.occurred_at_max_age_s, s.occurred_at_max_ahead_s),
             streams=OpenStreams(s.max_streams, s.max_streams_per_credential),
         ),
-        admin=AdminServicer(engine, store, state, audit),
+        leases=LeaseServicer(
+            Leasing(engine, lease_store),
+            draining,
+            streams=OpenStreams(s.max_streams, s.max_streams_per_credential),
+        ),
+        admin=AdminServicer(engine, store, state, audit, lease_store),
         key_service=KeyServicer(keys),
         server=server,
         jobs=jobs,
@@ -513,6 +530,7 @@ class Gateway:
         """Put the servicers on the server and bind its port."""
         # deserializers that never raise: undecodable bytes are INVALID_ARGUMENT (services.py)
         services.add_service(parts.server, parts.metering, services.METERING)
+        services.add_service(parts.server, parts.leases, services.LEASE)
         services.add_service(parts.server, parts.admin, services.ADMIN)
         services.add_service(parts.server, parts.key_service, services.KEYS)
         add_envoy_services(parts.server, parts.engine, parts.draining)
@@ -520,6 +538,7 @@ class Gateway:
         reflection.enable_server_reflection(
             (
                 METERING,
+                LEASE,
                 ADMIN,
                 KEYS,
                 RLS_SERVICE,

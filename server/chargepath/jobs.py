@@ -23,6 +23,7 @@ from chargepath.core.model import LimitKind, Scope, Subject
 from chargepath.engine import Engine
 from chargepath.spool_replay import SpoolReplayer
 from chargepath.store.base import (
+    LeaseStore,
     LedgerStore,
     MeteringStore,
     StateStore,
@@ -129,6 +130,54 @@ class AggregateFlush:
                 except (RedisError, OSError, TimeoutError) as exc:
                     log.warning("ledger aggregates of %s not flushed yet: %s", tenant, exc)
                     break
+
+
+class LeaseSweep:
+    """Every ``period_s``, close the quota leases whose validity has passed, for each tenant
+    whose plans grant leases (in any policy version this process has seen: leases opened under
+    an older version still expire): each tenant's sweep is one atomic script that gives back
+    what its expired leases still hold (``lease_sweep.lua``), so every gateway process may run
+    it and a lease is still closed once. An expired lease is also closed when it is next
+    touched; the sweep is for the holders that never come back (a process that died). A
+    sweep that fails ends the round (logged); the next round retries."""
+
+    name = "lease-sweep"
+
+    def __init__(self, leases: LeaseStore, engine: Engine, *, period_s: float = 1.0) -> None:
+        self.leases = leases
+        self.engine = engine
+        self.period_s = period_s
+        self._tenants: set[str] = set()
+        self._version = -1
+
+    def tenants(self) -> list[str]:
+        """The tenants to sweep: those with a limit that has lease settings, in this or an
+        earlier policy version seen here."""
+        policy = self.engine.policy
+        if policy.version != self._version:
+            self._version = policy.version
+            for name, ent in policy.entitlements.items():
+                limits = [lim for _, lim in ent.limits]
+                limits += [lim for group in ent.slice_limits.values() for _, lim in group]
+                if any(lim.lease is not None for lim in limits):
+                    self._tenants.add(name)
+        return sorted(self._tenants)
+
+    async def sweep_once(self) -> int:
+        """One round; the number of leases closed."""
+        closed = 0
+        for tenant in self.tenants():
+            try:
+                closed += await asyncio.wait_for(self.leases.sweep(tenant), 1.0)
+            except (StoreUnavailableError, TimeoutError) as exc:
+                log.warning("expired leases of %s not swept yet: %s", tenant, exc)
+                break
+        return closed
+
+    async def run(self, draining: asyncio.Event) -> None:
+        while not draining.is_set():
+            await asyncio.sleep(self.period_s)
+            await self.sweep_once()
 
 
 class LedgerLag:

@@ -658,6 +658,22 @@ class Telemetry:
         verdicts; leaving the block without (an error, a cancellation) ends them unfinished."""
         return SpanBatch(self, usages)
 
+    def lease_span(self, tenant: str, metric: str, kind: str) -> Span | None:
+        """A span for one lease ask (``kind``: open, renew, report or release), a child of
+        the current span (the RPC's), not made current; the caller ends it with
+        :func:`end_lease_span`. None with tracing off or under a parent that is not sampled."""
+        if not self.tracing or _unsampled_parent():
+            return None
+        return self.tracer.start_span(
+            "chargepath.lease",
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "chargepath.tenant": tenant,
+                "chargepath.metric": metric,
+                "chargepath.lease.kind": kind,
+            },
+        )
+
     def store_span(self, tenant: str, size: int) -> AbstractContextManager[Span | None]:
         """A client span around one store script call (child of the current span; none with
         tracing off or under a parent that is not sampled)."""
@@ -950,3 +966,21 @@ def _exporters(variable: str, default: str) -> list[str]:
         if n not in ("otlp", "console", "none", ""):
             log.warning("%s=%s is not supported; use otlp, console or none", variable, n)
     return [n for n in names if n in ("otlp", "console")]
+
+
+def end_lease_span(
+    span: Span | None, decision: str, reason: str, policy_version: int, replayed: bool
+) -> None:
+    """Set a lease span's outcome (low-cardinality attributes only) and end it."""
+    if span is None:
+        return
+    if span.is_recording():
+        span.set_attributes(
+            {
+                "chargepath.decision": decision,
+                "chargepath.reason": reason,
+                "chargepath.policy_version": policy_version,
+                "chargepath.replayed": replayed,
+            }
+        )
+    span.end()

@@ -37,6 +37,7 @@ from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
 from chargepath_protos.v1 import keys_pb2 as kpb
 from chargepath_protos.v1 import keys_pb2_grpc as kpb_grpc
+from chargepath_protos.v1 import lease_pb2 as lpb
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 from tests.e2e.conftest import GatewayProcess, start_gateway
@@ -49,6 +50,7 @@ NO_SUCH_KEY = "aaaaaaaaaaaa"
 #: The services reflection lists.
 LISTED: tuple[ServiceDescriptor, ...] = (
     pb.DESCRIPTOR.services_by_name["MeteringService"],
+    lpb.DESCRIPTOR.services_by_name["LeaseService"],
     apb.DESCRIPTOR.services_by_name["AdminService"],
     kpb.DESCRIPTOR.services_by_name["KeyService"],
     health_pb2.DESCRIPTOR.services_by_name["Health"],
@@ -84,6 +86,15 @@ def report(tenant: str = OTHER) -> pb.Usage:
     )
 
 
+def lease_ask(tenant: str = TENANT) -> lpb.LeaseAsk:
+    return lpb.LeaseAsk(
+        request_id=str(uuid.uuid4()),
+        subject=pb.Subject(tenant=tenant, key="auth-test"),
+        metric="api.sms.send",
+        requested=1,
+    )
+
+
 def rlqs_usage_report() -> rlqs_pb2.RateLimitQuotaUsageReports:
     """Envoy's first report of a bucket of TENANT (the demo plans' cpaas-edge mapping)."""
     msg = rlqs_pb2.RateLimitQuotaUsageReports(domain="cpaas-edge")
@@ -98,6 +109,9 @@ def rlqs_usage_report() -> rlqs_pb2.RateLimitQuotaUsageReports:
 REQUESTS: dict[str, Callable[[], Message]] = {
     "/chargepath.v1.MeteringService/Check": lambda: pb.CheckRequest(usage=admit()),
     "/chargepath.v1.MeteringService/StreamUsage": lambda: pb.StreamUsageRequest(usages=[admit()]),
+    # the demo plans give no limit lease settings: answered DENY NO_ENTITLEMENT, nothing taken
+    "/chargepath.v1.LeaseService/Lease": lambda: lpb.LeaseRequest(ask=lease_ask()),
+    "/chargepath.v1.LeaseService/LeaseStream": lambda: lpb.LeaseStreamRequest(asks=[lease_ask()]),
     "/chargepath.v1.AdminService/GetState": lambda: apb.GetStateRequest(
         subject=pb.Subject(tenant=TENANT)
     ),

@@ -33,6 +33,12 @@ from tests.integration.surfaces import operator_metadata
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
+from chargepath.core.leases import LeaseAsk
+from chargepath.core.model import Decision, Subject
+from chargepath.leasing import Leasing
+from chargepath.store.leases import RedisLeaseStore
+from tests.conftest import make_engine
+
 USER = "chargepath-acl-test"
 
 #: The ACL rule of a Redis user for Chargepath (gateways and the ledger commands): its keys and
@@ -44,7 +50,7 @@ ACL_RULE = (
     "+ping +hello +auth +time +multi +exec +discard +evalsha +script|load +script|exists "
     "+info +get +set +del +exists +incr +pexpire +pexpireat +pttl +getrange +setrange "
     "+hget +hmget +hset +hgetall +hdel +hincrby +sadd +smembers "
-    "+zadd +zcard +zscore +zremrangebyscore "
+    "+zadd +zcard +zscore +zremrangebyscore +zrem +zrangebyscore "
     "+publish +subscribe +unsubscribe "
     "+xadd +xrange +xrevrange +xread +xreadgroup +xack +xtrim +xlen +xpending +xautoclaim "
     "+xclaim +xdel "
@@ -218,3 +224,39 @@ def test_the_readme_gives_the_rule_tested_here() -> None:
     [line] = [ln for ln in readme.splitlines() if ln.startswith("ACL SETUSER chargepath ")]
     words = line.split()[3:]
     assert [w for w in words if w != ">PASSWORD"] == ACL_RULE.split()
+
+
+async def test_quota_leases_work_through_an_acl_user(acl_url: str, raw_redis: redis.Redis) -> None:
+    """lease.lua, lease_sweep.lua and lease_read.lua send only what the rule allows."""
+    store = RedisStore.from_url(acl_url, connect_timeout=1.0)
+    try:
+        engine = await make_engine(
+            store,
+            """\
+metrics: [{name: api.sms.send}]
+plans:
+  - name: p
+    limits:
+      - name: burst
+        metric: api.sms.send
+        rate: {capacity: 100, refill: 1}
+        lease: {max_units: 10, max_share_pct: 50, validity: 30s}
+tenants: [{name: t1, plan: p}]
+""",
+        )
+        leases = RedisLeaseStore(store)
+        leasing = Leasing(engine, leases)
+        (a,) = await leasing.lease(
+            [LeaseAsk("acl-1", Subject("t1"), "api.sms.send", requested=5)], ["x"]
+        )
+        assert (a.decision, a.granted) == (Decision.ALLOW, 5)
+        (b,) = await leasing.lease(
+            [LeaseAsk("acl-2", Subject("t1"), "api.sms.send", lease_id=a.lease_id, used=2)], ["x"]
+        )
+        assert b.recorded == 2
+        _, views = await leases.leases(Subject("t1"))
+        assert [v.available for v in views] == [3]
+        assert await leases.sweep("t1") == 0
+        assert await leases.find_decision("t1", b.decision_id) is not None
+    finally:
+        await store.close()

@@ -30,7 +30,7 @@ from chargepath.core.auth import (
     parse_key,
     secret_matches,
 )
-from chargepath_protos.v1 import admin_pb2, keys_pb2, metering_pb2
+from chargepath_protos.v1 import admin_pb2, keys_pb2, lease_pb2, metering_pb2
 
 pytestmark = pytest.mark.unit
 
@@ -38,6 +38,7 @@ pytestmark = pytest.mark.unit
 # entry, so a new RPC without one fails here instead of being refused in production.
 SERVICES: list[ServiceDescriptor] = [
     metering_pb2.DESCRIPTOR.services_by_name["MeteringService"],
+    lease_pb2.DESCRIPTOR.services_by_name["LeaseService"],
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
     keys_pb2.DESCRIPTOR.services_by_name["KeyService"],
     health_pb2.DESCRIPTOR.services_by_name["Health"],
@@ -94,7 +95,7 @@ def test_tenant_fields_exist_in_the_request_messages() -> None:
             if access.tenant_field is not None:
                 assert _field_path_exists(method.input_type, access.tenant_field), method.name
                 checked += 1
-    assert checked == 7
+    assert checked == 9
 
 
 def test_only_operators_call_what_is_not_about_one_tenant() -> None:
@@ -108,6 +109,8 @@ def test_only_operators_call_what_is_not_about_one_tenant() -> None:
     [
         ("/chargepath.v1.MeteringService/Check", {Role.METER, Role.OPERATOR}),
         ("/chargepath.v1.MeteringService/StreamUsage", {Role.METER, Role.OPERATOR}),
+        ("/chargepath.v1.LeaseService/Lease", {Role.METER, Role.OPERATOR}),
+        ("/chargepath.v1.LeaseService/LeaseStream", {Role.METER, Role.OPERATOR}),
         (
             "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
             {Role.METER, Role.OPERATOR},

@@ -94,6 +94,32 @@ def test_the_engine_imports_no_wire_and_no_redis() -> None:
     assert strays == []
 
 
+def test_leasing_imports_no_wire_and_no_redis() -> None:
+    """The lease side of the engine (chargepath.leasing) keeps the engine's rules."""
+    _, loaded = _import(["chargepath.leasing"], [*WIRE, *REDIS])
+    allowed = (
+        "chargepath.core",
+        "chargepath.store.base",
+        "chargepath.store.spool",
+        "chargepath.telemetry",
+    )
+    assert "chargepath.leasing" in loaded
+    strays = [
+        m
+        for m in loaded
+        if m
+        not in (
+            "chargepath",
+            "chargepath.engine",
+            "chargepath.leasing",
+            "chargepath.deadline",
+            "chargepath.store",
+        )
+        and not any(m == a or m.startswith(a + ".") for a in allowed)
+    ]
+    assert strays == []
+
+
 def test_the_transport_reaches_the_store_only_through_its_contracts() -> None:
     imported, loaded = _import(["chargepath.transport"], REDIS)
     assert {"chargepath.transport.admin", "chargepath.transport.metering"} <= set(imported)

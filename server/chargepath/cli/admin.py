@@ -203,6 +203,14 @@ def _dispatch(args: argparse.Namespace, stub: Any, console: Console) -> int:
         e = stub.ExplainDecision(
             apb.ExplainDecisionRequest(tenant=args.tenant, decision_id=args.decision_id), timeout=t
         )
+        if e.HasField("lease"):  # a LeaseService decision id
+            if args.json:
+                print(
+                    json.dumps(MessageToDict(e.lease, preserving_proto_field_name=True), indent=2)
+                )
+            else:
+                console.print(render.lease_explanation(e.lease))
+            return 0
         if args.json:
             print(json.dumps(MessageToDict(e.decision, preserving_proto_field_name=True), indent=2))
         else:

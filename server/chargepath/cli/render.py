@@ -130,6 +130,30 @@ def state(s: apb.GetStateResponse) -> Group:
             )
             grants.add_row(g.grant_id, g.limit, str(g.amount), expires, g.note)
         parts.append(grants)
+    if s.leases:
+        leases = Table(
+            "lease",
+            "holder",
+            "metric",
+            "granted",
+            "used",
+            "available",
+            "expires in",
+            "holds",
+            title="open leases",
+        )
+        for ls in s.leases:
+            leases.add_row(
+                ls.lease_id,
+                ls.holder,
+                ls.metric,
+                str(ls.granted),
+                str(ls.used),
+                str(ls.available),
+                human_ms(ls.expires_in.ToMilliseconds()),
+                " ".join(f"{h.limit}:{h.units}" for h in ls.holds),
+            )
+        parts.append(leases)
     if s.recent:
         parts.append(Text("recent decisions", style="bold"))
         parts.extend(Text.from_markup(decision_line(d)) for d in s.recent)
@@ -160,3 +184,20 @@ def explanation(d: apb.DecisionRecord) -> Group:
         )
     lines.append(table)
     return Group(*lines)
+
+
+def lease_explanation(d: apb.LeaseDecision) -> Group:
+    """An answered lease ask (explain of a LeaseService decision id)."""
+    decision = enum_name(pb.Decision, d.decision, "DECISION_")
+    reason = enum_name(pb.Reason, d.reason, "REASON_")
+    return Group(
+        Text(f"lease ask {decision} {reason}  {who(d.subject)}  {d.metric}  v{d.policy_version}"),
+        Text(
+            f"request {d.request_id}  lease {d.lease_id or '-'}  holder {d.holder or '-'}  "
+            f"trace {d.trace_id or '-'}  at {d.decided_at.ToJsonString()}"
+        ),
+        Text(
+            f"requested {d.requested}  granted {d.granted}  used {d.used} (recorded "
+            f"{d.recorded}, overage {d.overage})  refunded {d.refunded}"
+        ),
+    )

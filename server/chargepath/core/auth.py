@@ -101,6 +101,7 @@ _VIEWER: Final = frozenset({Role.VIEWER, Role.OPERATOR})
 OPEN: Final = Access(roles=frozenset(), credential=False)
 
 _METERING = "/chargepath.v1.MeteringService/"
+_LEASE = "/chargepath.v1.LeaseService/"
 _ADMIN = "/chargepath.v1.AdminService/"
 _KEYS = "/chargepath.v1.KeyService/"
 _HEALTH = "/grpc.health.v1.Health/"
@@ -112,6 +113,9 @@ PERMISSIONS: Final[Mapping[str, Access]] = MappingProxyType(
         # Metering: a meter key for its own tenant; an operator for any.
         _METERING + "Check": Access(_METER, tenant_field="usage.subject.tenant"),
         _METERING + "StreamUsage": Access(_METER, tenant_field="usages[].subject.tenant"),
+        # Leases take and record units like Check: the same rule.
+        _LEASE + "Lease": Access(_METER, tenant_field="ask.subject.tenant"),
+        _LEASE + "LeaseStream": Access(_METER, tenant_field="asks[].subject.tenant"),
         # Envoy (static `initial_metadata` on its grpc_service): a meter key for an Envoy of one
         # tenant, an operator key for one shared by tenants. The tenant is the value of the
         # descriptor entry (bucket entry) that the policy's envoy mapping names; a descriptor

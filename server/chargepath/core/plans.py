@@ -75,8 +75,62 @@ class QuotaSpec(_Strict):
     per: Literal["hour", "day", "month"]
 
 
+#: ``validity`` of a lease: a whole number of milliseconds, seconds, minutes or hours.
+VALIDITY_RE = re.compile(r"([0-9]{1,9})(ms|s|m|h)")
+VALIDITY_UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000}
+#: Bounds of a lease's validity, ms: long enough to spend a grant, short enough that the
+#: units of a holder that died come back within the day.
+MIN_VALIDITY_MS = 100
+MAX_VALIDITY_MS = 86_400_000
+
+
+class LeaseSpec(_Strict):
+    """A limit's lease settings (``lease:``): without them, the limit grants no lease, and a
+    lease ask on a metric it counts is refused (NO_ENTITLEMENT).
+
+    * ``max_units``: the largest grant this limit allows at once.
+    * ``max_share_pct``: 1 to 100, at most this share of what the limit has left (but at
+      least one unit while one is left), so that many holders cannot starve one another.
+    * ``validity``: how long a grant lasts unreported, e.g. ``30s``, ``500ms``, ``5m``; at
+      expiry whatever was granted and not reported goes back to the limit.
+    * ``renew_below_pct``: 0 to 100, the renewal threshold as a share of the grant.
+    * ``gateway``: the gateway itself may hold leases on this limit to answer Checks
+      locally."""
+
+    max_units: Annotated[int, Field(ge=1, lt=MAX_EXACT)]
+    max_share_pct: Annotated[int, Field(ge=1, le=100)]
+    validity: str
+    renew_below_pct: Annotated[int, Field(ge=0, le=100)] = 20
+    gateway: bool = False
+
+    @field_validator("validity", mode="before")
+    @classmethod
+    def _check_validity(cls, validity: Any) -> str:
+        ms = parse_validity_ms(validity) if isinstance(validity, str) else None
+        if ms is None:
+            raise ValueError(
+                f"must be a whole number with a unit of ms, s, m or h, e.g. 30s (got {validity!r})"
+            )
+        if not MIN_VALIDITY_MS <= ms <= MAX_VALIDITY_MS:
+            raise ValueError(f"must be between 100ms and 24h (got {validity!r})")
+        return str(validity)
+
+    @property
+    def validity_ms(self) -> int:
+        ms = parse_validity_ms(self.validity)
+        assert ms is not None  # checked when the spec was made
+        return ms
+
+
+def parse_validity_ms(text: str) -> int | None:
+    """``30s`` -> 30000; None when ``text`` is not a whole number with a unit."""
+    m = VALIDITY_RE.fullmatch(text.strip())
+    return int(m.group(1)) * VALIDITY_UNIT_MS[m.group(2)] if m else None
+
+
 class LimitSpec(_Strict):
-    """One limit of a plan: which metrics it counts (a pattern), at which scope, and how."""
+    """One limit of a plan: which metrics it counts (a pattern), at which scope, and how.
+    ``lease``: the limit grants quota leases (:class:`LeaseSpec`); None: it does not."""
 
     name: Annotated[str, Field(pattern=NAME_RE)]
     metric: str
@@ -84,6 +138,7 @@ class LimitSpec(_Strict):
     rate: RateSpec | None = None
     quota: QuotaSpec | None = None
     soft: bool = False
+    lease: LeaseSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> LimitSpec:
@@ -399,7 +454,8 @@ class PolicyDocument(_Strict):
 
     def canonical_json(self) -> str:
         """A stable serialisation: equal documents give equal strings. A document without an
-        ``envoy`` or ``webhooks`` section, or a tenant with the default ``caps``, serialises
+        ``envoy`` or ``webhooks`` section, a tenant with the default ``caps``, or a limit
+        without ``lease`` settings, serialises
         as it did before the section existed, so that its published version does not
         change."""
         data = self.model_dump(mode="json")
@@ -410,6 +466,10 @@ class PolicyDocument(_Strict):
         for tenant in data["tenants"]:
             if tenant["caps"] == defaults:
                 del tenant["caps"]
+        for plan in data["plans"]:
+            for limit in plan["limits"]:
+                if limit["lease"] is None:
+                    del limit["lease"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:

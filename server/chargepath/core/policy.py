@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import NamedTuple
 
+from chargepath.core.leases import LeaseTerms
 from chargepath.core.model import LimitKind, Scope, Subject
 from chargepath.core.periods import Period
 from chargepath.core.plans import (
@@ -32,7 +33,7 @@ class Limit:
 
     Rate: the bucket holds ``capacity`` units; its level is kept in ``scale`` sub-units per unit
     and refills ``refill_per_ms`` sub-units per millisecond. Quota: ``amount`` units per
-    ``period``.
+    ``period``. ``lease``: its lease settings, None when it grants no lease.
     """
 
     name: str
@@ -46,6 +47,7 @@ class Limit:
     period: Period = Period.MONTH
     refill: int = 0
     per: str = ""
+    lease: LeaseTerms | None = None
 
     @property
     def capacity_sub(self) -> int:
@@ -55,6 +57,17 @@ class Limit:
     @classmethod
     def from_spec(cls, spec: LimitSpec, *, min_scope: Scope = Scope.TENANT) -> Limit:
         scope = max(SCOPES[spec.scope], min_scope)
+        lease = (
+            None
+            if spec.lease is None
+            else LeaseTerms(
+                spec.lease.max_units,
+                spec.lease.max_share_pct,
+                spec.lease.validity_ms,
+                spec.lease.renew_below_pct,
+                spec.lease.gateway,
+            )
+        )
         if spec.rate is not None:
             c = compile_rate(spec.rate)
             return cls(
@@ -67,6 +80,7 @@ class Limit:
                 refill_per_ms=c.refill_per_ms,
                 refill=spec.rate.refill,
                 per=spec.rate.per,
+                lease=lease,
             )
         assert spec.quota is not None
         return cls(
@@ -77,6 +91,7 @@ class Limit:
             amount=spec.quota.amount,
             period=PERIODS[spec.quota.per],
             per=spec.quota.per,
+            lease=lease,
         )
 
     def applies_to(self, subject: Subject) -> bool:

@@ -7,6 +7,7 @@
   trail, watching it).
 * :class:`LedgerStore`: how billing and the gateway read, acknowledge and trim the ledger.
 * :class:`AuditLog`: the append-only trail of admin calls.
+* :class:`LeaseStore`: quota leases (grant ahead of use, report, refund, expire).
 
 This module imports no redis (the engine depends on it); :mod:`chargepath.store.redis_store`,
 :mod:`chargepath.store.admin` and :mod:`chargepath.store.ledger` implement the contracts on
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from chargepath.core.audit import AuditEvent
 from chargepath.core.auth import ApiKey, KeyRecord, Role
+from chargepath.core.leases import LeaseAnswer, LeaseAsk, LeaseRecord, LeaseView
 from chargepath.core.model import DecisionRecord, Subject, ThresholdEvent, Usage, Verdict
 from chargepath.core.plans import PolicyDocument
 from chargepath.core.policy import Limit, Resolution
@@ -437,6 +439,77 @@ class KeyStore(Protocol):
         each key changed from the moment the context is entered. A broken subscription raises
         :class:`StoreUnavailableError` from the iterator; changes made while not subscribed are
         not replayed (poll :meth:`epoch` for those)."""
+        ...
+
+
+class LeaseItem(NamedTuple):
+    """One lease ask to apply, with the limits the policy resolved for its subject and metric
+    (every one has lease terms: the caller refuses the ask otherwise), the holder's name as
+    shown in state (the ask's, else the caller's identity), and its decision id and the
+    fingerprint of its content (a retry with the same request id but other content is a
+    conflict, as for a usage)."""
+
+    ask: LeaseAsk
+    resolution: Resolution
+    decision_id: str
+    fingerprint: str
+    holder: str
+    trace_id: str = ""
+    suspended: bool = False
+
+
+class LeaseStore(Protocol):
+    """Quota leases, kept in the store so that a gateway restart loses nothing.
+
+    :meth:`ask` applies a batch of asks of ONE tenant in one atomic step (one script), in
+    order, on the store's clock; per ask, together or not at all:
+
+    * the dedup record of its request id (a retry within the dedup window returns the first
+      answer, ``replayed``, and changes nothing);
+    * ``used``: one ledger entry carrying the lease id, units within what the lease still has
+      as recorded, beyond it as overage, which is debited to the limits (they may go into
+      debt, as for a report). On a lease expired or released before, the whole ``used`` is
+      overage and the answer is REASON_LEASE_EXPIRED;
+    * ``requested``: a grant sized by :func:`chargepath.core.leases.grant_size`, taken from
+      every limit of the item's resolution, all or nothing (none: THROTTLE or DENY with
+      ``retry_after``, as an admit of one unit would be);
+    * ``release``: every unit granted and not reported goes back: a bucket's level up (never
+      above its capacity), a quota's counter down only while in the period the units came
+      from.
+
+    A lease lives until ``valid_for``: expiry gives back what is left like a release, by
+    :meth:`sweep` or lazily when the lease is next touched. Amounts are whole units, times
+    milliseconds on the store's clock (Redis ``TIME``). :class:`StoreUnavailableError`,
+    :class:`StalePolicyError` and :class:`StoreDeadlineError` mean what they mean for
+    :meth:`DecisionStore.decide`. Implementations must be safe to call concurrently from one
+    event loop."""
+
+    async def ask(
+        self,
+        tenant: str,
+        policy_version: int,
+        items: list[LeaseItem],
+        *,
+        deadline: float | None = None,
+    ) -> list[LeaseAnswer]:
+        """Apply ``items`` (all of ``tenant``) atomically; answers in the same order."""
+        ...
+
+    async def sweep(self, tenant: str, *, limit: int = 1000) -> int:
+        """Expire up to ``limit`` leases of ``tenant`` whose validity has passed on the
+        store's clock, each refunded as on release, atomically; the number expired."""
+        ...
+
+    async def leases(
+        self, subject: Subject, *, metric: str = "", limit: int = 1000
+    ) -> tuple[int, list[LeaseView]]:
+        """(now_ms, the open leases of exactly ``subject``, narrowed to ``metric`` if given),
+        soonest expiry first, at most ``limit``; one consistent read."""
+        ...
+
+    async def find_decision(self, tenant: str, decision_id: str) -> LeaseRecord | None:
+        """The answered lease ask with this decision id, if it is among the tenant's most
+        recent ones (about as many as the decisions trail keeps)."""
         ...
 
 

@@ -127,6 +127,10 @@ class LedgerEntry:
     interval_start_ms: int = 0
     interval_end_ms: int = 0
     reversal: bool = False
+    #: a lease report (``mode`` "lease"): the lease, and the units of ``amount`` beyond what
+    #: the lease had available (overage, RFC 8506); ``amount`` is all the use reported
+    lease_id: str = ""
+    overage: int = 0
 
     @property
     def billed_amount(self) -> int:
@@ -137,7 +141,8 @@ class LedgerEntry:
     def from_fields(cls, entry_id: str, f: Mapping[str, str]) -> LedgerEntry:
         """From the stream entry's fields: the packed field ``x`` of a recorded usage
         (written by decide.lua, see ``scripts/lib/ledger.lua``), or the fields of an aggregate
-        (written by flush_aggregates.lua, see its header) or of a reversal (reverse.lua)."""
+        (written by flush_aggregates.lua, see its header), of a reversal (reverse.lua) or of
+        a lease report (lease.lua)."""
         packed = f.get("x")
         if packed is not None:
             return cls._from_packed(entry_id, packed)
@@ -159,6 +164,9 @@ class LedgerEntry:
             interval_start_ms=_int(f, "is"),
             interval_end_ms=_int(f, "ie"),
             reversal=f.get("rv") == "1",
+            labels={str(k): str(v) for k, v in json.loads(f["lb"]).items()} if f.get("lb") else {},
+            lease_id=f.get("ls", ""),
+            overage=_int(f, "ov"),
         )
 
     @classmethod

@@ -56,6 +56,7 @@ from typing import Any, Protocol
 import msgpack
 
 from chargepath.core.counters import MAX_DEBT
+from chargepath.core.leases import LeaseAnswer
 from chargepath.core.model import (
     Decision,
     FieldViolation,
@@ -68,7 +69,13 @@ from chargepath.core.model import (
 )
 from chargepath.core.periods import DAY_MS, HOUR_MS, Period
 from chargepath.core.policy import NO_CAPS, Caps, Limit
-from chargepath.store.base import DecideItem, Reversal, StalePolicyError, StoreDeadlineError
+from chargepath.store.base import (
+    DecideItem,
+    LeaseItem,
+    Reversal,
+    StalePolicyError,
+    StoreDeadlineError,
+)
 
 # -- key layout (every key of a tenant shares the hash tag {tenant}) ---------------------------
 
@@ -730,3 +737,265 @@ def decode_read(reply: Sequence[Any], count: int) -> tuple[int, list[CounterRead
             pos += 4
         out.append(CounterReading(remaining, capacity, used, granted, reset, tuple(grants)))
     return now, out
+
+
+# -- lease.lua, lease_sweep.lua, lease_read.lua (quota leases) -------------------------------
+#
+# Payload of lease.lua (ARGV[LEASE_ARG_PAYLOAD], one MessagePack array of three arrays):
+#
+# 1. limit specs, flat, LSPEC_SLOTS values each: the SPEC_SLOTS of decide.lua's specs
+#    (:func:`spec_values`), then the limit's lease terms: max_units, max_share_pct,
+#    validity_ms, renew_below_pct.
+# 2. limit sets: arrays of spec numbers, in the order of an ask's limits.
+# 3. asks, flat, ASK_SLOTS values each (ASK_*): flags (ASK_RELEASE, ASK_SUSPENDED, ASK_NEW),
+#    requested, used, dedup key index, lease key index, lease id, fingerprint, decision id,
+#    limit set number (0: none), request id, slice, key, metric, holder, labels (JSON or
+#    ""), trace id.
+#
+# Reply: {REPLY_STALE, v} | {REPLY_LATE, time_ms} | {REPLY_DECIDED, now_ms, answer...}, an
+# answer being an array of ANS_SLOTS values (ANS_*), then remaining, reset_after_ms and
+# capacity per limit of the ask's set. A dedup record (``cp:{T}:ld:<request_id>``) holds
+# MessagePack {fingerprint, answer}.
+
+
+def lease_key(tenant: str, lease_id: str) -> str:
+    """An open lease (hash; lib/lease.lua lists its fields)."""
+    return f"{tenant_prefix(tenant)}lease:{lease_id}"
+
+
+def lease_index_key(tenant: str) -> str:
+    """The tenant's open leases: lease id scored by expiry, ms (sorted set)."""
+    return f"{tenant_prefix(tenant)}leases"
+
+
+def lease_trail_key(tenant: str) -> str:
+    """The tenant's recent lease decisions (stream, capped): what explain reads."""
+    return f"{tenant_prefix(tenant)}ltrail"
+
+
+def lease_dedup_key(tenant: str, request_id: str) -> str:
+    """The first answer to a lease ask's request id, for the dedup window."""
+    return f"{tenant_prefix(tenant)}ld:{request_id}"
+
+
+LEASE_KEY_INDEX = 3
+LEASE_KEY_TRAIL = 4
+
+LEASE_ARG_POLICY_VERSION = 1
+LEASE_ARG_CLOCK_OFFSET = 2
+LEASE_ARG_DEDUP_WINDOW = 3
+LEASE_ARG_DEADLINE = 4
+LEASE_ARG_TRAIL_LENGTH = 5
+LEASE_ARG_PAYLOAD = 6
+
+LSPEC_SLOTS = SPEC_SLOTS + 4
+LSPEC_MAX_UNITS = SPEC_SLOTS + 1
+LSPEC_SHARE = SPEC_SLOTS + 2
+LSPEC_VALIDITY = SPEC_SLOTS + 3
+LSPEC_RENEW = SPEC_SLOTS + 4
+
+ASK_SLOTS = 16
+ASK_FLAGS = 1
+ASK_REQUESTED = 2
+ASK_USED = 3
+ASK_DEDUP_KEY = 4
+ASK_LEASE_KEY = 5
+ASK_LEASE_ID = 6
+ASK_FINGERPRINT = 7
+ASK_DECISION_ID = 8
+ASK_SET = 9
+ASK_REQUEST_ID = 10
+ASK_SLICE = 11
+ASK_KEY = 12
+ASK_METRIC = 13
+ASK_HOLDER = 14
+ASK_LABELS = 15
+ASK_TRACE_ID = 16
+
+# flag bits of an ask
+ASK_RELEASE = 1
+ASK_SUSPENDED = 2
+ASK_NEW = 4  # open a lease (its id is the payload's, made by the gateway)
+
+ANS_SLOTS = 14
+ANS_DECISION = 1
+ANS_REASON = 2
+ANS_FLAGS = 3
+ANS_LEASE_ID = 4
+ANS_GRANTED = 5
+ANS_AVAILABLE = 6
+ANS_VALID_FOR = 7
+ANS_RENEW_BELOW = 8
+ANS_RETRY = 9
+ANS_RECORDED = 10
+ANS_OVERAGE = 11
+ANS_REFUNDED = 12
+ANS_DECISION_ID = 13
+ANS_DECIDED_AT = 14
+
+# flag bits of an answer
+LEASE_REPLAYED = 1
+LEASE_CONFLICT = 2  # the request id was used for another ask
+LEASE_MISMATCH = 4  # the lease is for another subject or metric: nothing done
+LEASE_FINAL = 8
+LEASE_CLOSED = 16
+
+# a hold of a lease (its "hd" field, MessagePack, HOLD_SLOTS values each)
+HOLD_SLOTS = 7
+HOLD_KEY = 1
+HOLD_KIND = 2
+HOLD_CAPACITY_SUB = 3  # a quota's period code
+HOLD_SCALE = 4
+HOLD_REFILL_PER_MS = 5
+HOLD_UNITS = 6
+HOLD_START = 7
+
+LEASE_CONFLICT_VIOLATION = FieldViolation(
+    "request_id", "was already used for a different lease ask within the dedup window"
+)
+LEASE_MISMATCH_VIOLATION = FieldViolation(
+    "lease_id", "is a lease of another subject or metric; nothing was done"
+)
+
+
+class LeaseBatchSettings(Protocol):
+    """The store's settings a lease batch carries."""
+
+    dedup_window_ms: int
+    recent_length: int
+    clock_offset_ms: int
+
+
+def encode_lease_batch(
+    tenant: str,
+    policy_version: int,
+    items: Sequence[LeaseItem],
+    lease_ids: Sequence[str],
+    settings: LeaseBatchSettings,
+    *,
+    deadline_ms: int = 0,
+) -> tuple[list[str], list[Any]]:
+    """lease.lua's KEYS and ARGV for ``items`` (all of ``tenant``); ``lease_ids``: per item,
+    the lease it is about (the ask's, or a new id for an ask that opens one)."""
+    prefix = tenant_prefix(tenant)
+    keys: list[str] = [
+        prefix + "ent", prefix + "ledger", lease_index_key(tenant), lease_trail_key(tenant),
+    ]  # fmt: skip
+    index: dict[str, int] = {}
+
+    def idx(k: str) -> int:
+        i = index.get(k)
+        if i is None:
+            keys.append(k)
+            i = index[k] = len(keys)
+        return i
+
+    specs: list[Any] = []
+    spec_of: dict[tuple[str, str], int] = {}
+    sets: list[list[int]] = []
+    set_of: dict[tuple[int, ...], int] = {}
+    asks: list[Any] = []
+    for item, lease_id in zip(items, lease_ids, strict=True):
+        a = item.ask
+        sl, k = a.subject.slice, a.subject.key
+        members: list[int] = []
+        for lim in item.resolution.limits:
+            counter = limit_key(tenant, lim, sl, k)
+            spec_key = (counter, lim.name)
+            n = spec_of.get(spec_key)
+            if n is None:
+                terms = lim.lease
+                if terms is None:
+                    raise ValueError(f"limit {lim.name!r} has no lease terms")
+                grants = idx(grants_key(tenant, lim, sl, k)) if lim.kind is LimitKind.QUOTA else 0
+                specs += spec_values(lim, idx(counter), grants)
+                specs += (
+                    terms.max_units, terms.max_share_pct, terms.validity_ms,
+                    terms.renew_below_pct,
+                )  # fmt: skip
+                n = spec_of[spec_key] = len(specs) // LSPEC_SLOTS
+            members.append(n)
+        set_no = 0
+        if members:
+            set_no = set_of.get(tuple(members), 0)
+            if not set_no:
+                sets.append(members)
+                set_no = set_of[tuple(members)] = len(sets)
+        flags = (
+            (ASK_RELEASE if a.release else 0)
+            | (ASK_SUSPENDED if item.suspended else 0)
+            | (ASK_NEW if not a.lease_id else 0)
+        )
+        labels = json.dumps(dict(a.labels), separators=(",", ":")) if a.labels else ""
+        asks += (
+            flags, a.requested, a.used, idx(lease_dedup_key(tenant, a.request_id)),
+            idx(lease_key(tenant, lease_id)), lease_id, item.fingerprint, item.decision_id,
+            set_no, a.request_id, sl, k, a.metric, item.holder, labels, item.trace_id,
+        )  # fmt: skip
+    args: list[Any] = [
+        policy_version,
+        settings.clock_offset_ms,
+        settings.dedup_window_ms,
+        deadline_ms,
+        settings.recent_length,
+        msgpack.packb((specs, sets, asks)),
+    ]
+    return keys, args
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def decode_lease_reply(
+    reply: Sequence[Any], items: Sequence[LeaseItem], version: int
+) -> list[LeaseAnswer]:
+    """Answers, in the order of ``items``, from lease.lua's reply; raises
+    :class:`StalePolicyError` or :class:`StoreDeadlineError` (nothing written)."""
+    if reply[0] != REPLY_DECIDED:
+        if reply[0] == REPLY_LATE:
+            raise StoreDeadlineError(int(reply[1]))
+        raise StalePolicyError(int(reply[1]))
+    out: list[LeaseAnswer] = []
+    for item, ans in zip(items, reply[2:], strict=True):
+        flags = int(ans[ANS_FLAGS - 1])
+        limits: list[LimitState] = []
+        values = ans[ANS_SLOTS:]
+        for n, lim in enumerate(item.resolution.limits):
+            if 3 * n + 2 >= len(values):
+                break
+            rem, reset, cap = (int(x) for x in values[3 * n : 3 * n + 3])
+            limits.append(
+                LimitState(lim.name, lim.kind, lim.scope, rem, cap, reset, lim.soft, rem < 0)
+            )
+        violations: tuple[FieldViolation, ...] = ()
+        if flags & LEASE_CONFLICT:
+            violations = (LEASE_CONFLICT_VIOLATION,)
+        elif flags & LEASE_MISMATCH:
+            violations = (LEASE_MISMATCH_VIOLATION,)
+        out.append(
+            LeaseAnswer(
+                request_id=item.ask.request_id,
+                decision=_DECISIONS[int(ans[ANS_DECISION - 1])],
+                reason=_REASONS[int(ans[ANS_REASON - 1])],
+                lease_id=_text(ans[ANS_LEASE_ID - 1]),
+                granted=int(ans[ANS_GRANTED - 1]),
+                available=int(ans[ANS_AVAILABLE - 1]),
+                valid_for_ms=int(ans[ANS_VALID_FOR - 1]),
+                renew_below=int(ans[ANS_RENEW_BELOW - 1]),
+                final_units=bool(flags & LEASE_FINAL),
+                retry_after_ms=int(ans[ANS_RETRY - 1]),
+                recorded=int(ans[ANS_RECORDED - 1]),
+                overage=int(ans[ANS_OVERAGE - 1]),
+                refunded=int(ans[ANS_REFUNDED - 1]),
+                limits=tuple(limits),
+                policy_version=version,
+                replayed=bool(flags & LEASE_REPLAYED),
+                message=str(violations[0]) if violations else "",
+                violations=violations,
+                decided_at_ms=int(ans[ANS_DECIDED_AT - 1]),
+                closed=bool(flags & LEASE_CLOSED),
+                decision_id=_text(ans[ANS_DECISION_ID - 1]),
+            )
+        )
+    return out

@@ -35,6 +35,7 @@ from chargepath.core.validation import MAX_AMOUNT, check_subject_part, check_ten
 from chargepath.engine import Engine
 from chargepath.store.base import (
     AuditLog,
+    LeaseStore,
     PolicyConflictError,
     PolicyStore,
     StateStore,
@@ -122,11 +123,14 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         policies: PolicyStore,
         state: StateStore,
         audit: AuditLog | None = None,
+        leases: LeaseStore | None = None,
     ) -> None:
         self.engine = engine
         self.policies = policies
         self.state = state
         self.audit = audit
+        #: open quota leases (GetState) and lease decisions (ExplainDecision); None: none
+        self.leases = leases
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -391,6 +395,9 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         recent = await self._guard(
             context, self.state.recent(subject.tenant, subject=subject, count=request.recent or 10)
         )
+        leases = []
+        if self.leases is not None:
+            _, leases = await self._guard(context, self.leases.leases(subject))
         metrics = {lim.name: pattern for pattern, lim in ent.limits}
         for s_limits in ent.slice_limits.values():
             metrics.update({lim.name: pattern for pattern, lim in s_limits})
@@ -421,6 +428,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 mapping.suspension_to_pb(Subject(*key), reason)
                 for key, reason in suspensions.items()
             ],
+            leases=[mapping.lease_state_to_pb(v) for v in leases],
         )
 
     async def ExplainDecision(
@@ -435,6 +443,12 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         record = await self._guard(
             context, self.state.find_decision(request.tenant, request.decision_id)
         )
+        if record is None and self.leases is not None:
+            leased = await self._guard(
+                context, self.leases.find_decision(request.tenant, request.decision_id)
+            )
+            if leased is not None:
+                return apb.ExplainDecisionResponse(lease=mapping.lease_record_to_pb(leased))
         if record is None:
             await abort(
                 context,

@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chargepath.core.audit import AuditEvent
+from chargepath.core.leases import LeaseAnswer, LeaseAsk, LeaseRecord, LeaseView
 from chargepath.core.model import (
     Decision,
     DecisionRecord,
@@ -26,6 +27,7 @@ from chargepath.core.plans import PlanSpec, PolicyError
 from chargepath.core.policy import Limit
 from chargepath.store.base import GrantReading, LimitReading
 from chargepath_protos.v1 import admin_pb2 as apb
+from chargepath_protos.v1 import lease_pb2 as lpb
 from chargepath_protos.v1 import metering_pb2 as pb
 
 MODES = {pb.MODE_ADMIT: Mode.ADMIT, pb.MODE_REPORT: Mode.REPORT}
@@ -151,6 +153,96 @@ def verdict_fields(v: Verdict, view: int = pb.VERDICT_VIEW_FULL) -> Fields:
     if at:
         out["decided_at"] = timestamp(at)
     return out
+
+
+# -- leases -----------------------------------------------------------------------------
+
+
+def lease_ask_from_pb(m: lpb.LeaseAsk) -> LeaseAsk:
+    """Map a wire lease ask; its checks are the core's (leases.validate_ask)."""
+    s = m.subject
+    return LeaseAsk(
+        request_id=m.request_id,
+        subject=Subject(s.tenant, s.slice, s.key),
+        metric=m.metric,
+        lease_id=m.lease_id,
+        requested=m.requested,
+        used=m.used,
+        release=m.release,
+        labels=tuple(m.labels.items()) if m.labels else (),
+        holder=m.holder,
+    )
+
+
+def lease_answer_fields(a: LeaseAnswer) -> Fields:
+    """A ``chargepath.v1.LeaseAnswer`` as the dict its constructor takes."""
+    out: Fields = {
+        "request_id": a.request_id,
+        "lease_id": a.lease_id,
+        "decision": a.decision,
+        "reason": a.reason,
+        "granted": a.granted,
+        "available": a.available,
+        "renew_below": a.renew_below,
+        "final_units": a.final_units,
+        "recorded": a.recorded,
+        "overage": a.overage,
+        "refunded": a.refunded,
+        "policy_version": a.policy_version,
+        "replayed": a.replayed,
+        "closed": a.closed,
+        "decision_id": a.decision_id,
+    }
+    if a.valid_for_ms:
+        out["valid_for"] = duration(a.valid_for_ms)
+    if a.retry_after_ms:
+        out["retry_after"] = duration(a.retry_after_ms)
+    if a.limits:
+        out["limits"] = [_limit_fields(lim) for lim in a.limits]
+    if a.message:
+        out["message"] = a.message
+    if a.violations:
+        out["violations"] = [{"field": fv.field, "description": fv.reason} for fv in a.violations]
+    if a.decided_at_ms:
+        out["decided_at"] = timestamp(a.decided_at_ms)
+    return out
+
+
+def lease_state_to_pb(v: LeaseView) -> apb.LeaseState:
+    return apb.LeaseState(
+        lease_id=v.lease_id,
+        metric=v.metric,
+        holder=v.holder,
+        granted=v.granted,
+        used=v.used,
+        available=v.available,
+        expires_in=duration(v.expires_in_ms),
+        expires_at=timestamp(v.expires_at_ms),
+        policy_version=v.policy_version,
+        holds=[apb.LeaseHold(limit=h.limit, units=h.units) for h in v.holds],
+    )
+
+
+def lease_record_to_pb(r: LeaseRecord) -> apb.LeaseDecision:
+    return apb.LeaseDecision(
+        decision_id=r.decision_id,
+        request_id=r.request_id,
+        subject=subject_to_pb(r.subject),
+        metric=r.metric,
+        lease_id=r.lease_id,
+        holder=r.holder,
+        decision=DECISIONS[r.decision],
+        reason=REASONS[r.reason],
+        requested=r.requested,
+        used=r.used,
+        granted=r.granted,
+        recorded=r.recorded,
+        overage=r.overage,
+        refunded=r.refunded,
+        policy_version=r.policy_version,
+        decided_at=timestamp(r.decided_at_ms),
+        trace_id=r.trace_id,
+    )
 
 
 # -- admin ------------------------------------------------------------------------------

@@ -34,9 +34,10 @@ from google.protobuf.message_factory import GetMessageClass
 
 from chargepath.core.model import FieldViolation
 from chargepath.transport.errors import abort_invalid, bad_input
-from chargepath_protos.v1 import admin_pb2, keys_pb2, metering_pb2
+from chargepath_protos.v1 import admin_pb2, keys_pb2, lease_pb2, metering_pb2
 
 METERING = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"]
+LEASE = lease_pb2.DESCRIPTOR.services_by_name["LeaseService"]
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
 KEYS = keys_pb2.DESCRIPTOR.services_by_name["KeyService"]
 

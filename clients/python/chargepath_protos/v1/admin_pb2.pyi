@@ -340,7 +340,7 @@ class Suspension(_message.Message):
     def __init__(self, subject: _Optional[_Union[_metering_pb2.Subject, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetStateResponse(_message.Message):
-    __slots__ = ("policy_version", "plan", "slice_plan", "limits", "grants", "suspensions", "failure_mode", "recent", "read_at")
+    __slots__ = ("policy_version", "plan", "slice_plan", "limits", "grants", "suspensions", "failure_mode", "recent", "read_at", "leases")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SLICE_PLAN_FIELD_NUMBER: _ClassVar[int]
@@ -350,6 +350,7 @@ class GetStateResponse(_message.Message):
     FAILURE_MODE_FIELD_NUMBER: _ClassVar[int]
     RECENT_FIELD_NUMBER: _ClassVar[int]
     READ_AT_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     plan: str
     slice_plan: str
@@ -359,7 +360,78 @@ class GetStateResponse(_message.Message):
     failure_mode: FailureMode
     recent: _containers.RepeatedCompositeFieldContainer[DecisionRecord]
     read_at: _timestamp_pb2.Timestamp
-    def __init__(self, policy_version: _Optional[int] = ..., plan: _Optional[str] = ..., slice_plan: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ..., grants: _Optional[_Iterable[_Union[GrantState, _Mapping]]] = ..., suspensions: _Optional[_Iterable[_Union[Suspension, _Mapping]]] = ..., failure_mode: _Optional[_Union[FailureMode, str]] = ..., recent: _Optional[_Iterable[_Union[DecisionRecord, _Mapping]]] = ..., read_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    leases: _containers.RepeatedCompositeFieldContainer[LeaseState]
+    def __init__(self, policy_version: _Optional[int] = ..., plan: _Optional[str] = ..., slice_plan: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ..., grants: _Optional[_Iterable[_Union[GrantState, _Mapping]]] = ..., suspensions: _Optional[_Iterable[_Union[Suspension, _Mapping]]] = ..., failure_mode: _Optional[_Union[FailureMode, str]] = ..., recent: _Optional[_Iterable[_Union[DecisionRecord, _Mapping]]] = ..., read_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., leases: _Optional[_Iterable[_Union[LeaseState, _Mapping]]] = ...) -> None: ...
+
+class LeaseState(_message.Message):
+    __slots__ = ("lease_id", "metric", "holder", "granted", "used", "available", "expires_in", "expires_at", "policy_version", "holds")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    metric: str
+    holder: str
+    granted: int
+    used: int
+    available: int
+    expires_in: _duration_pb2.Duration
+    expires_at: _timestamp_pb2.Timestamp
+    policy_version: int
+    holds: _containers.RepeatedCompositeFieldContainer[LeaseHold]
+    def __init__(self, lease_id: _Optional[str] = ..., metric: _Optional[str] = ..., holder: _Optional[str] = ..., granted: _Optional[int] = ..., used: _Optional[int] = ..., available: _Optional[int] = ..., expires_in: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy_version: _Optional[int] = ..., holds: _Optional[_Iterable[_Union[LeaseHold, _Mapping]]] = ...) -> None: ...
+
+class LeaseHold(_message.Message):
+    __slots__ = ("limit", "units")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    limit: str
+    units: int
+    def __init__(self, limit: _Optional[str] = ..., units: _Optional[int] = ...) -> None: ...
+
+class LeaseDecision(_message.Message):
+    __slots__ = ("decision_id", "request_id", "subject", "metric", "lease_id", "holder", "decision", "reason", "requested", "used", "granted", "recorded", "overage", "refunded", "policy_version", "decided_at", "trace_id")
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    OVERAGE_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    decision_id: str
+    request_id: str
+    subject: _metering_pb2.Subject
+    metric: str
+    lease_id: str
+    holder: str
+    decision: _metering_pb2.Decision
+    reason: _metering_pb2.Reason
+    requested: int
+    used: int
+    granted: int
+    recorded: int
+    overage: int
+    refunded: int
+    policy_version: int
+    decided_at: _timestamp_pb2.Timestamp
+    trace_id: str
+    def __init__(self, decision_id: _Optional[str] = ..., request_id: _Optional[str] = ..., subject: _Optional[_Union[_metering_pb2.Subject, _Mapping]] = ..., metric: _Optional[str] = ..., lease_id: _Optional[str] = ..., holder: _Optional[str] = ..., decision: _Optional[_Union[_metering_pb2.Decision, str]] = ..., reason: _Optional[_Union[_metering_pb2.Reason, str]] = ..., requested: _Optional[int] = ..., used: _Optional[int] = ..., granted: _Optional[int] = ..., recorded: _Optional[int] = ..., overage: _Optional[int] = ..., refunded: _Optional[int] = ..., policy_version: _Optional[int] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class ExplainDecisionRequest(_message.Message):
     __slots__ = ("tenant", "decision_id")
@@ -370,10 +442,12 @@ class ExplainDecisionRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., decision_id: _Optional[str] = ...) -> None: ...
 
 class ExplainDecisionResponse(_message.Message):
-    __slots__ = ("decision",)
+    __slots__ = ("decision", "lease")
     DECISION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     decision: DecisionRecord
-    def __init__(self, decision: _Optional[_Union[DecisionRecord, _Mapping]] = ...) -> None: ...
+    lease: LeaseDecision
+    def __init__(self, decision: _Optional[_Union[DecisionRecord, _Mapping]] = ..., lease: _Optional[_Union[LeaseDecision, _Mapping]] = ...) -> None: ...
 
 class WatchDecisionsRequest(_message.Message):
     __slots__ = ("tenant", "decisions", "reasons")

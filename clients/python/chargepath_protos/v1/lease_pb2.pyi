@@ -65,7 +65,7 @@ class LeaseAsk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., subject: _Optional[_Union[_metering_pb2.Subject, _Mapping]] = ..., metric: _Optional[str] = ..., lease_id: _Optional[str] = ..., requested: _Optional[int] = ..., used: _Optional[int] = ..., release: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., holder: _Optional[str] = ...) -> None: ...
 
 class LeaseAnswer(_message.Message):
-    __slots__ = ("request_id", "lease_id", "decision", "reason", "granted", "available", "valid_for", "renew_below", "final_units", "retry_after", "recorded", "overage", "refunded", "limits", "policy_version", "replayed", "message", "violations", "decided_at", "closed")
+    __slots__ = ("request_id", "lease_id", "decision", "reason", "granted", "available", "valid_for", "renew_below", "final_units", "retry_after", "recorded", "overage", "refunded", "limits", "policy_version", "replayed", "message", "violations", "decided_at", "closed", "decision_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class LeaseAnswer(_message.Message):
     VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     lease_id: str
     decision: _metering_pb2.Decision
@@ -106,4 +107,5 @@ class LeaseAnswer(_message.Message):
     violations: _containers.RepeatedCompositeFieldContainer[_metering_pb2.FieldViolation]
     decided_at: _timestamp_pb2.Timestamp
     closed: bool
-    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., decision: _Optional[_Union[_metering_pb2.Decision, str]] = ..., reason: _Optional[_Union[_metering_pb2.Reason, str]] = ..., granted: _Optional[int] = ..., available: _Optional[int] = ..., valid_for: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., renew_below: _Optional[int] = ..., final_units: _Optional[bool] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., recorded: _Optional[int] = ..., overage: _Optional[int] = ..., refunded: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[_metering_pb2.LimitStatus, _Mapping]]] = ..., policy_version: _Optional[int] = ..., replayed: _Optional[bool] = ..., message: _Optional[str] = ..., violations: _Optional[_Iterable[_Union[_metering_pb2.FieldViolation, _Mapping]]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed: _Optional[bool] = ...) -> None: ...
+    decision_id: str
+    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., decision: _Optional[_Union[_metering_pb2.Decision, str]] = ..., reason: _Optional[_Union[_metering_pb2.Reason, str]] = ..., granted: _Optional[int] = ..., available: _Optional[int] = ..., valid_for: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., renew_below: _Optional[int] = ..., final_units: _Optional[bool] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., recorded: _Optional[int] = ..., overage: _Optional[int] = ..., refunded: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[_metering_pb2.LimitStatus, _Mapping]]] = ..., policy_version: _Optional[int] = ..., replayed: _Optional[bool] = ..., message: _Optional[str] = ..., violations: _Optional[_Iterable[_Union[_metering_pb2.FieldViolation, _Mapping]]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed: _Optional[bool] = ..., decision_id: _Optional[str] = ...) -> None: ...
