@@ -18,13 +18,16 @@ from collections.abc import AsyncIterator, Callable
 import pytest_asyncio
 import redis
 
+from chargepath.core.leases import LeaseAsk
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage
 from chargepath.core.overlimit import CACHED_MESSAGE, OverLimitCache
 from chargepath.core.plans import load_policy_text
 from chargepath.engine import Engine, EngineSettings, monotonic_ms, new_decision_id
+from chargepath.leasing import Leasing
 from chargepath.room_watch import RoomWatch
 from chargepath.store.admin import AdminStore
 from chargepath.store.embedded import EmbeddedRedis
+from chargepath.store.leases import RedisLeaseStore
 from chargepath.store.redis_store import RedisStore
 from chargepath.store.room import RedisRoomEvents
 from chargepath.telemetry import Telemetry
@@ -264,3 +267,43 @@ async def test_reports_are_never_answered_by_the_cache(
     rep = await a.engine.check(Usage("rep", subject, "api.sms.send", 2, Mode.REPORT))
     assert rep.recorded and rep.message != CACHED_MESSAGE
     assert [e.request_id for e in ledger_entries(raw_redis, "twin-a")] == ["fill", "rep"]
+
+
+LEASED = """
+metrics: [{name: api.sms.send}]
+plans:
+  - name: leased
+    limits:
+      - {name: sms-key, metric: api.sms.send, scope: key,
+         rate: {capacity: 10, refill: 1, per: hour},
+         lease: {max_units: 10, max_share_pct: 100, validity: 30s}}
+tenants:
+  - {name: twin-a, plan: leased}
+"""
+
+
+async def test_a_lease_release_gives_room_and_empties_the_cache(
+    store: RedisStore, cached: Callable[[], Watched]
+) -> None:
+    await store.publish_policy(load_policy_text(LEASED))
+    a = cached()
+    await a.engine.reload_policy()
+    await live(a)
+    leasing = Leasing(a.engine, RedisLeaseStore(store))
+    subject = Subject("twin-a", key="k1")
+    (opened,) = await leasing.lease([LeaseAsk("l-1", subject, "api.sms.send", requested=8)], ["t"])
+    assert opened.granted == 8
+    await a.engine.check(Usage("u-1", subject, "api.sms.send", 2, Mode.ADMIT))
+    refused = await a.engine.check(Usage("u-2", subject, "api.sms.send", 2, Mode.ADMIT))
+    assert refused.decision is Decision.THROTTLE
+    hit = await a.engine.check(Usage("u-3", subject, "api.sms.send", 2, Mode.ADMIT))
+    assert hit.message == CACHED_MESSAGE
+    before = a.cache.stats.invalidations
+    (released,) = await leasing.lease(
+        [LeaseAsk("l-2", subject, "api.sms.send", lease_id=opened.lease_id, used=1, release=True)],
+        ["t"],
+    )
+    assert released.refunded == 7
+    await a.heard(before)
+    room = await a.engine.check(Usage("u-4", subject, "api.sms.send", 2, Mode.ADMIT))
+    assert room.decision is Decision.ALLOW and room.message != CACHED_MESSAGE

@@ -18,9 +18,13 @@ import redis
 
 from chargepath.app import Gateway
 from chargepath.core.auth import Role
+from chargepath.core.leases import LeaseAsk
+from chargepath.core.model import Decision, Subject
+from chargepath.leasing import Leasing
 from chargepath.settings import Settings
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.keys import RedisKeyStore
+from chargepath.store.leases import RedisLeaseStore
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
 from chargepath.store.webhooks import GROUP, SUSPENSION_OUTBOX, DeliveryRecord, WebhookStore
@@ -28,16 +32,12 @@ from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
+from tests.conftest import make_engine
 from tests.integration.surfaces import operator_metadata
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-from chargepath.core.leases import LeaseAsk
-from chargepath.core.model import Decision, Subject
-from chargepath.leasing import Leasing
-from chargepath.store.leases import RedisLeaseStore
-from tests.conftest import make_engine
 
 USER = "chargepath-acl-test"
 

@@ -787,6 +787,7 @@ LEASE_ARG_DEDUP_WINDOW = 3
 LEASE_ARG_DEADLINE = 4
 LEASE_ARG_TRAIL_LENGTH = 5
 LEASE_ARG_PAYLOAD = 6
+LEASE_ARG_TENANT = 7
 
 LSPEC_SLOTS = SPEC_SLOTS + 4
 LSPEC_MAX_UNITS = SPEC_SLOTS + 1
@@ -939,6 +940,7 @@ def encode_lease_batch(
         deadline_ms,
         settings.recent_length,
         msgpack.packb((specs, sets, asks)),
+        tenant,
     ]
     return keys, args
 
