@@ -26,6 +26,7 @@ from chargepath.core.auth import Principal, Role
 from chargepath.core.overlimit import OverLimitCache
 from chargepath.core.validation import OccurredAtWindow
 from chargepath.engine import Engine, EngineSettings, monotonic_ms, new_decision_id
+from chargepath.gateway_leases import GatewayLeases
 from chargepath.jobs import (
     AggregateFlush,
     Job,
@@ -50,6 +51,7 @@ from chargepath.store.audit import AuditStream
 from chargepath.store.base import LedgerStore, StoreUnavailableError
 from chargepath.store.connect import RedisTarget, ReplicaWait
 from chargepath.store.embedded import EmbeddedRedis
+from chargepath.store.gateway_report import RedisGatewayReports
 from chargepath.store.keys import RedisKeyStore, bootstrap_operator_key
 from chargepath.store.leases import RedisLeaseStore
 from chargepath.store.ledger import Ledger
@@ -306,6 +308,10 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
     ledger: LedgerStore = Ledger.of_store(store)
     # Quota leases (issue #16): on the store's Redis, beside the engine.
     lease_store = RedisLeaseStore(store)
+    # Gateway-held leases (issue #16, item 5): admits of hot subjects whose limits say
+    # lease: {gateway: true} answered from a lease this process holds.
+    gateway_leases = GatewayLeases(engine, Leasing(engine, lease_store), RedisGatewayReports(store))
+    engine.leased = gateway_leases
     # The audit trail of admin calls; its interceptor comes first, outside authentication,
     # so that refused calls are audited too (transport/audit.py).
     audit = AuditStream.of_store(store)
@@ -370,6 +376,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
         LedgerLag(ledger, engine, telemetry, period_s=s.ledger_lag_interval_ms / 1000),
         QuotaBurn(state, engine, telemetry, period_s=s.quota_burn_interval_ms / 1000),
         LeaseSweep(lease_store, engine),
+        gateway_leases,
         RedisMemory(store.memory, telemetry, period_s=s.redis_memory_interval_ms / 1000),
         webhooks,
         *spool_jobs,

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from chargepath.core.allowance import LocalAllowance
 from chargepath.core.breaker import CircuitBreaker
@@ -111,6 +112,14 @@ def session_fingerprint(u: Usage) -> str:
     return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
 
 
+class LocalLeases(Protocol):
+    """Admits answered from leases this process holds (``chargepath.gateway_leases``)."""
+
+    def answer(
+        self, usage: Usage, policy_version: int, *, retried: bool = False
+    ) -> Verdict | None: ...
+
+
 class Engine:
     """Decides usages. One instance per process; safe for concurrent use from one loop."""
 
@@ -134,6 +143,9 @@ class Engine:
         #: None: off). Its owner (``chargepath.room_watch``) turns it on once subscribed to
         #: the store's room events.
         self.overlimit = overlimit
+        #: Leases this process holds on hot subjects (limits with ``lease: {gateway:
+        #: true}``); set by ``chargepath.app`` once built (None: every admit to the store).
+        self.leased: LocalLeases | None = None
         self.policy = Policy.empty()
         self.breaker = CircuitBreaker(
             clock_ms,
@@ -207,6 +219,14 @@ class Engine:
             raise InvalidUsageError(bad)
         cache = self.overlimit
         with self.telemetry.decision_spans([usage]) as spans:
+            leased = self.leased
+            if leased is not None and usage.mode is Mode.ADMIT:
+                local = leased.answer(usage, self.policy.version, retried=retried)
+                if local is not None:
+                    if cache is not None:
+                        cache.note_allowed(usage)
+                    spans.mark_leased()
+                    return spans.finish([local._replace(trace_id=spans.trace_ids[0])])[0]
             if cache is None or usage.mode is not Mode.ADMIT:
                 verdict = await self._coalesce(usage, spans.trace_ids[0])
             else:

@@ -194,6 +194,12 @@ class SpanBatch:
         self._t.count_decisions(self._usages, verdicts, elapsed)
         return verdicts
 
+    def mark_leased(self) -> None:
+        """The batch's verdicts come from a lease this gateway holds (``chargepath.leased``)."""
+        for span in self.spans:
+            if span.is_recording():
+                span.set_attribute("chargepath.leased", True)
+
     def mark_cached(self) -> None:
         """The batch's verdicts come from the over-limit cache (``chargepath.cached``), not
         from the store."""

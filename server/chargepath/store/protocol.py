@@ -139,6 +139,12 @@ def grants_key(tenant: str, limit: Limit, slice_: str, key: str) -> str:
 #: any node of a cluster reaches the subscribers of every node.
 ROOM_CHANNEL = "cp:room"
 
+# -- gateway_report.lua: the replies ----------------------------------------------------------
+
+GATEWAY_REPORTED = 1
+#: the lease is closed, expired, or cannot cover the admits: nothing written
+GATEWAY_LEASE_GONE = 0
+
 # -- decide.lua: KEYS and ARGV --------------------------------------------------------------
 
 KEY_ENTITLEMENT = 1
