@@ -21,8 +21,9 @@ Bounds:
   the store while the lease is open; a report that finds it gone records its admits as
   reports through the engine (they debit the limits then, into debt if need be).
 * **Crash.** A process that dies loses the admits it answered and had not reported yet: at
-  most the units taken from its leases in the last report interval (plus a report in
-  flight), each at most one lease's grant. The leases' units come back to the limits at their
+  most the units taken from its leases since their last report (one interval, plus a report
+  in flight), per lease at most what it had available then: its last grant plus what was
+  left below the renewal threshold. The leases' units come back to the limits at their
   expiry (the sweeper), including those unreported ones.
 * **Retries.** An admit marked as a retry (``chargepath-retry``) goes to the store: if its
   first answer came from a lease here and is not reported yet, the store decides it afresh,
@@ -231,7 +232,11 @@ class GatewayLeases:
                 continue
             if not h.pending and now - h.last_used_ms > self.idle_ms:
                 await self._release(h)
-            elif h.available < h.renew_below or now >= h.until_ms - self.margin_ms:
+            elif (
+                h.available < h.renew_below
+                or now >= h.until_ms - self.margin_ms
+                or h.version != self.engine.policy.version  # a new policy: renew under it
+            ):
                 await self._renew(h)
         while self._wanted and len(self._held) < self.max_held:
             key, _ = self._wanted.popitem(last=False)
