@@ -4,6 +4,11 @@ never admit more than they hold, and a lease that is gone sends its admits as re
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+from pathlib import Path
+
 import redis
 
 from chargepath.core.model import Decision, Mode, Subject, Usage
@@ -11,6 +16,7 @@ from chargepath.core.plans import load_policy_text
 from chargepath.engine import Engine, EngineSettings
 from chargepath.gateway_leases import LEASED_MESSAGE, GatewayLeases
 from chargepath.leasing import Leasing
+from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.gateway_report import RedisGatewayReports
 from chargepath.store.leases import RedisLeaseStore
 from chargepath.store.redis_store import RedisStore
@@ -125,3 +131,46 @@ async def test_only_limits_that_opt_in_are_leased_by_the_gateway(store: RedisSto
         assert v.recorded and not v.leased
         await gl.round()
     assert gl.snapshot().opened == 0
+
+
+async def test_admits_acknowledged_while_redis_is_stopped_all_reach_the_ledger(
+    tmp_path: Path,
+) -> None:
+    """Redis SIGSTOPped for a second, twice, while admits are answered from a lease (its
+    reports wait for Redis): every admit acknowledged ALLOW (leased or by the store) is in the
+    ledger once after Redis is back and the job reported and drained; nothing else is."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    store = RedisStore.from_url(server.url, connect_timeout=1.0)
+    draining = asyncio.Event()
+    try:
+        engine, gl = await setup(store)
+        job = asyncio.create_task(gl.run(draining))
+        assert server.process is not None
+        pid = server.process.pid
+        verdicts = []
+        for i in range(300):  # the bucket holds 100: the rest are refused
+            if i in (10, 60):
+                os.kill(pid, signal.SIGSTOP)
+                loop = asyncio.get_running_loop()
+                loop.call_later(1.0, os.kill, pid, signal.SIGCONT)
+            verdicts.append(await engine.check(admit(f"f-{i}")))
+            await asyncio.sleep(0.002)
+        draining.set()
+        await asyncio.wait_for(job, 30)  # the drain reports and releases
+        acknowledged = sorted(
+            v.request_id for v in verdicts if v.decision is Decision.ALLOW and not v.degraded
+        )
+        assert sum(v.leased for v in verdicts) > 50  # most allowed ones from the lease
+        assert len(acknowledged) == 100  # the key's bucket: never more, paused or not
+        client = redis.Redis.from_url(server.url)
+        try:
+            ids = [e.request_id for e in ledger_entries(client, "hot")]
+        finally:
+            client.close()
+        assert len(ids) == len(set(ids))
+        assert sorted(ids) == acknowledged
+        assert gl.unreported() == 0
+    finally:
+        await store.close()
+        server.stop()
