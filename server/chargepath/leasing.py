@@ -135,11 +135,15 @@ class Leasing:
     def _refusal(self, ask: LeaseAsk, res: Resolution, policy: Policy) -> LeaseAnswer | None:
         """An ask the policy refuses before the store: a metric no limit of the subject's
         plan counts, or a limit without lease settings (NO_ENTITLEMENT, naming it). A report
-        or release on an open lease is never refused here: its use must reach the ledger."""
-        if ask.lease_id and (ask.used or ask.release) and not ask.requested:
+        or release on an open lease of a tenant the policy names is never refused here: its use
+        must reach the ledger. A tenant the policy does not name is always refused, and nothing
+        is written for it (as for a usage)."""
+        if res.tenant_known and ask.lease_id and (ask.used or ask.release) and not ask.requested:
             return None
         message = None
-        if not res.entitled or not res.limits:
+        if not res.tenant_known:
+            message = f"no such tenant {ask.subject.tenant!r} in the policy; nothing was written"
+        elif not res.entitled or not res.limits:
             message = (
                 f"no limit of the plan counts {ask.metric!r} for this subject; a lease needs "
                 "one with 'lease' settings"
@@ -162,7 +166,7 @@ class Leasing:
     ) -> list[LeaseAnswer]:
         engine = self.engine
         policy = engine.policy
-        ids = new_decision_ids(len(asks))
+        ids = new_decision_ids(len(asks), tenant)
         tel = engine.telemetry
         spans = [tel.lease_span(tenant, a.metric, ask_kind(a)) for a in asks]
         answers: list[LeaseAnswer] = []

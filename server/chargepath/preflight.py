@@ -46,7 +46,7 @@ from pathlib import Path
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 
 from chargepath.core.plans import PolicyError
-from chargepath.policy_files import load_policy_file
+from chargepath.policy_files import load_policy_file, refusal_lines
 from chargepath.settings import Settings
 from chargepath.store.connect import RedisTarget, connect
 from chargepath.store.embedded import find_redis_server
@@ -195,13 +195,15 @@ def claim(settings: Settings) -> Claims:
 
 
 def check_plan_file(settings: Settings) -> None:
-    """The plan file parses and validates (every issue, on one line), or StartupError."""
+    """The plan file parses and validates, or StartupError naming every issue: one line for
+    one issue, else a line that counts them and then one line each (``file:line: field:
+    reason``)."""
     if not settings.plans:
         return
     try:
         load_policy_file(settings.plans)
     except PolicyError as exc:
-        raise StartupError(f"--plans: {'; '.join(exc.errors)}", CONFIGURATION) from None
+        raise StartupError("\n".join(refusal_lines(exc, "--plans")), CONFIGURATION) from None
 
 
 def check_workers(settings: Settings) -> None:

@@ -98,13 +98,15 @@ def start_gateway(
     credentials: grpc.ChannelCredentials | None = None,
     data_dir: Path | None = None,
     ready_line: str | None = None,
+    port: int | None = None,
 ) -> GatewayProcess:
     """Start ``chargepath serve`` and wait until its health service says SERVING: on its own
     new redis-server, on ``redis_url`` if given, or on the embedded one if ``embedded``.
     ``credentials``: how to reach it when ``extra_args`` make it serve TLS. ``data_dir``
     (default ``workdir/data``) is passed as --data-dir unless it is serve's default,
     ``workdir/.chargepath`` (the gateway runs in ``workdir``). ``ready_line``: wait for this
-    text in the log instead (for a gateway no health check can reach)."""
+    text in the log instead (for a gateway no health check can reach). ``port``: listen there
+    (to restart a gateway where its clients look for it); default a free port."""
     if any(a == "--data-dir" or a.startswith("--data-dir=") for a in extra_args):
         # it would be overridden by the one given below: say so rather than test another dir
         raise ValueError("start_gateway: pass the data dir as data_dir=, not in extra_args")
@@ -117,7 +119,7 @@ def start_gateway(
         "chargepath",
         "serve",
         "--port",
-        str(port := free_port()),
+        str(port := port or free_port()),
         "--workers",
         str(workers),
         *extra_args,

@@ -102,7 +102,7 @@ def test_empty_documents_and_unconfirmed_removals_change_nothing_and_prune_appli
     embedded: tuple[GatewayProcess, Path], tmp_path: Path
 ) -> None:
     gw, _ = embedded
-    assert cli(gw, "assign", "trial-co", "cpaas-starter").returncode == 0
+    assert cli(gw, "assign", "trial-co", "cpaas-starter", "--create").returncode == 0
     for text in ("", "{}\n", "null\n"):
         empty = tmp_path / "empty.yaml"
         empty.write_text(text)

@@ -304,6 +304,10 @@ def test_cross_tenant_attempts_are_refused_and_count_nothing(
         in_mine, made_up_mine = explain(TENANT, their_id), explain(TENANT, "f" * 32)
         assert in_mine[0] is made_up_mine[0] is grpc.StatusCode.NOT_FOUND
         assert in_mine[1].replace(their_id, "f" * 32) == made_up_mine[1]
+        # by the id alone (no tenant), another tenant's decision is as one that never was
+        by_id, made_up_by_id = explain("", their_id), explain("", "f" * 32)
+        assert by_id[0] is made_up_by_id[0] is grpc.StatusCode.NOT_FOUND
+        assert by_id[1].replace(their_id, "f" * 32) == made_up_by_id[1]
 
     assert tenant_snapshot(gateway.redis_url, OTHER) == before, "a refused attempt changed Redis"
 

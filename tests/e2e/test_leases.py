@@ -345,3 +345,40 @@ def test_state_and_explain_show_a_lease(gateway: GatewayProcess, meter_key: str)
     )
     assert cli.returncode == 0, cli.stderr
     assert "open leases" in cli.stdout and "gw-test" in cli.stdout
+    explained = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chargepath",
+            "explain",
+            b.decision_id,
+            "--tenant",
+            TENANT,
+            "--target",
+            gateway.address,
+            "--api-key",
+            gateway.operator_key,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert explained.returncode == 0, explained.stderr
+    assert "lease ask ALLOW OK" in explained.stdout
+    assert f"lease {a.lease_id}" in explained.stdout and "used 2 (recorded 2" in explained.stdout
+
+
+def test_the_readme_example_runs(gateway: GatewayProcess, meter_key: str) -> None:
+    """README "Quota leases": its Python example, run against this gateway (its tenant
+    swapped for this module's, whose plan grants leases)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Quota leases", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"acme"', f'"{TENANT}"').replace("gw3-000", uuid.uuid4().hex[:8])
+    with gateway.channel(meter_key) as channel:
+        scope: dict[str, Any] = {"channel": channel}
+        exec(compile(code, "README.md", "exec"), scope)
+    a, b = scope["a"], scope["b"].answer
+    assert (a.decision, a.granted) == (pb.DECISION_ALLOW, 50)  # max_units of 'burst'
+    assert (b.recorded, b.overage) == (50, 370)  # used 420 of 50 granted: overage

@@ -183,7 +183,7 @@ def test_the_lock_of_a_dead_server_blocks_nobody(tmp_path: Path) -> None:
         (("--redis-url", "redis://127.0.0.1:6379/zero"), ("--redis-url", "'/zero'")),
         (("--redis-url", "redis://:secret@127.0.0.1:6379/x"), ("--redis-url", "***")),
         (("--redis-url", "unix://"), ("--redis-url", "socket path")),
-        (("--plans", "bad.yaml"), ("--plans", "bad.yaml:1: metrics.0: name:", "plans.0")),
+        (("--plans", "bad.yaml"), ("--plans", "bad.yaml:1: metrics.0.name: must be dot-")),
         (("--plans", "missing.yaml"), ("--plans", "missing.yaml", "cannot read")),
         (("--workers", "2", "--port", "0"), ("--workers", "--port")),
     ],
@@ -191,8 +191,8 @@ def test_the_lock_of_a_dead_server_blocks_nobody(tmp_path: Path) -> None:
 def test_a_configuration_error_is_one_line_and_starts_nothing(
     tmp_path: Path, args: tuple[str, ...], says: tuple[str, ...]
 ) -> None:
-    # two errors, on two lines of the file: both are named, on one line of stderr
-    (tmp_path / "bad.yaml").write_text("metrics: [{name: BAD}]\nplans: [{name: p, limits: 3}]\n")
+    # one issue in the plan file: one line (several: one line each, tests/e2e/test_plan_errors)
+    (tmp_path / "bad.yaml").write_text("metrics: [{name: BAD}]\n")
     data = tmp_path / "data"
     base = ("--port", str(free_port()), "--workers", "1", "--data-dir", str(data))
     line = refused(serve(*base, *args, cwd=tmp_path), 2, *says)

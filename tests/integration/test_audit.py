@@ -476,3 +476,42 @@ async def test_a_policy_change_and_its_entry_are_one_atomic_step(
     [entry] = trail(raw_redis)
     assert (int(entry["vb"]), int(entry["va"])) == (live.version, published.version)
     assert abs(int(entry["id"].split("-")[0]) - time.time() * 1000) < 60_000
+
+
+async def test_apply_policy_returns_every_issue_of_a_document_as_field_violations_with_lines(
+    gateway: Gateway, raw_redis: redis.Redis
+) -> None:
+    """Issue #14, item 6 on the wire: the 13 issues of one document (schema and rules across
+    fields) are the BadRequest's field violations, in the order of the text, each naming its
+    line; a viewer's key is refused and learns nothing of the document."""
+    from tests.unit.test_plans import MANY_ERRORS, MANY_ERRORS_FOUND
+
+    v0 = live_version(raw_redis)
+    _, viewer = await gateway.keys.create("acme", Role.VIEWER, None, "a viewer")
+    await asyncio.sleep(0.05)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as ch:
+        for md, code in (
+            (gateway.metadata(viewer.plaintext), grpc.StatusCode.PERMISSION_DENIED),
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await gateway.admin(ch).ApplyPolicy(
+                    apb.ApplyPolicyRequest(document=MANY_ERRORS), metadata=md
+                )
+            assert refused.value.code() == code
+            assert "unknown unit" not in (refused.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.admin(ch).ApplyPolicy(
+                apb.ApplyPolicyRequest(document=MANY_ERRORS), metadata=gateway.metadata()
+            )
+    err = info.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad)
+    got = [(v.field, v.description) for v in bad.field_violations]
+    assert [field for field, _ in got] == [f"document.{p}" for _, p, _ in MANY_ERRORS_FOUND]
+    for (_, description), (line, _, message) in zip(got, MANY_ERRORS_FOUND, strict=True):
+        assert description.startswith(f"line {line}: {message}"), description
+    assert live_version(raw_redis) == v0

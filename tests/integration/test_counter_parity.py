@@ -5,9 +5,10 @@ core.periods), and the degraded-mode local allowance where the rule applies to i
 refill, scale conversion, the wait for an amount; it keeps no quotas).
 
 Every backend answers the same table of cases: fixed ones at the edges (month ends, leap years
-including 2024-02-29, 2100 which is not one, a refill rate changed by a plan) and seeded random
-ones over several centuries and rate shapes. Periods are also held to Python's datetime, which
-computes them independently.
+including 2024-02-29, 2100 which is not one, ISO weeks that span two years, a refill rate
+changed by a plan) and seeded random ones over several centuries (1970-2400) and rate shapes.
+Periods are also held to Python's datetime, which computes them independently (weeks with
+``isocalendar``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ def _period_instants() -> list[int]:
         for month in range(1, 13):
             start = datetime(year, month, 1, tzinfo=UTC)
             out += [ms(start), ms(start) - 1]
+    # the turn of the year, where an ISO week spans two years (its Monday in December, or the
+    # year's first days in the last week of the year before): every midnight from Dec 28 to
+    # Jan 4, its last ms and its first, over 1970-2400 (with 2000, 2100 and a 53-week 2026)
+    for year in sorted({*range(1971, 2400, 23), 2000, 2020, 2021, 2026, 2027, 2100, 2399}):
+        for day in range(8):
+            midnight = datetime(year - 1, 12, 28, tzinfo=UTC) + timedelta(days=day)
+            out += [ms(midnight), ms(midnight) - 1]
     rng = random.Random(SEED)
     top = ms(datetime(2400, 1, 1, tzinfo=UTC))
     out += [rng.randrange(0, top) for _ in range(RNG_CASES)]
@@ -159,6 +167,7 @@ class QuotaCase:
 def _quota_cases() -> list[QuotaCase]:
     feb = ms(datetime(2024, 2, 1, tzinfo=UTC))
     mar = ms(datetime(2024, 3, 1, tzinfo=UTC))
+    week53 = ms(datetime(2026, 12, 28, tzinfo=UTC))
     cases = [
         QuotaCase(Period.MONTH, feb, 700, mar - 1),  # the leap day's last ms: kept
         QuotaCase(Period.MONTH, feb, 700, mar),  # the boundary: reset
@@ -167,6 +176,9 @@ def _quota_cases() -> list[QuotaCase]:
         QuotaCase(Period.DAY, mar - 86_400_000, 5, mar),
         QuotaCase(Period.HOUR, mar, 9, mar + 3_599_999),
         QuotaCase(Period.HOUR, mar, 9, mar + 3_600_000),
+        # the ISO week 2026-W53, Monday 2026-12-28 to Sunday 2027-01-03 (its last ms: kept)
+        QuotaCase(Period.WEEK, week53, 3, ms(datetime(2027, 1, 4, tzinfo=UTC)) - 1),
+        QuotaCase(Period.WEEK, week53, 3, ms(datetime(2027, 1, 4, tzinfo=UTC))),
     ]
     rng = random.Random(SEED)
     for now in rng.sample(PERIOD_INSTANTS, 200):
@@ -428,6 +440,10 @@ def test_period_bounds(rules: CounterRules, period: Period) -> None:
         elif period is Period.DAY:
             first = d.replace(hour=0, minute=0, second=0, microsecond=0)
             nxt = first + timedelta(days=1)
+        elif period is Period.WEEK:
+            iso = d.isocalendar()
+            first = datetime.fromisocalendar(iso.year, iso.week, 1).replace(tzinfo=UTC)
+            nxt = first + timedelta(weeks=1)
         else:
             first = d.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
             nxt = first.replace(year=first.year + first.month // 12, month=first.month % 12 + 1)
@@ -463,7 +479,7 @@ def test_quota_resets_at_the_period_boundary(rules: CounterRules) -> None:
         pytest.skip(str(exc))
     assert got == PythonReference().quota_reads(QUOTA_CASES)
     day = 86_400_000
-    assert got[:7] == [
+    assert got[:9] == [
         (700, 1),
         (0, 31 * day),
         (0, 31 * day),
@@ -471,6 +487,8 @@ def test_quota_resets_at_the_period_boundary(rules: CounterRules) -> None:
         (0, day),
         (9, 1),
         (0, 3_600_000),
+        (3, 1),
+        (0, 7 * day),
     ]
 
 

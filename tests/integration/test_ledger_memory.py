@@ -47,6 +47,10 @@ MB = 1024 * 1024
 async def test_memory_stays_bounded_while_a_consumer_keeps_up(
     store: RedisStore, raw_redis: redis.Redis, redis_server: EmbeddedRedis
 ) -> None:
+    # The decision trail keeps every decision of the dedup window (so explain finds any id of
+    # it): at this rate 10 minutes of it would grow for 10 minutes, a cost README "Sizing"
+    # states apart. A 1 s window leaves what this test measures: the ledger's own bound.
+    store.dedup_window_ms = 1_000
     e = await make_engine(store, POLICY)
     ledger = Ledger.from_url(redis_server.url)
     stop = asyncio.Event()  # the producer stops

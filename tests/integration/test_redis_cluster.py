@@ -14,17 +14,32 @@ import pytest
 import pytest_asyncio
 import redis
 
+from chargepath.core.leases import LeaseAsk
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage
+from chargepath.core.plans import load_policy_text
 from chargepath.engine import Engine, EngineSettings
+from chargepath.leasing import Leasing
 from chargepath.policy_files import load_policy_file
 from chargepath.settings import Settings
 from chargepath.store.embedded import find_redis_server
+from chargepath.store.leases import RedisLeaseStore
 from chargepath.store.redis_store import RedisStore, ledger_key
 from chargepath.telemetry import Telemetry
 from tests.integration.surfaces import check_every_surface, ledger_cli_lines, start_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOTS = 16384
+LEASE_POLICY = """\
+metrics: [{name: m.x}]
+plans:
+  - name: p
+    limits:
+      - name: b
+        metric: m.x
+        rate: {capacity: 100, refill: 1, per: hour}
+        lease: {max_units: 10, max_share_pct: 50, validity: 30s}
+tenants: [{name: ta, plan: p}, {name: tb, plan: p}]
+"""
 
 
 def cluster_ports(n: int) -> list[int]:
@@ -175,3 +190,46 @@ async def test_every_surface_on_a_cluster(cluster: list[int], tmp_path: Path) ->
         await gateway.stop()
     lines = await ledger_cli_lines("--redis-url", settings.redis_url, "--redis-cluster")
     assert report_id in [line["request_id"] for line in lines]
+
+
+async def test_quota_leases_on_a_cluster(cluster: list[int]) -> None:
+    """lease.lua, lease_sweep.lua and lease_read.lua on a cluster: the lease hashes they reach
+    by name (not in KEYS) share the tenant's hash tag, hence the slot of the keys they are
+    given; two tenants on different slots."""
+    store = RedisStore.from_url(f"redis://127.0.0.1:{cluster[0]}", cluster=True, connect_timeout=2)
+    later = RedisStore.from_url(
+        f"redis://127.0.0.1:{cluster[0]}", cluster=True, connect_timeout=2, clock_offset_ms=120_000
+    )
+    try:
+        await store.publish_policy(load_policy_text(LEASE_POLICY))
+        engine = Engine(store, EngineSettings(store_timeout_s=2.0), Telemetry())
+        await engine.reload_policy()
+        leases = RedisLeaseStore(store)
+        leasing = Leasing(engine, leases)
+        for tenant in ("ta", "tb"):
+            (a,) = await leasing.lease(
+                [LeaseAsk(f"{tenant}-1", Subject(tenant), "m.x", requested=7)], ["h"]
+            )
+            assert (a.decision, a.granted) == (Decision.ALLOW, 7)
+            (b,) = await leasing.lease(
+                [LeaseAsk(f"{tenant}-2", Subject(tenant), "m.x", lease_id=a.lease_id, used=3)],
+                ["h"],
+            )
+            assert b.recorded == 3
+            _, views = await leases.leases(Subject(tenant))
+            assert [v.available for v in views] == [4]
+            # two minutes later the lease has expired: the sweep gives its 4 units back
+            assert await RedisLeaseStore(later).sweep(tenant) == 1
+            _, views = await leases.leases(Subject(tenant))
+            assert views == []
+        nodes = redis.RedisCluster(host="127.0.0.1", port=cluster[0], decode_responses=True)
+        try:
+            assert nodes.keyslot(ledger_key("ta")) != nodes.keyslot(ledger_key("tb"))
+            # 4 of the 7 granted came back, 3 stay spent
+            level, scale = nodes.hmget("cp:{ta}:r:b::", ["l", "s"])
+            assert int(level) // int(scale) == 97
+        finally:
+            nodes.close()
+    finally:
+        await store.close()
+        await later.close()

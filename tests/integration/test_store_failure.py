@@ -12,6 +12,7 @@ import redis
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage, Verdict
 from chargepath.core.plans import load_policy_text
 from chargepath.engine import Engine, EngineSettings
+from chargepath.store.admin import AdminStore
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.redis_store import RedisStore
 from chargepath.telemetry import Telemetry
@@ -86,6 +87,79 @@ async def test_redis_killed_mid_run(tmp_path: Path) -> None:
         assert len(in_ledger) == len(set(in_ledger))  # each once
         assert set(in_ledger) == acknowledged  # nothing lost
         raw.close()
+    finally:
+        await store.close()
+        server.stop()
+
+
+WEEKLY = """
+metrics: [{name: api.sms.send, unit: message}]
+plans:
+  - name: weekly
+    limits:
+      - {name: week, metric: api.sms.send, quota: {amount: 150, per: week}}
+tenants:
+  - {name: acme, plan: weekly, failure_policy: {mode: deny}}
+"""
+
+
+async def test_a_weekly_quota_through_a_redis_kill_loses_nothing_and_counts_once(
+    tmp_path: Path,
+) -> None:
+    """Admits against a weekly quota; Redis is SIGKILLed mid-run and restarted on its AOF. Every
+    admit acknowledged (recorded) is in the ledger once, the week's counter holds exactly the
+    ledger's units, and the resent admits count once."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    store = RedisStore.from_url(server.url, connect_timeout=STORE_TIMEOUT_S)
+    engine = Engine(
+        store,
+        EngineSettings(store_timeout_s=STORE_TIMEOUT_S, breaker_failures=3, breaker_cooldown_s=0.2),
+        Telemetry(),
+    )
+    subject = Subject("acme")
+
+    def admit(i: int) -> Usage:
+        return Usage(f"w-{i}", subject, "api.sms.send", 1, Mode.ADMIT)
+
+    try:
+        await store.publish_policy(load_policy_text(WEEKLY))
+        await engine.reload_policy()
+        before = [await engine.check(admit(i)) for i in range(100)]
+        assert all(v.decision is Decision.ALLOW and v.recorded for v in before)
+        server.kill()
+        during = [await engine.check(admit(i)) for i in range(100, 150)]
+        assert all(
+            (v.decision, v.reason, v.degraded, v.recorded)
+            == (Decision.DENY, Reason.STORE_UNAVAILABLE, True, False)
+            for v in during
+        )
+
+        server.start()  # the same data folder (its AOF) and port
+        for _ in range(100):
+            probe = await engine.check(Usage("probe", subject, "api.sms.send", 1, Mode.ADMIT))
+            if not probe.degraded:
+                break
+            await asyncio.sleep(0.05)
+        assert not probe.degraded and probe.recorded
+        # a resend of an acknowledged admit changes nothing; the refused ones are decided anew
+        again = [await engine.check(admit(i)) for i in range(150)]
+        assert all(v.recorded and not v.degraded for v in again[:100])
+        after = again[100:]
+        assert [v.decision for v in after] == [Decision.ALLOW] * 49 + [Decision.DENY]
+        assert after[-1].reason is Reason.QUOTA_EXHAUSTED
+        assert after[-1].limits[0].remaining == 0
+
+        raw = redis.Redis.from_url(server.url, decode_responses=True)
+        in_ledger = [e.request_id for e in ledger_entries(raw, "acme")]
+        raw.close()
+        acknowledged = {f"w-{i}" for i in range(100)} | {"probe"}
+        acknowledged |= {f"w-{i}" for i, v in enumerate(after, start=100) if v.recorded}
+        assert len(in_ledger) == len(set(in_ledger)) == 150  # each once: the week's amount
+        assert set(in_ledger) == acknowledged  # nothing acknowledged is lost
+        limits = engine.policy.resolve(subject, "api.sms.send").limits
+        _, (week,), _ = await AdminStore(store).read_limits(subject, limits)
+        assert (week.used, week.remaining) == (150, 0)
     finally:
         await store.close()
         server.stop()

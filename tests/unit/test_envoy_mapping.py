@@ -13,6 +13,7 @@ from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import json_format
 
 from chargepath.core.model import Decision, LimitKind, LimitState, Reason, Scope, Subject, Verdict
+from chargepath.core.periods import Period
 from chargepath.core.plans import PolicyError, load_policy_text
 from chargepath.core.policy import Limit, Policy
 from chargepath.policy_files import load_policy_file
@@ -143,8 +144,8 @@ def test_a_document_without_envoy_serialises_as_before() -> None:
         ),
         (
             "      - {key: a, metric: api.calls}\n      - {key: a, metric: api.calls}",
-            4,
-            "envoy.0",
+            8,
+            "envoy.0.descriptors.1",
             "duplicate descriptor (key, value) name 'a=*'",
         ),
     ],
@@ -411,3 +412,21 @@ def test_the_example_rlqs_config_is_a_valid_bootstrap_whose_buckets_are_mapped()
     r = p.route_bucket(config.domain, bucket)
     assert r.matched and r.subject == Subject("cpaas-demo", "", "key-1")
     assert r.metric == "api.sms.send"
+
+
+def test_a_weekly_quota_is_reported_in_weeks_with_its_window() -> None:
+    weekly = Limit(
+        "sms-weekly",
+        LimitKind.QUOTA,
+        Scope.TENANT,
+        False,
+        amount=700,
+        period=Period.WEEK,
+        per="week",
+    )
+    v = verdict(Decision.ALLOW, Reason.OK, state("sms-weekly", 3, 700, 86_400_000))
+    o = DescriptorOutcome(OK, v, {"sms-weekly": weekly})
+    status = rls_pb2.RateLimitResponse.DescriptorStatus(**descriptor_status(o))
+    assert status.current_limit.unit == rls_pb2.RateLimitResponse.RateLimit.WEEK
+    assert status.current_limit.requests_per_unit == 700
+    assert dict(response_headers([o]))["RateLimit-Policy"] == '"sms-weekly";q=700;w=604800'

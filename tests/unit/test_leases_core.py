@@ -68,6 +68,16 @@ def test_bad_lease_settings_name_the_field_and_line(lease: str, path: str, words
     assert words in line
 
 
+def test_a_validity_is_kept_in_its_largest_exact_unit() -> None:
+    forms = {"60s": "1m", "60000ms": "1m", "90s": "90s", "1500ms": "1500ms", "2h": "2h"}
+    for written, kept in forms.items():
+        doc = load_policy_text(
+            POLICY.format(lease=f"{{ max_units: 5, max_share_pct: 10, validity: {written} }}")
+        )
+        lease = doc.plans[0].limits[0].lease
+        assert lease is not None and lease.validity == kept
+
+
 def test_a_limit_without_lease_settings_keeps_its_canonical_form() -> None:
     without = load_policy_text(POLICY.replace("        lease: {lease}\n", "").format())
     assert '"lease"' not in without.canonical_json()

@@ -108,6 +108,13 @@ def test_a_plan_goes_to_the_wire_and_back_unchanged() -> None:
                     "metric": "api.*",
                     "scope": "key",
                     "rate": {"capacity": 5, "refill": 2, "per": "minute"},
+                    "lease": {
+                        "max_units": 3,
+                        "max_share_pct": 40,
+                        "validity": "1500ms",
+                        "renew_below_pct": 25,
+                        "gateway": True,
+                    },
                 },
                 {
                     "name": "daily",
@@ -120,6 +127,8 @@ def test_a_plan_goes_to_the_wire_and_back_unchanged() -> None:
     )
     wire = mapping.plan_to_pb(spec)
     assert wire.limits[0].scope == pb.SCOPE_KEY and wire.limits[1].quota.amount == 9
+    assert wire.limits[0].lease.validity.ToMilliseconds() == 1500
+    assert not wire.limits[1].HasField("lease")
     back = PlanSpec.model_validate(mapping.plan_from_pb(wire))
     assert back == spec
 

@@ -55,3 +55,24 @@ def test_hour_and_day_bounds() -> None:
         ms(datetime(2026, 11, 26, tzinfo=UTC)),
         ms(datetime(2026, 11, 27, tzinfo=UTC)),
     )
+
+
+@pytest.mark.parametrize(
+    ("now", "monday"),
+    [
+        (datetime(1970, 1, 1, tzinfo=UTC), datetime(1969, 12, 29, tzinfo=UTC)),  # a Thursday
+        (datetime(2026, 12, 7, tzinfo=UTC), datetime(2026, 12, 7, tzinfo=UTC)),  # a Monday
+        (datetime(2026, 12, 13, 23, 59, 59, 999000, UTC), datetime(2026, 12, 7, tzinfo=UTC)),
+        # ISO weeks across a new year: 2026-W53 ends on Sunday 2027-01-03, 2021-01-01 is in
+        # 2020-W53, 2024-12-31 is in 2025-W01
+        (datetime(2027, 1, 3, 12, tzinfo=UTC), datetime(2026, 12, 28, tzinfo=UTC)),
+        (datetime(2027, 1, 4, tzinfo=UTC), datetime(2027, 1, 4, tzinfo=UTC)),
+        (datetime(2021, 1, 1, tzinfo=UTC), datetime(2020, 12, 28, tzinfo=UTC)),
+        (datetime(2024, 12, 31, 8, tzinfo=UTC), datetime(2024, 12, 30, tzinfo=UTC)),
+    ],
+)
+def test_week_bounds_are_iso_weeks_from_monday(now: datetime, monday: datetime) -> None:
+    start, end = period_bounds(ms(now), Period.WEEK)
+    assert (start, end) == (ms(monday), ms(monday + timedelta(days=7)))
+    iso = now.isocalendar()
+    assert start == ms(datetime.fromisocalendar(iso.year, iso.week, 1).replace(tzinfo=UTC))

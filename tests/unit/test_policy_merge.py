@@ -154,7 +154,7 @@ def test_a_merge_that_does_not_validate_is_refused_with_a_hint() -> None:
     with pytest.raises(PolicyError) as err:
         merge(base, live, DEMO, source="plans.yaml")
     assert err.value.errors == [
-        "plans.yaml: (document): tenant 'cpaas-demo': unknown plan 'legacy'",
+        "plans.yaml: tenants.1.plan: unknown plan 'legacy': not in 'plans'",
         "plans.yaml: (document): the file merged with the changes made through the admin API "
         "does not validate; change the file, or start once with --plans-mode replace to make "
         "the file win",

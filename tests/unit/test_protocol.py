@@ -400,7 +400,7 @@ def test_enum_codes_equal_core_and_the_wire() -> None:
         assert c[r.name] == r == pb.Reason.Value(f"REASON_{r.name}")
     for k in LimitKind:
         assert c[f"KIND_{k.name}"] == k == pb.LimitKind.Value(f"LIMIT_KIND_{k.name}")
-    assert [c["PERIOD_HOUR"], c["PERIOD_DAY"], c["PERIOD_MONTH"]] == list(Period)
+    assert [c[f"PERIOD_{p}"] for p in ("HOUR", "DAY", "MONTH", "WEEK")] == list(Period)
 
 
 _SCRIPTS = resources.files("chargepath.store") / "scripts"

@@ -24,7 +24,33 @@ class Mode(enum.StrEnum):
     REPORT = "report"
 
 
-class Decision(enum.StrEnum):
+class _Word(enum.StrEnum):
+    """An enum shown as the contract and the CLI spell it, in capitals without the type's
+    prefix: ``str(Decision.ALLOW) == "ALLOW"``, ``repr`` ``Decision.ALLOW``. The values stay
+    lower case (``Decision.ALLOW == "allow"``, as in 0.1), and a lookup takes any of the three
+    spellings: ``Decision("allow")``, ``Decision("ALLOW")``, ``Decision("DECISION_ALLOW")``."""
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}.{self.name}"
+
+    @classmethod
+    def _missing_(cls, value: object) -> _Word | None:
+        if not isinstance(value, str):
+            return None
+        key = value.strip().lower().removeprefix(f"{cls.__name__.lower()}_")
+        for member in cls:
+            if member.value == key:
+                return member
+        return None
+
+
+class Decision(_Word):
     """ALLOW, THROTTLE or DENY. UNSPECIFIED only for a value this client does not know."""
 
     UNSPECIFIED = "unspecified"
@@ -33,8 +59,9 @@ class Decision(enum.StrEnum):
     DENY = "deny"
 
 
-class Reason(enum.StrEnum):
-    """The machine-readable cause of a decision (see `chargepath.v1.Reason`)."""
+class Reason(_Word):
+    """The machine-readable cause of a decision (see `chargepath.v1.Reason`); shown as
+    ``RATE_LIMITED``."""
 
     UNSPECIFIED = "unspecified"
     OK = "ok"

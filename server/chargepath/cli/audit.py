@@ -22,9 +22,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
-from chargepath.cli import connection, render
+from chargepath.cli import connection, render, values
 from chargepath_protos.v1 import admin_pb2 as apb
 from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
 
@@ -55,11 +54,15 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     connection.add_options(p)
-    p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call in seconds")
+    p.add_argument(
+        "--timeout", type=values.seconds, default=10.0, help="deadline of each call in seconds"
+    )
     p.add_argument("--tenant", default="", help="only the changes that affected this tenant")
     p.add_argument("--since", type=parse_since, help="30m, 1h, 7d, or an ISO 8601 time")
     p.add_argument("--follow", action="store_true", help="keep printing new events")
-    p.add_argument("--interval", type=float, default=1.0, help="--follow: seconds between polls")
+    p.add_argument(
+        "--interval", type=values.seconds, default=1.0, help="--follow: seconds between polls"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 page = stub.ListAuditEvents(request, timeout=args.timeout)
                 for event in page.events:
                     if args.json:
-                        data = MessageToDict(event, preserving_proto_field_name=True)
+                        data = render.plain(event)
                         print(json.dumps(data, separators=(",", ":")), flush=True)
                     else:
                         out.print(line(event), highlight=False, markup=False, soft_wrap=True)

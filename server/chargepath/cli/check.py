@@ -1,7 +1,7 @@
 """``chargepath check``: send one usage to a running gateway and print its verdict.
 
 Exit status: 0 for ALLOW (or any verdict with ``--json``), 3 for THROTTLE or DENY, 1 when the
-call itself fails (its gRPC status is printed)."""
+call itself fails (its gRPC status is printed), 2 for a malformed flag."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import uuid
 from typing import Any
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from grpc_status import rpc_status
 
-from chargepath.cli import connection, render
+from chargepath.cli import connection, render, values
+from chargepath_protos.v1 import admin_pb2 as apb
+from chargepath_protos.v1 import admin_pb2_grpc as apb_grpc
 from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 
@@ -29,18 +30,22 @@ def add_parser(sub: Any) -> None:
     connection.add_options(p)
     p.add_argument("--tenant", required=True)
     p.add_argument("--metric", required=True)
-    p.add_argument("--amount", type=int, default=1)
+    p.add_argument("--amount", type=values.INT64, default=1)
     p.add_argument("--slice", default="")
     p.add_argument("--key", default="")
     p.add_argument("--report", action="store_true", help="MODE_REPORT (default MODE_ADMIT)")
     p.add_argument("--request-id", help="default: a new UUID")
-    p.add_argument("--label", action="append", default=[], metavar="K=V")
-    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
-    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="K=V", type=values.label, help="repeatable"
+    )
+    p.add_argument("--timeout", type=values.seconds, default=5.0, help="deadline in seconds")
+    p.add_argument(
+        "--json", action="store_true", help="print the verdict as JSON (README: JSON output)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+    labels = dict(args.label)
     usage = pb.Usage(
         request_id=args.request_id or str(uuid.uuid4()),
         subject=pb.Subject(tenant=args.tenant, slice=args.slice, key=args.key),
@@ -65,9 +70,20 @@ def run(args: argparse.Namespace) -> int:
             if status is not None and args.json:
                 print(json.dumps({"code": code.name, "message": status.message}))
             return 1
-    v = response.verdict
-    if args.json:
-        print(json.dumps(MessageToDict(v, preserving_proto_field_name=True), indent=2))
-        return 0
-    render.verdict(render.console(120), v)
+        v = response.verdict
+        if args.json:
+            print(json.dumps(render.plain(v), indent=2))
+            return 0
+        render.verdict(render.console(120), v, _unit(channel, args.metric, args.timeout))
     return 0 if v.decision == pb.DECISION_ALLOW else 3
+
+
+def _unit(channel: grpc.Channel, metric: str, timeout: float) -> str:
+    """The metric's catalog unit, when the key may read the policy (operators); else ""."""
+    try:
+        r = apb_grpc.AdminServiceStub(channel).GetPolicy(apb.GetPolicyRequest(), timeout=timeout)
+        doc = json.loads(r.document) if r.document else {}
+    except (grpc.RpcError, ValueError):
+        return ""
+    units = {m.get("name"): m.get("unit") or "" for m in doc.get("metrics") or ()}
+    return units.get(metric, "")

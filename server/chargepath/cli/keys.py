@@ -13,11 +13,10 @@ from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.table import Table
 
-from chargepath.cli import connection, render
+from chargepath.cli import connection, render, values
 from chargepath_protos.v1 import keys_pb2 as kpb
 from chargepath_protos.v1 import keys_pb2_grpc as kpb_grpc
 
@@ -69,7 +68,7 @@ def add_parser(sub: Any) -> None:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = ksub.add_parser(name, help=help_text, description=help_text)
         connection.add_options(p)
-        p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+        p.add_argument("--timeout", type=values.seconds, default=10.0, help="deadline in seconds")
         p.add_argument("--json", action="store_true", help="print the answer as JSON")
         return p
 
@@ -109,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"chargepath: {connection.describe_error(err, args)}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(render.plain(response), indent=2))
         return 0
     _show(args.keys_command, response)
     return 0

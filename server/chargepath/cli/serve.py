@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     # about half a second of imports) loads only when ``serve`` runs, not for the other commands.
     from chargepath import app, preflight, supervisor
     from chargepath.core.plans import PolicyError
+    from chargepath.policy_files import refusal_lines
     from chargepath.policy_sync import PLANS_MODES
     from chargepath.store.base import StoreUnavailableError
     from chargepath.store.embedded import RedisStartError
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
                 return supervisor.supervise(settings)
             supervisor.run_gateway(settings)
         except PolicyError as exc:  # the file merged onto the live policy does not validate
-            print(f"chargepath: --plans: {'; '.join(exc.errors)}", file=sys.stderr)
+            print("chargepath: " + "\n".join(refusal_lines(exc, "--plans")), file=sys.stderr)
             return 2
         except (app.ListenError, RedisStartError, StoreUnavailableError) as exc:
             print(f"chargepath: {exc}", file=sys.stderr)

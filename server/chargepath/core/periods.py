@@ -10,12 +10,19 @@ import enum
 
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
+WEEK_MS = 7 * DAY_MS
+#: Weeks are ISO weeks (Monday 00:00 UTC to the next Monday): 1970-01-01 was a Thursday, three
+#: days into its week, so a week starts at ``t - (t + WEEK_OFFSET_MS) % WEEK_MS``.
+WEEK_OFFSET_MS = 3 * DAY_MS
 
 
 class Period(enum.IntEnum):
+    """A quota's period; the codes are what the store's scripts receive."""
+
     HOUR = 1
     DAY = 2
     MONTH = 3
+    WEEK = 4
 
 
 def days_from_civil(y: int, m: int, d: int) -> int:
@@ -50,6 +57,9 @@ def period_bounds(now_ms: int, period: Period) -> tuple[int, int]:
     if period is Period.DAY:
         start = now_ms - now_ms % DAY_MS
         return start, start + DAY_MS
+    if period is Period.WEEK:
+        start = now_ms - (now_ms + WEEK_OFFSET_MS) % WEEK_MS
+        return start, start + WEEK_MS
     y, m, _ = civil_from_days(now_ms // DAY_MS)
     start = days_from_civil(y, m, 1) * DAY_MS
     ny, nm = (y + 1, 1) if m == 12 else (y, m + 1)

@@ -2,7 +2,10 @@
 
 The same document is what ``chargepath serve --plans FILE`` publishes and what the admin API
 accepts. Validation errors are :class:`PolicyIssue` structures naming the field by its path
-and, for text, its line. This module parses text; reading files is
+and, for text, its line and column. Every issue of a document is found in one pass: the
+schema's (pydantic's, per field) and the rules across fields (duplicate names, references to
+metrics, plans and tenants: :func:`policy_rules`), which are checked on the decoded data even
+when some fields do not validate. This module parses text; reading files is
 :mod:`chargepath.policy_files`'s job.
 """
 
@@ -12,7 +15,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Annotated, Any, Literal
@@ -24,12 +27,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from chargepath.core.model import Scope
+from chargepath.core.units import DEFAULT_UNIT, unit_problem
 from chargepath.core.validation import METRIC_RE, TENANT_RE
 
 # Integers in Lua are doubles: every scaled amount must stay exact.
@@ -41,6 +46,30 @@ PATTERN_RE = re.compile(r"[a-z0-9_*]+(\.[a-z0-9_*]+)*")
 
 RATE_PERIOD_MS = {"second": 1_000, "minute": 60_000, "hour": 3_600_000}
 
+#: The validation context of a document read back from the store: it was validated when it was
+#: published, and a unit accepted then (before units came from a list) still loads.
+PUBLISHED: Mapping[str, bool] = {"published": True}
+
+#: A field's path in a document: names and list indexes (``("plans", 0, "limits", 1)``).
+Loc = tuple[int | str, ...]
+#: What a rule found: each issue with its field's path.
+Found = list[tuple[Loc, str]]
+#: The pydantic error type of a rule across fields (a duplicate name, a reference).
+RULE_ERROR = "policy_rule"
+
+
+def _refuse(title: str, found: Found) -> None:
+    """Raise what the rules found as one ValidationError, each issue at its field's path
+    (pydantic prefixes the path of the model being validated)."""
+    if found:
+        raise ValidationError.from_exception_data(
+            title,
+            [
+                InitErrorDetails(type=PydanticCustomError(RULE_ERROR, message), loc=loc, input=None)
+                for loc, message in found
+            ],
+        )
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -50,14 +79,24 @@ class MetricSpec(_Strict):
     """A metric of the catalog: what is counted, in which whole unit."""
 
     name: str
-    unit: str = "unit"
+    #: One of :data:`chargepath.core.units.UNITS`, or ``x-<name>``.
+    unit: str = DEFAULT_UNIT
     description: str = ""
 
-    @model_validator(mode="after")
-    def _check_name(self) -> MetricSpec:
-        if not METRIC_RE.fullmatch(self.name) or len(self.name) > 128:
-            raise ValueError("name: must be dot-separated [a-z0-9_] words, e.g. api.sms.send")
-        return self
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not METRIC_RE.fullmatch(name) or len(name) > 128:
+            raise ValueError("must be dot-separated [a-z0-9_] words, e.g. api.sms.send")
+        return name
+
+    @field_validator("unit")
+    @classmethod
+    def _check_unit(cls, unit: str, info: ValidationInfo) -> str:
+        problem = unit_problem(unit)
+        if problem is not None and not (info.context or {}).get("published"):
+            raise ValueError(problem)
+        return unit
 
 
 class RateSpec(_Strict):
@@ -69,10 +108,11 @@ class RateSpec(_Strict):
 
 
 class QuotaSpec(_Strict):
-    """A budget of ``amount`` units per UTC hour, day or calendar month; no refill."""
+    """A budget of ``amount`` units per UTC hour, day, ISO week (from Monday 00:00) or
+    calendar month; no refill."""
 
     amount: Annotated[int, Field(gt=0, lt=MAX_EXACT)]
-    per: Literal["hour", "day", "month"]
+    per: Literal["hour", "day", "week", "month"]
 
 
 #: ``validity`` of a lease: a whole number of milliseconds, seconds, minutes or hours.
@@ -91,8 +131,9 @@ class LeaseSpec(_Strict):
     * ``max_units``: the largest grant this limit allows at once.
     * ``max_share_pct``: 1 to 100, at most this share of what the limit has left (but at
       least one unit while one is left), so that many holders cannot starve one another.
-    * ``validity``: how long a grant lasts unreported, e.g. ``30s``, ``500ms``, ``5m``; at
-      expiry whatever was granted and not reported goes back to the limit.
+    * ``validity``: how long a grant lasts unreported, e.g. ``30s``, ``500ms``, ``5m`` (kept
+      in its largest exact unit: ``60s`` is ``1m``); at expiry whatever was granted and not
+      reported goes back to the limit.
     * ``renew_below_pct``: 0 to 100, the renewal threshold as a share of the grant.
     * ``gateway``: the gateway itself may hold leases on this limit to answer Checks
       locally."""
@@ -113,13 +154,23 @@ class LeaseSpec(_Strict):
             )
         if not MIN_VALIDITY_MS <= ms <= MAX_VALIDITY_MS:
             raise ValueError(f"must be between 100ms and 24h (got {validity!r})")
-        return str(validity)
+        return format_validity_ms(ms)
 
     @property
     def validity_ms(self) -> int:
         ms = parse_validity_ms(self.validity)
         assert ms is not None  # checked when the spec was made
         return ms
+
+
+def format_validity_ms(ms: int) -> str:
+    """``ms`` in its largest exact unit (60000 -> ``1m``): the one form a validity is kept in,
+    so that ``60s``, ``1m`` and 60,000 ms on the wire are one document."""
+    for unit in ("h", "m", "s"):
+        size = VALIDITY_UNIT_MS[unit]
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
 
 
 def parse_validity_ms(text: str) -> int | None:
@@ -140,21 +191,31 @@ class LimitSpec(_Strict):
     soft: bool = False
     lease: LeaseSpec | None = None
 
+    @field_validator("metric")
+    @classmethod
+    def _check_metric(cls, metric: str) -> str:
+        if not PATTERN_RE.fullmatch(metric):
+            raise ValueError(
+                f"must be a metric name or a pattern with '*', e.g. api.sms.* (got {metric!r})"
+            )
+        return metric
+
     @model_validator(mode="after")
     def _check(self) -> LimitSpec:
         if (self.rate is None) == (self.quota is None):
             raise ValueError("a limit has exactly one of 'rate' or 'quota'")
-        if not PATTERN_RE.fullmatch(self.metric):
-            raise ValueError(
-                "metric: must be a metric name or a pattern with '*', e.g. api.sms.* "
-                f"(got {self.metric!r})"
-            )
         if self.rate is not None:
             compiled = compile_rate(self.rate)
             if compiled.capacity_scaled >= MAX_EXACT:
-                raise ValueError(
-                    f"rate: capacity {self.rate.capacity} with refill {self.rate.refill}/"
-                    f"{self.rate.per} is too large to count exactly; use a coarser unit"
+                _refuse(
+                    "LimitSpec",
+                    [
+                        (
+                            ("rate",),
+                            f"capacity {self.rate.capacity} with refill {self.rate.refill}/"
+                            f"{self.rate.per} is too large to count exactly; use a coarser unit",
+                        )
+                    ],
                 )
         return self
 
@@ -178,7 +239,7 @@ class PlanSpec(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> PlanSpec:
-        _no_duplicates((lim.name for lim in self.limits), "limit")
+        _refuse("PlanSpec", _duplicates(_named(self.limits, ("limits",)), "limit"))
         return self
 
 
@@ -255,12 +316,22 @@ class TenantSpec(_Strict):
     keys: list[KeySpec] = []
     caps: CapsSpec = DEFAULT_CAPS
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not TENANT_RE.fullmatch(name):
+            raise ValueError("must be 1 to 64 characters of [A-Za-z0-9._-]")
+        return name
+
     @model_validator(mode="after")
     def _check(self) -> TenantSpec:
-        if not TENANT_RE.fullmatch(self.name):
-            raise ValueError("name: must be 1 to 64 characters of [A-Za-z0-9._-]")
-        _no_duplicates((s.name for s in self.slices), "slice")
-        _no_duplicates((f"{k.slice}/{k.name}" for k in self.keys), "key")
+        if len(self.slices) < 2 and len(self.keys) < 2:
+            return self  # nothing can be a duplicate (most tenants: skip the work)
+        names = {
+            "slices": [{"name": s.name} for s in self.slices],
+            "keys": [{"name": k.name, "slice": k.slice} for k in self.keys],
+        }
+        _refuse("TenantSpec", _tenant_rules(names, ()))
         return self
 
 
@@ -290,10 +361,7 @@ class DescriptorSpec(_Strict):
             raise ValueError(
                 f"descriptor {self.key!r}: a node needs a 'metric' or nested 'descriptors'"
             )
-        _no_duplicates(
-            (f"{d.key}={d.value if d.value is not None else '*'}" for d in self.descriptors),
-            "descriptor (key, value)",
-        )
+        _refuse("DescriptorSpec", _descriptor_duplicates(_matches(self.descriptors), ()))
         return self
 
 
@@ -310,14 +378,16 @@ class EnvoyDomainSpec(_Strict):
     shadow_mode: bool = False
     descriptors: list[DescriptorSpec] = []
 
+    @field_validator("tenant")
+    @classmethod
+    def _check_tenant(cls, tenant: str | None) -> str | None:
+        if tenant is not None and not TENANT_RE.fullmatch(tenant):
+            raise ValueError("must be 1 to 64 characters of [A-Za-z0-9._-]")
+        return tenant
+
     @model_validator(mode="after")
     def _check(self) -> EnvoyDomainSpec:
-        if self.tenant is not None and not TENANT_RE.fullmatch(self.tenant):
-            raise ValueError("tenant: must be 1 to 64 characters of [A-Za-z0-9._-]")
-        _no_duplicates(
-            (f"{d.key}={d.value if d.value is not None else '*'}" for d in self.descriptors),
-            "descriptor (key, value)",
-        )
+        _refuse("EnvoyDomainSpec", _descriptor_duplicates(_matches(self.descriptors), ()))
         return self
 
 
@@ -378,7 +448,7 @@ class WebhookSpec(_Strict):
     def _check(self) -> WebhookSpec:
         if (self.secret_env is None) == (self.secret_file is None):
             raise ValueError("a webhook has exactly one of 'secret_env' or 'secret_file'")
-        _no_duplicates(self.events, "event")
+        _refuse("WebhookSpec", _event_duplicates(list(self.events), ()))
         return self
 
 
@@ -395,62 +465,41 @@ class PolicyDocument(_Strict):
 
     @model_validator(mode="after")
     def _cross_check(self) -> PolicyDocument:
-        _no_duplicates((m.name for m in self.metrics), "metric")
-        _no_duplicates((p.name for p in self.plans), "plan")
-        _no_duplicates((t.name for t in self.tenants), "tenant")
-        metrics = [m.name for m in self.metrics]
-        plans = {p.name: p for p in self.plans}
-        for p in self.plans:
-            for lim in p.limits:
-                if not any(fnmatchcase(m, lim.metric) for m in metrics):
-                    raise ValueError(
-                        f"plan {p.name!r}, limit {lim.name!r}: metric {lim.metric!r} matches "
-                        "no metric of the catalog"
-                    )
-        for t in self.tenants:
-            if t.plan is not None and t.plan not in plans:
-                raise ValueError(f"tenant {t.name!r}: unknown plan {t.plan!r}")
-            tenant_limits = {lim.name for lim in plans[t.plan].limits} if t.plan else set()
-            for s in t.slices:
-                if s.plan is None:
-                    continue
-                if s.plan not in plans:
-                    raise ValueError(
-                        f"tenant {t.name!r}, slice {s.name!r}: unknown plan {s.plan!r}"
-                    )
-                for lim in plans[s.plan].limits:
-                    if lim.scope == "tenant":
-                        raise ValueError(
-                            f"tenant {t.name!r}, slice {s.name!r}: plan {s.plan!r} has limit "
-                            f"{lim.name!r} with scope 'tenant'; a slice's plan counts at scope "
-                            "'slice' or 'key'"
-                        )
-                    if lim.name in tenant_limits:
-                        raise ValueError(
-                            f"tenant {t.name!r}, slice {s.name!r}: limit {lim.name!r} is in both "
-                            "the tenant's and the slice's plan; limit names must differ"
-                        )
-        _no_duplicates((d.domain for d in self.envoy), "envoy domain")
-        _no_duplicates((w.name for w in self.webhooks), "webhook")
-        issues = _envoy_issues(self.envoy, frozenset(metrics))
-        tenants = {t.name for t in self.tenants}
-        issues += [
-            (("webhooks", w, "tenants", i), f"unknown tenant {name!r}: not in 'tenants'")
-            for w, hook in enumerate(self.webhooks)
-            for i, name in enumerate(hook.tenants)
-            if name not in tenants
-        ]
-        if issues:
-            raise ValidationError.from_exception_data(
-                "PolicyDocument",
-                [
-                    InitErrorDetails(
-                        type=PydanticCustomError("policy_reference", message), loc=loc, input=None
-                    )
-                    for loc, message in issues
-                ],
-            )
+        # the nested models validated, their own rules included
+        _refuse("PolicyDocument", policy_rules(self.rule_view(), nested=False))
         return self
+
+    def rule_view(self) -> dict[str, Any]:
+        """What :func:`policy_rules` reads of the document, as decoded data: the names and
+        references only (a whole ``model_dump`` of a large document costs more than the rules).
+        """
+        return {
+            "metrics": [{"name": m.name} for m in self.metrics],
+            "plans": [
+                {
+                    "name": p.name,
+                    "limits": [
+                        {"name": lim.name, "metric": lim.metric, "scope": lim.scope}
+                        for lim in p.limits
+                    ],
+                }
+                for p in self.plans
+            ],
+            "tenants": [
+                {
+                    "name": t.name,
+                    "plan": t.plan,
+                    "slices": [{"name": s.name, "plan": s.plan} for s in t.slices],
+                    "keys": [{"name": k.name, "slice": k.slice} for k in t.keys],
+                }
+                for t in self.tenants
+            ],
+            "envoy": [d.model_dump(mode="json") for d in self.envoy],
+            "webhooks": [
+                {"name": w.name, "events": list(w.events), "tenants": list(w.tenants)}
+                for w in self.webhooks
+            ],
+        }
 
     def canonical_json(self) -> str:
         """A stable serialisation: equal documents give equal strings. A document without an
@@ -477,31 +526,110 @@ class PolicyDocument(_Strict):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 
-def _envoy_issues(
-    domains: list[EnvoyDomainSpec], metrics: frozenset[str]
-) -> list[tuple[tuple[int | str, ...], str]]:
-    """The rules of the Envoy mapping that need the whole document, each with the path of the
-    field it concerns (so a plan file's error names its line): a metric in the catalog, a
-    tenant on the path of every node with a metric, a subject part bound once per path."""
-    out: list[tuple[tuple[int | str, ...], str]] = []
+# -- the rules across fields -------------------------------------------------------------------
+# They read the decoded document (dicts and lists, as YAML or JSON gives them), not the models,
+# so that they also run when some fields do not validate: a file's every issue is reported in
+# one pass. What is not of the expected shape is skipped here; the schema reports it.
 
-    def walk(
-        nodes: list[DescriptorSpec], loc: tuple[int | str, ...], bound: frozenset[str]
-    ) -> None:
-        for i, node in enumerate(nodes):
+
+def _items(data: Any, key: str) -> list[tuple[int, dict[str, Any]]]:
+    """The mappings of the list ``data[key]``, with their indexes. (YAML and JSON decode
+    mappings as dicts; ``isinstance(x, dict)`` is also much cheaper than an ABC check.)"""
+    seq = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(seq, list):
+        return []
+    return [(i, item) for i, item in enumerate(seq) if isinstance(item, dict)]
+
+
+def _text(item: dict[str, Any], key: str) -> str | None:
+    value = item.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _named(models: Iterable[Any], loc: Loc) -> list[tuple[Loc, str | None]]:
+    return [((*loc, i, "name"), m.name) for i, m in enumerate(models)]
+
+
+def _duplicates(named: Iterable[tuple[Loc, str | None]], what: str) -> Found:
+    """An issue at each name that an earlier item already has."""
+    seen: set[str] = set()
+    out: Found = []
+    for loc, name in named:
+        if name is None:
+            continue
+        if name in seen:
+            out.append((loc, f"duplicate {what} name {name!r}"))
+        seen.add(name)
+    return out
+
+
+def _plan_rules(plan: Any, loc: Loc) -> Found:
+    return _duplicates(
+        (((*loc, "limits", i, "name"), _text(lim, "name")) for i, lim in _items(plan, "limits")),
+        "limit",
+    )
+
+
+def _tenant_rules(tenant: Any, loc: Loc) -> Found:
+    def key_id(k: dict[str, Any]) -> str | None:
+        name, slice_ = _text(k, "name"), k.get("slice", "")
+        return f"{slice_}/{name}" if name is not None and isinstance(slice_, str) else None
+
+    slices = [((*loc, "slices", i, "name"), _text(s, "name")) for i, s in _items(tenant, "slices")]
+    keys = [((*loc, "keys", i, "name"), key_id(k)) for i, k in _items(tenant, "keys")]
+    return _duplicates(slices, "slice") + _duplicates(keys, "key")
+
+
+def _descriptor_duplicates(node: Any, loc: Loc) -> Found:
+    """Two children of one node (or domain) that match the same (key, value)."""
+
+    def match(d: dict[str, Any]) -> str | None:
+        key, value = _text(d, "key"), d.get("value")
+        if key is None or not isinstance(value, str | None):
+            return None
+        return f"{key}={value if value is not None else '*'}"
+
+    return _duplicates(
+        (((*loc, "descriptors", i), match(d)) for i, d in _items(node, "descriptors")),
+        "descriptor (key, value)",
+    )
+
+
+def _matches(nodes: list[DescriptorSpec]) -> dict[str, Any]:
+    """What :func:`_descriptor_duplicates` reads of a node's children."""
+    return {"descriptors": [{"key": d.key, "value": d.value} for d in nodes]}
+
+
+def _event_duplicates(events: Any, loc: Loc) -> Found:
+    if not isinstance(events, list):
+        return []
+    return _duplicates(
+        (((*loc, "events", i), e if isinstance(e, str) else None) for i, e in enumerate(events)),
+        "event",
+    )
+
+
+def _envoy_rules(data: Any, metrics: frozenset[str], *, nested: bool) -> Found:
+    """The rules of the Envoy mapping that need the whole document: a metric in the catalog, a
+    tenant on the path of every node with a metric, a subject part bound once per path."""
+    out: Found = []
+
+    def walk(parent: dict[str, Any], loc: Loc, bound: frozenset[str]) -> None:
+        if nested:
+            out.extend(_descriptor_duplicates(parent, loc))
+        for i, node in _items(parent, "descriptors"):
             here = (*loc, "descriptors", i)
             now = bound
-            if node.subject is not None:
-                if node.subject in bound:
-                    out.append(((*here, "subject"), f"the {node.subject} is already given above"))
-                now = bound | {node.subject}
-            if node.metric is not None:
-                if node.metric not in metrics:
+            subject = node.get("subject")
+            if subject in ("tenant", "slice", "key"):
+                if subject in bound:
+                    out.append(((*here, "subject"), f"the {subject} is already given above"))
+                now = bound | {subject}
+            metric = _text(node, "metric")
+            if metric is not None:
+                if metric not in metrics:
                     out.append(
-                        (
-                            (*here, "metric"),
-                            f"unknown metric {node.metric!r}: not in the catalog",
-                        )
+                        ((*here, "metric"), f"unknown metric {metric!r}: not in the catalog")
                     )
                 if "tenant" not in now:
                     out.append(
@@ -511,19 +639,109 @@ def _envoy_issues(
                             "'subject: tenant' on an entry above",
                         )
                     )
-            walk(node.descriptors, here, now)
+            walk(node, here, now)
 
-    for d, domain in enumerate(domains):
-        walk(domain.descriptors, ("envoy", d), frozenset({"tenant"} if domain.tenant else ()))
+    for d, domain in _items(data, "envoy"):
+        walk(domain, ("envoy", d), frozenset({"tenant"} if domain.get("tenant") else ()))
     return out
 
 
-def _no_duplicates(names: Iterable[str], what: str) -> None:
-    seen: set[str] = set()
-    for n in names:
-        if n in seen:
-            raise ValueError(f"duplicate {what} name {n!r}")
-        seen.add(n)
+def policy_rules(data: Any, *, nested: bool = True) -> Found:
+    """Every rule of a policy document across its fields, on the decoded document: names are
+    unique (metrics, plans, tenants, limits of a plan, slices and keys of a tenant, Envoy
+    domains and descriptors, webhooks and their events); a limit's metric pattern matches a
+    metric of the catalog; a plan assigned to a tenant or a slice exists; a slice's plan counts
+    at scope slice or key, with limit names of its own; the Envoy mapping's metrics and
+    tenants; a webhook's tenants exist. Each issue names the field it concerns.
+
+    ``nested=False`` leaves out the rules that the nested models check themselves (names
+    unique within a plan, a tenant, a descriptor node, a webhook's events): for a document
+    whose models all validated."""
+    out: Found = []
+    metrics, plans, tenants = (
+        _items(data, "metrics"),
+        _items(data, "plans"),
+        _items(data, "tenants"),
+    )
+    domains, webhooks = _items(data, "envoy"), _items(data, "webhooks")
+    for section, items, key, what in (
+        ("metrics", metrics, "name", "metric"),
+        ("plans", plans, "name", "plan"),
+        ("tenants", tenants, "name", "tenant"),
+        ("envoy", domains, "domain", "envoy domain"),
+        ("webhooks", webhooks, "name", "webhook"),
+    ):
+        out += _duplicates((((section, i, key), _text(it, key)) for i, it in items), what)
+    catalog = [name for _, m in metrics if (name := _text(m, "name")) is not None]
+    by_name: dict[str, dict[str, Any]] = {}
+    for p, plan in plans:
+        name = _text(plan, "name")
+        if name is not None:
+            by_name.setdefault(name, plan)
+        if nested:
+            out += _plan_rules(plan, ("plans", p))
+        for i, lim in _items(plan, "limits"):
+            pattern = _text(lim, "metric")
+            # a malformed pattern is the schema's issue; a well-formed one must match
+            if pattern is None or not PATTERN_RE.fullmatch(pattern):
+                continue
+            if not any(fnmatchcase(m, pattern) for m in catalog):
+                out.append(
+                    (
+                        ("plans", p, "limits", i, "metric"),
+                        f"{pattern!r} matches no metric of the catalog",
+                    )
+                )
+
+    def unknown(plan: str) -> str:
+        return f"unknown plan {plan!r}: not in 'plans'"
+
+    for t, tenant in tenants:
+        if nested:
+            out += _tenant_rules(tenant, ("tenants", t))
+        assigned = _text(tenant, "plan")
+        if assigned is not None and assigned not in by_name:
+            out.append((("tenants", t, "plan"), unknown(assigned)))
+        for s, slice_ in _items(tenant, "slices"):
+            plan_name = _text(slice_, "plan")
+            if plan_name is None:
+                continue
+            own = {_text(lim, "name") for _, lim in _items(by_name.get(assigned or ""), "limits")}
+            here = ("tenants", t, "slices", s, "plan")
+            if plan_name not in by_name:
+                out.append((here, unknown(plan_name)))
+                continue
+            for _, lim in _items(by_name[plan_name], "limits"):
+                name = _text(lim, "name")
+                if lim.get("scope", "tenant") == "tenant":
+                    out.append(
+                        (
+                            here,
+                            f"plan {plan_name!r} has limit {name!r} with scope 'tenant'; a "
+                            "slice's plan counts at scope 'slice' or 'key'",
+                        )
+                    )
+                if name is not None and name in own:
+                    out.append(
+                        (
+                            here,
+                            f"limit {name!r} is in both the tenant's plan {assigned!r} and the "
+                            f"slice's plan {plan_name!r}; limit names must differ",
+                        )
+                    )
+    out += _envoy_rules(data, frozenset(catalog), nested=nested)
+    known = {name for _, t in tenants if (name := _text(t, "name")) is not None}
+    for w, hook in webhooks:
+        if nested:
+            out += _event_duplicates(hook.get("events"), ("webhooks", w))
+        listed = hook.get("tenants")
+        for i, name in enumerate(listed if isinstance(listed, list) else []):
+            # a malformed name is the schema's issue
+            if isinstance(name, str) and TENANT_RE.fullmatch(name) and name not in known:
+                out.append(
+                    (("webhooks", w, "tenants", i), f"unknown tenant {name!r}: not in 'tenants'")
+                )
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,13 +769,15 @@ class PolicyIssue:
     ``source`` names the text (a file path; ``document`` for the admin API). ``path`` is the
     field's dotted path (``plans.0.limits.0.rate.capacity``); ``""`` for a rule on the
     document as a whole; None when the text is not a document at all (unreadable, not YAML,
-    not a mapping). ``line`` is the 1-based line in the source, None when unknown (a
-    document that was not parsed from text)."""
+    not a mapping). ``line`` and ``column`` are 1-based, of the field's value in the source
+    (of the nearest enclosing one that is written, for a field that is missing); None when
+    unknown (a document that was not parsed from text)."""
 
     source: str
     path: str | None
     line: int | None
     message: str
+    column: int | None = None
 
     @property
     def detail(self) -> str:
@@ -567,12 +787,14 @@ class PolicyIssue:
         return f"{self.path or '(document)'}: {self.message}"
 
     def __str__(self) -> str:
+        """``source:line: path: message``, one line (a message never holds a line break)."""
         where = f"{self.source}:{self.line}: " if self.line else f"{self.source}: "
         return where + self.detail
 
 
 class PolicyError(ValueError):
-    """A policy document that does not validate: every :class:`PolicyIssue` found."""
+    """A policy document that does not validate: every :class:`PolicyIssue` found, in the
+    order of their lines (issues without a line last)."""
 
     def __init__(self, issues: list[PolicyIssue]) -> None:
         self.issues = issues
@@ -584,31 +806,34 @@ class PolicyError(ValueError):
         return [str(issue) for issue in self.issues]
 
 
-def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+def _position_of(root: yaml.Node, loc: Loc) -> tuple[int, int]:
+    """The 1-based (line, column) of the value at ``loc``, or of the deepest part of the path
+    that is written (a missing field: the mapping that lacks it)."""
     node = root
-    line = None if node is None else node.start_mark.line + 1
     for part in loc:
         if isinstance(node, yaml.MappingNode):
             nxt = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            nxt = node.value[part] if part < len(node.value) else None
+            nxt = node.value[part] if 0 <= part < len(node.value) else None
         else:
             nxt = None
         if nxt is None:
             break
         node = nxt
-        line = node.start_mark.line + 1
-    return line
+    return node.start_mark.line + 1, node.start_mark.column + 1
 
 
 def parse_policy(
     data: Any, *, source: str = "policy", yaml_root: yaml.Node | None = None
 ) -> PolicyDocument:
-    """Validate a decoded document; raise :class:`PolicyError` naming every bad field."""
+    """Validate a decoded document; raise :class:`PolicyError` naming every bad field: the
+    schema's issues and the rules' (:func:`policy_rules`) together."""
     try:
         return PolicyDocument.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(_issues(exc, source, yaml_root)) from None
+        # A field that does not validate stops pydantic before the document's rules: run them
+        # on the decoded data (an issue a nested model already found is not repeated).
+        raise PolicyError(_issues(exc, policy_rules(data), source, yaml_root)) from None
 
 
 def parse_plan(data: Any, *, source: str = "plan") -> PlanSpec:
@@ -616,31 +841,73 @@ def parse_plan(data: Any, *, source: str = "plan") -> PlanSpec:
     try:
         return PlanSpec.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(_issues(exc, source, None)) from None
+        raise PolicyError(_issues(exc, _plan_rules(data, ()), source, None)) from None
 
 
-def _issues(exc: ValidationError, source: str, yaml_root: yaml.Node | None) -> list[PolicyIssue]:
-    issues = []
+def _issues(
+    exc: ValidationError, rules: Found, source: str, yaml_root: yaml.Node | None
+) -> list[PolicyIssue]:
+    found: Found = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        issues.append(
-            PolicyIssue(
-                source,
-                ".".join(str(p) for p in loc),
-                _line_of(yaml_root, loc) if yaml_root is not None else None,
-                err["msg"].removeprefix("Value error, "),
-            )
-        )
-    return issues
+        found.append((loc, err["msg"].removeprefix("Value error, ")))
+    found += [issue for issue in rules if issue not in found]
+    issues = []
+    for loc, message in found:
+        line, column = _position_of(yaml_root, loc) if yaml_root is not None else (None, None)
+        issues.append(PolicyIssue(source, ".".join(str(p) for p in loc), line, message, column))
+    return _in_text_order(issues)
+
+
+def _in_text_order(issues: list[PolicyIssue]) -> list[PolicyIssue]:
+    # sorted() is stable: the order they were found in, within a line
+    return sorted(issues, key=lambda i: (i.line is None, i.line or 0, i.column or 0))
+
+
+def _duplicate_keys(node: yaml.Node, loc: Loc = ()) -> list[tuple[Loc, yaml.Node]]:
+    """Keys written twice in one mapping (YAML keeps only the last one, silently)."""
+    out: list[tuple[Loc, yaml.Node]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name in seen:
+                out.append(((*loc, name), key))
+            if name is not None:
+                seen.add(name)
+            out += _duplicate_keys(value, (*loc, name if name is not None else "?"))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += _duplicate_keys(item, (*loc, i))
+    return out
 
 
 def load_policy_text(text: str, *, source: str = "policy") -> PolicyDocument:
-    """Parse YAML (or JSON, a subset of YAML) text into a validated document."""
+    """Parse YAML (or JSON, a subset of YAML) text into a validated document; raise
+    :class:`PolicyError` with every issue: a key written twice in a mapping, and each issue of
+    :func:`parse_policy`. Text that is not YAML is one issue, at the line where parsing
+    stopped."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise PolicyError([PolicyIssue(source, None, None, f"not valid YAML: {exc}")]) from None
+        mark = getattr(exc, "problem_mark", None)
+        what = ": ".join(
+            str(part)
+            for part in (getattr(exc, "context", None), getattr(exc, "problem", None))
+            if part
+        )
+        raise PolicyError(
+            [
+                PolicyIssue(
+                    source,
+                    None,
+                    None if mark is None else mark.line + 1,
+                    f"not valid YAML: {what or type(exc).__name__}",
+                    None if mark is None else mark.column + 1,
+                )
+            ]
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -654,7 +921,23 @@ def load_policy_text(text: str, *, source: str = "policy") -> PolicyDocument:
                 )
             ]
         )
-    return parse_policy(data, source=source, yaml_root=root)
+    duplicates = [
+        PolicyIssue(
+            source,
+            ".".join(str(p) for p in loc),
+            key.start_mark.line + 1,
+            "key written twice in this mapping: only the last one would count",
+            key.start_mark.column + 1,
+        )
+        for loc, key in (_duplicate_keys(root) if root is not None else [])
+    ]
+    try:
+        document = parse_policy(data, source=source, yaml_root=root)
+    except PolicyError as exc:
+        raise PolicyError(_in_text_order([*exc.issues, *duplicates])) from None
+    if duplicates:
+        raise PolicyError(duplicates)
+    return document
 
 
 SCOPES = {"tenant": Scope.TENANT, "slice": Scope.SLICE, "key": Scope.KEY}

@@ -24,7 +24,12 @@ from chargepath.core.plans import (
     compile_rate,
 )
 
-PERIODS = {"hour": Period.HOUR, "day": Period.DAY, "month": Period.MONTH}
+PERIODS = {
+    "hour": Period.HOUR,
+    "day": Period.DAY,
+    "week": Period.WEEK,
+    "month": Period.MONTH,
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,13 @@
 """The admin side of the Redis store: grants, live state, and the recent-decisions trail.
 
-The trail is a capped Redis Stream per tenant (``cp:{T}:recent``, written by decide.lua in the
-same step as the decisions, see ``scripts/lib/trail.lua``): an entry ``e=b`` holds the
-decisions of one batch with every limit's remaining units before and after, entries ``e=th``
-are quota threshold crossings (80% and 100%). It serves ``GetState`` (the last decisions),
-``ExplainDecision`` (a scan for the decision id) and ``WatchDecisions`` (a blocking read of new
-entries). Live counters are read by ``read_limits.lua`` with decide.lua's own rules.
+The trail is a Redis Stream per tenant (``cp:{T}:recent``, written by decide.lua in the same
+step as the decisions, see ``scripts/lib/trail.lua``; it keeps every decision of the dedup
+window and about ``recent_length`` beyond it): an entry ``e=b`` holds the decisions of one
+batch with every limit's remaining units before and after, entries ``e=th`` are quota
+threshold crossings (80% and 100%). It serves ``GetState`` (the last decisions),
+``ExplainDecision`` (a read of the entries around the time in the decision id) and
+``WatchDecisions`` (a blocking read of new entries). Live counters are read by
+``read_limits.lua`` with decide.lua's own rules.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class AdminStore:
 
     @property
     def recent_length(self) -> int:
-        """How many recent decisions the trail keeps per tenant (what explain can find)."""
+        """How many decisions the trail keeps per tenant beyond the dedup window."""
         return self.store.recent_length
 
     async def grant(
@@ -152,17 +154,32 @@ class AdminStore:
         return out
 
     async def find_decision(self, tenant: str, decision_id: str) -> DecisionRecord | None:
-        """The decision with this id, if it is still in the tenant's trail."""
+        """The decision with this id, if the tenant's trail still has it: every decision of the
+        dedup window does. A decision id begins with the milliseconds it was made at, and its
+        batch's trail entry is written (on Redis' clock) within the store deadline after, so
+        the search reads the entries of :data:`FIND_SKEW_MS` around that time, page by page
+        (clocks of gateway hosts and Redis may differ by that much); then, if it is not
+        there, the tenant's :attr:`recent_length` newest decisions."""
+        key = recent_key(tenant)
         try:
-            entries: Any = await self.client.xrevrange(recent_key(tenant))
+            made_ms = int(decision_id[:12], 16)
+        except ValueError:
+            made_ms = -1
+        try:
+            if made_ms >= 0:
+                start, end = str(max(made_ms - FIND_SKEW_MS, 0)), str(made_ms + FIND_SKEW_MS)
+                while True:
+                    page: Any = await self.client.xrange(key, start, end, count=FIND_PAGE)
+                    found = _find_in(tenant, page, decision_id)
+                    if found is not None:
+                        return found
+                    if len(page) < FIND_PAGE:
+                        break
+                    start = "(" + page[-1][0]
+            newest: Any = await self.client.xrevrange(key, count=self.recent_length)
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-        for _, fields in entries:
-            if fields.get("e") == "b" and decision_id in fields["x"]:
-                for rec in parse_batch(tenant, fields["x"]):
-                    if rec.decision_id == decision_id:
-                        return rec
-        return None
+        return _find_in(tenant, newest, decision_id)
 
     async def watch(
         self, tenant: str, block_ms: int = 1000
@@ -187,6 +204,21 @@ class AdminStore:
                     else:
                         for rec in parse_entry(tenant, fields):
                             yield rec
+
+
+#: How far (ms) from the time in a decision id ``find_decision`` looks for its trail entry.
+FIND_SKEW_MS = 60_000
+#: Trail entries read per call while looking.
+FIND_PAGE = 1000
+
+
+def _find_in(tenant: str, entries: Any, decision_id: str) -> DecisionRecord | None:
+    for _, fields in entries:
+        if fields.get("e") == "b" and decision_id in fields["x"]:
+            for rec in parse_batch(tenant, fields["x"]):
+                if rec.decision_id == decision_id:
+                    return rec
+    return None
 
 
 def parse_entry(tenant: str, f: dict[str, str]) -> list[DecisionRecord]:

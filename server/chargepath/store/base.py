@@ -265,7 +265,8 @@ class StateStore(Protocol):
     metric, times are milliseconds on the store's clock (Redis ``TIME``). Every call raises
     :class:`StoreUnavailableError` when the store cannot answer. Reads change nothing."""
 
-    #: How many recent decisions the trail keeps per tenant (what explain can find).
+    #: How many decisions the trail keeps per tenant beyond the dedup window (explain finds
+    #: every decision of the window, and these).
     @property
     def recent_length(self) -> int: ...
 
@@ -292,8 +293,8 @@ class StateStore(Protocol):
         ...
 
     async def find_decision(self, tenant: str, decision_id: str) -> DecisionRecord | None:
-        """The decision with this id, if it is among the tenant's :attr:`recent_length` most
-        recent decisions."""
+        """The decision with this id, if the tenant's trail still has it: every decision of the
+        dedup window, and the tenant's :attr:`recent_length` most recent ones."""
         ...
 
     def watch(self, tenant: str) -> AsyncIterator[DecisionRecord | ThresholdEvent | None]:

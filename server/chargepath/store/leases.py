@@ -40,6 +40,9 @@ from chargepath.store.protocol import (
 )
 from chargepath.store.redis_store import RedisStore
 
+#: Open leases per tenant, at most, by default: about 31 MB of lease hashes (306 bytes each).
+DEFAULT_MAX_OPEN_LEASES = 100_000
+
 
 def new_lease_id() -> str:
     """A fresh lease id: 32 hex digits (128 random bits)."""
@@ -57,8 +60,17 @@ def _unavailable(exc: BaseException) -> StoreUnavailableError:
 class RedisLeaseStore:
     """Leases on the same Redis (client, clock, dedup window, clock offset) as ``store``."""
 
-    def __init__(self, store: RedisStore, *, trail_length: int | None = None) -> None:
+    def __init__(
+        self,
+        store: RedisStore,
+        *,
+        trail_length: int | None = None,
+        max_open_leases: int = DEFAULT_MAX_OPEN_LEASES,
+    ) -> None:
         self.store = store
+        #: the most leases one tenant may hold open (0: no bound); a new one past it is
+        #: refused DENY CAP_REACHED
+        self.max_open_leases = max_open_leases
         self.client = store.client
         self.dedup_window_ms = store.dedup_window_ms
         self.clock_offset_ms = store.clock_offset_ms
@@ -91,7 +103,7 @@ class RedisLeaseStore:
             clock.observe(sent, loop.time(), int(reply[1]) - self.clock_offset_ms)
         elif reply[0] == REPLY_LATE:
             clock.observe(sent, loop.time(), int(reply[1]))
-        return decode_lease_reply(reply, items, policy_version)
+        return decode_lease_reply(reply, items, policy_version, self.max_open_leases)
 
     async def sweep(self, tenant: str, *, limit: int = 1000) -> int:
         try:

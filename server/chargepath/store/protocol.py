@@ -56,7 +56,7 @@ from typing import Any, Protocol
 import msgpack
 
 from chargepath.core.counters import MAX_DEBT
-from chargepath.core.leases import LeaseAnswer
+from chargepath.core.leases import LeaseAnswer, LeaseTerms
 from chargepath.core.model import (
     Decision,
     FieldViolation,
@@ -67,7 +67,7 @@ from chargepath.core.model import (
     Scope,
     Verdict,
 )
-from chargepath.core.periods import DAY_MS, HOUR_MS, Period
+from chargepath.core.periods import DAY_MS, HOUR_MS, WEEK_MS, WEEK_OFFSET_MS, Period
 from chargepath.core.policy import NO_CAPS, Caps, Limit
 from chargepath.store.base import (
     DecideItem,
@@ -317,7 +317,8 @@ def lua_constants() -> dict[str, int | str]:
     out.update({r.name: int(r) for r in Reason})
     out.update({f"KIND_{k.name}": int(k) for k in LimitKind})
     out.update({f"PERIOD_{p.name}": int(p) for p in Period})
-    out.update(HOUR_MS=HOUR_MS, DAY_MS=DAY_MS, MAX_DEBT=MAX_DEBT)
+    out.update(HOUR_MS=HOUR_MS, DAY_MS=DAY_MS, WEEK_MS=WEEK_MS, WEEK_OFFSET_MS=WEEK_OFFSET_MS)
+    out.update(MAX_DEBT=MAX_DEBT)
     for name, value in globals().items():
         if name.isupper() and not name.startswith("_") and isinstance(value, int | str):
             out[name] = value
@@ -784,6 +785,9 @@ def lease_dedup_key(tenant: str, request_id: str) -> str:
     return f"{tenant_prefix(tenant)}ld:{request_id}"
 
 
+#: the terms sent for a limit without lease settings, on an ask that asks for nothing
+NO_TERMS = LeaseTerms(max_units=0, max_share_pct=0, validity_ms=0, renew_below_pct=0)
+
 LEASE_KEY_INDEX = 3
 LEASE_KEY_TRAIL = 4
 
@@ -793,7 +797,10 @@ LEASE_ARG_DEDUP_WINDOW = 3
 LEASE_ARG_DEADLINE = 4
 LEASE_ARG_TRAIL_LENGTH = 5
 LEASE_ARG_PAYLOAD = 6
-LEASE_ARG_TENANT = 7
+#: the most leases a tenant may hold open (its lease index's members, expired ones not yet
+#: swept included); 0: no bound
+LEASE_ARG_MAX_OPEN = 7
+LEASE_ARG_TENANT = 8
 
 LSPEC_SLOTS = SPEC_SLOTS + 4
 LSPEC_MAX_UNITS = SPEC_SLOTS + 1
@@ -846,6 +853,7 @@ LEASE_CONFLICT = 2  # the request id was used for another ask
 LEASE_MISMATCH = 4  # the lease is for another subject or metric: nothing done
 LEASE_FINAL = 8
 LEASE_CLOSED = 16
+LEASE_CAPPED = 32  # refused: the tenant holds the most open leases it may (CAP_REACHED)
 
 # a hold of a lease (its "hd" field, MessagePack, HOLD_SLOTS values each)
 HOLD_SLOTS = 7
@@ -871,6 +879,15 @@ class LeaseBatchSettings(Protocol):
     dedup_window_ms: int
     recent_length: int
     clock_offset_ms: int
+    max_open_leases: int
+
+
+def lease_cap_message(bound: int) -> str:
+    """The message of a lease refused CAP_REACHED."""
+    return (
+        f"the tenant holds {bound} open leases, the most it may: release or let one expire; "
+        "nothing was granted"
+    )
 
 
 def encode_lease_batch(
@@ -913,7 +930,11 @@ def encode_lease_batch(
             if n is None:
                 terms = lim.lease
                 if terms is None:
-                    raise ValueError(f"limit {lim.name!r} has no lease terms")
+                    # a report or release on a lease whose limit lost its lease settings
+                    # (the caller asks for nothing then): no terms are needed
+                    if a.requested:
+                        raise ValueError(f"limit {lim.name!r} has no lease terms")
+                    terms = NO_TERMS
                 grants = idx(grants_key(tenant, lim, sl, k)) if lim.kind is LimitKind.QUOTA else 0
                 specs += spec_values(lim, idx(counter), grants)
                 specs += (
@@ -946,6 +967,7 @@ def encode_lease_batch(
         deadline_ms,
         settings.recent_length,
         msgpack.packb((specs, sets, asks)),
+        settings.max_open_leases,
         tenant,
     ]
     return keys, args
@@ -956,7 +978,7 @@ def _text(value: Any) -> str:
 
 
 def decode_lease_reply(
-    reply: Sequence[Any], items: Sequence[LeaseItem], version: int
+    reply: Sequence[Any], items: Sequence[LeaseItem], version: int, max_open: int = 0
 ) -> list[LeaseAnswer]:
     """Answers, in the order of ``items``, from lease.lua's reply; raises
     :class:`StalePolicyError` or :class:`StoreDeadlineError` (nothing written)."""
@@ -999,7 +1021,13 @@ def decode_lease_reply(
                 limits=tuple(limits),
                 policy_version=version,
                 replayed=bool(flags & LEASE_REPLAYED),
-                message=str(violations[0]) if violations else "",
+                message=(
+                    str(violations[0])
+                    if violations
+                    else lease_cap_message(max_open)
+                    if flags & LEASE_CAPPED
+                    else ""
+                ),
                 violations=violations,
                 decided_at_ms=int(ans[ANS_DECIDED_AT - 1]),
                 closed=bool(flags & LEASE_CLOSED),

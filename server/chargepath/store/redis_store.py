@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from chargepath.core.audit import AuditEvent
 from chargepath.core.model import Verdict
-from chargepath.core.plans import PolicyDocument
+from chargepath.core.plans import PUBLISHED, PolicyDocument
 from chargepath.store.audit import AUDIT_KEY, event_fields
 from chargepath.store.audit import MAX_ENTRIES as AUDIT_MAX_ENTRIES
 from chargepath.store.base import (
@@ -208,7 +208,7 @@ class RedisStore:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         if v is None or doc is None:
             return None
-        return PublishedPolicy(int(v), PolicyDocument.model_validate_json(doc))
+        return PublishedPolicy(int(v), PolicyDocument.model_validate_json(doc, context=PUBLISHED))
 
     async def load_plan_file(self) -> AppliedPlanFile | None:
         try:
@@ -217,7 +217,9 @@ class RedisStore:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         if v is None or sha is None or doc is None:
             return None
-        return AppliedPlanFile(int(v), str(sha), PolicyDocument.model_validate_json(doc))
+        return AppliedPlanFile(
+            int(v), str(sha), PolicyDocument.model_validate_json(doc, context=PUBLISHED)
+        )
 
     async def policy_version(self) -> int:
         try:

@@ -32,7 +32,7 @@ from chargepath.core.model import (
 from chargepath.core.plans import PolicyDocument, PolicyError, load_policy_text
 from chargepath.core.policy import Limit, Policy
 from chargepath.core.validation import MAX_AMOUNT, check_subject_part, check_tenant
-from chargepath.engine import Engine
+from chargepath.engine import Engine, tenant_tag
 from chargepath.store.base import (
     AuditLog,
     LeaseStore,
@@ -434,30 +434,45 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     async def ExplainDecision(
         self, request: apb.ExplainDecisionRequest, context: Context
     ) -> apb.ExplainDecisionResponse:
-        await self._own_tenant(context, request.tenant, "tenant")
-        bad = check_tenant(request.tenant, "tenant")
+        """A decision by its id, for at least the dedup window. Without a tenant, the tenants
+        whose tag (:func:`~chargepath.engine.tenant_tag`) the id carries are tried, among those
+        the caller may act for: another tenant's id is NOT_FOUND, as an id that never was."""
+        if request.tenant:
+            await self._own_tenant(context, request.tenant, "tenant")
+        bad = check_tenant(request.tenant, "tenant") if request.tenant else None
         if bad is None and not re.fullmatch(r"[0-9a-f]{32}", request.decision_id):
             bad = FieldViolation("decision_id", "must be 32 lowercase hex characters")
         if bad is not None:
             await abort_invalid(context, [bad])
-        record = await self._guard(
-            context, self.state.find_decision(request.tenant, request.decision_id)
+        if request.tenant:
+            tenants = [request.tenant]
+        else:
+            policy = await self._guard(context, self.engine.reload_policy())
+            tag = request.decision_id[12:16]
+            tenants = [
+                t for t in policy.entitlements if tenant_tag(t) == tag and caller_may_act_for(t)
+            ]
+        for tenant in tenants:
+            record = await self._guard(
+                context, self.state.find_decision(tenant, request.decision_id)
+            )
+            if record is not None:
+                return apb.ExplainDecisionResponse(decision=mapping.record_to_pb(record))
+            if self.leases is not None:
+                leased = await self._guard(
+                    context, self.leases.find_decision(tenant, request.decision_id)
+                )
+                if leased is not None:
+                    return apb.ExplainDecisionResponse(lease=mapping.lease_record_to_pb(leased))
+        await abort(
+            context,
+            grpc.StatusCode.NOT_FOUND,
+            f"decision_id: no decision {request.decision_id} in the dedup window or among the "
+            f"{self.state.recent_length} most recent decisions"
+            + (" of the tenant" if request.tenant else "")
+            + " (a decision answered by a gateway's over-limit cache or from a lease it holds "
+            "never is: its verdict's message says so)",
         )
-        if record is None and self.leases is not None:
-            leased = await self._guard(
-                context, self.leases.find_decision(request.tenant, request.decision_id)
-            )
-            if leased is not None:
-                return apb.ExplainDecisionResponse(lease=mapping.lease_record_to_pb(leased))
-        if record is None:
-            await abort(
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                f"decision_id: {request.decision_id} is not among the tenant's "
-                f"{self.state.recent_length} most recent decisions (a decision answered by a "
-                "gateway's over-limit cache never is: its verdict's message says so)",
-            )
-        return apb.ExplainDecisionResponse(decision=mapping.record_to_pb(record))
 
     async def WatchDecisions(
         self, request: apb.WatchDecisionsRequest, context: Context
@@ -466,6 +481,12 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         bad = check_tenant(request.tenant, "tenant")
         if bad is not None:
             await abort_invalid(context, [bad])
+        # a tenant the policy does not have would never have a decision: say so at once
+        policy = await self._guard(context, self.engine.reload_policy())
+        if request.tenant not in policy.entitlements:
+            await abort(
+                context, grpc.StatusCode.NOT_FOUND, f"tenant: unknown tenant {request.tenant!r}"
+            )
         decisions = {int(d) for d in request.decisions}
         reasons = {int(r) for r in request.reasons}
         try:

@@ -78,11 +78,12 @@ _UNITS = {
     "minute": rls_pb2.RateLimitResponse.RateLimit.MINUTE,
     "hour": rls_pb2.RateLimitResponse.RateLimit.HOUR,
     "day": rls_pb2.RateLimitResponse.RateLimit.DAY,
+    "week": rls_pb2.RateLimitResponse.RateLimit.WEEK,
     "month": rls_pb2.RateLimitResponse.RateLimit.MONTH,
 }
 #: The window of a quota in the ``RateLimit-Policy`` header; a month has none (its length
 #: varies: ``t`` in ``RateLimit`` says when it resets).
-_QUOTA_WINDOW_S = {"hour": 3600, "day": 86400}
+_QUOTA_WINDOW_S = {"hour": 3600, "day": 86400, "week": 604800}
 _UINT32_MAX = 2**32 - 1
 #: Descriptors in one RLS request: Envoy sends one per rate_limits entry that applies, a few.
 MAX_DESCRIPTORS = 64
@@ -127,7 +128,7 @@ def _seconds(ms: int) -> int:
 
 def window_s(spec: Limit) -> int | None:
     """The ``w`` of a limit in ``RateLimit-Policy``: for a token bucket the time to refill it
-    from empty, for an hourly or daily quota its period; None for a monthly quota."""
+    from empty, for an hourly, daily or weekly quota its period; None for a monthly quota."""
     if spec.kind is LimitKind.RATE:
         return max(1, math.ceil(spec.capacity * RATE_PERIOD_MS[spec.per] / spec.refill / 1000))
     return _QUOTA_WINDOW_S.get(spec.per)

@@ -23,7 +23,7 @@ from chargepath.core.model import (
     Usage,
     Verdict,
 )
-from chargepath.core.plans import PlanSpec, PolicyError
+from chargepath.core.plans import PlanSpec, PolicyError, format_validity_ms
 from chargepath.core.policy import Limit
 from chargepath.store.base import GrantReading, LimitReading
 from chargepath_protos.v1 import admin_pb2 as apb
@@ -284,6 +284,17 @@ def plan_from_pb(plan: apb.Plan) -> dict[str, Any]:
             }
         if lim.HasField("quota"):
             d["quota"] = {"amount": lim.quota.amount, "per": lim.quota.per}
+        if lim.HasField("lease"):
+            ls = lim.lease
+            d["lease"] = {
+                "max_units": ls.max_units,
+                "max_share_pct": ls.max_share_pct,
+                "validity": format_validity_ms(
+                    ls.validity.seconds * 1000 + ls.validity.nanos // 1_000_000
+                ),
+                "renew_below_pct": ls.renew_below_pct,
+                "gateway": ls.gateway,
+            }
         limits.append(d)
     return {"name": plan.name, "description": plan.description, "limits": limits}
 
@@ -300,6 +311,16 @@ def plan_to_pb(plan: PlanSpec) -> apb.Plan:
             )
         if lim.quota is not None:
             m.quota.CopyFrom(apb.QuotaLimit(amount=lim.quota.amount, per=lim.quota.per))
+        if lim.lease is not None:
+            m.lease.CopyFrom(
+                apb.LeaseSettings(
+                    max_units=lim.lease.max_units,
+                    max_share_pct=lim.lease.max_share_pct,
+                    validity=duration(lim.lease.validity_ms),
+                    renew_below_pct=lim.lease.renew_below_pct,
+                    gateway=lim.lease.gateway,
+                )
+            )
     return out
 
 

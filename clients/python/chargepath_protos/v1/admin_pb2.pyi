@@ -70,20 +70,36 @@ class Plan(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[Limit, _Mapping]]] = ...) -> None: ...
 
 class Limit(_message.Message):
-    __slots__ = ("name", "metric", "scope", "rate", "quota", "soft")
+    __slots__ = ("name", "metric", "scope", "rate", "quota", "soft", "lease")
     NAME_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     RATE_FIELD_NUMBER: _ClassVar[int]
     QUOTA_FIELD_NUMBER: _ClassVar[int]
     SOFT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     name: str
     metric: str
     scope: _metering_pb2.Scope
     rate: RateLimit
     quota: QuotaLimit
     soft: bool
-    def __init__(self, name: _Optional[str] = ..., metric: _Optional[str] = ..., scope: _Optional[_Union[_metering_pb2.Scope, str]] = ..., rate: _Optional[_Union[RateLimit, _Mapping]] = ..., quota: _Optional[_Union[QuotaLimit, _Mapping]] = ..., soft: _Optional[bool] = ...) -> None: ...
+    lease: LeaseSettings
+    def __init__(self, name: _Optional[str] = ..., metric: _Optional[str] = ..., scope: _Optional[_Union[_metering_pb2.Scope, str]] = ..., rate: _Optional[_Union[RateLimit, _Mapping]] = ..., quota: _Optional[_Union[QuotaLimit, _Mapping]] = ..., soft: _Optional[bool] = ..., lease: _Optional[_Union[LeaseSettings, _Mapping]] = ...) -> None: ...
+
+class LeaseSettings(_message.Message):
+    __slots__ = ("max_units", "max_share_pct", "validity", "renew_below_pct", "gateway")
+    MAX_UNITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SHARE_PCT_FIELD_NUMBER: _ClassVar[int]
+    VALIDITY_FIELD_NUMBER: _ClassVar[int]
+    RENEW_BELOW_PCT_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    max_units: int
+    max_share_pct: int
+    validity: _duration_pb2.Duration
+    renew_below_pct: int
+    gateway: bool
+    def __init__(self, max_units: _Optional[int] = ..., max_share_pct: _Optional[int] = ..., validity: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., renew_below_pct: _Optional[int] = ..., gateway: _Optional[bool] = ...) -> None: ...
 
 class RateLimit(_message.Message):
     __slots__ = ("capacity", "refill", "per")

@@ -212,7 +212,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExplainDecision(self, request, context):
-        """ExplainDecision explains a recent decision of a tenant after the fact.
+        """ExplainDecision explains a decision after the fact, by its id: any decision of the dedup
+        window, and a tenant's most recent ones beyond it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -24,7 +24,8 @@
 -- KEYS[KEY_ENTITLEMENT]  tenant entitlement hash ("v" = policy version stamped by the last
 --                        publish)
 -- KEYS[KEY_LEDGER]       tenant ledger stream (lib/ledger.lua)
--- KEYS[KEY_RECENT]       tenant recent-decisions stream (lib/trail.lua; capped)
+-- KEYS[KEY_RECENT]       tenant recent-decisions stream (lib/trail.lua; every decision of the
+--                        dedup window, and about ARGV[ARG_RECENT_LENGTH] beyond it)
 -- KEYS[KEY_AGGREGATES]   tenant ledger aggregates hash (lib/ledger.lua)
 -- KEYS[5..]              dedup, session, bucket, quota and grant keys, and the caps' counts,
 --                        by index from the payload
@@ -347,7 +348,7 @@ for o = 0, #batch - 1, USAGE_SLOTS do
   end
 end
 
-trail_close(KEYS[KEY_RECENT], recent_len, subjects, now_s)
+trail_close(KEYS[KEY_RECENT], recent_len, subjects, now_s, real_now, dedup_ms)
 
 -- 6. Write back every counter that changed.
 for idx, st in pairs(states) do

@@ -30,6 +30,9 @@
 -- ARGV[LEASE_ARG_DEADLINE]        the batch's deadline on Redis' clock (TIME), ms; 0: none
 -- ARGV[LEASE_ARG_TRAIL_LENGTH]    lease decisions kept for explain (approximate; 0: none)
 -- ARGV[LEASE_ARG_PAYLOAD]         MessagePack {specs, sets, asks}
+-- ARGV[LEASE_ARG_MAX_OPEN]        the most leases the tenant may hold open (0: no bound): a
+--                                 new lease past it is refused, DENY CAP_REACHED, nothing
+--                                 granted
 -- ARGV[LEASE_ARG_TENANT]          the tenant's name: a batch that gave units back (a release,
 --                                 an expiry) publishes it on ROOM_CHANNEL (store/room.py)
 --
@@ -60,6 +63,7 @@ local trail_len = tonumber(ARGV[LEASE_ARG_TRAIL_LENGTH])
 local payload = cmsgpack.unpack(ARGV[LEASE_ARG_PAYLOAD])
 local specs_in, sets_in, asks = payload[1], payload[2], payload[3]
 local index_key = KEYS[LEASE_KEY_INDEX]
+local max_open = tonumber(ARGV[LEASE_ARG_MAX_OPEN])
 local any_refund = false
 
 local specs = {}
@@ -285,6 +289,8 @@ for o = 0, #asks - 1, ASK_SLOTS do
         if requested > 0 then
           if suspended then
             d, r = DENY, SUSPENDED
+          elseif new and max_open > 0 and redis.call('ZCARD', index_key) >= max_open then
+            d, r, aflags = DENY, CAP_REACHED, LEASE_CAPPED
           else
             granted, d, r, retry = size(set, requested)
           end

@@ -28,7 +28,8 @@ local function civil_from_days(z)
   return y, m
 end
 
--- [start, end) of the UTC period (PERIOD_HOUR, PERIOD_DAY, PERIOD_MONTH) containing `at`.
+-- [start, end) of the UTC period (PERIOD_HOUR, PERIOD_DAY, PERIOD_WEEK: an ISO week from
+-- Monday 00:00, PERIOD_MONTH) containing `at`.
 local function period_bounds(at, period)
   if period == PERIOD_HOUR then
     local s = at - at % HOUR_MS
@@ -36,6 +37,9 @@ local function period_bounds(at, period)
   elseif period == PERIOD_DAY then
     local s = at - at % DAY_MS
     return s, s + DAY_MS
+  elseif period == PERIOD_WEEK then
+    local s = at - (at + WEEK_OFFSET_MS) % WEEK_MS
+    return s, s + WEEK_MS
   end
   local y, m = civil_from_days(math.floor(at / DAY_MS))
   local s = days_from_civil(y, m, 1) * DAY_MS

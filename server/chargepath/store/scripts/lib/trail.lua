@@ -5,8 +5,11 @@
 -- and
 --   text US trace_id US decision US reason US retry_after_ms US limits
 -- with limits "name,kind,remaining_before,remaining_after,capacity,exceeded(0/1)" joined by
--- ";". The stream is capped (MAXLEN ~) at ceil(length / decisions in the batch) entries, i.e.
--- about `length` decisions while batch sizes stay alike. Quota threshold crossings
+-- ";". The stream keeps every entry of the last `keep_ms` (the dedup window, so a decision id
+-- can be explained for at least that long, whatever the tenant's rate) and, beyond it, at most
+-- ceil(length / decisions in the batch) entries, i.e. about `length` decisions while batch
+-- sizes stay alike: once it holds more, the entries older than the window go (MINID ~, whole
+-- stream nodes). Entry ids are Redis' TIME. Quota threshold crossings
 -- (QUOTA_WARN_PERCENT, 100) follow the batch's entry as entries "e" = "th".
 -- The entry is built as pieces, joined once: no string is concatenated per decision.
 
@@ -71,14 +74,18 @@ local function trail_decision(text, trace_id, d, r, retry_s, set, nl, befores, a
 end
 
 -- Write the batch's entry and its threshold events to the trail stream `key`; `subjects`:
--- flat (slice, key) pairs by subject number.
-local function trail_close(key, length, subjects, now_s)
+-- flat (slice, key) pairs by subject number; `real_now`: Redis' TIME in ms (the entry ids'
+-- clock), `keep_ms`: how long every entry is kept.
+local function trail_close(key, length, subjects, now_s, real_now, keep_ms)
   if ndec == 0 then return end
   local keep = math.ceil(length / ndec)
-  redis.call('XADD', key, 'MAXLEN', '~', keep, '*', 'e', 'b', 'x', concat(trail, '', 1, tn))
+  redis.call('XADD', key, '*', 'e', 'b', 'x', concat(trail, '', 1, tn))
   for _, th in ipairs(thresholds) do
-    redis.call('XADD', key, 'MAXLEN', '~', keep, '*', 'e', 'th', 'l', th[1],
+    redis.call('XADD', key, '*', 'e', 'th', 'l', th[1],
       'sl', subjects[2 * th[2] - 1], 'k', subjects[2 * th[2]], 'pc', th[3], 'u', int(th[4]),
       'c', int(th[5]), 'ts', now_s)
+  end
+  if redis.call('XLEN', key) > keep then
+    redis.call('XTRIM', key, 'MINID', '~', real_now - keep_ms)
   end
 end
