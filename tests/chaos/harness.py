@@ -682,7 +682,7 @@ class BillingConsumer:
                 continue
             for line in inc.output.read_bytes().splitlines():
                 try:
-                    printed[-1].append(LedgerEntry.from_json_dict(json.loads(line)))
+                    printed[-1].append(LedgerEntry.from_row(json.loads(line)))
                 except (ValueError, KeyError, TypeError):
                     torn += 1
         return ConsumerRecord(printed, torn, list(self.deaths), self.unacked_at_kill)

@@ -47,7 +47,7 @@ pytestmark = pytest.mark.e2e
 TENANT = "cpaas-demo"  # the tenant of the meter and viewer keys
 OTHER = "mvno-demo"  # another tenant of the demo plans
 NO_SUCH_KEY = "aaaaaaaaaaaa"
-#: The services reflection lists.
+#: Chargepath's own services (and health and reflection).
 LISTED: tuple[ServiceDescriptor, ...] = (
     pb.DESCRIPTOR.services_by_name["MeteringService"],
     lpb.DESCRIPTOR.services_by_name["LeaseService"],
@@ -56,7 +56,7 @@ LISTED: tuple[ServiceDescriptor, ...] = (
     health_pb2.DESCRIPTOR.services_by_name["Health"],
     reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
 )
-#: Served for Envoy, under Envoy's own package, and not listed by reflection.
+#: Served for Envoy, under Envoy's own package (reflection lists them too).
 ENVOY: tuple[ServiceDescriptor, ...] = (
     rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"],
     rlqs_pb2.DESCRIPTOR.services_by_name["RateLimitQuotaService"],
@@ -239,7 +239,7 @@ def test_every_served_rpc_has_a_permission_and_a_case(gateway: GatewayProcess) -
             response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
         )(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
         served = {s.name for r in stream for s in r.list_services_response.service}
-    assert served == {s.full_name for s in LISTED}
+    assert served == {s.full_name for s in SERVICES}
     paths = [path for path, _ in methods()]
     assert sorted(p for p in paths if p not in PERMISSIONS) == []
     assert sorted(p for p in paths if p not in REQUESTS) == [], "add a case to REQUESTS"

@@ -28,7 +28,13 @@ from chargepath.cli.ledger import LedgerCliError, parse_time_ms, resolve_redis_u
 from chargepath.core.model import Decision, Mode, Subject, Usage, Verdict
 from chargepath.engine import Engine
 from chargepath.store.embedded import EmbeddedRedis
-from chargepath.store.ledger import Ledger, LedgerEntry, aggregates_key, exported_key
+from chargepath.store.ledger import (
+    ROW_COLUMNS,
+    Ledger,
+    LedgerEntry,
+    aggregates_key,
+    exported_key,
+)
 from chargepath.store.redis_store import RedisStore, ledger_key
 from tests.conftest import make_engine
 from tests.integration.policies import OPEN
@@ -197,13 +203,13 @@ async def test_cli_export_csv_and_jsonl_parse_back(
     url = ["--tenant", "acme", "--redis-url", redis_server.url, "--no-mark"]
     out = run_cli("export", *url, "--format", "jsonl")
     assert out.returncode == 0, out.stderr
-    got = [LedgerEntry.from_json_dict(json.loads(line)) for line in out.stdout.splitlines()]
+    got = [LedgerEntry.from_row(json.loads(line)) for line in out.stdout.splitlines()]
     assert got == want
     out = run_cli("export", *url, "--format", "csv")
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
-    assert list(rows[0]) == LedgerEntry.csv_header()
-    assert [LedgerEntry.from_csv_row(r) for r in rows] == want
+    assert list(rows[0]) == list(ROW_COLUMNS)
+    assert [LedgerEntry.from_row(r) for r in rows] == want
     assert any(x.labels for x in want) and any(x.occurred_at_ms for x in want)
     # --since/--until as ISO 8601 and as ms
     mid_ms = int(want[len(want) // 2].id.split("-")[0])
@@ -513,11 +519,11 @@ async def test_export_with_mark_trims_when_there_are_no_groups(
     skipped = [x async for x in ledger.export("acme", later)]
     assert len(skipped) == 100 and raw_redis.xlen(key) == 200
     assert raw_redis.get(exported_key("acme")) == rest[-1].id
-    # --no-mark trims nothing; the CLI export (with mark) takes it all
+    # the CLI export reads only; with --ack it takes it all
     url = ["--tenant", "acme", "--redis-url", redis_server.url]
-    assert run_cli("export", *url, "--no-mark").stdout.count("\n") == 200
+    assert run_cli("export", *url).stdout.count("\n") == 200
     assert raw_redis.xlen(key) == 200
-    out = run_cli("export", *url, "--format", "csv")
+    out = run_cli("export", *url, "--format", "csv", "--ack")
     assert out.returncode == 0 and out.stdout.count("\n") == 201
     assert raw_redis.xlen(key) == 0
     # with a consumer group, the group decides: an export does not trim what it has not acked

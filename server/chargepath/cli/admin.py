@@ -246,9 +246,7 @@ def _dispatch(args: argparse.Namespace, stub: Any, console: Console) -> int:
         )
         if e.HasField("lease"):  # a LeaseService decision id
             if args.json:
-                print(
-                    json.dumps(MessageToDict(e.lease, preserving_proto_field_name=True), indent=2)
-                )
+                print(json.dumps(render.plain(e.lease), indent=2))
             else:
                 console.print(render.lease_explanation(e.lease))
             return 0

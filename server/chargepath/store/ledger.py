@@ -29,10 +29,17 @@ Contract
   one that restarted under a new name. So an acknowledged entry is never delivered again to
   the group, and an entry delivered but not acknowledged is delivered again, never lost.
   Billing deduplicates redeliveries by entry id (or ``request_id``).
-* **Export.** :meth:`Ledger.export` reads a range with ``XRANGE`` in pages. With ``mark`` it
-  records the id of the last entry exported in ``cp:{T}:ledger:exported``; the mark only
-  moves forward, and only over a contiguous export (an export starting past unexported
-  entries does not move it).
+* **Export.** :meth:`Ledger.export` reads a range with ``XRANGE`` in pages of ``page_size``
+  (memory bounded by a page, whatever the ledger's length). With ``mark`` it records the id
+  of the last entry exported in ``cp:{T}:ledger:exported``; the mark only moves forward, and
+  only over a contiguous export (an export starting past unexported entries does not move
+  it). ``chargepath ledger export`` never marks unless given ``--ack``, and then only what it
+  has written and flushed.
+* **Rows.** :meth:`LedgerEntry.to_row` is what billing reads (:data:`ROW_COLUMNS`, in that
+  order): names for decision and reason, ISO 8601 UTC times (None when unset), the tenant and
+  the metric's unit; :meth:`LedgerEntry.from_row` reads one back (JSON line or CSV row).
+  :class:`LedgerSummary` sums entries per tenant, subject, metric and period, reversals
+  netted out.
 * **What is trimmed, when.** :meth:`Ledger.trim` (called after every :meth:`Ledger.ack` and
   every export mark) removes, with ``XTRIM MINID`` in one Lua script (``trim_ledger.lua``):
   when the stream has consumer groups, the entries that every group has acknowledged: below the
@@ -54,13 +61,18 @@ Contract
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
 
 from redis.exceptions import ResponseError
 
+from chargepath.core.model import Decision, Reason
+from chargepath.core.periods import DAY_MS, Period, civil_from_days, days_from_civil, period_bounds
+from chargepath.core.plans import PolicyDocument
 from chargepath.store.connect import RedisClient, RedisTarget, connect
 from chargepath.store.protocol import US, ledger_key, read_script, tenant_prefix
 from chargepath.store.protocol import aggregates_key as aggregates_key
@@ -69,12 +81,112 @@ if TYPE_CHECKING:
     from chargepath.store.redis_store import RedisStore
 
 __all__ = [
+    "OVERAGE_REASONS",
+    "ROW_COLUMNS",
+    "SUMMARY_COLUMNS",
     "Ledger",
     "LedgerEntry",
+    "LedgerSummary",
+    "SummaryLine",
     "aggregates_key",
     "exported_key",
+    "iso_ms",
+    "parse_iso_ms",
     "parse_stream_id",
 ]
+
+#: The columns of a ledger row (``chargepath ledger export`` and ``consume``, every format), in
+#: this order; README's "The billing ledger" documents each. Add new columns at the end only.
+ROW_COLUMNS: Final = (
+    "id",
+    "tenant",
+    "slice",
+    "key",
+    "metric",
+    "unit",
+    "amount",
+    "billed_amount",
+    "count",
+    "mode",
+    "decision",
+    "reason",
+    "overage",
+    "reversal",
+    "aggregate",
+    "request_id",
+    "decision_id",
+    "policy_version",
+    "occurred_at",
+    "decided_at",
+    "interval_start",
+    "interval_end",
+    "labels",
+)
+
+#: Reasons with which a usage is recorded past a limit: a soft limit crossed (an admit or a
+#: report), or a report that took a bucket into debt or a quota past its amount.
+OVERAGE_REASONS: Final = frozenset(
+    {
+        Reason.SOFT_LIMIT_EXCEEDED,
+        Reason.RATE_LIMITED,
+        Reason.QUOTA_EXHAUSTED,
+        Reason.AMOUNT_EXCEEDS_CAPACITY,
+    }
+)
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MS: Final = timedelta(milliseconds=1)
+_EXPANDED: Final = re.compile(r"([+-]\d{5,})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)\.(\d{3})Z")
+
+
+def iso_ms(ms: int) -> str:
+    """Milliseconds since the epoch as ISO 8601 UTC with milliseconds:
+    ``2026-03-01T12:00:00.250Z`` (exact: integer arithmetic, no float). A time past the year
+    9999 (stored times go up to 2^53 - 1 ms) takes ISO 8601's expanded year, ``+285616-...``."""
+    days, rem = divmod(ms, DAY_MS)
+    y, mo, d = civil_from_days(days)
+    h, rem = divmod(rem, 3_600_000)
+    mi, rem = divmod(rem, 60_000)
+    sec, milli = divmod(rem, 1000)
+    year = f"{y:04d}" if 0 <= y <= 9999 else f"{y:+06d}"
+    return f"{year}-{mo:02d}-{d:02d}T{h:02d}:{mi:02d}:{sec:02d}.{milli:03d}Z"
+
+
+def parse_iso_ms(text: str) -> int:
+    """The inverse of :func:`iso_ms` (also any ISO 8601 time :mod:`datetime` reads; UTC when it
+    has no offset)."""
+    m = _EXPANDED.fullmatch(text)
+    if m:
+        y, mo, d, h, mi, sec, milli = (int(g) for g in m.groups())
+        return days_from_civil(y, mo, d) * DAY_MS + ((h * 60 + mi) * 60 + sec) * 1000 + milli
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // _MS
+
+
+def _enum_name(enum: type[Decision] | type[Reason], code: int) -> str:
+    """The name of a ``chargepath.v1`` enum code as the CLI spells it (``ALLOW``,
+    ``RATE_LIMITED``); a code this version does not know stays a number, as text."""
+    try:
+        return enum(code).name
+    except ValueError:
+        return str(code)
+
+
+def _enum_code(enum: type[Decision] | type[Reason], raw: Any) -> int:
+    if isinstance(raw, int):
+        return raw
+    text = str(raw)
+    return int(text) if text.lstrip("-").isdigit() else int(enum[text])
+
+
+def _flag(raw: Any) -> bool:
+    return raw is True or str(raw).lower() in ("true", "1")
+
+
+def _opt_ms(raw: Any) -> int:
+    return parse_iso_ms(str(raw)) if raw not in (None, "") else 0
 
 
 def exported_key(tenant: str) -> str:
@@ -192,50 +304,202 @@ class LedgerEntry:
             occurred_at_ms=int(p[11]) if len(p) > 11 else 0,
         )
 
-    def to_json_dict(self) -> dict[str, Any]:
-        """Every field, JSON-ready (labels as an object)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)} | {"labels": dict(self.labels)}
+    # -- rows for people and finance -----------------------------------------------------
 
-    @classmethod
-    def from_json_dict(cls, d: Mapping[str, Any]) -> LedgerEntry:
-        """The inverse of :meth:`to_json_dict`."""
-        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        kwargs["labels"] = dict(d.get("labels") or {})
-        return cls(**kwargs)
+    @property
+    def overage(self) -> bool:
+        """The usage was recorded past a limit (:data:`OVERAGE_REASONS`); never a reversal."""
+        return not self.reversal and self.reason in OVERAGE_REASONS
+
+    @property
+    def usage_time_ms(self) -> int:
+        """When the usage happened, as billing periods count it: ``occurred_at`` if the caller
+        gave one, else the start of an aggregate's interval, else when it was decided (for a
+        reversal: when the reversal was written)."""
+        if self.occurred_at_ms:
+            return self.occurred_at_ms
+        if self.aggregate and self.interval_start_ms:
+            return self.interval_start_ms
+        return self.decided_at_ms
+
+    def to_row(self, tenant: str, unit: str) -> dict[str, Any]:
+        """The entry as a row of :data:`ROW_COLUMNS` (JSON-ready: plain names, integers as
+        numbers, times as ISO 8601 UTC or None when unset, labels as an object).
+
+        ``unit`` is the metric's unit in the policy's catalog ("" if the metric is not in it)."""
+        return {
+            "id": self.id,
+            "tenant": tenant,
+            "slice": self.slice,
+            "key": self.key,
+            "metric": self.metric,
+            "unit": unit,
+            "amount": self.amount,
+            "billed_amount": self.billed_amount,
+            "count": self.count,
+            "mode": self.mode,
+            "decision": _enum_name(Decision, self.decision),
+            "reason": _enum_name(Reason, self.reason),
+            "overage": self.overage,
+            "reversal": self.reversal,
+            "aggregate": self.aggregate,
+            "request_id": self.request_id,
+            "decision_id": self.decision_id,
+            "policy_version": self.policy_version,
+            "occurred_at": iso_ms(self.occurred_at_ms) if self.occurred_at_ms else None,
+            "decided_at": iso_ms(self.decided_at_ms),
+            "interval_start": iso_ms(self.interval_start_ms) if self.aggregate else None,
+            "interval_end": iso_ms(self.interval_end_ms) if self.aggregate else None,
+            "labels": dict(sorted(self.labels.items())),
+        }
 
     @staticmethod
-    def csv_header() -> list[str]:
-        return [f.name for f in fields(LedgerEntry)]
-
-    def to_csv_row(self) -> list[str]:
-        """In the order of :meth:`csv_header`; labels as compact JSON ("" if none), booleans
-        as 0/1."""
-        row: list[str] = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name == "labels":
-                row.append(json.dumps(v, separators=(",", ":"), sort_keys=True) if v else "")
+    def csv_cells(row: Mapping[str, Any]) -> list[str]:
+        """A row of :meth:`to_row` as CSV cells in :data:`ROW_COLUMNS` order: None as "",
+        booleans as ``true``/``false``, labels as compact JSON ("" if none)."""
+        cells: list[str] = []
+        for name in ROW_COLUMNS:
+            v = row[name]
+            if name == "labels":
+                cells.append(json.dumps(v, separators=(",", ":"), sort_keys=True) if v else "")
+            elif v is None:
+                cells.append("")
             elif isinstance(v, bool):
-                row.append("1" if v else "0")
+                cells.append("true" if v else "false")
             else:
-                row.append(str(v))
-        return row
+                cells.append(str(v))
+        return cells
 
     @classmethod
-    def from_csv_row(cls, row: Mapping[str, str]) -> LedgerEntry:
-        """The inverse of :meth:`to_csv_row`, from a ``csv.DictReader`` row."""
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = row[f.name]
-            if f.name == "labels":
-                kwargs[f.name] = json.loads(raw) if raw else {}
-            elif f.name in ("aggregate", "reversal"):
-                kwargs[f.name] = raw == "1"
-            elif f.type in ("int", int):
-                kwargs[f.name] = int(raw)
-            else:
-                kwargs[f.name] = raw
-        return cls(**kwargs)
+    def from_row(cls, row: Mapping[str, Any]) -> LedgerEntry:
+        """The inverse of :meth:`to_row`, from a JSON line or a ``csv.DictReader`` row (tenant,
+        unit and the derived columns are dropped)."""
+        labels = row.get("labels") or {}
+        if isinstance(labels, str):
+            labels = json.loads(labels)
+        return cls(
+            id=str(row["id"]),
+            request_id=str(row["request_id"]),
+            decision_id=str(row["decision_id"]),
+            metric=str(row["metric"]),
+            amount=int(row["amount"]),
+            mode=str(row["mode"]),
+            decision=_enum_code(Decision, row["decision"]),
+            reason=_enum_code(Reason, row["reason"]),
+            policy_version=int(row["policy_version"]),
+            decided_at_ms=_opt_ms(row["decided_at"]),
+            slice=str(row["slice"]),
+            key=str(row["key"]),
+            labels={str(k): str(v) for k, v in labels.items()},
+            occurred_at_ms=_opt_ms(row["occurred_at"]),
+            count=int(row["count"]),
+            aggregate=_flag(row["aggregate"]),
+            interval_start_ms=_opt_ms(row["interval_start"]),
+            interval_end_ms=_opt_ms(row["interval_end"]),
+            reversal=_flag(row["reversal"]),
+        )
+
+
+#: The columns of ``chargepath ledger summary --json`` lines, in order.
+SUMMARY_COLUMNS: Final = (
+    "tenant",
+    "slice",
+    "key",
+    "metric",
+    "unit",
+    "period",
+    "period_start",
+    "units",
+    "overage",
+    "entries",
+    "usages",
+    "reversals",
+    "reversed_units",
+)
+
+
+@dataclass(slots=True)
+class SummaryLine:
+    """The totals of one tenant, subject (slice, key: "" when none), metric and period.
+
+    ``units``: the units recorded, reversals netted out (the sum of
+    :attr:`LedgerEntry.billed_amount`); ``overage``: the units of entries recorded past a
+    limit; ``entries``: ledger entries other than reversals; ``usages``: the usages they carry
+    (an aggregate entry counts its admits); ``reversals`` and ``reversed_units``: the
+    reversal entries and the units they took off."""
+
+    tenant: str
+    slice: str
+    key: str
+    metric: str
+    unit: str
+    period: str
+    period_start_ms: int
+    units: int = 0
+    overage: int = 0
+    entries: int = 0
+    usages: int = 0
+    reversals: int = 0
+    reversed_units: int = 0
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "slice": self.slice,
+            "key": self.key,
+            "metric": self.metric,
+            "unit": self.unit,
+            "period": self.period,
+            "period_start": iso_ms(self.period_start_ms),
+            "units": self.units,
+            "overage": self.overage,
+            "entries": self.entries,
+            "usages": self.usages,
+            "reversals": self.reversals,
+            "reversed_units": self.reversed_units,
+        }
+
+
+_PERIODS: Final = {"hour": Period.HOUR, "day": Period.DAY, "month": Period.MONTH}
+
+
+class LedgerSummary:
+    """Totals of ledger entries per tenant, subject, metric and UTC period (``hour``, ``day``
+    or ``month``) of :attr:`LedgerEntry.usage_time_ms`. Memory grows with the number of
+    distinct (subject, metric, period), not with the number of entries."""
+
+    PERIODS: Final = tuple(_PERIODS)
+
+    def __init__(self, period: str = "day") -> None:
+        if period not in _PERIODS:
+            raise ValueError(f"period must be one of {', '.join(_PERIODS)}, got {period!r}")
+        self.period = period
+        self._lines: dict[tuple[str, str, str, str, int], SummaryLine] = {}
+
+    def add(self, tenant: str, entry: LedgerEntry, unit: str) -> None:
+        start, _ = period_bounds(entry.usage_time_ms, _PERIODS[self.period])
+        k = (tenant, entry.slice, entry.key, entry.metric, start)
+        line = self._lines.get(k)
+        if line is None:
+            line = self._lines[k] = SummaryLine(
+                tenant, entry.slice, entry.key, entry.metric, unit, self.period, start
+            )
+        line.units += entry.billed_amount
+        if entry.reversal:
+            line.reversals += 1
+            line.reversed_units += entry.amount
+            return
+        line.entries += 1
+        line.usages += entry.count
+        if entry.overage:
+            line.overage += entry.amount
+
+    def lines(self) -> list[SummaryLine]:
+        """The totals, by tenant, period, slice, key and metric."""
+        return sorted(
+            self._lines.values(),
+            key=lambda x: (x.tenant, x.period_start_ms, x.slice, x.key, x.metric),
+        )
 
 
 Batch = list[tuple[str, LedgerEntry]]
@@ -321,6 +585,18 @@ class Ledger:
     async def exported_mark(self, tenant: str) -> str | None:
         mark = await self.client.get(exported_key(tenant))
         return None if mark is None else str(mark)
+
+    async def policy(self) -> PolicyDocument | None:
+        """The live policy document (tenants, the metric catalog with units), or None if none
+        was ever published. Read-only."""
+        from chargepath.store.redis_store import POLICY_KEY
+
+        doc = await self.client.hget(POLICY_KEY, "doc")
+        return None if doc is None else PolicyDocument.model_validate_json(doc)
+
+    async def has_ledger(self, tenant: str) -> bool:
+        """Whether the tenant has a ledger stream (possibly empty) in Redis."""
+        return bool(await self.client.exists(ledger_key(tenant)))
 
     async def _xrange(
         self, key: str, start: str, end: str, count: int
