@@ -139,7 +139,13 @@ class SeenIds:
     def __contains__(self, item: tuple[str, str]) -> bool:
         self._rotate()
         positions = self._positions(*item)
-        return any(all(f[p >> 3] & (1 << (p & 7)) for p in positions) for f in self._filters)
+        for f in self._filters:  # loops, not generators: this runs on every cached answer
+            for p in positions:
+                if not f[p >> 3] & (1 << (p & 7)):
+                    break
+            else:
+                return True
+        return False
 
 
 @dataclass(slots=True)
