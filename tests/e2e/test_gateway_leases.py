@@ -4,6 +4,7 @@ expiry; a drain reports and releases."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from chargepath_protos.v1 import metering_pb2 as pb
 from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 from tests.conftest import ledger_entries
 from tests.e2e.conftest import GatewayProcess, start_gateway
+from tests.e2e.test_loadtest_smoke import ROOT, run_loadtest
 
 CAPACITY = 1000
 GRANT = 200
@@ -171,3 +173,37 @@ def test_callers_are_refused_before_any_lease(tmp_path: Path) -> None:
         assert a.stop() == 0, a.log()
         assert a.redis is not None
         a.redis.stop()
+
+
+def test_the_leased_hot_load_scenario_is_answered_and_all_of_it_reaches_the_ledger(
+    tmp_path: Path,
+) -> None:
+    """``python -m loadtest leased-hot`` on its plan file: every Check allowed, no error; after
+    the drain the ledger holds one entry per allowed Check."""
+    gw = start_gateway(
+        tmp_path / "gw",
+        plans=ROOT / "loadtest" / "leased-plans.yaml",
+        extra_args=("--workers", "1"),
+    )
+    raw = redis.Redis.from_url(gw.redis_url)
+    try:
+        proc = run_loadtest(
+            "leased-hot", "--target", gw.address, "--api-key", gw.operator_key,
+            "--rate", "100", "--duration", "3", "--warmup", "0", "--procs", "1",
+            "--connections", "1", "--out", str(tmp_path), "--name", "lh", "--quiet",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        doc = json.loads((tmp_path / "lh.json").read_text())
+        (measurement,) = doc["measurements"]
+        (phase,) = measurement["phases"]
+        (flow,) = phase["flows"]
+        allowed = flow["tally"]["decisions"]["ALLOW"]
+        assert allowed >= 250 and flow["tally"]["error_ops"] == 0, flow["tally"]
+        assert gw.stop() == 0, gw.log()
+        assert len(ledger_entries(raw, "cpaas-demo")) == allowed
+    finally:
+        raw.close()
+        if gw.process.poll() is None:
+            gw.stop()
+        assert gw.redis is not None
+        gw.redis.stop()
