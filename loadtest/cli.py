@@ -17,7 +17,7 @@ from typing import Any, Literal, NamedTuple, cast
 from rich.console import Console
 from rich.markup import escape
 
-from loadtest import alternate, chaos, credentials, gogen, processes, report
+from loadtest import alternate, chaos, credentials, gogen, lease_local, processes, report
 from loadtest.runner import Measurement, PhasePlan, WorkerError, WorkerPool, measure
 from loadtest.worker import FlowSpec, TargetSpec, WorkerSpec
 from loadtest.workload import WorkloadError, load_workload, require_rls_route
@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--target-pid", type=int, action="append", default=[], help=pid_help)
     ceiling.set_defaults(target_pid=[])
     chaos.add_parser(sub)
+    lease_local.add_parser(sub)
     alternating = sub.add_parser(
         "alternate",
         parents=[common],
@@ -380,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "chaos":
         return chaos.run(args, list(argv if argv is not None else sys.argv[1:]))
+    if args.command == "lease-local":
+        return lease_local.run(args)
     if args.rate is None:
         args.rate = SMOKE_RATE if args.smoke else DEFAULT_RATE
     scenarios = scenarios_of(args)

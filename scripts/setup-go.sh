@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up the Go client in clients/go: installs a Go toolchain, the gRPC and protobuf Go
 # libraries and the protoc-gen-go / protoc-gen-go-grpc plugins from Debian's packages,
-# generates the Go stubs from protos/ into clients/go/gen/, and builds the example into
-# clients/go/bin/chargepath-example and the load generator's native back end into
+# generates the Go stubs from protos/ into clients/go/gen/, and builds the examples into
+# clients/go/bin/chargepath-example and clients/go/bin/chargepath-lease-example, and the load
+# generator's native back end into
 # clients/go/bin/chargepath-loadgen (python -m loadtest check --generator go).
 #
 # Why Debian's packages and not the Go module proxy: the project's machines and CI reach
@@ -184,10 +185,11 @@ ln -s "$PWD/$GO_DIR" "$gopath/src/$MODULE"
 (
   cd "$gopath/src/$MODULE"
   export GO111MODULE=off GOPATH="$gopath:$GOCODE" GOFLAGS="" GOPROXY=off GOTOOLCHAIN=local CGO_ENABLED=0
-  for cmd in chargepath-example chargepath-loadgen; do
+  for cmd in chargepath-example chargepath-lease-example chargepath-loadgen; do
     "$GO_BIN" build -trimpath -o "$OLDPWD/$GO_DIR/bin/$cmd" "./cmd/$cmd"
   done
   "$GO_BIN" vet ./cmd/... ./internal/...
 )
 log "built $GO_DIR/bin/chargepath-example; run: $GO_DIR/bin/chargepath-example --help"
+log "built $GO_DIR/bin/chargepath-lease-example; run: $GO_DIR/bin/chargepath-lease-example --help"
 log "built $GO_DIR/bin/chargepath-loadgen; used by: python -m loadtest check --generator go"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up the Node.js client in clients/node: installs its pinned dependencies
 # (package-lock.json, `npm ci`), generates the TypeScript stubs from protos/ into
-# clients/node/gen/ with ts-proto, and type-checks and compiles the example into
-# clients/node/dist/ (run it with `node clients/node/dist/example.js`).
+# clients/node/gen/ with ts-proto, and type-checks and compiles the examples into
+# clients/node/dist/ (run them with `node clients/node/dist/example.js` and
+# `node clients/node/dist/lease-example.js`).
 #
 # Idempotent: every run starts from the lock file and regenerates gen/ and dist/ from scratch.
 # Needs the project venv (`make setup`): protoc is the one grpcio-tools ships, so every
@@ -57,6 +58,7 @@ mkdir -p "$NODE_DIR/gen"
   protos/chargepath/v1/*.proto
 log "generated $(find "$NODE_DIR/gen" -name '*.ts' | wc -l) files into $NODE_DIR/gen"
 
-# 4. Type-check and compile the example.
+# 4. Type-check and compile the examples.
 (cd "$NODE_DIR" && npm run --silent build)
 log "built $NODE_DIR/dist/example.js; run: node $NODE_DIR/dist/example.js --help"
+log "built $NODE_DIR/dist/lease-example.js; run: node $NODE_DIR/dist/lease-example.js --help"

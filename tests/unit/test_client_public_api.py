@@ -56,3 +56,13 @@ def test_the_client_verdict_carries_every_field_of_the_wire_verdict() -> None:
     flags = pb.Verdict(degraded=True, spooled=True)
     v = Verdict.from_pb(flags)
     assert (v.degraded, v.spooled, v.recorded, v.replayed) == (True, True, False, False)
+
+
+def test_both_clients_hold_leases_with_the_same_local_api() -> None:
+    from chargepath_client import AsyncClient, AsyncLease, Client, Lease
+
+    for client_cls, lease_cls in ((Client, Lease), (AsyncClient, AsyncLease)):
+        assert callable(client_cls.lease)
+        for name in ("try_acquire", "available", "final", "spent", "unreported", "lease_id"):
+            assert hasattr(lease_cls, name), (lease_cls, name)
+    assert hasattr(Lease, "__enter__") and hasattr(AsyncLease, "__aenter__")

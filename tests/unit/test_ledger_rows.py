@@ -97,10 +97,10 @@ def test_a_row_reads_back_to_its_entry_in_json_and_csv() -> None:
 
 
 def test_overage_is_a_usage_recorded_past_a_limit() -> None:
-    assert entry(reason=int(Reason.SOFT_LIMIT_EXCEEDED)).overage
-    assert entry(decision=int(Decision.DENY), reason=int(Reason.QUOTA_EXHAUSTED)).overage
-    assert not entry(decision=int(Decision.DENY), reason=int(Reason.SUSPENDED)).overage
-    assert not entry().overage
+    assert entry(reason=int(Reason.SOFT_LIMIT_EXCEEDED)).is_overage
+    assert entry(decision=int(Decision.DENY), reason=int(Reason.QUOTA_EXHAUSTED)).is_overage
+    assert not entry(decision=int(Decision.DENY), reason=int(Reason.SUSPENDED)).is_overage
+    assert not entry().is_overage
 
 
 def test_parquet_columns_have_their_types() -> None:

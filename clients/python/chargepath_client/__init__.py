@@ -32,6 +32,21 @@ Blocking (grpc's synchronous channel, no event loop):
         verdict = client.report("mvno-demo", "slice.bytes", 1_500_000, slice="1-000001")
         print(verdict.decision, verdict.reason, verdict.limits)
 
+Quota leases (decide locally, without a round trip): a lease takes up to `units` from every
+limit of the subject's plan on the metric (the limits must allow leases in the plan); then
+`try_acquire(n)` decides in well under a microsecond, and a background thread (or task)
+renews the lease before it runs out, reports what was spent (recorded in the ledger once,
+retried with the same request id) and, on closing, gives the unspent units back:
+
+    with client.lease("cpaas-demo", "api.sms.send", units=1000, key="key-42") as lease:
+        for message in outbox:
+            if not lease.try_acquire():
+                break                  # nothing left now: lease.last_answer says why
+            send(message)
+
+A process that dies with units spent and not reported loses at most one grant's worth of
+usage to the ledger (less with `report_every`); the lease's units come back at its expiry.
+
 Retries: every call carries a request id (a new UUID unless you pass `request_id=`); a
 transient failure (UNAVAILABLE, RESOURCE_EXHAUSTED, a per-attempt timeout) is retried with
 the same id, exponential backoff and jitter, within the call's overall deadline
@@ -70,6 +85,9 @@ from chargepath_client._errors import (
     Unauthenticated,
     Unavailable,
 )
+from chargepath_client._lease import LeaseAnswer
+from chargepath_client._lease_async import AsyncLease
+from chargepath_client._lease_sync import Lease
 from chargepath_client._retry import RetryPolicy
 from chargepath_client._stream import UsageStream
 from chargepath_client._sync import Client
@@ -86,11 +104,14 @@ from chargepath_client._verdict import (
 
 __all__ = [
     "AsyncClient",
+    "AsyncLease",
     "ChargepathError",
     "Client",
     "DeadlineExceeded",
     "Decision",
     "InvalidUsage",
+    "Lease",
+    "LeaseAnswer",
     "LimitKind",
     "LimitStatus",
     "Mode",

@@ -19,10 +19,13 @@ import grpc
 import grpc.aio
 
 from chargepath_client import _wire
-from chargepath_client._base import BaseClient, CheckAttempts
+from chargepath_client._base import BaseClient, CheckAttempts, logger
+from chargepath_client._errors import ChargepathError
+from chargepath_client._lease_async import AsyncLease
 from chargepath_client._retry import RetryPolicy
 from chargepath_client._stream import UsageStream
 from chargepath_client._verdict import Mode, Verdict
+from chargepath_protos.v1 import lease_pb2
 from chargepath_protos.v1 import metering_pb2 as pb
 
 
@@ -39,6 +42,7 @@ class AsyncClient(BaseClient):
         options: Sequence[tuple[str, int | str]],
     ) -> None:
         self._streams: weakref.WeakSet[UsageStream] = weakref.WeakSet()
+        self._leases: weakref.WeakSet[AsyncLease] = weakref.WeakSet()
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(self.target, options=options)
         else:
@@ -47,6 +51,11 @@ class AsyncClient(BaseClient):
             _wire.CHECK_METHOD,
             request_serializer=pb.CheckRequest.SerializeToString,
             response_deserializer=pb.CheckResponse.FromString,
+        )
+        self._lease: _wire.LeaseCall = self._channel.unary_unary(
+            _wire.LEASE_METHOD,
+            request_serializer=lease_pb2.LeaseRequest.SerializeToString,
+            response_deserializer=lease_pb2.LeaseResponse.FromString,
         )
         self._stream_usage: _wire.StartUsageStream = self._channel.stream_stream(
             _wire.STREAM_USAGE_METHOD,
@@ -69,10 +78,16 @@ class AsyncClient(BaseClient):
         """Close the channel; calls still running get CANCELLED after `grace` seconds.
 
         Streams still open are aborted first (their pending usages fail with StreamClosed):
-        close your streams before the client to have them drained.
+        close your streams before the client to have them drained. Leases still open are
+        closed (reported and released).
         """
         for stream in list(self._streams):
             await stream.abort()
+        for lease in list(self._leases):
+            try:
+                await lease.close()
+            except ChargepathError:
+                logger.exception("closing lease of %s/%s", lease.tenant, lease.metric)
         await self._channel.close(grace)
 
     async def check(
@@ -125,6 +140,44 @@ class AsyncClient(BaseClient):
             Mode.REPORT, tenant, metric, amount, slice, key, labels, request_id, occurred_at
         )
         return await self._decide(self._check_attempts(usage, deadline, metadata))
+
+    def lease(
+        self,
+        tenant: str,
+        metric: str,
+        *,
+        units: int,
+        slice: str = "",
+        key: str = "",
+        holder: str = "",
+        labels: Mapping[str, str] | None = None,
+        report_every: float | None = 1.0,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> AsyncLease:
+        """Hold a quota lease on `tenant`'s limits for `metric` (see `AsyncLease`): `async
+        with client.lease(...) as lease:` asks for `units` (each grant, at most; the plan
+        may grant fewer), then `lease.try_acquire(n)` decides locally, and a background task
+        renews and reports. `holder` names this holder in the gateway's state (default: the
+        caller's identity); `labels` go to the lease's ledger entries; `report_every`
+        (seconds; None: at renewals only) bounds how long spent units wait to be reported.
+        Validated like a usage (`InvalidUsage`)."""
+        lease = AsyncLease(
+            self._lease,
+            _wire.metadata(self._metadata, metadata),
+            tenant,
+            metric,
+            units=units,
+            slice=slice,
+            key=key,
+            holder=holder,
+            labels=labels,
+            report_every=report_every,
+            validate=self.validate,
+            retry=self.retry,
+            attempt_timeout=self.default_deadline,
+        )
+        self._leases.add(lease)
+        return lease
 
     def stream(
         self,

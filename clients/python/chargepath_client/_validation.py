@@ -22,6 +22,7 @@ LABELS_MAX = 16
 LABEL_KEY_MAX = 64
 LABEL_VALUE_MAX = 256
 REQUEST_ID_MAX = 128
+HOLDER_MAX = 128
 SESSION_ID_MAX = 128
 SEQUENCE_MAX = 2**53 - 1  # the server keeps sequences exact in Lua numbers (doubles)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -35,6 +36,7 @@ _SUBJECT_PART = re.compile(r"[A-Za-z0-9._~@+=/-]*")
 # Printable ASCII without the space, as the server has it.
 _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _METRIC = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)*")
+_HOLDER = re.compile(r"[A-Za-z0-9._~@+=/:-]*")
 
 
 def _check_str(field: str, value: object) -> str:
@@ -60,6 +62,16 @@ def validate_request_id(request_id: object) -> None:
 def validate_session_id(session_id: object) -> None:
     """Raise InvalidUsage unless `session_id` is 1 to 128 printable ASCII characters."""
     _check_id("session_id", session_id, SESSION_ID_MAX)
+
+
+def validate_holder(holder: object) -> None:
+    """Raise InvalidUsage unless `holder` (who holds a lease, for people reading the state;
+    "" for the caller's identity) is up to 128 characters of [A-Za-z0-9._~@+=/:-]."""
+    text = _check_str("holder", holder)
+    if len(text) > HOLDER_MAX or _HOLDER.fullmatch(text) is None:
+        raise InvalidUsage(
+            "holder", f"must be at most {HOLDER_MAX} characters of [A-Za-z0-9._~@+=/:-]"
+        )
 
 
 def validate_occurred_at(occurred_at: object, now: datetime | None = None) -> None:

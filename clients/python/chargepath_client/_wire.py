@@ -9,11 +9,13 @@ from typing import Protocol
 
 from chargepath_client._validation import validate_occurred_at, validate_usage
 from chargepath_client._verdict import MODES, Mode
+from chargepath_protos.v1 import lease_pb2
 from chargepath_protos.v1 import metering_pb2 as pb
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["MeteringService"].full_name
 CHECK_METHOD = f"/{_SERVICE}/Check"
 STREAM_USAGE_METHOD = f"/{_SERVICE}/StreamUsage"
+LEASE_METHOD = f"/{lease_pb2.DESCRIPTOR.services_by_name['LeaseService'].full_name}/Lease"
 
 # Metadata as grpc wants it: a tuple of (lower-case key, value) pairs.
 Metadata = tuple[tuple[str, str | bytes], ...]
@@ -35,6 +37,22 @@ class BlockingCheckCall(Protocol):
     def __call__(
         self, request: pb.CheckRequest, *, timeout: float, metadata: Metadata
     ) -> pb.CheckResponse: ...
+
+
+class LeaseCall(Protocol):
+    """`LeaseService.Lease` on a grpc.aio channel."""
+
+    def __call__(
+        self, request: lease_pb2.LeaseRequest, *, timeout: float, metadata: Metadata
+    ) -> Awaitable[lease_pb2.LeaseResponse]: ...
+
+
+class BlockingLeaseCall(Protocol):
+    """`LeaseService.Lease` on a synchronous grpc channel."""
+
+    def __call__(
+        self, request: lease_pb2.LeaseRequest, *, timeout: float, metadata: Metadata
+    ) -> lease_pb2.LeaseResponse: ...
 
 
 class UsageStreamCall(Protocol):
@@ -120,3 +138,31 @@ def usage(
     if occurred_at is not None:
         message.occurred_at.FromDatetime(occurred_at)
     return message
+
+
+def lease_ask(
+    *,
+    tenant: str,
+    slice: str,
+    key: str,
+    metric: str,
+    lease_id: str,
+    requested: int,
+    used: int,
+    release: bool,
+    labels: Mapping[str, str] | None,
+    holder: str,
+) -> lease_pb2.LeaseAsk:
+    """One lease ask with a fresh request id (every retry of it sends this same message).
+    The arguments were validated when the lease was made."""
+    return lease_pb2.LeaseAsk(
+        request_id=new_id(),
+        subject=pb.Subject(tenant=tenant, slice=slice, key=key),
+        metric=metric,
+        lease_id=lease_id,
+        requested=requested,
+        used=used,
+        release=release,
+        labels=labels,
+        holder=holder,
+    )

@@ -19,8 +19,8 @@ Which command trims what:
 Every row (export and consume) has the columns, in this order: id, tenant, slice, key,
 metric, unit, amount, billed_amount, count, mode, decision, reason, overage, reversal,
 aggregate, request_id, decision_id, policy_version, occurred_at, decided_at, interval_start,
-interval_end, labels. Decisions and reasons are names (ALLOW, RATE_LIMITED), times ISO 8601
-UTC (empty/null when unset), integers are numbers.
+interval_end, labels, overage_units, lease_id. Decisions and reasons are names (ALLOW,
+RATE_LIMITED), times ISO 8601 UTC (empty/null when unset), integers are numbers.
 
 The commands first move the ledger aggregates whose interval has ended into the ledger (plans
 with ``ledger: {mode: aggregate}``; the gateway does the same every second).
@@ -46,7 +46,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from chargepath.store.connect import RedisTarget
@@ -58,13 +58,6 @@ FORMATS = ("jsonl", "csv", "parquet")
 
 class LedgerCliError(Exception):
     """A usage error of ``chargepath ledger``: printed as one line, exit status 2."""
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """A parser whose usage errors are one line naming the flag (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
 
 
 _DURATION = re.compile(r"(\d+)([smhd])")
@@ -139,7 +132,9 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = ledger.add_subparsers(dest="ledger_command", required=True, parser_class=_OneLineParser)
+    sub = ledger.add_subparsers(
+        dest="ledger_command", required=True, parser_class=type(ledger)
+    )  # the CLI's one-line errors
 
     exp = sub.add_parser(
         "export",
@@ -326,6 +321,7 @@ def parquet_schema() -> Any:
         "billed_amount": pa.int64(),
         "count": pa.int64(),
         "policy_version": pa.int64(),
+        "overage_units": pa.int64(),
         "overage": pa.bool_(),
         "reversal": pa.bool_(),
         "aggregate": pa.bool_(),

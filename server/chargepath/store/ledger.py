@@ -121,6 +121,8 @@ ROW_COLUMNS: Final = (
     "interval_start",
     "interval_end",
     "labels",
+    "overage_units",
+    "lease_id",
 )
 
 #: Reasons with which a usage is recorded past a limit: a soft limit crossed (an admit or a
@@ -307,9 +309,24 @@ class LedgerEntry:
     # -- rows for people and finance -----------------------------------------------------
 
     @property
-    def overage(self) -> bool:
-        """The usage was recorded past a limit (:data:`OVERAGE_REASONS`); never a reversal."""
-        return not self.reversal and self.reason in OVERAGE_REASONS
+    def is_overage(self) -> bool:
+        """Recorded past a limit: a usage with a reason of :data:`OVERAGE_REASONS`, or a lease
+        report with use beyond what its lease had available; never a reversal."""
+        if self.reversal:
+            return False
+        if self.lease_id:
+            return self.overage > 0
+        return self.reason in OVERAGE_REASONS
+
+    @property
+    def overage_units(self) -> int:
+        """The units of the entry recorded past a limit: all of a usage's amount when it is
+        overage, the lease report's ``overage`` units beyond its grant; 0 for a reversal."""
+        if self.reversal:
+            return 0
+        if self.lease_id:
+            return self.overage
+        return self.amount if self.reason in OVERAGE_REASONS else 0
 
     @property
     def usage_time_ms(self) -> int:
@@ -340,7 +357,7 @@ class LedgerEntry:
             "mode": self.mode,
             "decision": _enum_name(Decision, self.decision),
             "reason": _enum_name(Reason, self.reason),
-            "overage": self.overage,
+            "overage": self.is_overage,
             "reversal": self.reversal,
             "aggregate": self.aggregate,
             "request_id": self.request_id,
@@ -351,6 +368,8 @@ class LedgerEntry:
             "interval_start": iso_ms(self.interval_start_ms) if self.aggregate else None,
             "interval_end": iso_ms(self.interval_end_ms) if self.aggregate else None,
             "labels": dict(sorted(self.labels.items())),
+            "overage_units": self.overage_units,
+            "lease_id": self.lease_id,
         }
 
     @staticmethod
@@ -491,8 +510,7 @@ class LedgerSummary:
             return
         line.entries += 1
         line.usages += entry.count
-        if entry.overage:
-            line.overage += entry.amount
+        line.overage += entry.overage_units
 
     def lines(self) -> list[SummaryLine]:
         """The totals, by tenant, period, slice, key and metric."""
