@@ -44,6 +44,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data-dir", help="folder of the embedded Redis (default .chargepath)")
     p.add_argument("--store-timeout-ms", type=int, help="bound on every store call (default 50)")
     p.add_argument("--dedup-window-s", type=int, help="request id dedup window (default 600)")
+    p.add_argument(
+        "--overlimit-cache",
+        action="store_true",
+        default=None,
+        help="answer a Check admit the store refused with a retry_after again without the "
+        "store, until it can fit (this process only; README: the over-limit cache)",
+    )
     p.add_argument("--redis-sentinel", help="Redis Sentinel instead: host:port,host:port,...")
     p.add_argument("--redis-master", help="with --redis-sentinel: the monitored master's name")
     p.add_argument("--redis-wait-replicas", type=int, help="WAIT for N replicas per decision batch")
@@ -140,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             store_timeout_ms=args.store_timeout_ms,
             dedup_window_s=args.dedup_window_s,
+            overlimit_cache=args.overlimit_cache,
             redis_fsync=args.redis_fsync,
             redis_maxmemory=args.redis_maxmemory,
             max_streams=args.max_streams,

@@ -469,7 +469,9 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             grpc.StatusCode.NOT_FOUND,
             f"decision_id: no decision {request.decision_id} in the dedup window or among the "
             f"{self.state.recent_length} most recent decisions"
-            + (" of the tenant" if request.tenant else ""),
+            + (" of the tenant" if request.tenant else "")
+            + " (a decision answered by a gateway's over-limit cache or from a lease it holds "
+            "never is: its verdict's message says so)",
         )
 
     async def WatchDecisions(
