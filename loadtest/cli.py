@@ -32,10 +32,13 @@ SMOKE_RATE = 100.0
 SMOKE_SECONDS = 10.0
 REDACTED = "(redacted)"
 
-Scenario = Literal["check", "stream", "mixed", "rls"]
-SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed", "rls")
+Scenario = Literal["check", "stream", "mixed", "rls", "over-limit", "leased-hot"]
+SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed", "rls", "over-limit", "leased-hot")
 #: What the ceilings can run: they answer no RLS call.
-CEILING_SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed")
+CEILING_SCENARIOS: tuple[Scenario, ...] = ("check", "stream", "mixed", "over-limit", "leased-hot")
+#: The plan files of ``over-limit`` and ``leased-hot`` unless ``--plans`` names another.
+OVERLIMIT_PLANS = PACKAGE_DIR / "overlimit-plans.yaml"
+LEASED_PLANS = PACKAGE_DIR / "leased-plans.yaml"
 DEFAULT_ROUNDS = 3
 
 
@@ -194,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         "mixed": "both at once, split by --check-share",
         "rls": "Envoy's ShouldRateLimit (RLS v3), one descriptor [tenant, api_key, route] per "
         "call: the admits of check, as Envoy asks them",
+        "over-limit": "the Check calls of check, every one for one subject whose bucket is "
+        "empty for an hour (loadtest/overlimit-plans.yaml, --tenants hot): what a gateway "
+        "with --overlimit-cache answers without Redis",
+        "leased-hot": "the Check calls of check, every one for one subject whose limits let "
+        "the gateway hold a lease (loadtest/leased-plans.yaml, --tenants hot): answered from "
+        "the lease, reported in the background",
     }
     pid_help = (
         "a process id of the gateway, to report its CPU time per usage (Linux /proc); repeat "
@@ -283,7 +292,7 @@ def flows_for(
     """The flows of ``scenario``; ``generator`` sends the check flow's calls."""
     check = FlowSpec("check", "check", 1.0, 1, generator=generator)
     stream = FlowSpec("stream", "stream", 1.0, args.batch, args.streams)
-    if scenario == "check":
+    if scenario in ("check", "over-limit", "leased-hot"):
         return (check,)
     if scenario == "rls":
         return (FlowSpec("rls", "rls", 1.0, 1),)
@@ -377,6 +386,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rate is None:
         args.rate = SMOKE_RATE if args.smoke else DEFAULT_RATE
     scenarios = scenarios_of(args)
+    if "over-limit" in scenarios:
+        # one subject, its bucket empty after the first admit: every later Check is refused
+        args.tenants = "hot"
+        if args.plans == DEFAULT_PLANS:
+            args.plans = OVERLIMIT_PLANS
+    if "leased-hot" in scenarios:
+        # one subject, its limits leased by the gateway: Checks answered from the lease
+        args.tenants = "hot"
+        if args.plans == DEFAULT_PLANS:
+            args.plans = LEASED_PLANS
     targets = _targets(args)
     if args.smoke:
         args.duration = max(2.0, SMOKE_SECONDS / len(targets))

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from chargepath.core.auth import Principal, Role
+from chargepath.core.overlimit import OverLimitCache
 from chargepath.core.validation import OccurredAtWindow
 from chargepath.engine import (
     LATE_REPLY_WAIT_S,
@@ -29,7 +31,10 @@ from chargepath.engine import (
     REVERSE_TIMEOUT_S,
     Engine,
     EngineSettings,
+    monotonic_ms,
+    new_decision_id,
 )
+from chargepath.gateway_leases import GatewayLeases
 from chargepath.jobs import (
     AggregateFlush,
     Job,
@@ -43,6 +48,7 @@ from chargepath.jobs import (
 )
 from chargepath.leasing import Leasing
 from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
+from chargepath.room_watch import RoomWatch
 from chargepath.settings import Settings
 from chargepath.spool_replay import RedisSessionSlots, SpoolReplayer
 from chargepath.status.board import BoardLimits, BoardSources, StatusBoard
@@ -53,10 +59,12 @@ from chargepath.store.audit import AuditStream
 from chargepath.store.base import LedgerStore, StoreUnavailableError
 from chargepath.store.connect import RedisTarget, ReplicaWait
 from chargepath.store.embedded import EmbeddedRedis
+from chargepath.store.gateway_report import RedisGatewayReports
 from chargepath.store.keys import RedisKeyStore, bootstrap_operator_key
 from chargepath.store.leases import RedisLeaseStore
 from chargepath.store.ledger import Ledger
 from chargepath.store.redis_store import RedisStore
+from chargepath.store.room import RedisRoomEvents
 from chargepath.store.spool import SPOOL_FILE, Spool
 from chargepath.store.webhooks import WebhookStore
 from chargepath.telemetry import Telemetry
@@ -260,6 +268,20 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
         if s.spool_max_entries > 0
         else None
     )
+    # -- the over-limit cache (issue #16, item 5): on only while the RoomWatch job is
+    # subscribed to the store's room events.
+    overlimit = (
+        OverLimitCache(
+            monotonic_ms,
+            lambda: time.time_ns() // 1_000_000,
+            new_decision_id,
+            max_entries=s.overlimit_max_entries,
+            dedup_window_ms=s.dedup_window_s * 1000,
+            seen_capacity=s.overlimit_seen_ids,
+        )
+        if s.overlimit_cache
+        else None
+    )
     engine = Engine(
         store,
         EngineSettings(
@@ -271,7 +293,12 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
         ),
         telemetry,
         spool=spool,
+        overlimit=overlimit,
     )
+    overlimit_jobs: tuple[Job, ...] = ()
+    if overlimit is not None:
+        telemetry.observe_overlimit(overlimit.snapshot)
+        overlimit_jobs = (RoomWatch(RedisRoomEvents(store.client), overlimit),)
     spool_jobs: tuple[Job, ...] = ()
     if spool is not None:
         telemetry.observe_spool(spool.snapshot)
@@ -293,6 +320,10 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
     ledger: LedgerStore = Ledger.of_store(store)
     # Quota leases (issue #16): on the store's Redis, beside the engine.
     lease_store = RedisLeaseStore(store)
+    # Gateway-held leases (issue #16, item 5): admits of hot subjects whose limits say
+    # lease: {gateway: true} answered from a lease this process holds.
+    gateway_leases = GatewayLeases(engine, Leasing(engine, lease_store), RedisGatewayReports(store))
+    engine.leased = gateway_leases
     # The audit trail of admin calls; its interceptor comes first, outside authentication,
     # so that refused calls are audited too (transport/audit.py).
     audit = AuditStream.of_store(store)
@@ -357,9 +388,11 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
         LedgerLag(ledger, engine, telemetry, period_s=s.ledger_lag_interval_ms / 1000),
         QuotaBurn(state, engine, telemetry, period_s=s.quota_burn_interval_ms / 1000),
         LeaseSweep(lease_store, engine),
+        gateway_leases,
         RedisMemory(store.memory, telemetry, period_s=s.redis_memory_interval_ms / 1000),
         webhooks,
         *spool_jobs,
+        *overlimit_jobs,
     )
     # -- the status page (issue #15, item 3): one page for the gateway, so worker 0 serves it
     # (the supervisor has no store or engine); its Redis figures are the whole gateway's, its

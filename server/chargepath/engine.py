@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from chargepath.core.allowance import LocalAllowance
 from chargepath.core.breaker import CircuitBreaker
@@ -27,6 +28,7 @@ from chargepath.core.model import (
     Usage,
     Verdict,
 )
+from chargepath.core.overlimit import OverLimitCache
 from chargepath.core.policy import Policy
 from chargepath.core.validation import MAX_BATCH, validate_usage
 from chargepath.deadline import StoreDeadline
@@ -127,6 +129,14 @@ def session_fingerprint(u: Usage) -> str:
     return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
 
 
+class LocalLeases(Protocol):
+    """Admits answered from leases this process holds (``chargepath.gateway_leases``)."""
+
+    def answer(
+        self, usage: Usage, policy_version: int, *, retried: bool = False
+    ) -> Verdict | None: ...
+
+
 class Engine:
     """Decides usages. One instance per process; safe for concurrent use from one loop."""
 
@@ -138,6 +148,7 @@ class Engine:
         *,
         spool: Spool | None = None,
         clock_ms: Callable[[], int] = monotonic_ms,
+        overlimit: OverLimitCache | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -145,6 +156,13 @@ class Engine:
         #: Where the usages answered while the store is away go (None: nowhere; their
         #: verdicts then say neither recorded nor spooled). Opened and closed by its owner.
         self.spool = spool
+        #: Refused admits remembered until something can fit (``serve --overlimit-cache``;
+        #: None: off). Its owner (``chargepath.room_watch``) turns it on once subscribed to
+        #: the store's room events.
+        self.overlimit = overlimit
+        #: Leases this process holds on hot subjects (limits with ``lease: {gateway:
+        #: true}``); set by ``chargepath.app`` once built (None: every admit to the store).
+        self.leased: LocalLeases | None = None
         self.policy = Policy.empty()
         self.breaker = CircuitBreaker(
             clock_ms,
@@ -211,14 +229,33 @@ class Engine:
         except (StoreUnavailableError, TimeoutError):
             pass  # decide with what we have; the store refuses a stale version anyway
 
-    async def check(self, usage: Usage) -> Verdict:
-        """Decide one usage; raise :class:`InvalidUsageError` if it is invalid."""
+    async def check(self, usage: Usage, *, retried: bool = False) -> Verdict:
+        """Decide one usage; raise :class:`InvalidUsageError` if it is invalid. ``retried``:
+        the caller marked it as a retry (never answered by the over-limit cache)."""
         await self._catch_up([usage])
         bad = self.violations(usage, self.policy, on_stream=False)
         if bad:
             raise InvalidUsageError(bad)
+        cache = self.overlimit
         with self.telemetry.decision_spans([usage]) as spans:
-            verdict = await self._coalesce(usage, spans.trace_ids[0])
+            leased = self.leased
+            if leased is not None and usage.mode is Mode.ADMIT:
+                local = leased.answer(usage, self.policy.version, retried=retried)
+                if local is not None:
+                    if cache is not None:
+                        cache.note_allowed(usage)
+                    spans.mark_leased()
+                    return spans.finish([local._replace(trace_id=spans.trace_ids[0])])[0]
+            if cache is None or usage.mode is not Mode.ADMIT:
+                verdict = await self._coalesce(usage, spans.trace_ids[0])
+            else:
+                cached = cache.answer(usage, self.policy.version, retried=retried)
+                if cached is not None:
+                    spans.mark_cached()
+                    return spans.finish([cached._replace(trace_id=spans.trace_ids[0])])[0]
+                ticket = cache.ticket()
+                verdict = await self._coalesce(usage, spans.trace_ids[0])
+                cache.learn(usage, verdict, ticket)
             v = spans.finish([verdict])[0]
         if v.reason is Reason.INVALID_USAGE:
             raise InvalidUsageError(list(v.violations))
@@ -311,6 +348,11 @@ class Engine:
                 )
             )
             flat = spans.finish([v for vs in results for v in vs])
+        cache = self.overlimit
+        if cache is not None:  # a retry of an allowed admit must never get a cached refusal
+            for u, v in zip(valid, flat, strict=True):
+                if v.decision is Decision.ALLOW and u.mode is Mode.ADMIT and v.recorded:
+                    cache.note_allowed(u)
         pos = 0
         for idxs in groups.values():
             for i in idxs:

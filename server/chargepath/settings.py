@@ -63,6 +63,17 @@ class Settings:
     #: README "Sizing"). -1: the dedup window; 0 up to ``dedup_window_s``; 0 keeps only about
     #: ``recent_decisions`` per tenant.
     explain_window_s: int = -1
+    #: The over-limit cache (chargepath.core.overlimit): a Check admit of a subject and metric
+    #: the store refused with a retry_after is answered by this process, without the store,
+    #: for any amount at least as large, until retry_after passes or room is announced. Off
+    #: by default: a client that retries on another gateway without the retry marker can be
+    #: refused a request that was allowed (README, "The over-limit cache").
+    overlimit_cache: bool = False
+    #: (subject, metric) entries it keeps at most (least recently used out first).
+    overlimit_max_entries: int = 100_000
+    #: Allowed request ids per dedup window the cache's filter is sized for (about 2.2 MB
+    #: per million); past it more Checks go to the store, never fewer.
+    overlimit_seen_ids: int = 1_000_000
     #: How long an idle stream session is remembered for resends.
     session_ttl_s: int = 86_400
     #: Embedded Redis AOF fsync policy: everysec or always.

@@ -40,6 +40,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind
 
 from chargepath.core.model import Decision, Mode, Reason, Usage, Verdict
+from chargepath.core.overlimit import OverLimitStats
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -192,6 +193,19 @@ class SpanBatch:
         self.spans = []
         self._t.count_decisions(self._usages, verdicts, elapsed)
         return verdicts
+
+    def mark_leased(self) -> None:
+        """The batch's verdicts come from a lease this gateway holds (``chargepath.leased``)."""
+        for span in self.spans:
+            if span.is_recording():
+                span.set_attribute("chargepath.leased", True)
+
+    def mark_cached(self) -> None:
+        """The batch's verdicts come from the over-limit cache (``chargepath.cached``), not
+        from the store."""
+        for span in self.spans:
+            if span.is_recording():
+                span.set_attribute("chargepath.cached", True)
 
     def __enter__(self) -> SpanBatch:
         return self
@@ -563,6 +577,54 @@ class Telemetry:
             unit="{commit}",
             description="Spool append transactions (one fsync each; appended / commits is the "
             "mean group commit)",
+        )
+
+    def observe_overlimit(self, snapshot: Callable[[], OverLimitStats]) -> None:
+        """Export the over-limit cache of this process: ``snapshot`` (no I/O) is read when a
+        reader collects."""
+        meter = self.meter_provider.get_meter("chargepath")
+        meter.create_observable_counter(
+            "chargepath.overlimit.hits",
+            callbacks=[
+                lambda _o: [
+                    Observation(snapshot().hits, {"kind": "refused"}),
+                    Observation(snapshot().replays, {"kind": "replayed"}),
+                ]
+            ],
+            unit="{decision}",
+            description="Check admits answered by the over-limit cache without the store: "
+            "refused (a fresh cached refusal) or replayed (a request id it answered before)",
+        )
+        meter.create_observable_counter(
+            "chargepath.overlimit.invalidations",
+            callbacks=[lambda _o: [Observation(snapshot().invalidations)]],
+            unit="{event}",
+            description="Room events (grants, policy changes, lease refunds) that emptied the "
+            "over-limit cache of a tenant or of every tenant",
+        )
+        meter.create_observable_counter(
+            "chargepath.overlimit.bypassed",
+            callbacks=[
+                lambda _o: [
+                    Observation(snapshot().bypassed_retries, {"why": "retry"}),
+                    Observation(snapshot().bypassed_seen, {"why": "allowed_before"}),
+                ]
+            ],
+            unit="{decision}",
+            description="Admits the over-limit cache had an entry for but sent to the store: "
+            "marked as retries, or request ids this gateway saw allowed",
+        )
+        meter.create_observable_gauge(
+            "chargepath.overlimit.entries",
+            callbacks=[lambda _o: [Observation(snapshot().entries)]],
+            unit="{entry}",
+            description="(subject, metric) entries in the over-limit cache",
+        )
+        meter.create_observable_gauge(
+            "chargepath.overlimit.live",
+            callbacks=[lambda _o: [Observation(int(snapshot().live))]],
+            unit="1",
+            description="1 while the over-limit cache answers (subscribed to the room events)",
         )
 
     def _quota_gauge(

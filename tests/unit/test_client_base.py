@@ -120,13 +120,18 @@ async def test_every_attempt_sends_the_same_request_with_the_api_key(run: Any) -
     )
     assert (usage.metric, usage.amount, usage.mode) == ("slice.bytes", 1500, pb.MODE_REPORT)
     assert dict(usage.labels) == {"cell": "A"}
-    assert {metadata for _, _, metadata in fake.attempts} == {
-        (
-            ("authorization", f"Bearer {API_KEY}"),
-            ("x-tenant", "mvno-demo"),
-            ("x-trace", "t"),
-        )
-    }
+    sent = (
+        ("authorization", f"Bearer {API_KEY}"),
+        ("x-tenant", "mvno-demo"),
+        ("x-trace", "t"),
+    )
+    # every attempt after the first says it is a retry, once: a gateway's over-limit cache
+    # then leaves it to the store's dedup record
+    assert [metadata for _, _, metadata in fake.attempts] == [
+        sent,
+        (*sent, ("chargepath-retry", "1")),
+        (*sent, ("chargepath-retry", "1")),
+    ]
 
 
 @RUNNERS

@@ -73,6 +73,12 @@ def call_metadata(metadata: Sequence[tuple[str, str]], api_key: str | None) -> _
     return ((AUTHORIZATION, f"Bearer {api_key}"), *joined)
 
 
+#: Metadata sent on every attempt of a Check after the first: the gateway then never answers
+#: it from its over-limit cache (a retry of a request that may have been allowed must get the
+#: store's answer from the request id's dedup record).
+RETRY_METADATA = "chargepath-retry"
+
+
 class CheckAttempts:
     """One Check (admit or report) across its attempts.
 
@@ -106,6 +112,10 @@ class CheckAttempts:
         pause = self._attempts.retry_after(error.code(), error.details())
         if pause is None:
             raise self._last_error from error
+        if not any(key == RETRY_METADATA for key, _ in self.metadata):
+            # the next attempt may repeat a request id the gateway already decided: a gateway's
+            # over-limit cache must not answer it (the store's dedup record does)
+            self.metadata = (*self.metadata, (RETRY_METADATA, "1"))
         logger.info(
             "check %s: attempt %d failed with %s, retrying in %.3fs",
             self.request_id,

@@ -173,6 +173,8 @@ class Verdict:
     message: str
     decided_at: datetime | None
     raw: pb.Verdict = field(repr=False, compare=False, hash=False)
+    #: counted against a lease the gateway holds; in the ledger within its report interval
+    leased: bool = False
 
     @property
     def allowed(self) -> bool:
@@ -196,6 +198,7 @@ class Verdict:
             degraded=verdict.degraded,
             replayed=verdict.replayed,
             spooled=verdict.spooled,
+            leased=verdict.leased,
             trace_id=verdict.trace_id,
             message=verdict.message,
             decided_at=decided_at,

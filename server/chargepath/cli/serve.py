@@ -50,6 +50,13 @@ def add_parser(sub: Any) -> None:
         help="how long explain finds every decision by id (0 to --dedup-window-s; default the "
         "dedup window); beyond it, the tenant's last CHARGEPATH_RECENT_DECISIONS (1,000)",
     )
+    p.add_argument(
+        "--overlimit-cache",
+        action="store_true",
+        default=None,
+        help="answer a Check admit the store refused with a retry_after again without the "
+        "store, until it can fit (this process only; README: the over-limit cache)",
+    )
     p.add_argument("--redis-sentinel", help="Redis Sentinel instead: host:port,host:port,...")
     p.add_argument("--redis-master", help="with --redis-sentinel: the monitored master's name")
     p.add_argument("--redis-wait-replicas", type=int, help="WAIT for N replicas per decision batch")
@@ -147,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
             store_timeout_ms=args.store_timeout_ms,
             dedup_window_s=args.dedup_window_s,
             explain_window_s=args.explain_window_s,
+            overlimit_cache=args.overlimit_cache,
             redis_fsync=args.redis_fsync,
             redis_maxmemory=args.redis_maxmemory,
             max_streams=args.max_streams,

@@ -120,6 +120,9 @@ class Verdict(NamedTuple):
     #: degraded, and the usage is on the gateway's local disk (the spool): it reaches the
     #: ledger, once, when the store is back. Never together with ``recorded``.
     spooled: bool = False
+    #: counted against a lease this gateway holds (chargepath.gateway_leases): recorded in
+    #: the ledger within the report interval, not yet (``recorded`` is False)
+    leased: bool = False
 
 
 @dataclass(frozen=True, slots=True)

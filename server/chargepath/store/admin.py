@@ -84,6 +84,7 @@ class AdminStore:
                     int(limit.period),
                     self.store.clock_offset_ms,
                     limit.amount,
+                    t,
                 ],
             )
             if reply[0] == REPLY_REFUSED:

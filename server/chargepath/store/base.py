@@ -539,3 +539,16 @@ class LeaseStore(Protocol):
         """The answered lease ask with this decision id, if it is among the tenant's most
         recent ones (about as many as the decisions trail keeps)."""
         ...
+
+
+class RoomEvents(Protocol):
+    """Announcements that a tenant may have more room than before: a grant, a new policy
+    version reaching it. Each is published in the same atomic step as the change, after it
+    (``store/room.py``). The over-limit cache drops the tenant's entries on one."""
+
+    def events(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+        """``async with events() as tenants``: once entered, the subscription is live and
+        yields the tenant of each announcement made from then on. A broken or silent
+        subscription raises :class:`StoreUnavailableError` (from the enter or the iterator);
+        announcements made while not subscribed are not replayed."""
+        ...

@@ -99,7 +99,7 @@ class RedisLeaseStore:
         try:
             _, closed, _ = await self._sweep(
                 keys=[lease_index_key(tenant)],
-                args=[self.clock_offset_ms, limit, lease_key(tenant, "")],
+                args=[self.clock_offset_ms, limit, lease_key(tenant, ""), tenant],
             )
         except (RedisError, OSError) as exc:
             raise _unavailable(exc) from exc

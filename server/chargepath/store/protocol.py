@@ -132,6 +132,20 @@ def grants_key(tenant: str, limit: Limit, slice_: str, key: str) -> str:
     return f"{tenant_prefix(tenant)}g:{limit.name}:{sl}:{k}"
 
 
+# -- room events ----------------------------------------------------------------------------
+
+#: The pub/sub channel of room events: a tenant's name, published by a script that may add
+#: room to the tenant's limits (grant.lua, stamp.lua: a new policy version); store/room.py
+#: reads it for the over-limit cache. Pub/sub channels are not bound to a slot: a PUBLISH on
+#: any node of a cluster reaches the subscribers of every node.
+ROOM_CHANNEL = "cp:room"
+
+# -- gateway_report.lua: the replies ----------------------------------------------------------
+
+GATEWAY_REPORTED = 1
+#: the lease is closed, expired, or cannot cover the admits: nothing written
+GATEWAY_LEASE_GONE = 0
+
 # -- decide.lua: KEYS and ARGV --------------------------------------------------------------
 
 KEY_ENTITLEMENT = 1
@@ -814,6 +828,7 @@ LEASE_ARG_PAYLOAD = 6
 #: the most leases a tenant may hold open (its lease index's members, expired ones not yet
 #: swept included): the policy's ``caps.leases``; 0: no bound
 LEASE_ARG_MAX_OPEN = 7
+LEASE_ARG_TENANT = 8
 
 LSPEC_SLOTS = SPEC_SLOTS + 4
 LSPEC_MAX_UNITS = SPEC_SLOTS + 1
@@ -981,6 +996,7 @@ def encode_lease_batch(
         msgpack.packb((specs, sets, asks)),
         # one tenant per batch: its caps are those of every item
         items[0].resolution.caps.leases if items else 0,
+        tenant,
     ]
     return keys, args
 

@@ -233,7 +233,7 @@ class RedisStore:
             if previous is not None:
                 tenants |= {t.name for t in previous.document.tenants}
             for tenant in sorted(tenants):
-                await self._stamp(keys=[entitlement_key(tenant)], args=[version])
+                await self._stamp(keys=[entitlement_key(tenant)], args=[version, tenant])
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         return PublishedPolicy(int(version), document, bool(changed))

@@ -470,7 +470,9 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             f"decision_id: no decision {request.decision_id} in the explain window (the last "
             f"{self.state.explain_window_ms // 1000} s) or among the "
             f"{self.state.recent_length} most recent decisions"
-            + (" of the tenant" if request.tenant else ""),
+            + (" of the tenant" if request.tenant else "")
+            + " (a decision answered by a gateway's over-limit cache or from a lease it holds "
+            "never is: its verdict's message says so)",
         )
 
     async def WatchDecisions(

@@ -143,6 +143,8 @@ def verdict_fields(v: Verdict, view: int = pb.VERDICT_VIEW_FULL) -> Fields:
         out["replayed"] = True
     if v.spooled:
         out["spooled"] = True
+    if v.leased:
+        out["leased"] = True
     if v.trace_id:
         out["trace_id"] = v.trace_id
     if v.message:

@@ -60,6 +60,20 @@ log = logging.getLogger("chargepath.transport")
 Context = Any  # grpc.aio.ServicerContext: grpcio ships no type information
 
 CHECK_SPAN = "chargepath.v1.MeteringService/Check"
+#: Metadata a client sends on every attempt of a Check after the first (any value): the call
+#: is a retry of a request id that may have been decided already, so the over-limit cache
+#: never answers it (the store's dedup record does). The Python client sends it; README says
+#: how other clients do.
+RETRY_METADATA = "chargepath-retry"
+
+
+def is_retry(metadata: Sequence[tuple[str, Any]] | None) -> bool:
+    """Whether the call's metadata carries :data:`RETRY_METADATA`."""
+    if not metadata:
+        return False
+    return any(k == RETRY_METADATA for k, _ in metadata)
+
+
 BATCH_SPAN = "chargepath.StreamUsage.batch"
 
 
@@ -152,7 +166,8 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
 
     async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
         telemetry = self.engine.telemetry
-        parent = caller_context(telemetry, context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        parent = caller_context(telemetry, metadata)
         with server_span(telemetry, CHECK_SPAN, "Check", parent) as span:
             tenant = request.usage.subject.tenant
             if not caller_may_act_for(tenant):
@@ -177,7 +192,7 @@ class MeteringServicer(pb_grpc.MeteringServiceServicer):
                     ),
                 )
             try:
-                verdict = await self.engine.check(usage)
+                verdict = await self.engine.check(usage, retried=is_retry(metadata))
             except InvalidUsageError as exc:
                 set_rpc_status(span, grpc.StatusCode.INVALID_ARGUMENT)
                 await abort_invalid(context, exc.violations)

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63hargepath/v1/metering.proto\x12\rchargepath.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x07Subject\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\"\xbf\x02\n\x05Usage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07subject\x18\x02 \x01(\x0b\x32\x16.chargepath.v1.Subject\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12!\n\x04mode\x18\x05 \x01(\x0e\x32\x13.chargepath.v1.Mode\x12\x30\n\x06labels\x18\x06 \x03(\x0b\x32 .chargepath.v1.Usage.LabelsEntry\x12/\n\x0boccurred_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x10\n\x08sequence\x18\t \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdd\x01\n\x0bLimitStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.chargepath.v1.LimitKind\x12#\n\x05scope\x18\x03 \x01(\x0e\x32\x14.chargepath.v1.Scope\x12\x11\n\tremaining\x18\x04 \x01(\x03\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x03\x12.\n\x0breset_after\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04soft\x18\x07 \x01(\x08\x12\x10\n\x08\x65xceeded\x18\x08 \x01(\x08\"\xc5\x03\n\x07Verdict\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x17.chargepath.v1.Decision\x12%\n\x06reason\x18\x03 \x01(\x0e\x32\x15.chargepath.v1.Reason\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x06limits\x18\x05 \x03(\x0b\x32\x1a.chargepath.v1.LimitStatus\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x03\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x07 \x01(\t\x12\x10\n\x08recorded\x18\x08 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\t \x01(\x08\x12\x10\n\x08replayed\x18\n \x01(\x08\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12.\n\ndecided_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\nviolations\x18\x0e \x03(\x0b\x32\x1d.chargepath.v1.FieldViolation\x12\x0f\n\x07spooled\x18\x0f \x01(\x08\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"]\n\x0c\x43heckRequest\x12#\n\x05usage\x18\x01 \x01(\x0b\x32\x14.chargepath.v1.Usage\x12(\n\x04view\x18\x02 \x01(\x0e\x32\x1a.chargepath.v1.VerdictView\"8\n\rCheckResponse\x12\'\n\x07verdict\x18\x01 \x01(\x0b\x32\x16.chargepath.v1.Verdict\"d\n\x12StreamUsageRequest\x12$\n\x06usages\x18\x01 \x03(\x0b\x32\x14.chargepath.v1.Usage\x12(\n\x04view\x18\x02 \x01(\x0e\x32\x1a.chargepath.v1.VerdictView\"?\n\x13StreamUsageResponse\x12(\n\x08verdicts\x18\x01 \x03(\x0b\x32\x16.chargepath.v1.Verdict*=\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0e\n\nMODE_ADMIT\x10\x01\x12\x0f\n\x0bMODE_REPORT\x10\x02*b\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_THROTTLE\x10\x02\x12\x11\n\rDECISION_DENY\x10\x03*\xe1\x02\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x17\n\x13REASON_RATE_LIMITED\x10\x02\x12\x1a\n\x16REASON_QUOTA_EXHAUSTED\x10\x03\x12\x19\n\x15REASON_NO_ENTITLEMENT\x10\x04\x12\"\n\x1eREASON_AMOUNT_EXCEEDS_CAPACITY\x10\x05\x12\x1c\n\x18REASON_STORE_UNAVAILABLE\x10\x06\x12\x18\n\x14REASON_INVALID_USAGE\x10\x07\x12\x14\n\x10REASON_SUSPENDED\x10\x08\x12\x1e\n\x1aREASON_SOFT_LIMIT_EXCEEDED\x10\t\x12\x1c\n\x18REASON_PERMISSION_DENIED\x10\n\x12\x16\n\x12REASON_CAP_REACHED\x10\x0b\x12\x18\n\x14REASON_LEASE_EXPIRED\x10\x0c*R\n\tLimitKind\x12\x1a\n\x16LIMIT_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fLIMIT_KIND_RATE\x10\x01\x12\x14\n\x10LIMIT_KIND_QUOTA\x10\x02*P\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSCOPE_TENANT\x10\x01\x12\x0f\n\x0bSCOPE_SLICE\x10\x02\x12\r\n\tSCOPE_KEY\x10\x03*Z\n\x0bVerdictView\x12\x1c\n\x18VERDICT_VIEW_UNSPECIFIED\x10\x00\x12\x15\n\x11VERDICT_VIEW_FULL\x10\x01\x12\x16\n\x12VERDICT_VIEW_BASIC\x10\x02\x32\xaf\x01\n\x0fMeteringService\x12\x42\n\x05\x43heck\x12\x1b.chargepath.v1.CheckRequest\x1a\x1c.chargepath.v1.CheckResponse\x12X\n\x0bStreamUsage\x12!.chargepath.v1.StreamUsageRequest\x1a\".chargepath.v1.StreamUsageResponse(\x01\x30\x01\x42LZJgithub.com/chargepath/chargepath/clients/go/gen/chargepath/v1;chargepathv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63hargepath/v1/metering.proto\x12\rchargepath.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x07Subject\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\"\xbf\x02\n\x05Usage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07subject\x18\x02 \x01(\x0b\x32\x16.chargepath.v1.Subject\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12!\n\x04mode\x18\x05 \x01(\x0e\x32\x13.chargepath.v1.Mode\x12\x30\n\x06labels\x18\x06 \x03(\x0b\x32 .chargepath.v1.Usage.LabelsEntry\x12/\n\x0boccurred_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x10\n\x08sequence\x18\t \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdd\x01\n\x0bLimitStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.chargepath.v1.LimitKind\x12#\n\x05scope\x18\x03 \x01(\x0e\x32\x14.chargepath.v1.Scope\x12\x11\n\tremaining\x18\x04 \x01(\x03\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x03\x12.\n\x0breset_after\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04soft\x18\x07 \x01(\x08\x12\x10\n\x08\x65xceeded\x18\x08 \x01(\x08\"\xd5\x03\n\x07Verdict\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x17.chargepath.v1.Decision\x12%\n\x06reason\x18\x03 \x01(\x0e\x32\x15.chargepath.v1.Reason\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x06limits\x18\x05 \x03(\x0b\x32\x1a.chargepath.v1.LimitStatus\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x03\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x07 \x01(\t\x12\x10\n\x08recorded\x18\x08 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\t \x01(\x08\x12\x10\n\x08replayed\x18\n \x01(\x08\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12.\n\ndecided_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\nviolations\x18\x0e \x03(\x0b\x32\x1d.chargepath.v1.FieldViolation\x12\x0f\n\x07spooled\x18\x0f \x01(\x08\x12\x0e\n\x06leased\x18\x10 \x01(\x08\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"]\n\x0c\x43heckRequest\x12#\n\x05usage\x18\x01 \x01(\x0b\x32\x14.chargepath.v1.Usage\x12(\n\x04view\x18\x02 \x01(\x0e\x32\x1a.chargepath.v1.VerdictView\"8\n\rCheckResponse\x12\'\n\x07verdict\x18\x01 \x01(\x0b\x32\x16.chargepath.v1.Verdict\"d\n\x12StreamUsageRequest\x12$\n\x06usages\x18\x01 \x03(\x0b\x32\x14.chargepath.v1.Usage\x12(\n\x04view\x18\x02 \x01(\x0e\x32\x1a.chargepath.v1.VerdictView\"?\n\x13StreamUsageResponse\x12(\n\x08verdicts\x18\x01 \x03(\x0b\x32\x16.chargepath.v1.Verdict*=\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0e\n\nMODE_ADMIT\x10\x01\x12\x0f\n\x0bMODE_REPORT\x10\x02*b\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_THROTTLE\x10\x02\x12\x11\n\rDECISION_DENY\x10\x03*\xe1\x02\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x17\n\x13REASON_RATE_LIMITED\x10\x02\x12\x1a\n\x16REASON_QUOTA_EXHAUSTED\x10\x03\x12\x19\n\x15REASON_NO_ENTITLEMENT\x10\x04\x12\"\n\x1eREASON_AMOUNT_EXCEEDS_CAPACITY\x10\x05\x12\x1c\n\x18REASON_STORE_UNAVAILABLE\x10\x06\x12\x18\n\x14REASON_INVALID_USAGE\x10\x07\x12\x14\n\x10REASON_SUSPENDED\x10\x08\x12\x1e\n\x1aREASON_SOFT_LIMIT_EXCEEDED\x10\t\x12\x1c\n\x18REASON_PERMISSION_DENIED\x10\n\x12\x16\n\x12REASON_CAP_REACHED\x10\x0b\x12\x18\n\x14REASON_LEASE_EXPIRED\x10\x0c*R\n\tLimitKind\x12\x1a\n\x16LIMIT_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fLIMIT_KIND_RATE\x10\x01\x12\x14\n\x10LIMIT_KIND_QUOTA\x10\x02*P\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSCOPE_TENANT\x10\x01\x12\x0f\n\x0bSCOPE_SLICE\x10\x02\x12\r\n\tSCOPE_KEY\x10\x03*Z\n\x0bVerdictView\x12\x1c\n\x18VERDICT_VIEW_UNSPECIFIED\x10\x00\x12\x15\n\x11VERDICT_VIEW_FULL\x10\x01\x12\x16\n\x12VERDICT_VIEW_BASIC\x10\x02\x32\xaf\x01\n\x0fMeteringService\x12\x42\n\x05\x43heck\x12\x1b.chargepath.v1.CheckRequest\x1a\x1c.chargepath.v1.CheckResponse\x12X\n\x0bStreamUsage\x12!.chargepath.v1.StreamUsageRequest\x1a\".chargepath.v1.StreamUsageResponse(\x01\x30\x01\x42LZJgithub.com/chargepath/chargepath/clients/go/gen/chargepath/v1;chargepathv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,18 +36,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'ZJgithub.com/chargepath/chargepath/clients/go/gen/chargepath/v1;chargepathv1'
   _globals['_USAGE_LABELSENTRY']._loaded_options = None
   _globals['_USAGE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_MODE']._serialized_start=1543
-  _globals['_MODE']._serialized_end=1604
-  _globals['_DECISION']._serialized_start=1606
-  _globals['_DECISION']._serialized_end=1704
-  _globals['_REASON']._serialized_start=1707
-  _globals['_REASON']._serialized_end=2060
-  _globals['_LIMITKIND']._serialized_start=2062
-  _globals['_LIMITKIND']._serialized_end=2144
-  _globals['_SCOPE']._serialized_start=2146
-  _globals['_SCOPE']._serialized_end=2226
-  _globals['_VERDICTVIEW']._serialized_start=2228
-  _globals['_VERDICTVIEW']._serialized_end=2318
+  _globals['_MODE']._serialized_start=1559
+  _globals['_MODE']._serialized_end=1620
+  _globals['_DECISION']._serialized_start=1622
+  _globals['_DECISION']._serialized_end=1720
+  _globals['_REASON']._serialized_start=1723
+  _globals['_REASON']._serialized_end=2076
+  _globals['_LIMITKIND']._serialized_start=2078
+  _globals['_LIMITKIND']._serialized_end=2160
+  _globals['_SCOPE']._serialized_start=2162
+  _globals['_SCOPE']._serialized_end=2242
+  _globals['_VERDICTVIEW']._serialized_start=2244
+  _globals['_VERDICTVIEW']._serialized_end=2334
   _globals['_SUBJECT']._serialized_start=112
   _globals['_SUBJECT']._serialized_end=165
   _globals['_USAGE']._serialized_start=168
@@ -57,17 +57,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIMITSTATUS']._serialized_start=490
   _globals['_LIMITSTATUS']._serialized_end=711
   _globals['_VERDICT']._serialized_start=714
-  _globals['_VERDICT']._serialized_end=1167
-  _globals['_FIELDVIOLATION']._serialized_start=1169
-  _globals['_FIELDVIOLATION']._serialized_end=1221
-  _globals['_CHECKREQUEST']._serialized_start=1223
-  _globals['_CHECKREQUEST']._serialized_end=1316
-  _globals['_CHECKRESPONSE']._serialized_start=1318
-  _globals['_CHECKRESPONSE']._serialized_end=1374
-  _globals['_STREAMUSAGEREQUEST']._serialized_start=1376
-  _globals['_STREAMUSAGEREQUEST']._serialized_end=1476
-  _globals['_STREAMUSAGERESPONSE']._serialized_start=1478
-  _globals['_STREAMUSAGERESPONSE']._serialized_end=1541
-  _globals['_METERINGSERVICE']._serialized_start=2321
-  _globals['_METERINGSERVICE']._serialized_end=2496
+  _globals['_VERDICT']._serialized_end=1183
+  _globals['_FIELDVIOLATION']._serialized_start=1185
+  _globals['_FIELDVIOLATION']._serialized_end=1237
+  _globals['_CHECKREQUEST']._serialized_start=1239
+  _globals['_CHECKREQUEST']._serialized_end=1332
+  _globals['_CHECKRESPONSE']._serialized_start=1334
+  _globals['_CHECKRESPONSE']._serialized_end=1390
+  _globals['_STREAMUSAGEREQUEST']._serialized_start=1392
+  _globals['_STREAMUSAGEREQUEST']._serialized_end=1492
+  _globals['_STREAMUSAGERESPONSE']._serialized_start=1494
+  _globals['_STREAMUSAGERESPONSE']._serialized_end=1557
+  _globals['_METERINGSERVICE']._serialized_start=2337
+  _globals['_METERINGSERVICE']._serialized_end=2512
 # @@protoc_insertion_point(module_scope)

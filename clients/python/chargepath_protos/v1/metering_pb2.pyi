@@ -149,7 +149,7 @@ class LimitStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[LimitKind, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., remaining: _Optional[int] = ..., capacity: _Optional[int] = ..., reset_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., soft: _Optional[bool] = ..., exceeded: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("request_id", "decision", "reason", "retry_after", "limits", "policy_version", "decision_id", "recorded", "degraded", "replayed", "trace_id", "message", "decided_at", "violations", "spooled")
+    __slots__ = ("request_id", "decision", "reason", "retry_after", "limits", "policy_version", "decision_id", "recorded", "degraded", "replayed", "trace_id", "message", "decided_at", "violations", "spooled", "leased")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class Verdict(_message.Message):
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
     VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
     SPOOLED_FIELD_NUMBER: _ClassVar[int]
+    LEASED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     decision: Decision
     reason: Reason
@@ -180,7 +181,8 @@ class Verdict(_message.Message):
     decided_at: _timestamp_pb2.Timestamp
     violations: _containers.RepeatedCompositeFieldContainer[FieldViolation]
     spooled: bool
-    def __init__(self, request_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., policy_version: _Optional[int] = ..., decision_id: _Optional[str] = ..., recorded: _Optional[bool] = ..., degraded: _Optional[bool] = ..., replayed: _Optional[bool] = ..., trace_id: _Optional[str] = ..., message: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., violations: _Optional[_Iterable[_Union[FieldViolation, _Mapping]]] = ..., spooled: _Optional[bool] = ...) -> None: ...
+    leased: bool
+    def __init__(self, request_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[_Union[Reason, str]] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitStatus, _Mapping]]] = ..., policy_version: _Optional[int] = ..., decision_id: _Optional[str] = ..., recorded: _Optional[bool] = ..., degraded: _Optional[bool] = ..., replayed: _Optional[bool] = ..., trace_id: _Optional[str] = ..., message: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., violations: _Optional[_Iterable[_Union[FieldViolation, _Mapping]]] = ..., spooled: _Optional[bool] = ..., leased: _Optional[bool] = ...) -> None: ...
 
 class FieldViolation(_message.Message):
     __slots__ = ("field", "description")

@@ -5,6 +5,8 @@
 -- ARGV[1]  grant id      ARGV[2] amount (units)     ARGV[3] expires at, ms (0: end of period)
 -- ARGV[4]  period code (PERIOD_*)                     ARGV[5] clock offset, ms
 -- ARGV[6]  the quota's amount per period (units)
+-- ARGV[7]  the tenant's name: the grant is announced on ROOM_CHANNEL (store/room.py), so that
+--          every gateway's over-limit cache drops the tenant's entries (a grant adds room)
 -- Reply:   {capacity, remaining, now_ms}, or {REPLY_REFUSED, now_ms} if the expiry is
 -- already past
 -- Invariant: a grant counts only in the period it was made in, and only until it expires
@@ -38,6 +40,7 @@ redis.call('HSET', KEYS[1], ARGV[1],
   string.format('%.0f|%.0f|%.0f', tonumber(ARGV[2]), start, expires))
 redis.call('PEXPIRE', KEYS[1], finish - now + HOUR_MS)
 granted = granted + tonumber(ARGV[2])
+if ARGV[7] then redis.call('PUBLISH', ROOM_CHANNEL, ARGV[7]) end
 
 local capacity = tonumber(ARGV[6]) + granted
 return {capacity, capacity - used, now}

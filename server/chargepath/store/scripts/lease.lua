@@ -33,6 +33,8 @@
 -- ARGV[LEASE_ARG_MAX_OPEN]        the most leases the tenant may hold open, its policy's
 --                                 caps.leases (0: no bound): a new lease past it is refused,
 --                                 DENY CAP_REACHED, nothing granted
+-- ARGV[LEASE_ARG_TENANT]          the tenant's name: a batch that gave units back (a release,
+--                                 an expiry) publishes it on ROOM_CHANNEL (store/room.py)
 --
 -- Reply: {REPLY_STALE, stamped_version}, {REPLY_LATE, time_ms} (nothing written either
 -- way), else {REPLY_DECIDED, now_ms, one answer (an array, ANS_* slots, then per limit of
@@ -62,6 +64,7 @@ local payload = cmsgpack.unpack(ARGV[LEASE_ARG_PAYLOAD])
 local specs_in, sets_in, asks = payload[1], payload[2], payload[3]
 local index_key = KEYS[LEASE_KEY_INDEX]
 local max_open = tonumber(ARGV[LEASE_ARG_MAX_OPEN])
+local any_refund = false
 
 local specs = {}
 for s = 1, #specs_in / LSPEC_SLOTS do
@@ -338,7 +341,12 @@ for o = 0, #asks - 1, ASK_SLOTS do
     end
   end
   reply[#reply + 1] = answer
+  if answer[ANS_REFUNDED] and answer[ANS_REFUNDED] > 0 then any_refund = true end
 end
 
 counters_close(now)
+if any_refund and ARGV[LEASE_ARG_TENANT] then
+  -- units went back to the limits (a release, an expiry): room, for the over-limit caches
+  redis.call('PUBLISH', ROOM_CHANNEL, ARGV[LEASE_ARG_TENANT])
+end
 return reply

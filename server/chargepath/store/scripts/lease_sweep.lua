@@ -11,6 +11,8 @@
 --          lease_key): the hashes and the counters they name share the tenant's hash tag,
 --          so they live in the index's slot (on a cluster too), though not in KEYS
 --
+-- ARGV[4]  the tenant's name: a run that gave units back publishes it on ROOM_CHANNEL
+--          (store/room.py: the over-limit caches drop the tenant's entries)
 -- Reply: {now_ms, leases closed, units given back}.
 
 redis.replicate_commands()
@@ -31,4 +33,5 @@ for _, id in ipairs(due) do
   end
 end
 counters_close(now)
+if back > 0 and ARGV[4] then redis.call('PUBLISH', ROOM_CHANNEL, ARGV[4]) end
 return {now, #due, back}
