@@ -54,7 +54,7 @@ class Settings:
     #: since a batch's script takes longer and the wait includes the process's own queue.
     store_timeout_per_usage_ms: float = 0.5
     breaker_failures: int = 5
-    breaker_cooldown_ms: int = 1000
+    breaker_cooldown_ms: int = 250
     #: How long a request id's first verdict is kept for retries.
     dedup_window_s: int = 600
     #: How long an idle stream session is remembered for resends.
