@@ -91,6 +91,11 @@ def test_a_cancellation_from_outside_stays_a_cancellation(run: Runner) -> None:
     run(main())
 
 
+def stall(seconds: float) -> None:
+    """Block the event loop (a long collection, a starved CPU)."""
+    time.sleep(seconds)
+
+
 @RUNNERS
 def test_time_before_the_call_is_sent_does_not_count(run: Runner) -> None:
     """The loop is stuck before the call is written (the gateway's own backlog): restart()
@@ -101,7 +106,7 @@ def test_time_before_the_call_is_sent_does_not_count(run: Runner) -> None:
         loop = asyncio.get_running_loop()
         deadline = StoreDeadline(0.05)
         async with deadline:
-            time.sleep(0.1)  # past the first period, before the call is sent
+            stall(0.1)  # past the first period, before the call is sent
             deadline.restart()
             restarted_late = deadline.when > loop.time()
             reply: asyncio.Future[str] = loop.create_future()
