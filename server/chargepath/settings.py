@@ -51,7 +51,7 @@ class Settings:
     #: Bound on every store call for one usage: past it the tenant's failure policy decides.
     store_timeout_ms: int = 50
     #: Added to the bound per further usage of a batch (a batch of 64: 50 + 63 x 0.5 ms),
-    #: since a batch's script takes longer and the wait includes the process's own queue.
+    #: since a batch's script takes longer.
     store_timeout_per_usage_ms: float = 0.5
     breaker_failures: int = 5
     breaker_cooldown_ms: int = 250
