@@ -46,7 +46,7 @@ metrics() {  # the store metrics of both workers
   for p in "$METRICS" $((METRICS + 1)); do
     echo "worker on :$p"
     curl -s "localhost:$p/metrics" | grep -E '^chargepath_store_(failures|breaker_opened|errors|deadline_extended)_total|^chargepath_store_late_replies_total.* [1-9]' \
-      | sed -E 's/otel_scope_[a-z_]+="[^"]*",?//g; s/\{\}//'
+      | sed -E 's/otel_scope_[a-z_]+="[^"]*",?//g; s/,?\}/}/; s/\{\}//'
   done
 }
 

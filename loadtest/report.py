@@ -442,6 +442,17 @@ def _plot_throughput(
     edges, answered = answered_per_second(flow.series, offset)
     if answered:
         ax.stairs(answered, edges, baseline=None, color=colour, label=f"{flow.flow} answered")
+    _, degraded = answered_per_second(flow.series, offset, field="degraded")
+    if any(degraded):
+        ax.stairs(
+            degraded,
+            edges,
+            baseline=None,
+            color=colour,
+            linestyle="dotted",
+            linewidth=1.6,
+            label=f"{flow.flow} degraded",
+        )
     ax.hlines(
         flow.offered_rate,
         offset,
@@ -455,11 +466,12 @@ def _plot_throughput(
 
 
 def answered_per_second(
-    series: Sequence[dict[str, float | None]], offset: float
+    series: Sequence[dict[str, float | None]], offset: float, *, field: str = "usages_per_s"
 ) -> tuple[list[float], list[float]]:
-    """Edges (shifted by ``offset``) and usages answered of every second from the first to the
-    last of ``series``; a second missing from it answered nothing, and is drawn as 0."""
-    by_second = {int(p["t"] or 0.0): p["usages_per_s"] or 0.0 for p in series}
+    """Edges (shifted by ``offset``) and usages answered (or ``field``: ``degraded``) of every
+    second from the first to the last of ``series``; a second missing from it answered
+    nothing, and is drawn as 0."""
+    by_second = {int(p["t"] or 0.0): p.get(field) or 0.0 for p in series}
     if not by_second:
         return [], []
     seconds = range(min(by_second), max(by_second) + 1)
