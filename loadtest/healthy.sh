@@ -12,7 +12,9 @@
 #   bash loadtest/healthy.sh findmax FSYNC RATE            # the highest sustained rate from RATE
 #
 # FSYNC: always or everysec. Reports in loadtest/results/healthy-<mode>-<fsync>-<rate>.*
-# (the generator's JSON and PNG, and a .txt with everything above). Needs `make setup`.
+# (the generator's JSON and PNG, and a .txt with everything above; CHARGEPATH_HEALTHY_OUT names
+# another folder, CHARGEPATH_HEALTHY_PORT another port than 50261). Exit status: the load
+# generator's. Needs `make setup`.
 set -u
 MODE=${1:?mode: run, restart or findmax}
 FSYNC=${2:?fsync: always or everysec}
@@ -22,7 +24,7 @@ cd "$(dirname "$0")/.."
 PORT=${CHARGEPATH_HEALTHY_PORT:-50261}
 METRICS=$((PORT + 10))
 DATA=$(mktemp -d /tmp/chargepath-healthy.XXXXXX)
-OUT=loadtest/results
+OUT=${CHARGEPATH_HEALTHY_OUT:-loadtest/results}
 NAME=healthy-$MODE-$FSYNC-$RATE
 TXT=$OUT/$NAME.txt
 mkdir -p "$OUT"
@@ -62,10 +64,12 @@ case "$MODE" in
   run)
     .venv/bin/python -m loadtest "${ARGS[@]}" --rate "$RATE" --duration "$SECONDS_" --warmup 5 \
       2>&1 | tee -a "$TXT"
+    STATUS=${PIPESTATUS[0]}
     ;;
   findmax)
     .venv/bin/python -m loadtest "${ARGS[@]}" --rate "$RATE" --find-max --step-factor 1.2 \
       --step-seconds 15 --p99-bound-ms 50 2>&1 | tee -a "$TXT"
+    STATUS=${PIPESTATUS[0]}
     ;;
   restart)
     .venv/bin/python -m loadtest "${ARGS[@]}" --rate "$RATE" --duration "$SECONDS_" --warmup 3 \
@@ -79,6 +83,7 @@ case "$MODE" in
     serve
     say "$(date -u +%T.%N | cut -c1-12) serving again ($(grep -c . "$DATA/redis/chargepath.aof" 2>/dev/null || echo '?') AOF lines)"
     wait "$GEN"
+    STATUS=$?
     tee -a "$TXT" < "$DATA/gen.out"
     ;;
   *) echo "unknown mode $MODE" >&2; kill "$SAMPLER"; kill -TERM "$SUP"; exit 2 ;;
@@ -118,3 +123,4 @@ PY
 kill -TERM "$SUP"; wait "$SUP"
 rm -rf "$DATA"
 echo "wrote $TXT"
+exit "$STATUS"
