@@ -31,15 +31,18 @@ mkdir -p "$OUT"
 : > "$TXT"
 say() { echo "$*" | tee -a "$TXT"; }
 
-serve() {
+serve() {  # start the gateway; return once both workers serve (a restart: serve again)
+  local before
+  before=$(grep -c '"serving chargepath.v1' "$DATA/serve.log" 2>/dev/null)
   .venv/bin/chargepath serve --plans loadtest/bench-plans.yaml --port "$PORT" \
     --data-dir "$DATA" --redis-fsync "$FSYNC" --metrics-port "$METRICS" --log-level INFO \
     >> "$DATA/serve.log" 2>&1 &
   SUP=$!
-  for _ in $(seq 1 200); do
-    grep -q '"serving chargepath.v1' "$DATA/serve.log" 2>/dev/null && break
+  for _ in $(seq 1 600); do
+    [ "$(grep -c '"serving chargepath.v1' "$DATA/serve.log")" -ge $((${before:-0} + 2)) ] && break
     sleep 0.1
   done
+  say "$(date -u +%T.%N | cut -c1-12) serving ($(grep -c '"serving chargepath.v1' "$DATA/serve.log") serving lines in the log)"
   REDIS_PORT=$(sed -E 's#.*:([0-9]+)/.*#\1#' "$DATA/redis/url")
   rcli config set latency-monitor-threshold 10 > /dev/null
 }
@@ -81,7 +84,7 @@ case "$MODE" in
     kill -TERM "$SUP"; wait "$SUP"
     say "$(date -u +%T.%N | cut -c1-12) stopped"
     serve
-    say "$(date -u +%T.%N | cut -c1-12) serving again ($(grep -c . "$DATA/redis/chargepath.aof" 2>/dev/null || echo '?') AOF lines)"
+    say "AOF $(du -h "$DATA/redis" | tail -1 | cut -f1) on disk"
     wait "$GEN"
     STATUS=$?
     tee -a "$TXT" < "$DATA/gen.out"
