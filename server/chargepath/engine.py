@@ -364,8 +364,6 @@ class Engine:
                             call.add_done_callback(self._release)
                             verdicts = await asyncio.shield(call)
                     finally:
-                        if call is None:
-                            self._admission.release()
                         if deadline.extended:
                             self.telemetry.loop_late()
             except asyncio.CancelledError:
@@ -394,6 +392,9 @@ class Engine:
                     call.add_done_callback(self._answered_late)
                     self._follow_late(tenant, policy.version, items, answered, call)
                 return answered
+            finally:
+                if call is None:  # admitted, but no call was made: give the slot back
+                    self._admission.release()
             self.telemetry.store_latency(time.perf_counter() - started)
             self.breaker.success()
             return verdicts
