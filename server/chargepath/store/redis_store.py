@@ -256,13 +256,17 @@ class RedisStore:
         (``SCRIPT LOAD``: the first decisions then need no NOSCRIPT round trip and no script
         upload) and open ``connections`` connections of the pool (concurrent PINGs), so that
         the first burst of decisions does not pay for TCP set-up and authentication within
-        its store timeout. StoreUnavailableError if the store does not answer."""
+        its store timeout. The connections are best effort (a TLS handshake may miss the
+        connect timeout on a busy machine: that connection is made later, when a call needs
+        it); StoreUnavailableError if the scripts cannot be loaded."""
         try:
             for script in (self._decide, self._reverse, self._publish, self._stamp):
                 await self.client.script_load(script.script)
-            await asyncio.gather(*(self.client.ping() for _ in range(connections)))
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        await asyncio.gather(
+            *(self.client.ping() for _ in range(connections)), return_exceptions=True
+        )
 
     async def ping(self) -> None:
         try:
