@@ -244,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     ceiling.set_defaults(target_pid=[])
     chaos.add_parser(sub)
     lease_local.add_parser(sub)
+    redraw = sub.add_parser(
+        "redraw",
+        help="draw the PNGs of a report's JSON again, in the current layout (no load is sent)",
+    )
+    redraw.add_argument("report", type=Path, help="a JSON report this command wrote")
+    redraw.add_argument(
+        "--out", type=Path, default=None, help="folder of the PNGs (default: the JSON's)"
+    )
     alternating = sub.add_parser(
         "alternate",
         parents=[common],
@@ -383,6 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return chaos.run(args, list(argv if argv is not None else sys.argv[1:]))
     if args.command == "lease-local":
         return lease_local.run(args)
+    if args.command == "redraw":
+        for path in report.redraw(args.report, args.out):
+            print(f"wrote {path}")
+        return 0
     if args.rate is None:
         args.rate = SMOKE_RATE if args.smoke else DEFAULT_RATE
     scenarios = scenarios_of(args)

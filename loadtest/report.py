@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from loadtest.runner import Measurement
-from loadtest.stats import MIN_SAMPLES, FlowSummary, PhaseSummary, Window
+from loadtest.stats import MIN_SAMPLES, FlowSummary, PhaseSummary, Tally, Window
 
 LATENCY_COLUMNS = ("p50", "p90", "p99", "p99.9", "max")
 OUTCOMES = ("ALLOW", "THROTTLE", "DENY")
@@ -239,6 +240,73 @@ def measurement_json(m: Measurement) -> dict[str, Any]:
     }
 
 
+def measurement_from_json(doc: dict[str, Any]) -> Measurement:
+    """The :class:`Measurement` that :func:`measurement_json` wrote: what a figure needs to be
+    drawn again from a report's JSON."""
+    from loadtest.findmax import Judgement, StepOutcome
+    from loadtest.worker import FlowSpec
+
+    def flow(f: dict[str, Any]) -> FlowSummary:
+        return FlowSummary(
+            flow=f["flow"],
+            usages_per_op=f["usages_per_op"],
+            offered_rate=f["offered_rate"],
+            achieved_rate=f["achieved_rate"],
+            latency_ms=f["latency_ms"],
+            tally=Tally(**f["tally"]),
+            series=f["series"],
+            windows={q: [Window(**w) for w in ws] for q, ws in f["windows"].items()},
+        )
+
+    def fields_of(cls: Any, raw: dict[str, Any]) -> dict[str, Any]:
+        return {fd.name: raw[fd.name] for fd in dataclasses.fields(cls) if fd.name in raw}
+
+    search = doc.get("find_max") or {}
+    return Measurement(
+        label=doc["label"],
+        target=doc["target"],
+        flows=tuple(FlowSpec(**f) for f in doc["flows"]),
+        phases=[
+            PhaseSummary(
+                label=p["label"],
+                offered_rate=p["offered_rate"],
+                duration=p["duration_s"],
+                flows=[flow(f) for f in p["flows"]],
+                target_cpu_s=p.get("target_cpu_s"),
+            )
+            for p in doc["phases"]
+        ],
+        steps=[
+            (StepOutcome(**fields_of(StepOutcome, st)), Judgement(**fields_of(Judgement, st)))
+            for st in search.get("steps", [])
+        ],
+        best_rate=search.get("best_rate"),
+        search_exhausted=bool(search.get("search_exhausted", False)),
+    )
+
+
+def redraw(report_path: Path, out: Path | None = None) -> list[Path]:
+    """Draw the PNGs of a report's JSON again (one per measurement, named as when it was
+    written: ``<stem>-<target>.png``), in ``out`` or beside the JSON; the paths written."""
+    doc = json.loads(report_path.read_text(encoding="utf-8"))
+    machine = doc.get("machine") or {}
+    run = RunInfo(
+        doc.get("scenario", ""),
+        doc.get("started_at", ""),
+        machine.get("host", "?"),
+        machine.get("cpus"),
+    )
+    folder = out if out is not None else report_path.parent
+    written = []
+    for m in doc["measurements"]:
+        measurement = measurement_from_json(m)
+        slug = re.sub(r"[^a-z0-9]+", "-", measurement.label.lower()).strip("-")
+        path = folder / f"{report_path.stem}-{slug}.png"
+        plot(path, measurement, run)
+        written.append(path)
+    return written
+
+
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -442,6 +510,17 @@ def _plot_throughput(
     edges, answered = answered_per_second(flow.series, offset)
     if answered:
         ax.stairs(answered, edges, baseline=None, color=colour, label=f"{flow.flow} answered")
+    _, degraded = answered_per_second(flow.series, offset, field="degraded")
+    if any(degraded):
+        ax.stairs(
+            degraded,
+            edges,
+            baseline=None,
+            color=colour,
+            linestyle="dotted",
+            linewidth=1.6,
+            label=f"{flow.flow} degraded",
+        )
     ax.hlines(
         flow.offered_rate,
         offset,
@@ -455,11 +534,12 @@ def _plot_throughput(
 
 
 def answered_per_second(
-    series: Sequence[dict[str, float | None]], offset: float
+    series: Sequence[dict[str, float | None]], offset: float, *, field: str = "usages_per_s"
 ) -> tuple[list[float], list[float]]:
-    """Edges (shifted by ``offset``) and usages answered of every second from the first to the
-    last of ``series``; a second missing from it answered nothing, and is drawn as 0."""
-    by_second = {int(p["t"] or 0.0): p["usages_per_s"] or 0.0 for p in series}
+    """Edges (shifted by ``offset``) and usages answered (or ``field``: ``degraded``) of every
+    second from the first to the last of ``series``; a second missing from it answered
+    nothing, and is drawn as 0."""
+    by_second = {int(p["t"] or 0.0): p.get(field) or 0.0 for p in series}
     if not by_second:
         return [], []
     seconds = range(min(by_second), max(by_second) + 1)

@@ -13,20 +13,24 @@ rm -rf /tmp/soak-data
 SUP=$!
 sleep 6
 URL=$(cat /tmp/soak-data/redis/url)
-echo "redis $URL"
+# redis-cli -u does not undo the URL's percent-encoding of the password: give it the port and
+# the password (REDISCLI_AUTH, never on a command line) instead
+RPORT=$(sed -E 's#.*:([0-9]+)/.*#\1#' /tmp/soak-data/redis/url)
+rcli() { REDISCLI_AUTH=$(cat /tmp/soak-data/redis/password) .venv/bin/redis-cli -p "$RPORT" "$@"; }
+echo "redis on port $RPORT"
 .venv/bin/chargepath ledger consume --tenant mvno-demo --group billing --redis-url "$URL" > /dev/null 2> /tmp/soak-consumer.log &
 CONS=$!
 ( for i in $(seq 1 44); do
-    M=$(.venv/bin/redis-cli -u "$URL" info memory | grep -E "^used_memory:" | cut -d: -f2 | tr -d '\r')
-    L=$(.venv/bin/redis-cli -u "$URL" xlen "cp:{mvno-demo}:ledger" | tr -d '\r')
-    K=$(.venv/bin/redis-cli -u "$URL" dbsize | tr -d '\r')
+    M=$(rcli info memory | grep -E "^used_memory:" | cut -d: -f2 | tr -d '\r')
+    L=$(rcli xlen "cp:{mvno-demo}:ledger" | tr -d '\r')
+    K=$(rcli dbsize | tr -d '\r')
     echo "$(date +%T) used_memory=$M ledger_len=$L keys=$K"
     sleep 15
   done ) > /tmp/soak-mem.log &
 SAMPLER=$!
 .venv/bin/python -m loadtest stream --batch 64 --streams 8 --target 127.0.0.1:50075 --plans loadtest/bench-plans.yaml --rate "$RATE" --duration 600 --warmup 5 --name soak-10min --out loadtest/results --quiet --api-key "$(cat /tmp/soak-data/operator.key)"
 kill $CONS; kill $SAMPLER
-.venv/bin/redis-cli -u "$URL" xinfo groups "cp:{mvno-demo}:ledger"
+rcli xinfo groups "cp:{mvno-demo}:ledger"
 kill -TERM $SUP; wait $SUP
 cat /tmp/soak-mem.log
 echo SOAK-DONE

@@ -95,6 +95,7 @@ class Second:
     ok_usages: int = 0
     error_ops: int = 0
     histogram: bytes = b""
+    degraded_usages: int = 0
 
 
 @dataclass(slots=True)
@@ -157,7 +158,9 @@ class FlowRecorder:
         if hist is None:
             hist = self._histograms[sec] = new_histogram()
         hist.record_value(min(max(int((now - intended) * 1e6), LOWEST_US), HIGHEST_US))
-        self._second(sec).ok_usages += len(decisions)
+        second = self._second(sec)
+        second.ok_usages += len(decisions)
+        second.degraded_usages += sum(1 for d in decisions if d >= DEGRADED_OFFSET)
 
     def failed(self, now: float, error: str, detail: str = "") -> None:
         """An operation failed at ``now`` with ``error`` (a gRPC status code name, an exception
@@ -176,7 +179,10 @@ class FlowRecorder:
         tally.decisions = {
             DECISION_NAMES.get(d, f"DECISION_{d}"): n for d, n in sorted(self._decisions.items())
         }
-        seconds = {sec: Second(s.ok_usages, s.error_ops, b"") for sec, s in self._seconds.items()}
+        seconds = {
+            sec: Second(s.ok_usages, s.error_ops, b"", s.degraded_usages)
+            for sec, s in self._seconds.items()
+        }
         for sec, hist in self._histograms.items():
             seconds[sec].histogram = hist.encode()
         return FlowStats(self.flow, self.usages_per_op, tally, seconds)
@@ -198,6 +204,7 @@ class MergedSecond:
     ok_usages: int
     error_ops: int
     histogram: HdrHistogram
+    degraded_usages: int = 0
 
 
 @dataclass(slots=True)
@@ -229,6 +236,7 @@ def merge(parts: Sequence[FlowStats]) -> MergedFlow:
                 merged = seconds[sec] = MergedSecond(0, 0, new_histogram())
             merged.ok_usages += s.ok_usages
             merged.error_ops += s.error_ops
+            merged.degraded_usages += s.degraded_usages
             if s.histogram:
                 hist = decode_histogram(s.histogram)
                 merged.histogram.add(hist)
@@ -347,6 +355,7 @@ def summarize(flow: MergedFlow, offered_rate: float, duration: float) -> FlowSum
             "t": float(sec),
             "usages_per_s": float(s.ok_usages),
             "errors": float(s.error_ops),
+            "degraded": float(s.degraded_usages),
         }
         point.update(latency_ms(s.histogram))
         series.append(point)

@@ -519,6 +519,9 @@ class Gateway:
         else:
             log.info("using Redis at %s", parts.redis_target.describe())
         await _wait_for_store(parts.store)
+        # scripts loaded and connections open before the first Check (the gateway serves,
+        # and reports SERVING, only after this)
+        await parts.store.prepare()
         if s.plans:
             await apply_plan_file(parts.store, s.plans, _plans_mode(s))
         await parts.engine.reload_policy()
@@ -600,6 +603,7 @@ class Gateway:
             # The key store shares the store's client: closing the store closes both.
             if parts.spool is not None:  # after the server and the replay: nobody writes now
                 await parts.spool.close()
+            await parts.engine.close()
             await parts.store.close()
             if parts.embedded is not None:
                 await asyncio.to_thread(parts.embedded.stop)

@@ -5,6 +5,10 @@ garbage collection, a process starved of CPU), the timer and the store's reply a
 the same turn of the loop, and the timer goes first: a reply that arrived in time is thrown
 away, and a usage Redis recorded is answered as degraded. :class:`StoreDeadline` notices that
 its timer ran late and gives the call one more period of loop time, once, before it cancels.
+
+The period counts from when the call is sent (:meth:`StoreDeadline.restart`), not from when
+the caller started waiting: the turns of the loop a call waits for before it is written belong
+to the gateway's own backlog, not to the store.
 """
 
 from __future__ import annotations
@@ -63,6 +67,17 @@ class StoreDeadline:
             and self._task.uncancel() <= self._cancelling
         ):
             raise TimeoutError("store timeout") from exc
+
+    def restart(self) -> None:
+        """Start the period again from now (the store call is about to be written): the time
+        the call waited before it could be sent (its turn on a busy loop, a stall before it
+        was written) does not count against the store. Does nothing once the deadline was
+        extended or has expired. Call it inside the block."""
+        if self._state != 0:
+            return
+        self._handle.cancel()
+        self._when = self._first = self._loop.time() + self._delay
+        self._handle = self._loop.call_at(self._when, self._on_deadline)
 
     @property
     def when(self) -> float:

@@ -9,6 +9,7 @@ is away, the spool (:class:`~chargepath.store.spool.Spool`, a local file).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from chargepath.core.allowance import LocalAllowance
-from chargepath.core.breaker import CircuitBreaker
+from chargepath.core.breaker import BreakerState, CircuitBreaker
 from chargepath.core.model import (
     Decision,
     FieldViolation,
@@ -68,16 +69,31 @@ _Pending = tuple[Usage, str, "asyncio.Future[Verdict]"]
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
     """``store_timeout_s`` bounds every store call for one usage (plus
-    ``store_timeout_per_usage_s`` per further usage of a batch): past it the failure policy
-    decides.
-    ``breaker_failures`` consecutive store failures open the breaker for
-    ``breaker_cooldown_s``. ``spool_timeout_s`` bounds the spool write a degraded verdict
-    waits for (past it, the usage counts as not spooled)."""
+    ``store_timeout_per_usage_s`` per further usage of a batch), from the moment the call may
+    use a connection: past it the failure policy decides.
+
+    ``store_max_in_flight`` bounds the store calls a process has in flight (admission): a call
+    beyond it waits for one to finish, at most ``store_queue_timeout_s``, before its store
+    timeout starts, so that the timeout measures the store and not this process's own backlog
+    (it stays below the store's connection pool, 64, so an admitted call never waits for a
+    connection). A call still not admitted after ``store_queue_timeout_s`` is decided by the
+    failure policy (counted with cause ``queue``): the gateway, not the store, was too slow.
+
+    The breaker opens on evidence only (:mod:`chargepath.core.breaker`): ``breaker_failures``
+    consecutive connection errors, or a failed probe (a PING bounded by
+    ``store_probe_timeout_s``) after a store timeout. While it is open the store is probed every
+    ``breaker_cooldown_s``; the first probe that succeeds closes it.
+
+    ``spool_timeout_s`` bounds the spool write a degraded verdict waits for (past it, the usage
+    counts as not spooled)."""
 
     store_timeout_s: float = 0.05
     store_timeout_per_usage_s: float = 0.0005
+    store_max_in_flight: int = 48
+    store_queue_timeout_s: float = 0.05
+    store_probe_timeout_s: float = 0.2
     breaker_failures: int = 5
-    breaker_cooldown_s: float = 1.0
+    breaker_cooldown_s: float = 0.25
     spool_timeout_s: float = 0.5
 
 
@@ -170,6 +186,11 @@ class Engine:
             cooldown_ms=int(settings.breaker_cooldown_s * 1000),
         )
         self.allowance = LocalAllowance(clock_ms)
+        #: store calls in flight (admission: see EngineSettings.store_max_in_flight)
+        self._admission = asyncio.Semaphore(settings.store_max_in_flight)
+        self._probe_task: asyncio.Future[None] | None = None
+        #: set when a store call that timed out got its reply: wakes a waiting probe
+        self._store_answered = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._degraded_logged_at = 0.0
         self._degraded_since_log = 0
@@ -378,34 +399,32 @@ class Engine:
                 for u, did, trace_id in zip(usages, ids, trace_ids, strict=True)
             ]
             if not self.breaker.allow():
+                self.telemetry.store_failure("breaker_open")
                 return await self._spool(self._degraded(policy, items, "circuit breaker open"))
-            started = time.perf_counter()
+            if not await self._admit():
+                self.telemetry.store_failure("queue")
+                return await self._spool(
+                    self._degraded(policy, items, "gateway busy: store calls queued too long")
+                )
             call: asyncio.Future[list[Verdict]] | None = None
             delay = self.settings.store_timeout_s + self.settings.store_timeout_per_usage_s * (
                 len(items) - 1
             )
             try:
+                started = time.perf_counter()
                 with self.telemetry.store_span(tenant, len(items)):
-                    deadline = StoreDeadline(
-                        self.settings.store_timeout_s
-                        + self.settings.store_timeout_per_usage_s * (len(items) - 1)
-                    )
+                    deadline = StoreDeadline(delay)
                     try:
                         async with deadline:
                             # its own task, shielded: past the deadline the call goes on, so
                             # that a late reply is still read and reconciled (_follow_late)
                             call = asyncio.ensure_future(
-                                self.store.decide(
-                                    tenant,
-                                    policy.version,
-                                    items,
-                                    ok_limits=ok_limits,
-                                    deadline=deadline.latest,
-                                    # half the timeout: a reply to a batch that runs later
-                                    # may be read too late (see docs/design.md)
-                                    doubt=deadline.when - delay / 2,
+                                self._send(
+                                    tenant, policy.version, items, ok_limits, deadline, delay
                                 )
                             )
+                            # the admission slot is held until the call ends, late or not
+                            call.add_done_callback(self._release)
                             verdicts = await asyncio.shield(call)
                     finally:
                         if deadline.extended:
@@ -433,20 +452,134 @@ class Engine:
                 )
                 return answered
             except (StoreUnavailableError, TimeoutError) as exc:
-                self.breaker.failure()
-                self.telemetry.store_error()
+                self.store_failed(exc)
                 reason = str(exc) or "store timeout"
                 # the deadline passed: the call may yet commit, its spooled usages are held
                 in_flight = call is not None and not isinstance(exc, StoreUnavailableError)
                 answered = await self._spool(self._degraded(policy, items, reason), hold=in_flight)
                 if call is not None and in_flight:
+                    call.add_done_callback(self._answered_late)
                     self._follow_late(tenant, policy.version, items, answered, call)
                 return answered
+            finally:
+                if call is None:  # admitted, but no call was made: give the slot back
+                    self._admission.release()
             self.telemetry.store_latency(time.perf_counter() - started)
             self.breaker.success()
             return verdicts
         log.error("tenant %s: policy still stale after %d reloads", tenant, STALE_RETRIES)
         return await self._spool(self._degraded(policy, items, "policy reload did not converge"))
+
+    async def _send(
+        self,
+        tenant: str,
+        version: int,
+        items: list[DecideItem],
+        ok_limits: bool,
+        deadline: StoreDeadline,
+        delay: float,
+    ) -> list[Verdict]:
+        """The store call, timed from its first step: the store writes the batch in this same
+        step (an admitted call has a connection waiting, :meth:`_admit`), so the deadline, and
+        the one the store enforces on its own clock, count from the write. ``delay`` is the
+        call's timeout: a batch that runs later than half of it is in doubt (its reply may be
+        read too late, see docs/design.md, "Late commits and the spool")."""
+        deadline.restart()
+        return await self.store.decide(
+            tenant,
+            version,
+            items,
+            ok_limits=ok_limits,
+            deadline=deadline.latest,
+            doubt=deadline.when - delay / 2,
+        )
+
+    # -- admission and the breaker's probe ------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop the breaker's probe, if one runs (before the store is closed)."""
+        task, self._probe_task = self._probe_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _admit(self) -> bool:
+        """Take an admission slot (a store call in flight), waiting at most
+        ``store_queue_timeout_s``; False if none came free in time."""
+        admission = self._admission
+        if not admission.locked():
+            await admission.acquire()
+            return True
+        try:
+            async with StoreDeadline(self.settings.store_queue_timeout_s):
+                await admission.acquire()
+        except TimeoutError:
+            return False
+        return True
+
+    def _release(self, _call: asyncio.Future[list[Verdict]]) -> None:
+        self._admission.release()
+
+    def _answered_late(self, call: asyncio.Future[list[Verdict]]) -> None:
+        """A store call that timed out has ended: if the store answered it (even to refuse
+        it as late, or stale), the store is alive, and a running probe tries again now."""
+        if call.cancelled():
+            return
+        exc = call.exception()
+        if exc is None or isinstance(exc, StoreDeadlineError | StalePolicyError):
+            self._store_answered.set()
+
+    def store_failed(self, exc: StoreUnavailableError | TimeoutError) -> None:
+        """A store call (a decision's or a lease ask's) failed: a connection error counts
+        against the store at once, a timeout only starts a probe (:meth:`_suspect`)."""
+        if isinstance(exc, StoreUnavailableError):
+            self.breaker.failure()
+            self.telemetry.store_failure("unavailable")
+        else:
+            self.telemetry.store_failure("timeout")
+        self._suspect()
+        self.telemetry.store_error()
+
+    def _suspect(self) -> None:
+        """A store call failed or timed out: unless a probe runs already, start one, which
+        opens the breaker only if the store does not answer a PING of its own in time."""
+        if self.breaker.suspect():
+            self._probe_task = asyncio.ensure_future(self._probe())
+
+    async def _probe(self) -> None:
+        """PING the store within ``store_probe_timeout_s`` (a loop stall extends it once, as
+        for any store call); each failure opens the breaker and the next PING follows
+        ``breaker_cooldown_s`` later; the first success closes it."""
+        try:
+            while True:
+                try:
+                    async with StoreDeadline(self.settings.store_probe_timeout_s):
+                        await self.store.ping()
+                except (StoreUnavailableError, TimeoutError) as exc:
+                    was_closed = self.breaker.state is BreakerState.CLOSED
+                    self.breaker.probe_failed()
+                    if was_closed:
+                        self.telemetry.breaker_opened()
+                        log.warning(
+                            "circuit breaker open: the store did not answer a probe within "
+                            "%.0f ms (%s)",
+                            self.settings.store_probe_timeout_s * 1000,
+                            str(exc) or "timeout",
+                        )
+                    # the next probe: after the cooldown, or as soon as a store call that
+                    # timed out gets its reply (the store answers again)
+                    self._store_answered.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._store_answered.wait(), self.settings.breaker_cooldown_s
+                        )
+                    continue
+                if self.breaker.state is not BreakerState.CLOSED:
+                    log.warning("circuit breaker closed: the store answers a probe again")
+                self.breaker.success()
+                return
+        finally:
+            self.breaker.probe_running = False
 
     # -- late replies ---------------------------------------------------------------------
 

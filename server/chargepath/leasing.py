@@ -249,8 +249,8 @@ class Leasing:
                     engine.breaker.success()
                     return [], exc.stamped_version
                 except (StoreUnavailableError, TimeoutError) as exc:
-                    engine.breaker.failure()
-                    engine.telemetry.store_error()
+                    # as for a decision: a timeout only makes the breaker probe the store
+                    engine.store_failed(exc)
                     for i in where:
                         out[i] = self._unavailable(asks[i], policy, str(exc) or "store timeout")
                 else:

@@ -52,10 +52,10 @@ class Settings:
     #: Bound on every store call for one usage: past it the tenant's failure policy decides.
     store_timeout_ms: int = 50
     #: Added to the bound per further usage of a batch (a batch of 64: 50 + 63 x 0.5 ms),
-    #: since a batch's script takes longer and the wait includes the process's own queue.
+    #: since a batch's script takes longer.
     store_timeout_per_usage_ms: float = 0.5
     breaker_failures: int = 5
-    breaker_cooldown_ms: int = 1000
+    breaker_cooldown_ms: int = 250
     #: How long a request id's first verdict is kept for retries.
     dedup_window_s: int = 600
     #: How long the decision trail keeps every decision, so that ``explain ID`` finds it by

@@ -389,6 +389,21 @@ class Telemetry:
             unit="{error}",
             description="Store calls that failed or timed out",
         )
+        self._store_failures = meter.create_counter(
+            "chargepath.store.failures",
+            unit="{call}",
+            description="Store calls answered by the failure policy, by cause: timeout (no "
+            "reply within the store timeout, counted from admission), unavailable (a "
+            "connection error), breaker_open (not sent: the breaker was open), queue (not "
+            "sent: this process had store_max_in_flight calls in flight for longer than the "
+            "queue timeout, i.e. the gateway, not the store, was slow)",
+        )
+        self._breaker_openings = meter.create_counter(
+            "chargepath.store.breaker_opened",
+            unit="{opening}",
+            description="Times the circuit breaker opened: the store failed a probe (a PING "
+            "after a store call failed)",
+        )
         self._loop_late = meter.create_counter(
             "chargepath.store.deadline_extended",
             unit="{call}",
@@ -740,6 +755,14 @@ class Telemetry:
 
     def store_error(self) -> None:
         self._store_errors.add(1)
+
+    def store_failure(self, cause: str) -> None:
+        """A store call answered by the failure policy, by ``cause`` (timeout, unavailable,
+        breaker_open, queue)."""
+        self._store_failures.add(1, {"cause": cause})
+
+    def breaker_opened(self) -> None:
+        self._breaker_openings.add(1)
 
     def late_replies(self, outcome: str, usages: int) -> None:
         """``usages`` of a store call's late reply, by outcome (:data:`LATE_REPLY_OUTCOMES`)."""

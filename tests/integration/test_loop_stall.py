@@ -37,6 +37,10 @@ async def check_through_a_stall(
     try:
         engine = await make_engine(store, REPORTING, store_timeout_s=0.05)
         await engine.check(Usage("warm", Subject("mvno", "s1"), "slice.bytes", 1, Mode.REPORT))
+        # a pause ends on Redis' timer (serverCron, every 1000/hz ms: 100 ms at the default
+        # hz 10), so that it lasts about what it says, not up to 100 ms more
+        hz = raw.config_get("hz")["hz"]
+        raw.config_set("hz", 100)
         raw.execute_command("CLIENT", "PAUSE", str(pause_ms), "ALL")
         try:
             u = Usage(request_id, Subject("mvno", "s1"), "slice.bytes", 10, Mode.REPORT)
@@ -48,6 +52,8 @@ async def check_through_a_stall(
             return v, time.perf_counter() - started
         finally:
             raw.execute_command("CLIENT", "UNPAUSE")
+            raw.config_set("hz", hz)
+            await engine.close()
     finally:
         await store.close()
 
@@ -75,3 +81,34 @@ def test_a_store_that_does_not_answer_still_times_out_after_a_stall(
     )
     assert v.degraded and not v.recorded
     assert waited < 0.45  # the stall, one more timeout's worth, slack for a busy machine
+
+
+@RUNNERS
+def test_a_command_is_written_in_the_step_that_issues_it(
+    run: Runner, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store timeout starts when the engine issues the call: the bytes must leave in that
+    same step, not a turn of the loop later (redis-py's write under ``socket_timeout`` runs
+    in a task of its own on Python 3.11; ``connect.prompt_writes`` undoes that)."""
+    writes: list[int] = []
+    original = asyncio.StreamWriter.writelines
+
+    def counted(self: asyncio.StreamWriter, data: Any) -> None:
+        writes.append(len(writes))
+        original(self, data)
+
+    async def main() -> tuple[int, bool]:
+        store = RedisStore.from_url(redis_server.url, connect_timeout=1.0)
+        try:
+            await store.ping()  # connected: what follows is one PING on a warm connection
+            monkeypatch.setattr(asyncio.StreamWriter, "writelines", counted)
+            call = asyncio.ensure_future(store.ping())
+            await asyncio.sleep(0)  # one turn: the call's first step, and nothing after it
+            written = len(writes)
+            await call
+            return written, call.exception() is None
+        finally:
+            monkeypatch.undo()
+            await store.close()
+
+    assert run(main()) == (1, True)

@@ -43,6 +43,33 @@ def test_success_resets_the_failure_count() -> None:
     assert b.state is BreakerState.CLOSED
 
 
+def test_a_timeout_alone_never_opens_the_breaker_it_asks_for_one_probe() -> None:
+    """A store call's timeout is not evidence against the store (the gateway's loop may have
+    been late): it asks for a probe, once while one runs; only a failed probe opens."""
+    b = CircuitBreaker(FakeClock(), failures=2)
+    assert b.suspect()  # the first timeout starts a probe
+    for _ in range(10):
+        assert not b.suspect()  # no second probe while it runs
+    assert b.state is BreakerState.CLOSED and b.allow()
+    b.success()  # the probe's PING was answered: the store is healthy
+    b.probe_running = False
+    assert b.state is BreakerState.CLOSED and b.openings == 0
+    assert b.suspect()  # a later timeout may probe again
+
+
+def test_a_failed_probe_opens_at_once_and_a_successful_one_closes() -> None:
+    clock = FakeClock()
+    b = CircuitBreaker(clock, failures=5, cooldown_ms=250)
+    assert b.suspect()
+    b.probe_failed()
+    assert b.state is BreakerState.OPEN and not b.allow() and b.openings == 1
+    b.probe_failed()  # still unanswered: open again, one opening
+    assert b.openings == 1
+    clock.now += 100
+    b.success()  # the next probe was answered, before the cooldown ended
+    assert b.state is BreakerState.CLOSED and b.allow()
+
+
 RATE = Limit("burst", LimitKind.RATE, Scope.TENANT, False, capacity=10, scale=100, refill_per_ms=1)
 QUOTA = Limit("monthly", LimitKind.QUOTA, Scope.TENANT, False, amount=1)
 

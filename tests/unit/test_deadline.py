@@ -89,3 +89,41 @@ def test_a_cancellation_from_outside_stays_a_cancellation(run: Runner) -> None:
             await task
 
     run(main())
+
+
+def stall(seconds: float) -> None:
+    """Block the event loop (a long collection, a starved CPU)."""
+    time.sleep(seconds)
+
+
+@RUNNERS
+def test_time_before_the_call_is_sent_does_not_count(run: Runner) -> None:
+    """The loop is stuck before the call is written (the gateway's own backlog): restart()
+    at the write gives the store its whole period, and the extension stays unused for a
+    stall after it."""
+
+    async def main() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        deadline = StoreDeadline(0.05)
+        async with deadline:
+            stall(0.1)  # past the first period, before the call is sent
+            deadline.restart()
+            restarted_late = deadline.when > loop.time()
+            reply: asyncio.Future[str] = loop.create_future()
+            loop.call_soon(reply.set_result, "ok")
+            assert await reply == "ok"
+        return restarted_late, deadline.extended
+
+    assert run(main()) == (True, False)
+
+
+@RUNNERS
+def test_a_silent_store_still_times_out_after_a_restart(run: Runner) -> None:
+    async def main() -> None:
+        deadline = StoreDeadline(0.05)
+        with pytest.raises(TimeoutError):
+            async with deadline:
+                deadline.restart()
+                await asyncio.sleep(10)
+
+    run(main())

@@ -4,6 +4,7 @@ from 0)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import struct
@@ -18,10 +19,14 @@ from loadtest.report import (
     RunInfo,
     answered_per_second,
     figure,
+    measurement_from_json,
+    measurement_json,
     plot,
     plot_title,
+    redraw,
     render,
     window_steps,
+    write_json,
 )
 from loadtest.runner import Measurement
 from loadtest.stats import (
@@ -194,3 +199,25 @@ def test_plot_writes_the_png(tmp_path: Path) -> None:
     assert path.is_file()
     assert png_size(path.read_bytes())[0] == 1375
     assert path.stat().st_size > 40_000
+
+
+def test_a_report_json_redraws_the_same_figure(tmp_path: Path) -> None:
+    """The JSON beside a PNG is enough to draw it again (``python -m loadtest redraw``)."""
+    m = measurement(phase("step 1", 1000, 4, seed=7), phase("step 2", 1500, 4, seed=8))
+    m.steps = [
+        (StepOutcome(1000, 1000, 3.0), Judgement(True, "ok")),
+        (StepOutcome(1500, 1200, 40.0, degraded=3), Judgement(False, "p99 40 ms")),
+    ]
+    m.best_rate = 1000
+    doc = {
+        "scenario": RUN.scenario,
+        "started_at": RUN.started_at,
+        "machine": {"host": RUN.host, "cpus": RUN.cpus},
+        "measurements": [measurement_json(m)],
+    }
+    report = tmp_path / "run.json"
+    write_json(report, json.loads(json.dumps(doc)))
+    assert measurement_from_json(json.loads(report.read_text())["measurements"][0]) == m
+    (png,) = redraw(report, tmp_path / "again")
+    assert png == tmp_path / "again" / "run-gateway.png"
+    assert png.read_bytes() == render(m, RUN)

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from loadtest.stats import (
+    DEGRADED_OFFSET,
     MIN_SAMPLES,
     PERCENTILES,
     FlowRecorder,
@@ -91,6 +92,22 @@ def test_achieved_rate_counts_only_answers_inside_the_window() -> None:
     assert summary.tally.ok_usages == 160
     assert summary.achieved_rate == 50.0
     assert [p["usages_per_s"] for p in summary.series] == [100.0, 60.0]
+
+
+def test_degraded_verdicts_are_counted_per_second_across_workers() -> None:
+    a = FlowRecorder("stream", 3, start=0.0, duration=3.0)
+    b = FlowRecorder("stream", 3, start=0.0, duration=3.0)
+    for rec in (a, b):
+        rec.sent()
+        rec.answered(0.5, 0.6, [1, DEGRADED_OFFSET + 1, DEGRADED_OFFSET + 3])
+        rec.sent()
+        rec.answered(2.0, 2.1, [1, 1, 1])
+    summary = summarize(merge([a.snapshot(), b.snapshot()]), offered_rate=3.0, duration=3.0)
+    assert [(p["t"], p["usages_per_s"], p["degraded"]) for p in summary.series] == [
+        (0.0, 6.0, 4.0),
+        (2.0, 6.0, 0.0),
+    ]
+    assert summary.tally.decisions == {"ALLOW": 8, "DEGRADED_ALLOW": 2, "DEGRADED_DENY": 2}
 
 
 def test_merge_by_flow_keeps_flows_apart() -> None:

@@ -192,7 +192,43 @@ def connect(
         timeout=None,
         **tcp,
     )
+    pool.connection_class = prompt_writes(pool.connection_class)
     return aioredis.Redis.from_pool(pool)  # closes the pool with the client
+
+
+_PROMPT_CLASSES: dict[type[Any], type[Any]] = {}
+
+
+def prompt_writes(connection_class: type[Any]) -> type[Any]:
+    """``connection_class`` writing each command in its caller's step.
+
+    redis-py bounds a write by ``socket_timeout`` (5 s by default since redis-py 8) with
+    ``asyncio.wait_for``, which on Python 3.11 runs the write in a task of its own: the command
+    leaves one turn of the event loop after it was issued. Under load a turn is every other
+    ready callback of the process (hundreds of stream messages), and a store timeout, and the
+    deadline the script enforces on Redis' clock, both computed before the call, counted that
+    turn against the store. Here the write goes out at once (a buffered ``writelines``;
+    ``drain`` waits only when the socket's buffer is full, and then within the caller's own
+    store timeout); reads keep ``socket_timeout``."""
+    prompt = _PROMPT_CLASSES.get(connection_class)
+    if prompt is None:
+
+        async def send_packed_command(
+            self: Any, command: bytes | str | Sequence[bytes], check_health: bool = True
+        ) -> None:
+            timeout, self.socket_timeout = self.socket_timeout, None
+            try:
+                await connection_class.send_packed_command(self, command, check_health)
+            finally:
+                self.socket_timeout = timeout
+
+        prompt = type(
+            f"Prompt{connection_class.__name__}",
+            (connection_class,),
+            {"send_packed_command": send_packed_command, "__module__": __name__},
+        )
+        _PROMPT_CLASSES[connection_class] = prompt
+    return prompt
 
 
 class SentinelMasterPool(SentinelConnectionPool):
@@ -284,6 +320,8 @@ def _sentinel_master(
     client: SentinelRedis = sentinel.master_for(
         target.master, redis_class=SentinelRedis, connection_pool_class=pool_class, **sized
     )
+    pool = client.connection_pool
+    pool.connection_class = prompt_writes(pool.connection_class)
     return client
 
 

@@ -70,6 +70,9 @@ from chargepath.store.protocol import scope_instance as scope_instance
 from chargepath.store.protocol import tenant_prefix as tenant_prefix
 
 POLICY_KEY = "cp:policy"
+#: Connections of the store's blocking pool (the engine admits fewer store calls at once,
+#: ``EngineSettings.store_max_in_flight``, so that an admitted call never waits for one).
+POOL_SIZE = 64
 
 
 class RedisStore:
@@ -139,7 +142,7 @@ class RedisStore:
         a burst beyond it waits for a connection (within the caller's store timeout) instead
         of failing with "Too many connections". Redis is single-threaded, so more connections
         than this would not decide faster."""
-        return cls(connect(target, connect_timeout=connect_timeout, pool_size=64), **kwargs)
+        return cls(connect(target, connect_timeout=connect_timeout, pool_size=POOL_SIZE), **kwargs)
 
     async def decide(
         self,
@@ -286,6 +289,23 @@ class RedisStore:
         if not readings:
             raise StoreUnavailableError("INFO memory: no used_memory in the reply")
         return max(readings, key=lambda m: (m.utilization or 0.0, m.used_bytes))
+
+    async def prepare(self, connections: int = POOL_SIZE // 2) -> None:
+        """Ready the store for traffic before the gateway serves: register every script
+        (``SCRIPT LOAD``: the first decisions then need no NOSCRIPT round trip and no script
+        upload) and open ``connections`` connections of the pool (concurrent PINGs), so that
+        the first burst of decisions does not pay for TCP set-up and authentication within
+        its store timeout. The connections are best effort (a TLS handshake may miss the
+        connect timeout on a busy machine: that connection is made later, when a call needs
+        it); StoreUnavailableError if the scripts cannot be loaded."""
+        try:
+            for script in (self._decide, self._reverse, self._publish, self._stamp):
+                await self.client.script_load(script.script)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        await asyncio.gather(
+            *(self.client.ping() for _ in range(connections)), return_exceptions=True
+        )
 
     async def ping(self) -> None:
         try:
