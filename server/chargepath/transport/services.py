@@ -133,7 +133,10 @@ def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescr
     with ``servicer``, as the generated ``add_*Servicer_to_server`` would, but with request
     deserializers that never raise (see the module's docstring)."""
     handlers = method_handlers(servicer, service)
+    # A generic handler only, not also ``add_registered_method_handlers`` as the generated
+    # code does: grpc.aio's server keeps one pending task per registered method and waits on
+    # all of them (``asyncio.wait``) for every call it accepts, so each registered method
+    # costs every call of every service CPU; the generic handler finds the method by name.
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
-    server.add_registered_method_handlers(service.full_name, handlers)
