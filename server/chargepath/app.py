@@ -549,7 +549,10 @@ class Gateway:
         services.add_service(parts.server, parts.admin, services.ADMIN)
         services.add_service(parts.server, parts.key_service, services.KEYS)
         add_envoy_services(parts.server, parts.engine, parts.draining)
-        health_pb2_grpc.add_HealthServicer_to_server(parts.serving.health, parts.server)
+        health_pb2_grpc.add_HealthServicer_to_server(
+            parts.serving.health,
+            services.GenericOnly(parts.server),  # type: ignore[arg-type]
+        )
         reflection.enable_server_reflection(
             (
                 METERING,

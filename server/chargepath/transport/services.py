@@ -128,6 +128,21 @@ def method_handlers(servicer: object, service: ServiceDescriptor) -> dict[str, A
     return handlers
 
 
+class GenericOnly:
+    """``server`` as a generated ``add_*Servicer_to_server`` function sees it (the health
+    service's): its generic handler is added, its registered method handlers are not, for the
+    reason :func:`add_service` gives."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, name: str, handlers: Any) -> None:
+        pass
+
+
 def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
     """Serve ``service`` (e.g. ``metering_pb2.DESCRIPTOR.services_by_name["MeteringService"]``)
     with ``servicer``, as the generated ``add_*Servicer_to_server`` would, but with request
