@@ -551,7 +551,7 @@ class Gateway:
         add_envoy_services(parts.server, parts.engine, parts.draining)
         health_pb2_grpc.add_HealthServicer_to_server(
             parts.serving.health,
-            services.GenericOnly(parts.server),  # type: ignore[arg-type]
+            services.GenericOnly(parts.server),
         )
         reflection.enable_server_reflection(
             (
