@@ -48,13 +48,14 @@ async def client(target: str, key: str, calls: int, warmup: int, concurrency: in
     from chargepath_protos.v1 import metering_pb2_grpc as pb_grpc
 
     metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    decisions: dict[str, int] = {}
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.MeteringServiceStub(channel)
 
         async def run(n: int) -> None:
             async def lane(count: int) -> None:
                 for _ in range(count):
-                    await stub.Check(
+                    answer = await stub.Check(
                         pb.CheckRequest(
                             usage=pb.Usage(
                                 request_id=uuid.uuid4().hex,
@@ -67,13 +68,17 @@ async def client(target: str, key: str, calls: int, warmup: int, concurrency: in
                         metadata=metadata,
                         timeout=10,
                     )
+                    name = pb.Decision.Name(answer.verdict.decision).removeprefix("DECISION_")
+                    decisions[name] = decisions.get(name, 0) + 1
 
             await asyncio.gather(*(lane(n // concurrency) for _ in range(concurrency)))
 
         await run(warmup)
         print("go", flush=True)
+        decisions.clear()
         await run(calls)
-        print("done", flush=True)
+        counts = " ".join(f"{k}={v}" for k, v in sorted(decisions.items()))
+        print(f"done {counts}", flush=True)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -135,10 +140,11 @@ async def serve(args: argparse.Namespace) -> None:
             profile.disable()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         await proc.wait()
-        assert line.strip() == b"done", line
+        done, _, counts = line.decode().strip().partition(" ")
+        assert done == "done", line
         calls = args.calls // args.concurrency * args.concurrency
         print(
-            f"{args.scenario} drop={args.drop or '-'}: {calls} calls, "
+            f"{args.scenario} drop={args.drop or '-'}: {calls} calls ({counts}), "
             f"{cpu / calls * 1e6:.0f} us CPU per call, {calls / wall:.0f} calls/s, "
             f"load {os.getloadavg()[0]:.1f}"
         )
