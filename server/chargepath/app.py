@@ -20,7 +20,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from chargepath.core.auth import Principal, Role
 from chargepath.core.overlimit import OverLimitCache
@@ -77,6 +76,7 @@ from chargepath.transport.keys import KeyServicer
 from chargepath.transport.leases import LeaseServicer
 from chargepath.transport.metering import MeteringServicer, OpenStreams
 from chargepath.transport.tls import IdentityMap, ServerCertificates, TlsFiles
+from chargepath.transport.tracing import InstrumentedServices
 from chargepath.webhooks import WebhookDispatcher, WebhookSettings, process_identity
 from chargepath_protos.v1 import admin_pb2, keys_pb2, lease_pb2, metering_pb2
 
@@ -346,19 +346,15 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
         )
     # The metering, lease and Envoy services make their own server spans (transport.tracing.
     # server_span: one per Check, Lease, RLS call or stream message); the instrumentation
-    # traces the admin, health and reflection services.
-    interceptors.append(
-        aio_server_interceptor(
-            tracer_provider=telemetry.tracer_provider,
-            filter_=filters.negate(
-                filters.any_of(
-                    filters.service_name(METERING),
-                    filters.service_name(LEASE),
-                    filters.service_prefix("envoy.service."),
-                )
-            ),
+    # traces the admin, health and reflection services. With tracing off (no span could be
+    # sampled) it is left out: it would only build spans that record nothing, on every call.
+    if telemetry.tracing:
+        interceptors.append(
+            InstrumentedServices(
+                telemetry.tracer_provider,
+                (f"/{METERING}/", f"/{LEASE}/", "/envoy.service."),
+            )
         )
-    )
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -556,7 +552,10 @@ class Gateway:
         services.add_service(parts.server, parts.admin, services.ADMIN)
         services.add_service(parts.server, parts.key_service, services.KEYS)
         add_envoy_services(parts.server, parts.engine, parts.draining)
-        health_pb2_grpc.add_HealthServicer_to_server(parts.serving.health, parts.server)
+        health_pb2_grpc.add_HealthServicer_to_server(
+            parts.serving.health,
+            services.GenericOnly(parts.server),
+        )
         reflection.enable_server_reflection(
             (
                 METERING,

@@ -253,7 +253,8 @@ class Engine:
     async def check(self, usage: Usage, *, retried: bool = False) -> Verdict:
         """Decide one usage; raise :class:`InvalidUsageError` if it is invalid. ``retried``:
         the caller marked it as a retry (never answered by the over-limit cache)."""
-        await self._catch_up([usage])
+        if usage.metric not in self.policy.metrics:  # else no coroutine: nothing to catch up
+            await self._catch_up([usage])
         bad = self.violations(usage, self.policy, on_stream=False)
         if bad:
             raise InvalidUsageError(bad)

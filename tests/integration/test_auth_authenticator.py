@@ -199,3 +199,26 @@ def test_peer_address_and_bearer_token() -> None:
     assert bearer_token(None) is None
     assert bearer_token([("authorization", "Basic abc")]) == ""
     assert bearer_token([("authorization", "Bearer a"), ("authorization", "Bearer b")]) == ""
+
+
+async def test_the_cached_path_answers_only_a_valid_cached_key(keys: RedisKeyStore) -> None:
+    """``cached`` (what the interceptor tries first, without the peer's address) gives the
+    principal of a cached key with its secret while it is valid, and None for anything else,
+    which ``authenticate`` then decides (refusals included)."""
+    clock = [now_ms()]
+    _, key = await keys.create("tenant-a", Role.METER, clock[0] + 60_000)
+    auth = Authenticator(keys, wall_ms=lambda: clock[0])
+    assert auth.cached(key.plaintext) is None  # not looked up yet
+    principal = await auth.authenticate(key.plaintext, PEER)
+    assert auth.cached(key.plaintext) == principal == Principal(key.key_id, Role.METER, "tenant-a")
+    wrong = key.plaintext[:-1] + ("a" if key.plaintext[-1] != "a" else "b")
+    assert auth.cached(wrong) is None
+    refused = await auth.authenticate(wrong, PEER)
+    assert isinstance(refused, Refusal) and refused.kind is RefusalKind.UNAUTHENTICATED
+    assert auth.cached("") is None
+    assert auth.cached("Bearer") is None
+    clock[0] += 60_000  # the key's expiry
+    assert auth.cached(key.plaintext) is None
+    assert await auth.authenticate(key.plaintext, PEER) == Refusal(
+        RefusalKind.UNAUTHENTICATED, "API key expired"
+    )

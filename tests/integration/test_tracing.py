@@ -254,3 +254,23 @@ async def test_with_tracing_off_no_span_is_built_and_decisions_still_count(
     )
     # every other known outcome is there too, at zero
     assert {k: v for k, v in by.items() if v} == {allow: 2, invalid: 1}
+
+
+async def test_the_instrumentation_traces_other_services_and_not_the_metering_ones(
+    traced: Traced,
+) -> None:
+    """The OpenTelemetry gRPC instrumentation (behind transport.tracing.InstrumentedServices)
+    makes the server span of a health (or admin) call, child of the caller's traceparent; a
+    Check has only the span its servicer makes."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(traced.channel)
+    answer = await health.Check(health_pb2.HealthCheckRequest(), metadata=TRACEPARENT)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    (rpc,) = traced.spans.get_finished_spans()
+    assert rpc.name == "/grpc.health.v1.Health/Check" and rpc.kind is SpanKind.SERVER
+    assert rpc.parent is not None and f"{rpc.parent.span_id:016x}" == PARENT_SPAN
+    traced.spans.clear()
+    await traced.stub.Check(pb.CheckRequest(usage=usage()), metadata=TRACEPARENT)
+    servers = [s for s in traced.spans.get_finished_spans() if s.kind is SpanKind.SERVER]
+    assert [s.name for s in servers] == ["chargepath.v1.MeteringService/Check"]

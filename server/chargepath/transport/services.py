@@ -128,12 +128,30 @@ def method_handlers(servicer: object, service: ServiceDescriptor) -> dict[str, A
     return handlers
 
 
+class GenericOnly:
+    """``server`` as a generated ``add_*Servicer_to_server`` function sees it (the health
+    service's): its generic handler is added, its registered method handlers are not, for the
+    reason :func:`add_service` gives."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, name: str, handlers: Any) -> None:
+        pass
+
+
 def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
     """Serve ``service`` (e.g. ``metering_pb2.DESCRIPTOR.services_by_name["MeteringService"]``)
     with ``servicer``, as the generated ``add_*Servicer_to_server`` would, but with request
     deserializers that never raise (see the module's docstring)."""
     handlers = method_handlers(servicer, service)
+    # A generic handler only, not also ``add_registered_method_handlers`` as the generated
+    # code does: grpc.aio's server keeps one pending task per registered method and waits on
+    # all of them (``asyncio.wait``) for every call it accepts, so each registered method
+    # costs every call of every service CPU; the generic handler finds the method by name.
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
-    server.add_registered_method_handlers(service.full_name, handlers)
