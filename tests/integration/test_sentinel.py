@@ -140,6 +140,9 @@ async def _drive(
     finally:
         # the late replies it still follows first (each bounded by the engine), then the pool
         await bounded(engine.late_replies_settled(), CALL_BOUND_S, f"driver {worker}: late replies")
+        # the breaker's probe (if one runs) before the pool, as the app's drain does: a probe
+        # left running after the test would open a connection nobody closes
+        await bounded(engine.close(), CALL_BOUND_S, f"driver {worker}: closing its engine")
         await bounded(store.close(), CALL_BOUND_S, f"driver {worker}: closing its store")
 
 
