@@ -26,7 +26,6 @@ from chargepath.core.overlimit import OverLimitCache
 from chargepath.core.validation import OccurredAtWindow
 from chargepath.engine import (
     LATE_REPLY_WAIT_S,
-    REVERSE_ATTEMPTS,
     REVERSE_TIMEOUT_S,
     Engine,
     EngineSettings,
@@ -86,9 +85,10 @@ METERING = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name
 LEASE = lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 KEYS = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
-#: How long a drain waits for the late store replies still followed (the engine's own bound
-#: for one: the wait for its reply, then its reversals' attempts and pauses).
-LATE_DRAIN_S = LATE_REPLY_WAIT_S + REVERSE_ATTEMPTS * REVERSE_TIMEOUT_S + 1.0
+#: How long a drain waits for the late store replies still followed: the wait for a reply,
+#: then a first round of its reversals' attempts (a store that is still away past it leaves
+#: them billed, as the log says; the supervisor ends a worker 5 s after its drain grace anyway).
+LATE_DRAIN_S = LATE_REPLY_WAIT_S + 3 * REVERSE_TIMEOUT_S + 1.0
 
 
 class ListenError(RuntimeError):

@@ -54,8 +54,12 @@ LATE_REPLY_WAIT_S = 10.0
 #: Store calls followed in the background at once, at most; past it one is cancelled unread
 #: (counted as ``abandoned``).
 MAX_LATE_CALLS = 256
-#: Attempts at writing the reversals of one late reply (2 s each, 0.2 s then 0.8 s between).
-REVERSE_ATTEMPTS = 3
+#: Pauses between the attempts at writing the reversals of one late reply (each attempt 2 s at
+#: most): about 30 s in all, so that a reversal outlasts a Sentinel failover (about 11 s here)
+#: or a Redis restart. A reversal is conditional and idempotent (``reverse.lua``), so trying
+#: again is always safe.
+REVERSE_PAUSES_S = (0.2, 0.8, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)
+REVERSE_ATTEMPTS = len(REVERSE_PAUSES_S) + 1
 REVERSE_TIMEOUT_S = 2.0
 #: How long a usage spooled while its store call is still in flight is held from the replay
 #: (ms): the late reply settles it first (:meth:`Engine._reconcile`); if this process dies
@@ -705,7 +709,7 @@ class Engine:
         todo, why = reversals, ""
         for attempt in range(REVERSE_ATTEMPTS):
             if attempt:
-                await asyncio.sleep(0.2 * 4 ** (attempt - 1))
+                await asyncio.sleep(REVERSE_PAUSES_S[attempt - 1])
             try:
                 written = await asyncio.wait_for(
                     self.store.reverse(tenant, todo), REVERSE_TIMEOUT_S
