@@ -29,13 +29,19 @@ def stall(seconds: float) -> None:
 
 
 async def check_through_a_stall(
-    url: str, raw: redis.Redis, request_id: str, *, pause_ms: int, stall_s: float
+    url: str,
+    raw: redis.Redis,
+    request_id: str,
+    *,
+    pause_ms: int,
+    stall_s: float,
+    timeout_s: float = 0.05,
 ) -> tuple[Verdict, float]:
-    """One report decided while Redis holds its reply ``pause_ms`` and the loop is stuck
-    ``stall_s``; the verdict and how long it took."""
+    """One report decided with a store timeout of ``timeout_s`` while Redis holds its reply
+    ``pause_ms`` and the loop is stuck ``stall_s``; the verdict and how long it took."""
     store = RedisStore.from_url(url, connect_timeout=1.0)
     try:
-        engine = await make_engine(store, REPORTING, store_timeout_s=0.05)
+        engine = await make_engine(store, REPORTING, store_timeout_s=timeout_s)
         await engine.check(Usage("warm", Subject("mvno", "s1"), "slice.bytes", 1, Mode.REPORT))
         # a pause ends on Redis' timer (serverCron, every 1000/hz ms: 100 ms at the default
         # hz 10), so that it lasts about what it says, not up to 100 ms more
@@ -62,10 +68,14 @@ async def check_through_a_stall(
 def test_a_reply_that_waited_out_a_loop_stall_is_used(
     run: Runner, redis_server: EmbeddedRedis, raw_redis: redis.Redis
 ) -> None:
-    # Redis holds the reply 20 ms, in time for the 50 ms timeout; it arrives while the loop
-    # is stuck for 200 ms, so the timer is long overdue when the loop wakes
+    # Redis holds the reply 20 ms, in time for the 200 ms timeout; it arrives while the loop
+    # is stuck for 600 ms, so the timer is long overdue when the loop wakes. (A 200 ms timeout,
+    # not the default 50: on a loaded machine redis-server itself may wait that long for a
+    # CPU, and then the reply was not in time, which is not what this test is about.)
     v, _ = run(
-        check_through_a_stall(redis_server.url, raw_redis, "stalled-1", pause_ms=20, stall_s=0.2)
+        check_through_a_stall(
+            redis_server.url, raw_redis, "stalled-1", pause_ms=20, stall_s=0.6, timeout_s=0.2
+        )
     )
     assert v.recorded and not v.degraded
     assert [e.request_id for e in ledger_entries(raw_redis, "mvno")] == ["warm", "stalled-1"]
