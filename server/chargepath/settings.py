@@ -13,6 +13,26 @@ if TYPE_CHECKING:
 AUTH_MODES: Final = ("keys", "none")
 
 
+#: The store timeout when Redis answers a write before it reaches the disk (``appendfsync
+#: everysec`` or ``no``, or no AOF): Redis answers in well under a millisecond, so 50 ms is
+#: far past any healthy reply and short enough to answer from the failure policy inline.
+STORE_TIMEOUT_MS = 50
+#: The store timeout when Redis fsyncs its AOF before it answers each write (``appendonly
+#: yes`` with ``appendfsync always``): every decision then waits for the disk, and a disk
+#: flush now and then takes tens of milliseconds (up to 51 ms measured on this project's VM,
+#: more during an AOF rewrite), which is Redis doing what it was told, not Redis failing.
+STORE_TIMEOUT_FSYNC_ALWAYS_MS = 200
+
+
+def store_timeout_ms_for(configured: int, fsyncs_every_write: bool | None) -> int:
+    """The store timeout a gateway uses: ``configured`` (``--store-timeout-ms``) when set (> 0);
+    else :data:`STORE_TIMEOUT_FSYNC_ALWAYS_MS` if Redis fsyncs every write, and
+    :data:`STORE_TIMEOUT_MS` if it does not or does not say (None: CONFIG refused)."""
+    if configured > 0:
+        return configured
+    return STORE_TIMEOUT_FSYNC_ALWAYS_MS if fsyncs_every_write else STORE_TIMEOUT_MS
+
+
 @dataclass(slots=True)
 class Settings:
     """Every knob of ``chargepath serve``. Durations carry their unit in the name."""
@@ -50,7 +70,9 @@ class Settings:
     #: "replace" makes the file win wholesale.
     plans_mode: str = "merge"
     #: Bound on every store call for one usage: past it the tenant's failure policy decides.
-    store_timeout_ms: int = 50
+    #: 0: chosen at start from what Redis says (:func:`store_timeout_ms_for`): 50 ms, or
+    #: 200 ms when Redis fsyncs its AOF before answering each write (``appendfsync always``).
+    store_timeout_ms: int = 0
     #: Added to the bound per further usage of a batch (a batch of 64: 50 + 63 x 0.5 ms),
     #: since a batch's script takes longer.
     store_timeout_per_usage_ms: float = 0.5
@@ -194,6 +216,12 @@ class Settings:
         return None
 
     @property
+    def store_timeout_floor_ms(self) -> int:
+        """The store timeout before Redis was asked (``store_timeout_ms``, or the default for a
+        Redis that does not fsync every write): what bounds derived from it start from."""
+        return self.store_timeout_ms or STORE_TIMEOUT_MS
+
+    @property
     def explain_window_ms(self) -> int:
         """The trail's window in ms: ``explain_window_s``, or the dedup window if unset."""
         if self.explain_window_s == -1:
@@ -211,6 +239,11 @@ class Settings:
         for k, v in overrides.items():
             if v is not None:
                 setattr(s, k, v)
+        if s.store_timeout_ms < 0:
+            raise ValueError(
+                f"--store-timeout-ms: {s.store_timeout_ms} is negative (0: chosen from Redis' "
+                "appendfsync at start)"
+            )
         s.redis_target()
         s.validate_replica_wait()
         return s
@@ -240,10 +273,10 @@ class Settings:
             raise ValueError(f"--redis-wait-replicas: {self.redis_wait_replicas} is negative")
         if self.redis_cluster:
             raise ValueError("--redis-wait-replicas: not supported with --redis-cluster")
-        if not 0 < self.redis_wait_timeout_ms < self.store_timeout_ms:
+        if not 0 < self.redis_wait_timeout_ms < self.store_timeout_floor_ms:
             raise ValueError(
                 f"--redis-wait-timeout-ms: {self.redis_wait_timeout_ms} must be between 1 and "
-                f"--store-timeout-ms ({self.store_timeout_ms}) - 1, or the store timeout "
+                f"--store-timeout-ms ({self.store_timeout_floor_ms}) - 1, or the store timeout "
                 "answers before WAIT does"
             )
 

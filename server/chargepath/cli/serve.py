@@ -42,7 +42,11 @@ def add_parser(sub: Any) -> None:
         help="--redis-url is a Redis Cluster node",
     )
     p.add_argument("--data-dir", help="folder of the embedded Redis (default .chargepath)")
-    p.add_argument("--store-timeout-ms", type=int, help="bound on every store call (default 50)")
+    p.add_argument(
+        "--store-timeout-ms",
+        type=int,
+        help="bound on every store call (default 50, or 200 when Redis says appendfsync always)",
+    )
     p.add_argument("--dedup-window-s", type=int, help="request id dedup window (default 600)")
     p.add_argument(
         "--explain-window-s",

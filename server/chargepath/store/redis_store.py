@@ -290,6 +290,27 @@ class RedisStore:
             raise StoreUnavailableError("INFO memory: no used_memory in the reply")
         return max(readings, key=lambda m: (m.utilization or 0.0, m.used_bytes))
 
+    async def fsyncs_every_write(self) -> bool | None:
+        """Whether Redis flushes its AOF to disk before it answers each write (``appendonly
+        yes`` with ``appendfsync always``; on a cluster, any node), so that every decision
+        waits for the disk. None when Redis does not say: CONFIG refused (ACL users without
+        ``+config``, managed services that rename it) or an unreadable reply."""
+        try:
+            reply = await self.client.config_get("append*")
+        except (RedisError, OSError):
+            return None
+        if not isinstance(reply, dict):
+            return None
+        values: dict[Any, Any] = reply
+        nodes: list[dict[Any, Any]] = (
+            [values]
+            if "appendfsync" in values
+            else [v for v in values.values() if isinstance(v, dict) and "appendfsync" in v]
+        )
+        if not nodes:
+            return None
+        return any(n.get("appendonly") == "yes" and n.get("appendfsync") == "always" for n in nodes)
+
     async def prepare(self, connections: int = POOL_SIZE // 2) -> None:
         """Ready the store for traffic before the gateway serves: register every script
         (``SCRIPT LOAD``: the first decisions then need no NOSCRIPT round trip and no script
