@@ -31,7 +31,16 @@ Replay semantics:
 * Exactly once: a usage whose first attempt committed late (after its degraded verdict) finds
   that attempt's dedup record (same request id and fingerprint) and is not recorded again; a
   usage replayed and not yet settled when the gateway died finds its replay's record the same
-  way. Both hold while the dedup record lives: within the store's dedup window of the late
+  way.
+* A refusal nobody was told: an admit answered ALLOW by a fail-open policy and spooled whose
+  first attempt still reached Redis, before its deadline on Redis' clock, and was refused
+  there (the bucket was empty) left a request-id record holding that refusal, not recorded,
+  with the degraded verdict's own decision id. The caller acted on the ALLOW, so the replay
+  records the usage (``decide.lua``, in the same script: as a report, past limits if need
+  be) and rewrites the record to say recorded: a later resend of the admit, and a second
+  replay, are answered from it. A refusal under another decision id (the request id was
+  decided again, by a resend, and that caller was told the refusal) is not overridden: the
+  usage is dropped and logged. Both hold while the dedup record lives: within the store's dedup window of the late
   commit or the replay. A usage spooled longer ago than that is still replayed (losing it is
   surely wrong, doubling it only possibly), and counted in :attr:`ReplayRound.past_window`.
 * Time: the replay's ledger entry keeps the usage's ``occurred_at_ms``; a usage that had none
@@ -142,14 +151,8 @@ def outcome_of(entry: SpooledUsage, verdict: Verdict) -> tuple[Outcome, str]:
         return (Outcome.ALREADY_RECORDED if verdict.replayed else Outcome.REPLAYED), ""
     if verdict.reason is Reason.INVALID_USAGE:
         return Outcome.DROPPED, f"refused as invalid: {verdict.message}"
-    if verdict.replayed and verdict.decision_id == entry.decision_id:
-        # the degraded attempt itself committed late and was refused (an admit the store
-        # throttled or denied while the gateway had allowed it): its record forbids another
-        # decision under this request id
-        return Outcome.DROPPED, (
-            f"its first attempt was decided late by the store as {verdict.reason.name}, "
-            "not recorded, after the gateway had answered it"
-        )
+    # (a refusal of the usage's own first attempt, decided late, is never answered here:
+    # decide.lua records the replay over it)
     if verdict.replayed:
         return Outcome.DROPPED, (
             f"the request id was decided again (decision {verdict.decision_id}) as "

@@ -17,7 +17,11 @@
 --    writes it with the session slot: the spool's replay (by request id) finds it whatever
 --    the session window says, and a replay that ran first is found by this batch.
 --  * A replay of spooled usages (ARGV[ARG_REPLAY] "1") is never refused by a cap: its usages
---    were acknowledged to their callers already.
+--    were acknowledged to their callers already. A replayed usage whose request-id record
+--    holds a refusal (not recorded) with the usage's own decision id (its first attempt,
+--    decided late, after the gateway had answered it ALLOW by the failure policy) is
+--    recorded, and the record rewritten to say so; a record that says recorded is answered
+--    from, never recorded twice.
 --  * A usage that would pass one of the tenant's caps (live request ids, sessions, slices,
 --    keys: lib/caps.lua) is refused, DENY CAP_REACHED, and writes nothing but its trail
 --    record; a tenant the policy does not name gets no trail either (the gateway sends
@@ -266,6 +270,14 @@ for o = 0, #batch - 1, USAGE_SLOTS do
   local rd, rr, rt, rf, rdid
   if dedup_idx > 0 then
     rd, rr, rt, rf, rdid = dedup_replay(KEYS[dedup_idx], fp)
+    if replay and rf == VERDICT_REPLAYED and rdid == did then
+      -- the spooled usage's own first attempt (same request id, fingerprint and decision
+      -- id), decided late by this store as a refusal, not recorded, after the gateway had
+      -- answered it by the failure policy and spooled it: an ALLOW (fail-open) the caller
+      -- acted on. Nobody was answered this refusal by the gateway: the replay records the
+      -- usage now, and its record replaces this one (step 4).
+      rd = nil
+    end
   elseif sess_idx > 0 and seq <= session_hw(sess_idx) then
     fp = session_fp(fp)
     rd, rr, rt, rf, rdid = session_replay(sess_idx, seq, window, fp)
