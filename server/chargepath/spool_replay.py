@@ -38,9 +38,11 @@ Replay semantics:
   with the degraded verdict's own decision id. The caller acted on the ALLOW, so the replay
   records the usage (``decide.lua``, in the same script: as a report, past limits if need
   be) and rewrites the record to say recorded: a later resend of the admit, and a second
-  replay, are answered from it. A refusal under another decision id (the request id was
-  decided again, by a resend, and that caller was told the refusal) is not overridden: the
-  usage is dropped and logged. Both hold while the dedup record lives: within the store's dedup window of the late
+  replay, are answered from it. A refusal a caller was told is never overridden: one under
+  another decision id (the request id was decided again, by a resend), or one a resend was
+  answered from (``decide.lua`` marks such a record told): the usage is dropped and logged,
+  since the last answer its caller had was that refusal.
+* Both hold while the dedup record lives: within the store's dedup window of the late
   commit or the replay. A usage spooled longer ago than that is still replayed (losing it is
   surely wrong, doubling it only possibly), and counted in :attr:`ReplayRound.past_window`.
 * Time: the replay's ledger entry keeps the usage's ``occurred_at_ms``; a usage that had none
@@ -151,8 +153,13 @@ def outcome_of(entry: SpooledUsage, verdict: Verdict) -> tuple[Outcome, str]:
         return (Outcome.ALREADY_RECORDED if verdict.replayed else Outcome.REPLAYED), ""
     if verdict.reason is Reason.INVALID_USAGE:
         return Outcome.DROPPED, f"refused as invalid: {verdict.message}"
-    # (a refusal of the usage's own first attempt, decided late, is never answered here:
-    # decide.lua records the replay over it)
+    if verdict.replayed and verdict.decision_id == entry.decision_id:
+        # its first attempt, decided late as a refusal: decide.lua records the replay over
+        # it unless a resend was answered that refusal (the record is marked told)
+        return Outcome.DROPPED, (
+            f"its first attempt was decided late by the store as {verdict.reason.name}, not "
+            "recorded, and a resend of it was answered that refusal"
+        )
     if verdict.replayed:
         return Outcome.DROPPED, (
             f"the request id was decided again (decision {verdict.decision_id}) as "

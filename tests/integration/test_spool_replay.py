@@ -251,6 +251,35 @@ async def test_a_refusal_told_to_a_resend_is_not_overridden_by_the_replay(
     )
 
 
+async def test_a_late_refusal_a_resend_was_answered_is_not_overridden(
+    store: RedisStore, raw_redis: redis.Redis, spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first attempt was refused late, and a resend of the request id (a caller that
+    never had the degraded ALLOW) was answered that refusal from its record: the caller's
+    last answer is the refusal, so the replay does not record the usage."""
+    engine = await make_engine(store, OPEN)
+    full = Usage("fill", Subject("acme", key="k1"), "api.sms.send", 5, Mode.ADMIT)
+    assert (await engine.check(full)).recorded
+    refused = degraded(Usage("late", Subject("acme", key="k1"), "api.sms.send", 1, Mode.ADMIT))
+    assert (await late_commit(store, engine, refused)).decision is Decision.THROTTLE
+    told = await engine.check(refused.usage)
+    assert (told.decision, told.replayed, told.recorded) == (Decision.THROTTLE, True, False)
+    assert told.decision_id == refused.decision_id
+    assert str(raw_redis.get("cp:{acme}:d:late")).endswith("|t")
+    assert await spool.append(refused)
+
+    totals = await drain(replayer(spool, store, engine))
+    assert (totals[Outcome.DROPPED], totals[Outcome.REPLAYED]) == (1, 0)
+    assert [x.request_id for x in ledger_entries(raw_redis, "acme")] == ["fill"]
+    assert any(
+        "request_id late" in r.getMessage() and "a resend of it was answered" in r.getMessage()
+        for r in caplog.records
+    )
+    # the mark changes no answer: a further resend gets the same refusal
+    again = await engine.check(refused.usage)
+    assert again._replace(decided_at_ms=0) == told._replace(decided_at_ms=0)
+
+
 class CrashingSpool(Spool):
     """A process that dies after the store answered its replay and before the spool forgot
     the usages."""
