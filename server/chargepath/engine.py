@@ -694,7 +694,7 @@ class Engine:
             elif given.spooled:
                 self._note_late("unreplicated_spooled", [item])
             elif item.usage.mode is Mode.ADMIT and given.decision is not Decision.ALLOW:
-                refused.append(Reversal(item, given, version))
+                refused.append(Reversal(item, given, version, got.decided_at_ms))
             else:
                 self._note_late("resend", [item])
         if spooled:
