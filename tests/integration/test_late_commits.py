@@ -291,9 +291,12 @@ async def test_a_reversal_gives_back_what_the_refused_admit_took(
     assert quota0["u"] == "4"
 
     raw_redis.execute_command("CLIENT", "PAUSE", "300", "ALL")
-    refused = await engine.check(calls("refused", 3))
+    try:
+        refused = await engine.check(calls("refused", 3))
+        await engine.late_replies_settled()
+    finally:
+        await engine.close()  # the breaker's probe, if the timeout started one
     assert (refused.decision, refused.degraded, refused.recorded) == (Decision.DENY, True, False)
-    await engine.late_replies_settled()
     assert late_counts(reader) == {"reversed": 1}
     entries = ledger_entries(raw_redis, "strict")
     assert net_billed(entries) == Counter({"before": 1, "refused": 0})
