@@ -663,8 +663,9 @@ class Engine:
           leaves the spool as already recorded (:meth:`Spool.settle_held`), before the replay
           can pick it up (it is held until then); a spooled usage not recorded is released to
           the replay (also one the store refused: a fail-open ALLOW the caller acted on, which
-          the replay records over that refusal, see ``decide.lua``). Unreplicated (``durable=False``): released, never settled: the replay's
-          dedup finds the master's write if it survives;
+          the replay records over that refusal, see ``decide.lua``). Unreplicated
+          (``durable=False``): released, never settled: the replay's dedup finds the master's
+          write if it survives;
         * any other (answered neither recorded nor spooled: an allowed admit, a report): kept;
           the client's resend with the same ids is answered from the record, counted once.
 
