@@ -656,13 +656,16 @@ class Engine:
         record):
 
         * an admit the caller was refused (DENY or THROTTLE by the failure policy): reversed
-          (:meth:`~chargepath.store.base.DecisionStore.reverse`): billing nets it to 0, and
-          a resend is decided anew;
+          (:meth:`~chargepath.store.base.DecisionStore.reverse`): billing nets it to 0, its
+          limits get back the units it took (in the same step), and a resend is decided
+          anew;
         * a usage answered ``spooled`` and recorded (by this call or an earlier record): it
           leaves the spool as already recorded (:meth:`Spool.settle_held`), before the replay
           can pick it up (it is held until then); a spooled usage not recorded is released to
-          the replay. Unreplicated (``durable=False``): released, never settled: the replay's
-          dedup finds the master's write if it survives;
+          the replay (also one the store refused: a fail-open ALLOW the caller acted on, which
+          the replay records over that refusal, see ``decide.lua``). Unreplicated
+          (``durable=False``): released, never settled: the replay's dedup finds the master's
+          write if it survives;
         * any other (answered neither recorded nor spooled: an allowed admit, a report): kept;
           the client's resend with the same ids is answered from the record, counted once.
 
@@ -694,7 +697,7 @@ class Engine:
             elif given.spooled:
                 self._note_late("unreplicated_spooled", [item])
             elif item.usage.mode is Mode.ADMIT and given.decision is not Decision.ALLOW:
-                refused.append(Reversal(item, given, version))
+                refused.append(Reversal(item, given, version, got.decided_at_ms))
             else:
                 self._note_late("resend", [item])
         if spooled:

@@ -31,7 +31,18 @@ Replay semantics:
 * Exactly once: a usage whose first attempt committed late (after its degraded verdict) finds
   that attempt's dedup record (same request id and fingerprint) and is not recorded again; a
   usage replayed and not yet settled when the gateway died finds its replay's record the same
-  way. Both hold while the dedup record lives: within the store's dedup window of the late
+  way.
+* A refusal nobody was told: an admit answered ALLOW by a fail-open policy and spooled whose
+  first attempt still reached Redis, before its deadline on Redis' clock, and was refused
+  there (the bucket was empty) left a request-id record holding that refusal, not recorded,
+  with the degraded verdict's own decision id. The caller acted on the ALLOW, so the replay
+  records the usage (``decide.lua``, in the same script: as a report, past limits if need
+  be) and rewrites the record to say recorded: a later resend of the admit, and a second
+  replay, are answered from it. A refusal a caller was told is never overridden: one under
+  another decision id (the request id was decided again, by a resend), or one a resend was
+  answered from (``decide.lua`` marks such a record told): the usage is dropped and logged,
+  since the last answer its caller had was that refusal.
+* Both hold while the dedup record lives: within the store's dedup window of the late
   commit or the replay. A usage spooled longer ago than that is still replayed (losing it is
   surely wrong, doubling it only possibly), and counted in :attr:`ReplayRound.past_window`.
 * Time: the replay's ledger entry keeps the usage's ``occurred_at_ms``; a usage that had none
@@ -143,12 +154,11 @@ def outcome_of(entry: SpooledUsage, verdict: Verdict) -> tuple[Outcome, str]:
     if verdict.reason is Reason.INVALID_USAGE:
         return Outcome.DROPPED, f"refused as invalid: {verdict.message}"
     if verdict.replayed and verdict.decision_id == entry.decision_id:
-        # the degraded attempt itself committed late and was refused (an admit the store
-        # throttled or denied while the gateway had allowed it): its record forbids another
-        # decision under this request id
+        # its first attempt, decided late as a refusal: decide.lua records the replay over
+        # it unless a resend was answered that refusal (the record is marked told)
         return Outcome.DROPPED, (
-            f"its first attempt was decided late by the store as {verdict.reason.name}, "
-            "not recorded, after the gateway had answered it"
+            f"its first attempt was decided late by the store as {verdict.reason.name}, not "
+            "recorded, and a resend of it was answered that refusal"
         )
     if verdict.replayed:
         return Outcome.DROPPED, (

@@ -242,6 +242,114 @@ async def test_a_refused_admit_committed_late_is_reversed_never_billed(
     assert net_billed(final) == Counter({"a-1": 1, "a-2": 0, "s-1": 1, "r-1": 1})
 
 
+# -- a reversal credits the limits back --------------------------------------------------------
+
+CREDIT_POLICY = """
+metrics: [{name: api.calls}]
+plans:
+  - name: p
+    limits:
+      - {name: burst, metric: api.calls, scope: key,
+         rate: {capacity: 10, refill: 1, per: minute}}
+      - {name: monthly, metric: api.calls, scope: tenant, quota: {amount: 100, per: month}}
+tenants:
+  - {name: strict, plan: p, failure_policy: {mode: deny}}
+"""
+BUCKET, QUOTA = "cp:{strict}:r:burst::k1", "cp:{strict}:q:monthly::"
+K1 = Subject("strict", "", "k1")
+
+
+def calls(rid: str, amount: int) -> Usage:
+    return Usage(rid, K1, "api.calls", amount, Mode.ADMIT)
+
+
+def counters(raw: redis.Redis) -> tuple[dict[str, str], dict[str, str]]:
+    """The bucket's and the quota's hashes, as Redis holds them."""
+    return raw.hgetall(BUCKET), raw.hgetall(QUOTA)  # type: ignore[return-value]
+
+
+async def test_a_reversal_gives_back_what_the_refused_admit_took(
+    redis_server: EmbeddedRedis, store: RedisStore, raw_redis: redis.Redis
+) -> None:
+    """A refused admit committed late takes 3 units from a bucket and a quota; its reversal
+    gives them back in the same step: the bucket is where it was plus its refill, the quota
+    where it was, so the limits agree with the ledger. A second reversal changes nothing."""
+    await store.publish_policy(load_policy_text(CREDIT_POLICY))
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(TracerProvider(), MeterProvider(metric_readers=[reader]), tracing=False)
+    engine = Engine(store, EngineSettings(store_timeout_s=STORE_TIMEOUT_S), telemetry)
+    await engine.reload_policy()
+    # the units taken before, decided on a store of their own: the engine's has not read
+    # Redis' clock yet, so its batch carries no deadline and commits after the pause
+    other = RedisStore.from_url(redis_server.url, connect_timeout=1.0)
+    try:
+        before = await (await make_engine(other, CREDIT_POLICY)).check(calls("before", 4))
+    finally:
+        await other.close()
+    assert before.recorded
+    bucket0, quota0 = counters(raw_redis)
+    assert quota0["u"] == "4"
+
+    raw_redis.execute_command("CLIENT", "PAUSE", "300", "ALL")
+    try:
+        refused = await engine.check(calls("refused", 3))
+        await engine.late_replies_settled()
+    finally:
+        await engine.close()  # the breaker's probe, if the timeout started one
+    assert (refused.decision, refused.degraded, refused.recorded) == (Decision.DENY, True, False)
+    assert late_counts(reader) == {"reversed": 1}
+    entries = ledger_entries(raw_redis, "strict")
+    assert net_billed(entries) == Counter({"before": 1, "refused": 0})
+
+    bucket1, quota1 = counters(raw_redis)
+    assert quota1 == quota0  # the same period: the 3 units are back
+    (burst, _) = engine.policy.resolve(K1, "api.calls").limits
+    elapsed = int(bucket1["t"]) - int(bucket0["t"])
+    assert elapsed >= 0 and bucket1["s"] == bucket0["s"] == str(burst.scale)
+    # exactly the level before plus the refill since (never above the capacity)
+    assert int(bucket1["l"]) == min(
+        burst.capacity_sub, int(bucket0["l"]) + elapsed * burst.refill_per_ms
+    )
+
+    # the same reversal again: nothing written, nothing credited
+    late = next(e for e in entries if e.request_id == "refused" and not e.reversal)
+    item = DecideItem(calls("refused", 3), engine.policy.resolve(K1, "api.calls"),
+                      late.decision_id, "")  # fmt: skip
+    again = Reversal(item, refused, late.policy_version, late.decided_at_ms)
+    assert await store.reverse("strict", [again]) == [False]
+    assert counters(raw_redis) == (bucket1, quota1)
+    assert ledger_entries(raw_redis, "strict") == entries
+
+
+async def test_a_credit_stays_below_capacity_and_within_its_period(
+    store: RedisStore, raw_redis: redis.Redis, redis_server: EmbeddedRedis
+) -> None:
+    """A reversal written after the bucket refilled gives back only up to its capacity, and
+    one written in the next period gives the quota nothing (the units came from a period
+    that has ended); the ledger entry of the reversal is written either way."""
+    engine = await make_engine(store, CREDIT_POLICY)
+    took = await engine.check(calls("took", 3))
+    assert took.recorded and took.decided_at_ms
+    _, quota_then = counters(raw_redis)
+    assert quota_then["u"] == "3"
+    # a reversal decided on a clock a month later: the bucket is full again, the month over
+    month_ms = 32 * 86_400_000
+    later = RedisStore.from_url(redis_server.url, connect_timeout=1.0, clock_offset_ms=month_ms)
+    try:
+        told = took._replace(decision=Decision.DENY, reason=Reason.STORE_UNAVAILABLE,
+                             degraded=True, recorded=False)  # fmt: skip
+        item = DecideItem(calls("took", 3), engine.policy.resolve(K1, "api.calls"),
+                          took.decision_id, "")  # fmt: skip
+        assert await later.reverse("strict", [Reversal(item, told, 1, took.decided_at_ms)]) == [
+            True
+        ]
+    finally:
+        await later.close()
+    assert not raw_redis.exists(BUCKET)  # full: a full bucket is not kept (never above it)
+    assert counters(raw_redis)[1] == quota_then  # the period it debited is over: untouched
+    assert net_billed(ledger_entries(raw_redis, "strict")) == Counter({"took": 0})
+
+
 # -- the invariant under SIGSTOPs -------------------------------------------------------------
 
 

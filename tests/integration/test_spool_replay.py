@@ -199,12 +199,12 @@ async def test_a_late_commit_of_a_stream_usage_is_found_in_its_session(
     assert sum(x.amount for x in ledger) == 101 + 102 + 103 + 104
 
 
-async def test_a_late_commit_that_refused_an_admit_drops_it_loudly(
-    store: RedisStore, raw_redis: redis.Redis, spool: Spool, caplog: pytest.LogCaptureFixture
+async def test_a_late_commit_that_refused_an_admit_is_recorded_by_the_replay(
+    store: RedisStore, raw_redis: redis.Redis, spool: Spool
 ) -> None:
-    """The degraded attempt of a fail-open admit ran late and was throttled: its dedup record
-    forbids recording it under its request id. It is dropped, counted and logged (a gap that
-    issue #13 item 1, the recorded flag and the ledger agreeing, closes at its source)."""
+    """The degraded attempt of a fail-open admit (answered ALLOW, spooled) ran late and was
+    throttled: nobody was told that refusal, the caller acted on the ALLOW. The replay
+    records the usage once, as a report, and its record then says recorded."""
     engine = await make_engine(store, OPEN)
     full = Usage("fill", Subject("acme", key="k1"), "api.sms.send", 5, Mode.ADMIT)
     assert (await engine.check(full)).recorded
@@ -212,13 +212,72 @@ async def test_a_late_commit_that_refused_an_admit_drops_it_loudly(
     assert (await late_commit(store, engine, refused)).decision is Decision.THROTTLE
     assert await spool.append(refused)
 
+    replaying = replayer(spool, store, engine)
+    totals = await drain(replaying)
+    assert (totals[Outcome.REPLAYED], totals[Outcome.DROPPED]) == (1, 0)
+    ledger = ledger_entries(raw_redis, "acme")
+    assert [(x.request_id, x.mode, x.decision_id) for x in ledger] == [
+        ("fill", "admit", ledger[0].decision_id),
+        ("late", "report", refused.decision_id),
+    ]
+    # the late attempt's own reply, read now, and a resend: answered from the record
+    again = await late_commit(store, engine, refused)
+    assert (again.recorded, again.replayed) == (True, True)
+    assert await spool.append(refused)  # a second replay of it
+    assert (await drain(replaying))[Outcome.ALREADY_RECORDED] == 1
+    assert [x.request_id for x in ledger_entries(raw_redis, "acme")] == ["fill", "late"]
+
+
+async def test_a_refusal_told_to_a_resend_is_not_overridden_by_the_replay(
+    store: RedisStore, raw_redis: redis.Redis, spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The request id of a spooled admit was decided again by the store (another decision
+    id: a resend, whose caller was told the refusal): the replay does not record over that
+    answer. It is dropped, counted and logged."""
+    engine = await make_engine(store, OPEN)
+    full = Usage("fill", Subject("acme", key="k1"), "api.sms.send", 5, Mode.ADMIT)
+    assert (await engine.check(full)).recorded
+    spooled = degraded(Usage("late", Subject("acme", key="k1"), "api.sms.send", 1, Mode.ADMIT))
+    resent = await engine.check(spooled.usage)
+    assert resent.decision is Decision.THROTTLE and resent.decision_id != spooled.decision_id
+    assert await spool.append(spooled)
+
     totals = await drain(replayer(spool, store, engine))
     assert totals[Outcome.DROPPED] == 1 and (await spool.stats()).dropped == 1
     assert [x.request_id for x in ledger_entries(raw_redis, "acme")] == ["fill"]
     assert any(
-        "request_id late" in r.getMessage() and "decided late" in r.getMessage()
+        "request_id late" in r.getMessage() and "decided again" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_a_late_refusal_a_resend_was_answered_is_not_overridden(
+    store: RedisStore, raw_redis: redis.Redis, spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first attempt was refused late, and a resend of the request id (a caller that
+    never had the degraded ALLOW) was answered that refusal from its record: the caller's
+    last answer is the refusal, so the replay does not record the usage."""
+    engine = await make_engine(store, OPEN)
+    full = Usage("fill", Subject("acme", key="k1"), "api.sms.send", 5, Mode.ADMIT)
+    assert (await engine.check(full)).recorded
+    refused = degraded(Usage("late", Subject("acme", key="k1"), "api.sms.send", 1, Mode.ADMIT))
+    assert (await late_commit(store, engine, refused)).decision is Decision.THROTTLE
+    told = await engine.check(refused.usage)
+    assert (told.decision, told.replayed, told.recorded) == (Decision.THROTTLE, True, False)
+    assert told.decision_id == refused.decision_id
+    assert str(raw_redis.get("cp:{acme}:d:late")).endswith("|t")
+    assert await spool.append(refused)
+
+    totals = await drain(replayer(spool, store, engine))
+    assert (totals[Outcome.DROPPED], totals[Outcome.REPLAYED]) == (1, 0)
+    assert [x.request_id for x in ledger_entries(raw_redis, "acme")] == ["fill"]
+    assert any(
+        "request_id late" in r.getMessage() and "a resend of it was answered" in r.getMessage()
+        for r in caplog.records
+    )
+    # the mark changes no answer: a further resend gets the same refusal
+    again = await engine.check(refused.usage)
+    assert again._replace(decided_at_ms=0) == told._replace(decided_at_ms=0)
 
 
 class CrashingSpool(Spool):

@@ -1,5 +1,6 @@
 """A spooled usage whose first store call commits late is recorded once, in every order
-(docs/design.md, "Late commits and the spool"), on a real redis-server.
+(docs/design.md, "Late commits and the spool"), on a real redis-server; also when that late
+first attempt was a refusal of an admit the gateway had allowed (fail-open).
 
 The gateway's store talks to Redis through a TCP relay that the test can hold in either
 direction (:class:`Relay`): holding requests makes a store call time out before it reaches
@@ -22,7 +23,7 @@ import pytest
 import redis
 
 from chargepath.app import _settle_late_replies
-from chargepath.core.model import Mode, Reason, Subject, Usage
+from chargepath.core.model import Decision, Mode, Reason, Subject, Usage, Verdict
 from chargepath.core.plans import load_policy_text
 from chargepath.engine import SPOOL_HOLD_MS, Engine, EngineSettings, fingerprint
 from chargepath.spool_replay import RedisSessionSlots, ReplayRound, SpoolReplayer
@@ -35,12 +36,14 @@ from tests.conftest import ledger_entries
 pytestmark = pytest.mark.integration
 
 POLICY = """
-metrics: [{name: slice.bytes}]
+metrics: [{name: slice.bytes}, {name: api.calls}]
 plans:
   - name: p
     limits:
       - {name: bytes, metric: slice.bytes, scope: slice,
          rate: {capacity: 1000000, refill: 1000000, per: second}}
+      - {name: calls, metric: api.calls, scope: key,
+         rate: {capacity: 5, refill: 1, per: hour}}
 tenants:
   - {name: open, plan: p, failure_policy: {mode: allow}}
   - {name: capped, plan: p, failure_policy: {mode: allow}, caps: {request_ids: 2}}
@@ -221,15 +224,16 @@ async def wait_for(event: asyncio.Event, what: str) -> None:
         raise AssertionError(f"still waiting after {WAIT_S:.0f} s for {what}") from None
 
 
-async def spooled_in_flight(g: Gateway, relay: Relay, usages: list[Usage]) -> None:
+async def spooled_in_flight(g: Gateway, relay: Relay, usages: list[Usage]) -> list[Verdict]:
     """Decide ``usages`` with the relay holding requests: answered spooled (and held) while
-    their store call is still on its way to Redis."""
+    their store call is still on its way to Redis. Returns their verdicts."""
     relay.requests.clear()
     verdicts = await asyncio.wait_for(g.engine.decide_batch(usages), WAIT_S)
     assert all(v.spooled and v.degraded and not v.recorded for v in verdicts), verdicts
     held = await g.spool.head(100)
     assert [r.entry.usage.request_id for r in held] == [u.request_id for u in usages]
     assert all(r.held_until_ms > wall_ms() for r in held)
+    return verdicts
 
 
 # -- the orders -------------------------------------------------------------------------------
@@ -401,3 +405,158 @@ async def test_drain_reconciles_a_late_reply_in_flight(
         with contextlib.suppress(Exception):
             await close_gateway(g)
     assert billed(raw_redis, "open") == Counter(u.request_id for u in usages)
+
+
+# -- a fail-open ALLOW that the store refused late --------------------------------------------
+
+
+def calls(rid: str, session_id: str = "", sequence: int = 0) -> Usage:
+    return Usage(
+        rid,
+        Subject("open", "", "k1"),
+        "api.calls",
+        1,
+        Mode.ADMIT,
+        session_id=session_id,
+        sequence=sequence,
+    )
+
+
+async def empty_the_bucket(redis_server: EmbeddedRedis, engine: Engine) -> list[Verdict]:
+    """Admits of all 5 units of key k1's bucket (1 more per hour), decided straight on
+    Redis: the store refuses the next admit, while a gateway's local allowance (its own
+    bucket, full) would still allow it."""
+    direct = RedisStore.from_url(redis_server.url, connect_timeout=1.0, session_window=WINDOW)
+    try:
+        filler = Engine(direct, EngineSettings(store_timeout_s=2.0), Telemetry())
+        filler.policy = engine.policy
+        verdicts = await filler.decide_batch([calls(f"fill-{i}") for i in range(5)])
+        assert all(v.decision is Decision.ALLOW and v.recorded for v in verdicts), verdicts
+        return verdicts
+    finally:
+        await direct.close()
+
+
+def late_allowed() -> list[Usage]:
+    """A unary admit and a stream admit of key k1, each of 1 unit."""
+    return [calls("late-u"), calls("late-s", session_id="ctl", sequence=1)]
+
+
+def assert_refusal_recorded_late(raw: redis.Redis, request_id: str) -> None:
+    """The store's record of the first attempt: a refusal (THROTTLE), not recorded."""
+    rec = raw.get(f"cp:{{open}}:d:{request_id}")
+    assert rec is not None, f"no request-id record for {request_id}"
+    fields = str(rec).split("|")
+    assert (int(fields[1]), fields[4]) == (int(Decision.THROTTLE), "0"), fields
+
+
+def acknowledged(verdicts: list[Verdict]) -> Counter[str]:
+    """The usages a caller was told it may act on (or that were recorded): ALLOWed admits."""
+    return Counter(v.request_id for v in verdicts if v.decision is Decision.ALLOW)
+
+
+async def replay_again(
+    redis_server: EmbeddedRedis, spool: Spool, engine: Engine, entries: list[SpooledUsage]
+) -> ReplayRound:
+    """A second replay of the same usages (a replay whose gateway died before it settled
+    them)."""
+    assert all(await spool.append_all(entries))
+    return await replay(redis_server, spool, engine)
+
+
+async def test_a_fail_open_allow_refused_late_is_recorded_by_the_replay(
+    relay: Relay, redis_server: EmbeddedRedis, raw_redis: redis.Redis, tmp_path: Path
+) -> None:
+    """The store is reached late (in doubt) and refuses the admits the gateway had allowed
+    (fail-open, spooled); the gateway reads that late refusal and releases the holds; the
+    replay records each usage once, as a report, and rewrites the record: a resend and a
+    second replay add nothing."""
+    g = await open_gateway(relay, tmp_path)
+    try:
+        told = await empty_the_bucket(redis_server, g.engine)
+        usages = late_allowed()
+        told += await spooled_in_flight(g, relay, usages)
+        assert all(v.decision is Decision.ALLOW for v in told)
+        relay.requests.set()  # the call reaches Redis (the bucket is empty) and is answered
+        await asyncio.wait_for(g.engine.late_replies_settled(), WAIT_S)
+        for u in usages:
+            assert_refusal_recorded_late(raw_redis, u.request_id)
+        spooled = await g.spool.head(10)
+        assert [(r.entry.usage.request_id, r.held_until_ms) for r in spooled] == [
+            ("late-u", 0),
+            ("late-s", 0),
+        ]
+        assert billed(raw_redis, "open") == Counter(f"fill-{i}" for i in range(5))
+        await move_session_on(redis_server, g.engine, "open")
+
+        first = await replay(redis_server, g.spool, g.engine)
+        assert (first.replayed, first.already_recorded, first.dropped, first.left) == (2, 0, 0, 0)
+        for u in usages:  # the record now says recorded, under the first attempt's decision
+            rec = str(raw_redis.get(f"cp:{{open}}:d:{u.request_id}")).split("|")
+            assert rec[4] == "2" and rec[5] == spooled[usages.index(u)].entry.decision_id
+
+        # a resend of the unary admit is answered from the record: recorded, nothing added
+        direct = RedisStore.from_url(redis_server.url, connect_timeout=1.0, session_window=WINDOW)
+        try:
+            resender = Engine(direct, EngineSettings(store_timeout_s=2.0), Telemetry())
+            resender.policy = g.engine.policy
+            (resent,) = await resender.decide_batch([usages[0]])
+        finally:
+            await direct.close()
+        assert (resent.recorded, resent.replayed) == (True, True)
+        assert resent.decision_id == spooled[0].entry.decision_id
+
+        second = await replay_again(redis_server, g.spool, g.engine, [r.entry for r in spooled])
+        assert (second.replayed, second.already_recorded, second.left) == (0, 2, 0)
+    finally:
+        await close_gateway(g)
+
+    entries = [e for e in ledger_entries(raw_redis, "open") if e.request_id.startswith("late")]
+    assert sorted((e.request_id, e.mode, e.amount) for e in entries) == [
+        ("late-s", "report", 1),
+        ("late-u", "report", 1),
+    ]
+    assert all(e.occurred_at_ms for e in entries)
+    # every usage a caller was told ALLOW is in the ledger exactly once, nothing else is
+    assert billed(raw_redis, "open") == acknowledged(told) + Counter(
+        u.request_id for u in stream("open", 10, 20)
+    )
+
+
+async def test_a_late_refusal_whose_reply_died_with_the_gateway_is_recorded_by_the_replay(
+    relay: Relay, redis_server: EmbeddedRedis, raw_redis: redis.Redis, tmp_path: Path
+) -> None:
+    """The refusal commits, the gateway dies before reading it (the relay holds the reply);
+    a new process replays once the holds lapsed: each usage is recorded once, and a second
+    replay adds nothing."""
+    g = await open_gateway(relay, tmp_path)
+    usages = late_allowed()
+    try:
+        told = await empty_the_bucket(redis_server, g.engine)
+        relay.replies.clear()  # the request reaches Redis; the reply never comes back
+        verdicts = await asyncio.wait_for(g.engine.decide_batch(usages), WAIT_S)
+        assert all(
+            v.decision is Decision.ALLOW and v.degraded and v.spooled and not v.recorded
+            for v in verdicts
+        ), verdicts
+        told += verdicts
+        await wait_for(relay.reply_held, "Redis' reply to the call (the refusal)")
+        # not in doubt (it ran at once): the stream usage's refusal is in its session slot
+        assert_refusal_recorded_late(raw_redis, "late-u")
+    finally:
+        for task in list(g.engine._late):  # the process dies: its late replies are unread
+            task.cancel()
+        await close_gateway(g)
+    spool = Spool(tmp_path / SPOOL_FILE)  # the next process, same data folder
+    await spool.open()
+    try:
+        spooled = await spool.head(10)
+        held = await replay(redis_server, spool, g.engine)
+        assert (held.settled, held.left) == (0, 2)  # the holds still run
+        lapsed = await replay(redis_server, spool, g.engine, clock_ms=SPOOL_HOLD_MS + 1)
+        assert (lapsed.replayed, lapsed.already_recorded, lapsed.dropped) == (2, 0, 0)
+        second = await replay_again(redis_server, spool, g.engine, [r.entry for r in spooled])
+        assert (second.replayed, second.already_recorded, second.left) == (0, 2, 0)
+    finally:
+        await spool.close()
+    assert billed(raw_redis, "open") == acknowledged(told)

@@ -42,6 +42,7 @@ from chargepath.store.protocol import (
     lua_constants,
     read_script,
     reply_code,
+    spec_values,
     split_code,
 )
 from chargepath_protos.v1 import metering_pb2 as pb
@@ -303,15 +304,23 @@ def test_a_reversal_encodes_to_its_record_and_entry() -> None:
         policy_version=7,
         degraded=True,
     )
-    keys, args = encode_reversal("acme", Reversal(items[0], answered, 7), 128)
-    assert keys == ["cp:{acme}:ledger", "cp:{acme}:d:r-1"]
+    reversal = Reversal(items[0], answered, 7, 1_700_000_000_123)
+    keys, args = encode_reversal("acme", reversal, 128, 25)
+    # the record, then the counters of the limits the admit took from, to be credited back
+    assert keys == [
+        "cp:{acme}:ledger", "cp:{acme}:d:r-1", "cp:{acme}:r:burst::k1", "cp:{acme}:q:monthly::",
+    ]  # fmt: skip
+    burst, monthly = items[0].resolution.limits
     assert args == [
         f"{0:032x}", -1, 128, "r-1", "", "k1", "api.sms.send", 2, "admit",
         int(Decision.DENY), int(Reason.STORE_UNAVAILABLE), 7,
+        25, 1_700_000_000_123,
+        msgpack.packb([*spec_values(burst, 3, 0), *spec_values(monthly, 4, 0)]), "acme",
     ]  # fmt: skip
     keys, args = encode_reversal("acme", Reversal(items[1], answered, 7), 128)
-    assert keys == ["cp:{acme}:ledger", "cp:{acme}:s:sess", "cp:{acme}:d:r-2"]
+    assert keys[:3] == ["cp:{acme}:ledger", "cp:{acme}:s:sess", "cp:{acme}:d:r-2"]
     assert args[1:3] == [5, 128]
+    assert args[13] == 0  # when unknown: no quota is credited (reverse.lua)
 
 
 def _capped_items() -> list[DecideItem]:

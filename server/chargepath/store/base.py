@@ -106,12 +106,16 @@ class DecideItem(NamedTuple):
 class Reversal(NamedTuple):
     """A usage the store recorded (``decide`` committed it) after its caller had been answered
     by the failure policy and refused (an admit answered DENY or THROTTLE): the reversal cancels
-    its ledger entry. ``verdict``: what the caller was answered; ``policy_version``: the
-    version the late decision used."""
+    its ledger entry and gives back what it took from each limit of ``item``'s resolution (a
+    bucket never above its capacity, a quota only in the period the late decision debited).
+    ``verdict``: what the caller was answered; ``policy_version``: the version the late
+    decision used; ``decided_at_ms``: when the late decision was taken, on the store's clock
+    (its verdict's ``decided_at_ms``; 0: unknown, and no quota is credited)."""
 
     item: DecideItem
     verdict: Verdict
     policy_version: int
+    decided_at_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +218,9 @@ class DecisionStore(Protocol):
         usage's request id, decision id and amount) is written and the usage's dedup record
         (request id, or session slot) is forgotten, so a resend is decided anew, only while
         that record still holds the reversed decision as recorded. Per reversal, whether it
-        was written (False: the record no longer says so, e.g. reversed already). The units
-        the usage took from its limits are not given back. Raises
+        was written (False: the record no longer says so, e.g. reversed already). In the same
+        step the units the usage took from its limits are given back (a written reversal
+        only: a reversal applied twice credits once). Raises
         :class:`StoreUnavailableError` when the store cannot answer."""
         ...
 

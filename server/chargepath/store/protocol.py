@@ -702,9 +702,11 @@ def decode_reply(reply: Sequence[Any], items: Sequence[DecideItem], version: int
 
 
 def encode_reversal(
-    tenant: str, reversal: Reversal, session_window: int
+    tenant: str, reversal: Reversal, session_window: int, clock_offset_ms: int = 0
 ) -> tuple[list[str], list[Any]]:
-    """reverse.lua's KEYS and ARGV for one reversal (see its header)."""
+    """reverse.lua's KEYS and ARGV for one reversal (see its header): the limits credited
+    back are those of the reversed item's resolution (the ones its late decision took
+    from)."""
     u = reversal.item.usage
     prefix = tenant_prefix(tenant)
     keys = [prefix + "ledger"]
@@ -722,6 +724,11 @@ def encode_reversal(
         u.request_id, u.subject.slice, u.subject.key, u.metric, u.amount, mode,
         int(v.decision), int(v.reason), reversal.policy_version,
     ]  # fmt: skip
+    specs: list[Any] = []
+    for lim in reversal.item.resolution.limits:
+        keys.append(limit_key(tenant, lim, u.subject.slice, u.subject.key))
+        specs += spec_values(lim, len(keys), 0)
+    args += [clock_offset_ms, reversal.decided_at_ms, msgpack.packb(specs), tenant]
     return keys, args
 
 

@@ -199,7 +199,7 @@ class RedisStore:
         out = []
         try:
             for r in reversals:
-                keys, args = encode_reversal(tenant, r, self.session_window)
+                keys, args = encode_reversal(tenant, r, self.session_window, self.clock_offset_ms)
                 out.append(bool(int(await self._reverse(keys=keys, args=args))))
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc

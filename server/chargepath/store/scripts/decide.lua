@@ -17,7 +17,12 @@
 --    writes it with the session slot: the spool's replay (by request id) finds it whatever
 --    the session window says, and a replay that ran first is found by this batch.
 --  * A replay of spooled usages (ARGV[ARG_REPLAY] "1") is never refused by a cap: its usages
---    were acknowledged to their callers already.
+--    were acknowledged to their callers already. A replayed usage whose request-id record
+--    holds a refusal (not recorded) with the usage's own decision id (its first attempt,
+--    decided late, after the gateway had answered it ALLOW by the failure policy) is
+--    recorded, and the record rewritten to say so; a record that says recorded is answered
+--    from, never recorded twice. A resend answered from a refusal record marks it told
+--    (lib/dedup.lua): a replay never records over a refusal a caller was answered.
 --  * A usage that would pass one of the tenant's caps (live request ids, sessions, slices,
 --    keys: lib/caps.lua) is refused, DENY CAP_REACHED, and writes nothing but its trail
 --    record; a tenant the policy does not name gets no trail either (the gateway sends
@@ -263,9 +268,21 @@ for o = 0, #batch - 1, USAGE_SLOTS do
   end
 
   -- 1. A resend: answer from the record, change nothing.
-  local rd, rr, rt, rf, rdid
+  local rd, rr, rt, rf, rdid, told, rec
   if dedup_idx > 0 then
-    rd, rr, rt, rf, rdid = dedup_replay(KEYS[dedup_idx], fp)
+    rd, rr, rt, rf, rdid, told, rec = dedup_replay(KEYS[dedup_idx], fp)
+    if rf == VERDICT_REPLAYED then  -- a refusal, not recorded
+      if not replay then
+        dedup_told(KEYS[dedup_idx], rec, told)
+      elseif rdid == did and not told then
+        -- the spooled usage's own first attempt (same request id, fingerprint and decision
+        -- id), decided late by this store as a refusal after the gateway had answered it by
+        -- the failure policy and spooled it: an ALLOW (fail-open) the caller acted on, and
+        -- no resend was told the refusal. The replay records the usage now, and its record
+        -- replaces this one (step 4).
+        rd = nil
+      end
+    end
   elseif sess_idx > 0 and seq <= session_hw(sess_idx) then
     fp = session_fp(fp)
     rd, rr, rt, rf, rdid = session_replay(sess_idx, seq, window, fp)
@@ -274,7 +291,8 @@ for o = 0, #batch - 1, USAGE_SLOTS do
     -- in doubt: a replay of this usage from the spool (same request id and fingerprint) may
     -- have recorded it already
     fp = session_fp(fp)
-    rd, rr, rt, rf, rdid = dedup_replay(KEYS[doubt_idx], fp)
+    rd, rr, rt, rf, rdid, told, rec = dedup_replay(KEYS[doubt_idx], fp)
+    if rf == VERDICT_REPLAYED then dedup_told(KEYS[doubt_idx], rec, told) end
   end
 
   if rd then

@@ -2,8 +2,10 @@
 -- (`-- #include lib/dedup.lua`).
 --
 -- A request id's record (a string key, kept for the dedup window):
---   "fingerprint|decision|reason|retry_after_ms|recorded|decision_id", recorded being
---   VERDICT_RECORDED or 0.
+--   "fingerprint|decision|reason|retry_after_ms|recorded|decision_id[|t]", recorded being
+--   VERDICT_RECORDED or 0; "|t" (told) ends a refusal (not recorded) that a resend was
+--   answered from: a caller knows the refusal, so the spool's replay never records over it
+--   (decide.lua).
 -- A session (a string key, kept for the session ttl): its highest sequence
 -- (SESSION_SEQ_DIGITS digits), then W slots of SESSION_SLOT bytes (W = the session replay
 -- window); slot seq % W holds the verdict of sequence seq: sequence (SESSION_SEQ_DIGITS
@@ -16,8 +18,9 @@
 -- #include lib/numbers.lua
 
 -- The verdict a request id's record holds: decision, reason, retry_after_ms, verdict flags,
--- decision id; or DENY INVALID_USAGE with VERDICT_CONFLICT when the id was used for another
--- usage (another fingerprint); nil when the id is new.
+-- decision id, whether a refusal was told (the record's "|t"), and the record; or DENY
+-- INVALID_USAGE with VERDICT_CONFLICT when the id was used for another usage (another
+-- fingerprint); nil when the id is new.
 local function dedup_replay(key, fingerprint)
   local rec = redis.call('GET', key)
   if not rec then return nil end
@@ -25,7 +28,14 @@ local function dedup_replay(key, fingerprint)
   if f[1] ~= fingerprint then
     return DENY, INVALID_USAGE, 0, VERDICT_CONFLICT, f[6]
   end
-  return tonumber(f[2]), tonumber(f[3]), tonumber(f[4]), VERDICT_REPLAYED + tonumber(f[5]), f[6]
+  return tonumber(f[2]), tonumber(f[3]), tonumber(f[4]), VERDICT_REPLAYED + tonumber(f[5]), f[6],
+    f[7] == 't', rec
+end
+
+-- A resend was answered from the refusal record `rec` at `key` (flags VERDICT_REPLAYED: not
+-- recorded): mark it told, once, keeping its time to live.
+local function dedup_told(key, rec, told)
+  if not told then redis.call('SET', key, rec .. '|t', 'KEEPTTL') end
 end
 
 local function dedup_remember(key, fingerprint, d, r, retry_s, recorded, did, window_ms)
