@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--step-factor", type=float, default=1.5, help="rate factor per step (1.5)")
     search.add_argument("--max-steps", type=int, default=12, help="at most this many steps (12)")
     search.add_argument(
+        "--step-retries",
+        type=int,
+        default=0,
+        help="measure a rate that failed up to this many more times before the search ends "
+        "there (0); the same rule for the gateway and the ceilings",
+    )
+    search.add_argument(
         "--p99-bound-ms", type=float, default=10.0, help="a step with a higher p99 fails (10)"
     )
     search.add_argument(
@@ -327,6 +334,7 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     need(args.keys >= 1, "--keys must be >= 1")
     need(args.step_factor > 1, "--step-factor must be above 1")
     need(args.step_seconds > 0 and args.max_steps >= 1, "--step-seconds/--max-steps too small")
+    need(args.step_retries >= 0, "--step-retries must not be negative")
     scenarios = scenarios_of(args)
     if {"stream", "mixed"} & set(scenarios):
         need(
@@ -447,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         step_seconds=args.step_seconds,
         step_factor=args.step_factor,
         max_steps=args.max_steps,
+        step_retries=args.step_retries,
         p99_bound_ms=args.p99_bound_ms,
         min_ratio=args.min_ratio,
     )

@@ -6,6 +6,12 @@ least ``min_ratio`` of the offered rate (answered usages only: errors, drops and
 came after the step's window do not count). The search starts at ``start_rate``, multiplies
 the rate by ``factor`` after each sustained step, and stops at the first step that is not
 sustained, or after ``max_steps``. The answer is the highest sustained rate.
+
+With ``retries`` (``--step-retries``), a rate that is not sustained is measured again, up to
+``retries`` more times, before the search ends there: one blip of a shared machine (another
+process taking the CPU for a few hundred milliseconds lands in a 6 s step's p99) then does not
+end the search, while a rate that fails every time still does. The rule is the same for the
+gateway and a ceiling, so their ratio stays fair; every attempt is kept in the report.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class RateSearch:
         p99_bound_ms: float,
         min_ratio: float = 0.95,
         max_steps: int = 20,
+        retries: int = 0,
     ) -> None:
         if start_rate <= 0:
             raise ValueError("start_rate must be positive")
@@ -72,30 +79,40 @@ class RateSearch:
             raise ValueError("min_ratio must be in (0, 1]")
         if max_steps < 1:
             raise ValueError("max_steps must be at least 1")
+        if retries < 0:
+            raise ValueError("retries must not be negative")
         self.start_rate = start_rate
         self.factor = factor
         self.p99_bound_ms = p99_bound_ms
         self.min_ratio = min_ratio
         self.max_steps = max_steps
+        self.retries = retries
         self.steps: list[tuple[StepOutcome, Judgement]] = []
+        self._level = 0  # the rate's index: start_rate * factor ** level
+        self._failures = 0  # failed attempts at the current level
 
     @property
     def done(self) -> bool:
         if len(self.steps) >= self.max_steps:
             return True
-        return bool(self.steps) and not self.steps[-1][1].sustained
+        return self._failures > self.retries
 
     def next_rate(self) -> float | None:
         """The rate of the next step, or None when the search is over."""
         if self.done:
             return None
-        return self.start_rate * self.factor ** len(self.steps)
+        return self.start_rate * self.factor**self._level
 
     def record(self, step: StepOutcome) -> Judgement:
         if self.done:
             raise RuntimeError("the search is over")
         judgement = judge(step, self.p99_bound_ms, self.min_ratio)
         self.steps.append((step, judgement))
+        if judgement.sustained:
+            self._level += 1
+            self._failures = 0
+        else:
+            self._failures += 1
         return judgement
 
     @property
@@ -108,4 +125,4 @@ class RateSearch:
     def limited_by_max_steps(self) -> bool:
         """True when the search stopped because it ran out of steps, not at a failed step: the
         real maximum is higher than :attr:`best`."""
-        return len(self.steps) >= self.max_steps and all(j.sustained for _, j in self.steps)
+        return len(self.steps) >= self.max_steps and self.steps[-1][1].sustained

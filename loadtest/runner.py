@@ -188,6 +188,7 @@ class PhasePlan:
     step_seconds: float = 10.0
     step_factor: float = 1.5
     max_steps: int = 12
+    step_retries: int = 0
     p99_bound_ms: float = 10.0
     min_ratio: float = 0.95
 
@@ -276,7 +277,12 @@ def measure(
             result.phases.append(_summary("run", plan.rate, plan.duration, pool.spec, reports, cpu))
             return result
         search = RateSearch(
-            plan.rate, plan.step_factor, plan.p99_bound_ms, plan.min_ratio, plan.max_steps
+            plan.rate,
+            plan.step_factor,
+            plan.p99_bound_ms,
+            plan.min_ratio,
+            plan.max_steps,
+            plan.step_retries,
         )
         while (rate := search.next_rate()) is not None:
             n = len(search.steps) + 1

@@ -81,3 +81,26 @@ def test_a_step_with_degraded_verdicts_is_not_sustained() -> None:
     j = judge(StepOutcome(1000, 1000, 2.0, degraded=3), p99_bound_ms=10, min_ratio=0.95)
     assert not j.sustained and "3 degraded" in j.reason
     assert judge(StepOutcome(1000, 1000, 2.0), p99_bound_ms=10, min_ratio=0.95).sustained
+
+
+def test_with_retries_a_blip_does_not_end_the_search_but_a_real_limit_does() -> None:
+    search = RateSearch(start_rate=100, factor=2, p99_bound_ms=5, retries=1)
+    assert search.record(StepOutcome(100, 100, 2.0)).sustained
+    assert not search.record(StepOutcome(200, 200, 9.0)).sustained  # a blip at 200/s
+    assert search.next_rate() == 200  # measured again, not the end
+    assert search.record(StepOutcome(200, 200, 3.0)).sustained
+    assert search.next_rate() == 400
+    assert not search.record(StepOutcome(400, 400, 8.0)).sustained
+    assert not search.record(StepOutcome(400, 390, 8.5)).sustained  # fails twice: the limit
+    assert search.next_rate() is None
+    assert search.best == StepOutcome(200, 200, 3.0)
+    assert len(search.steps) == 5  # every attempt is kept for the report
+
+
+def test_retries_count_against_max_steps_and_must_not_be_negative() -> None:
+    search = RateSearch(start_rate=100, factor=2, p99_bound_ms=5, retries=3, max_steps=2)
+    search.record(StepOutcome(100, 100, 9.0))
+    search.record(StepOutcome(100, 100, 9.0))
+    assert search.next_rate() is None and search.best is None
+    with pytest.raises(ValueError, match="retries"):
+        RateSearch(start_rate=100, factor=2, p99_bound_ms=5, retries=-1)
