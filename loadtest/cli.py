@@ -18,7 +18,15 @@ from rich.console import Console
 from rich.markup import escape
 
 from loadtest import alternate, chaos, credentials, gogen, lease_local, processes, report
-from loadtest.runner import Measurement, PhasePlan, WorkerError, WorkerPool, measure
+from loadtest.runner import (
+    InterleavedTarget,
+    Measurement,
+    PhasePlan,
+    WorkerError,
+    WorkerPool,
+    measure,
+    measure_interleaved,
+)
 from loadtest.worker import FlowSpec, TargetSpec, WorkerSpec
 from loadtest.workload import WorkloadError, load_workload, require_rls_route
 
@@ -248,7 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
     compare.add_argument("--target", default=DEFAULT_TARGET, help=target_help)
     compare.add_argument("--target-pid", type=int, action="append", default=[], help=pid_help)
-    ceiling.set_defaults(target_pid=[])
+    compare.add_argument(
+        "--interleave",
+        action="store_true",
+        help="with --find-max: run the ceilings' and the gateway's searches in lockstep (each "
+        "one's step N, then each one's step N+1 in the reverse order), so that the steps "
+        "compared run seconds apart, not minutes",
+    )
+    ceiling.set_defaults(target_pid=[], interleave=False)
     chaos.add_parser(sub)
     lease_local.add_parser(sub)
     redraw = sub.add_parser(
@@ -335,6 +350,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     need(args.step_factor > 1, "--step-factor must be above 1")
     need(args.step_seconds > 0 and args.max_steps >= 1, "--step-seconds/--max-steps too small")
     need(args.step_retries >= 0, "--step-retries must not be negative")
+    if getattr(args, "interleave", False):
+        need(args.find_max, "--interleave runs find-max searches in lockstep: add --find-max")
     scenarios = scenarios_of(args)
     if {"stream", "mixed"} & set(scenarios):
         need(
@@ -463,25 +480,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     measurements: list[Measurement] = []
     played: list[tuple[alternate.Turn, Measurement]] = []
     failure = None
+
+    def worker_spec(kind: str, where: str, scenario: Scenario) -> WorkerSpec:
+        return WorkerSpec(
+            target=TargetSpec(
+                kind="redis" if kind == "redis" else "grpc",
+                address=where,
+                connections=args.connections,
+                timeout_s=args.timeout,
+                metadata=metadata,
+                credentials=credentials.from_args(args),
+            ),
+            flows=flows_for(scenario, args, "python" if kind == "redis" else args.generator),
+            workload=workload,
+            run_id=run_id,
+            max_in_flight=args.max_in_flight,
+        )
+
     try:
+        if getattr(args, "interleave", False):
+            with contextlib.ExitStack() as stack:
+                live = []
+                for label, kind, address, scenario, _ in targets:
+                    where, pids = stack.enter_context(_target(kind, address, args.target_pid, args))
+                    pool = stack.enter_context(
+                        WorkerPool(worker_spec(kind, where, scenario), args.procs)
+                    )
+                    live.append(InterleavedTarget(pool, label, where, pids))
+                measurements = measure_interleaved(
+                    live, plan, console, show_progress=not args.quiet
+                )
+            for m in measurements:
+                report.print_measurement(console, m)
+            targets = []
         for label, kind, address, scenario, turn in targets:
             with _target(kind, address, args.target_pid, args) as (where, pids):
-                spec = WorkerSpec(
-                    target=TargetSpec(
-                        kind="redis" if kind == "redis" else "grpc",
-                        address=where,
-                        connections=args.connections,
-                        timeout_s=args.timeout,
-                        metadata=metadata,
-                        credentials=credentials.from_args(args),
-                    ),
-                    flows=flows_for(
-                        scenario, args, "python" if kind == "redis" else args.generator
-                    ),
-                    workload=workload,
-                    run_id=run_id,
-                    max_in_flight=args.max_in_flight,
-                )
+                spec = worker_spec(kind, where, scenario)
                 with WorkerPool(spec, args.procs) as pool:
                     m = measure(
                         pool,

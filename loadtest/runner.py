@@ -223,6 +223,112 @@ class Measurement:
         return self.phases[-1] if self.phases else None
 
 
+def _progress(console: Console, show_progress: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[live]}"),
+        console=console,
+        transient=False,
+        disable=not show_progress,
+    )
+
+
+class _Target:
+    """One target under measurement: its pool, the phases run so far and, for find-max, its
+    search. :meth:`step` runs its next step."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        label: str,
+        target: str,
+        plan: PhasePlan,
+        progress: Progress,
+        target_pids: tuple[int, ...],
+    ) -> None:
+        self.pool = pool
+        self.label = label
+        self.plan = plan
+        self.progress = progress
+        self.target_pids = target_pids
+        self.result = Measurement(label, target, pool.spec.flows)
+        self.search = RateSearch(
+            plan.rate,
+            plan.step_factor,
+            plan.p99_bound_ms,
+            plan.min_ratio,
+            plan.max_steps,
+            plan.step_retries,
+        )
+
+    def run(
+        self, description: str, rate: float, duration: float
+    ) -> tuple[list[list[FlowStats]], float | None]:
+        progress = self.progress
+        task = progress.add_task(description, total=duration, live="")
+
+        def update(t: LiveTotals) -> None:
+            rate_now = t.answered_usages / t.elapsed if t.elapsed > 0 else 0.0
+            progress.update(
+                task,
+                completed=min(t.elapsed, duration),
+                live=(
+                    f"sent {t.sent_ops:,} ops · answered {t.answered_usages:,} usages "
+                    f"({rate_now:,.0f}/s) · errors {t.error_ops:,}"
+                ),
+            )
+
+        cpu_before = cpu_seconds(self.target_pids)
+        reports = self.pool.run_phase(rate, duration, self.plan.drain_s, update)
+        cpu_after = cpu_seconds(self.target_pids)
+        progress.update(task, completed=duration)
+        if cpu_before is None or cpu_after is None:
+            return reports, None
+        return reports, cpu_after - cpu_before
+
+    def warm_up(self) -> None:
+        if self.plan.warmup_s > 0:
+            rate = self.plan.rate
+            self.run(f"{self.label}: warm-up @ {rate:,.0f}/s", rate, self.plan.warmup_s)
+
+    def run_once(self) -> Measurement:
+        """The single phase of a run without find-max."""
+        rate, duration = self.plan.rate, self.plan.duration
+        reports, cpu = self.run(f"{self.label} @ {rate:,.0f}/s", rate, duration)
+        self.result.phases.append(_summary("run", rate, duration, self.pool.spec, reports, cpu))
+        return self.result
+
+    def step(self) -> bool:
+        """Run the search's next step; False when the search is over."""
+        search = self.search
+        rate = search.next_rate()
+        if rate is None:
+            return False
+        n = len(search.steps) + 1
+        seconds = self.plan.step_seconds
+        reports, cpu = self.run(f"{self.label}: step {n} @ {rate:,.0f}/s", rate, seconds)
+        phase = _summary(f"step {n}", rate, seconds, self.pool.spec, reports, cpu)
+        self.result.phases.append(phase)
+        judgement = search.record(
+            StepOutcome(rate, phase.achieved_rate, phase.worst_p99_ms, phase.degraded_usages)
+        )
+        colour = "green" if judgement.sustained else "red"
+        self.progress.console.print(
+            f"  [{colour}]{self.label}: step {n} @ {rate:,.0f}/s: {judgement.reason}"
+        )
+        return True
+
+    def finish(self) -> Measurement:
+        search = self.search
+        self.result.steps = list(search.steps)
+        best = search.best
+        self.result.best_rate = best.offered_rate if best else None
+        self.result.search_exhausted = search.limited_by_max_steps
+        return self.result
+
+
 def measure(
     pool: WorkerPool,
     label: str,
@@ -235,70 +341,50 @@ def measure(
 ) -> Measurement:
     """Warm up, then run one phase or a find-max search, with a progress bar. With
     ``target_pids``, each phase also records the CPU time those processes used."""
-    result = Measurement(label, target, pool.spec.flows)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[live]}"),
-        console=console,
-        transient=False,
-        disable=not show_progress,
-    ) as progress:
-
-        def run(
-            description: str, rate: float, duration: float
-        ) -> tuple[list[list[FlowStats]], float | None]:
-            task = progress.add_task(description, total=duration, live="")
-
-            def update(t: LiveTotals) -> None:
-                rate_now = t.answered_usages / t.elapsed if t.elapsed > 0 else 0.0
-                progress.update(
-                    task,
-                    completed=min(t.elapsed, duration),
-                    live=(
-                        f"sent {t.sent_ops:,} ops · answered {t.answered_usages:,} usages "
-                        f"({rate_now:,.0f}/s) · errors {t.error_ops:,}"
-                    ),
-                )
-
-            cpu_before = cpu_seconds(target_pids)
-            reports = pool.run_phase(rate, duration, plan.drain_s, update)
-            cpu_after = cpu_seconds(target_pids)
-            progress.update(task, completed=duration)
-            if cpu_before is None or cpu_after is None:
-                return reports, None
-            return reports, cpu_after - cpu_before
-
-        if plan.warmup_s > 0:
-            run(f"{label}: warm-up @ {plan.rate:,.0f}/s", plan.rate, plan.warmup_s)
+    with _progress(console, show_progress) as progress:
+        t = _Target(pool, label, target, plan, progress, target_pids)
+        t.warm_up()
         if not plan.find_max:
-            reports, cpu = run(f"{label} @ {plan.rate:,.0f}/s", plan.rate, plan.duration)
-            result.phases.append(_summary("run", plan.rate, plan.duration, pool.spec, reports, cpu))
-            return result
-        search = RateSearch(
-            plan.rate,
-            plan.step_factor,
-            plan.p99_bound_ms,
-            plan.min_ratio,
-            plan.max_steps,
-            plan.step_retries,
-        )
-        while (rate := search.next_rate()) is not None:
-            n = len(search.steps) + 1
-            reports, cpu = run(f"{label}: step {n} @ {rate:,.0f}/s", rate, plan.step_seconds)
-            phase = _summary(f"step {n}", rate, plan.step_seconds, pool.spec, reports, cpu)
-            result.phases.append(phase)
-            judgement = search.record(
-                StepOutcome(rate, phase.achieved_rate, phase.worst_p99_ms, phase.degraded_usages)
-            )
-            colour = "green" if judgement.sustained else "red"
-            progress.console.print(f"  [{colour}]step {n} @ {rate:,.0f}/s: {judgement.reason}")
-        result.steps = list(search.steps)
-        best = search.best
-        result.best_rate = best.offered_rate if best else None
-        result.search_exhausted = search.limited_by_max_steps
-        return result
+            return t.run_once()
+        while t.step():
+            pass
+        return t.finish()
+
+
+@dataclass(frozen=True, slots=True)
+class InterleavedTarget:
+    """One target of :func:`measure_interleaved`: its pool, label, address and process ids."""
+
+    pool: WorkerPool
+    label: str
+    target: str
+    target_pids: tuple[int, ...] = ()
+
+
+def measure_interleaved(
+    targets: list[InterleavedTarget],
+    plan: PhasePlan,
+    console: Console,
+    *,
+    show_progress: bool = True,
+) -> list[Measurement]:
+    """Find-max searches of several targets (a ceiling and the gateway) in lockstep: each
+    target's step 1, then each one's step 2 in the reverse order, and so on (A B B A A B ...),
+    until every search is over. Steps of the same index run seconds apart, so a drift of the
+    machine's speed during the run weighs on every target alike, where one search after the
+    other compares minutes apart. Each search keeps its own rates and judgements."""
+    with _progress(console, show_progress) as progress:
+        live = [_Target(t.pool, t.label, t.target, plan, progress, t.target_pids) for t in targets]
+        for t in live:
+            t.warm_up()
+        order = list(live)
+        running = True
+        while running:
+            running = False
+            for t in order:
+                running = t.step() or running
+            order.reverse()
+        return [t.finish() for t in live]
 
 
 def _summary(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -241,6 +242,37 @@ def test_alternate_measures_check_and_rls_on_one_gateway(
         pytest.approx(r / c, abs=0.001) for r, c in zip(cpu["rls"], cpu["check"], strict=True)
     ]
     assert "rls / check" in proc.stdout
+
+
+def test_compare_interleaves_the_echo_and_the_gateway_step_by_step(
+    gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    """compare --interleave: the echo's and the gateway's find-max searches in lockstep (echo
+    step 1, gateway step 1, gateway step 2, echo step 2, ...), each judged on its own, and the
+    ratio of their highest sustained rates."""
+    proc = run_loadtest(
+        "compare", "--scenario", "check", "--only", "echo", "--interleave",
+        "--target", gateway.address, "--api-key", gateway.operator_key,
+        "--target-pid", str(gateway.process.pid),
+        "--find-max", "--rate", "20", "--step-factor", "2", "--step-seconds", "1",
+        "--max-steps", "3", "--p99-bound-ms", "1000", "--warmup", "0", "--procs", "1",
+        "--connections", "1", "--out", str(tmp_path), "--name", "inter", "--quiet",
+        timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = re.findall(r"(echo ceiling|gateway): step (\d) @", proc.stdout)
+    assert steps == [
+        ("echo ceiling", "1"), ("gateway", "1"), ("gateway", "2"), ("echo ceiling", "2"),
+        ("echo ceiling", "3"), ("gateway", "3"),
+    ], proc.stdout  # fmt: skip
+    doc = json.loads((tmp_path / "inter.json").read_text())
+    by_label = {m["label"]: m for m in doc["measurements"]}
+    assert set(by_label) == {"echo ceiling", "gateway"}
+    for m in by_label.values():
+        assert [p["offered_rate"] for p in m["phases"]] == [20, 40, 80]
+        assert all(p["decided_usages"] > 0 and p["error_ops"] == 0 for p in m["phases"])
+    (row,) = doc["comparison"]
+    assert row["ceiling"] == "echo ceiling" and row["rate_ratio"] == pytest.approx(1.0)
 
 
 def test_the_healthy_run_command_reports_degraded_verdicts_and_their_causes(
