@@ -19,7 +19,7 @@ AUTH_MODES: Final = ("keys", "none")
 STORE_TIMEOUT_MS = 50
 #: The store timeout when Redis fsyncs its AOF before it answers each write (``appendonly
 #: yes`` with ``appendfsync always``): every decision then waits for the disk, and a disk
-#: flush now and then takes tens of milliseconds (up to 51 ms measured on this project's VM,
+#: flush now and then takes tens of milliseconds (up to 60 ms measured on this project's VM,
 #: more during an AOF rewrite), which is Redis doing what it was told, not Redis failing.
 STORE_TIMEOUT_FSYNC_ALWAYS_MS = 200
 
