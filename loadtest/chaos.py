@@ -160,6 +160,11 @@ def verdict_of(fig: ChaosFigures) -> str:
         "consumer_acked_twice": fig.consumer_acked_twice,
         "consumer_lost_after_death": fig.consumer_lost_after_death,
         "consumer_pending_end": fig.consumer_pending_end,
+        # pending on a master a failover replaced and gone with it: at most what that master
+        # took and never replicated
+        "consumer_discarded_by_failover": max(
+            0, fig.consumer_discarded_by_failover - (fig.unreplicated or 0)
+        ),
     }
     bad += [k for k, v in consumer.items() if v]
     if not bad:

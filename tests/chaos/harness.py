@@ -449,6 +449,13 @@ class Deployment:
             )
         return redis.Redis.from_url(self.gateway.redis_url, decode_responses=True, socket_timeout=5)
 
+    def master_run_id(self) -> str | None:
+        """The current master's run id with Sentinel (a failover changes it); None without."""
+        if self.sentinels is None:
+            return None
+        with self.redis() as r:
+            return str(r.info("server")["run_id"])
+
     def consumer_env(self) -> dict[str, str]:
         """Where ``chargepath ledger consume`` finds Redis (in its environment: a URL carries
         the password, a command line is visible to every user of the machine)."""
@@ -522,6 +529,11 @@ class Incarnation:
     reader: threading.Thread
 
 
+#: (index of an incarnation that ended, the entries it left unacknowledged, the run id of the
+#: master whose pending list named them)
+Death = tuple[int, set[str], str]
+
+
 class BillingConsumer:
     """``chargepath ledger consume --group billing --consumer chaos-billing`` on the stream
     tenant's ledger, restarted (same name: it re-reads its own pending entries first) whenever
@@ -534,9 +546,10 @@ class BillingConsumer:
         self.batch = batch
         self.incarnations: list[Incarnation] = []
         #: (index of an incarnation that ended, the entries delivered to it and not
-        #: acknowledged, read from the group's pending list before the next one started): the
-        #: only entries that may be delivered twice
-        self.deaths: list[tuple[int, set[str]]] = []
+        #: acknowledged, read from the group's pending list before the next one started, the
+        #: run id of the master that list was read from): the only entries that may be
+        #: delivered twice
+        self.deaths: list[Death] = []
         self.unacked_at_kill = 0
         self._reading = threading.Event()
         self._reading.set()
@@ -590,7 +603,12 @@ class BillingConsumer:
         return self.incarnations[-1]
 
     def _pending_ids(self) -> set[str]:
+        return self._pending()[0]
+
+    def _pending(self) -> tuple[set[str], str]:
+        """The consumer's pending entries, and the run id of the master that holds them."""
         with self.deployment.redis() as r:
+            master = str(r.info("server")["run_id"])
             try:
                 rows = r.xpending_range(
                     ledger_key(STREAM_TENANT), GROUP, "-", "+", 100_000, consumername=CONSUMER
@@ -598,22 +616,22 @@ class BillingConsumer:
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                return set()  # the consumer has not created its group yet: nothing pending
-        return {str(row["message_id"]) for row in rows}
+                rows = []  # the consumer has not created its group yet: nothing pending
+        return {str(row["message_id"]) for row in rows}, master
 
     def _restart(self) -> bool:
         """Note what the dead incarnation left unacknowledged, then start the next; False if
         Redis does not answer yet (try again later)."""
         try:
-            self._note_death(self._pending_ids())
+            self._note_death(*self._pending())
         except (redis.RedisError, OSError):
             return False
         self.current.reader.join(10)
         self._spawn()
         return True
 
-    def _note_death(self, unacked: set[str]) -> None:
-        self.deaths.append((len(self.incarnations) - 1, unacked))
+    def _note_death(self, unacked: set[str], master: str) -> None:
+        self.deaths.append((len(self.incarnations) - 1, unacked, master))
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):
@@ -671,7 +689,7 @@ class BillingConsumer:
                 inc.process.send_signal(signal.SIGTERM)
                 inc.process.wait(30)
             with contextlib.suppress(redis.RedisError, OSError):
-                self._note_death(self._pending_ids())
+                self._note_death(*self._pending())
             inc.reader.join(10)
             last = self._spawn("--idle-exit-s", str(idle_exit_s))
             code = last.process.wait(timeout_s)
@@ -709,8 +727,8 @@ class ConsumerRecord:
     printed: list[list[LedgerEntry]]
     #: lines that are no entry: the last line a killed incarnation was writing
     torn: int
-    #: (index of an incarnation that ended, the entries it left unacknowledged)
-    deaths: list[tuple[int, set[str]]]
+    #: (index of an incarnation that ended, the entries it left unacknowledged, the master)
+    deaths: list[Death]
     unacked_at_kill: int = 0
 
     def entries(self) -> list[LedgerEntry]:
@@ -932,6 +950,11 @@ class ChaosFigures:
     consumer_skipped: int = 0
     #: entries a dead consumer left unacknowledged that its successor never delivered
     consumer_lost_after_death: int = 0
+    #: entries a dead consumer left unacknowledged on a master that a failover then replaced,
+    #: which no incarnation ever printed and the final ledger does not hold: writes the old
+    #: master took and never replicated (at most ``unreplicated`` of them; the usages behind
+    #: them were answered spooled and replayed under new entry ids, which ``missing`` checks)
+    consumer_discarded_by_failover: int = 0
     consumer_pending_end: int = 0
     consumer_restarts: int = 0
     consumer_unacked_at_kill: int = 0
@@ -1092,22 +1115,35 @@ def _anomaly(kind: str, s: Sent, answers: list[Answer], entries: list[LedgerEntr
 
 
 def consumer_figures(
-    fig: ChaosFigures, record: ConsumerRecord, remaining: list[LedgerEntry]
+    fig: ChaosFigures,
+    record: ConsumerRecord,
+    remaining: list[LedgerEntry],
+    final_master: str | None = None,
 ) -> None:
     """The consumer's output against the ledger. ``remaining``: the consumed ledger as Redis
     holds it at the end (an entry every group acknowledged is trimmed: one trimmed and never
-    printed is missing from the ledger :func:`compare` gets)."""
+    printed is missing from the ledger :func:`compare` gets). ``final_master``: the run id of
+    the master at the end (None: the same master throughout)."""
     times = Counter(e.id for e in record.entries())
     fig.consumer_delivered = len(times)
     redelivered = {i for i, n in times.items() if n > 1}
     fig.consumer_redelivered = len(redelivered)
-    unacked = set().union(*(ids for _, ids in record.deaths))
+    unacked = set().union(*(ids for _, ids, _ in record.deaths))
     # delivered again although acknowledged: not pending when its consumer ended
     fig.consumer_acked_twice = len(redelivered - unacked)
     fig.consumer_skipped = sum(1 for e in remaining if e.id not in times)
-    for i, ids in record.deaths:
+    held = {e.id for e in remaining}
+    for i, ids, master in record.deaths:
         later = {e.id for entries in record.printed[i + 1 :] for e in entries}
-        fig.consumer_lost_after_death += len(ids - later)
+        lost = ids - later
+        if final_master is not None and master != final_master:
+            # read from a master a failover replaced: an entry it took after the replica's
+            # last sync was delivered, never handed on (the consumer waits for a replica),
+            # and went with that master; it is neither printed nor in the final ledger
+            gone = {x for x in lost if x not in times and x not in held}
+            fig.consumer_discarded_by_failover += len(gone)
+            lost -= gone
+        fig.consumer_lost_after_death += len(lost)
     # the first incarnation and the final drain are not restarts
     fig.consumer_restarts = max(0, len(record.printed) - 2)
     fig.consumer_unacked_at_kill = record.unacked_at_kill
@@ -1186,7 +1222,7 @@ def run_fault(
         ledgers[STREAM_TENANT] = sorted(full.values(), key=lambda e: _stream_id(e.id))
         fig = compare(book, ledgers, window)
         fig.explain_unreplicated(unreplicated)
-        consumer_figures(fig, record, remaining)
+        consumer_figures(fig, record, remaining, d.master_run_id())
         fig.consumer_pending_end = _group_pending(d)
     finally:
         if consumer is not None:

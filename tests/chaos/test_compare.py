@@ -178,7 +178,7 @@ def test_the_consumer_may_redeliver_only_what_its_dead_incarnation_left_pending(
     record = ConsumerRecord(
         printed=[[e[0], e[1], e[2]], [e[1], e[2], e[3]]],
         torn=0,
-        deaths=[(0, {e[2].id, e[3].id})],
+        deaths=[(0, {e[2].id, e[3].id}, "m1")],
     )
     fig = ChaosFigures(fault="")
     consumer_figures(fig, record, remaining=[e[3]])
@@ -186,9 +186,28 @@ def test_the_consumer_may_redeliver_only_what_its_dead_incarnation_left_pending(
     assert fig.consumer_redelivered == 2
     assert fig.consumer_acked_twice == 1  # e[1] was acknowledged, then delivered again
     assert (fig.consumer_lost_after_death, fig.consumer_skipped) == (0, 0)
-    lost = ConsumerRecord(printed=[[e[0]], [e[1]]], torn=0, deaths=[(0, {e[2].id})])
+    lost = ConsumerRecord(printed=[[e[0]], [e[1]]], torn=0, deaths=[(0, {e[2].id}, "m1")])
     consumer_figures(fig := ChaosFigures(fault=""), lost, remaining=[e[3]])
     assert (fig.consumer_lost_after_death, fig.consumer_skipped) == (1, 1)
+    # the same master to the end: a failover explains nothing
+    consumer_figures(fig := ChaosFigures(fault=""), lost, remaining=[e[3]], final_master="m1")
+    assert (fig.consumer_lost_after_death, fig.consumer_discarded_by_failover) == (1, 0)
+
+
+def test_pending_on_a_replaced_master_and_never_seen_again_went_with_that_master() -> None:
+    book = Book()
+    sent = [report(book) for _ in range(4)]
+    e = [entry(s, i) for i, s in enumerate(sent)]
+    # incarnation 0 died with e[1], e[2] and e[3] pending on master m1, then a failover made m2
+    # the master: e[1] came back and was printed, e[2] is still in the ledger yet never
+    # printed (lost for billing), e[3] is nowhere (a write m1 never replicated)
+    record = ConsumerRecord(
+        printed=[[e[0]], [e[1]]], torn=0, deaths=[(0, {e[1].id, e[2].id, e[3].id}, "m1")]
+    )
+    consumer_figures(fig := ChaosFigures(fault=""), record, remaining=[e[2]], final_master="m2")
+    assert fig.consumer_discarded_by_failover == 1
+    assert fig.consumer_lost_after_death == 1
+    assert fig.consumer_skipped == 1
 
 
 def test_the_long_form_tells_late_commits_from_failures() -> None:

@@ -21,9 +21,10 @@ import redis
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from chargepath.core.model import Mode, Subject, Usage
+from chargepath.core.model import Decision, Mode, Reason, Subject, Usage
 from chargepath.engine import Engine, EngineSettings
 from chargepath.spool_replay import RedisSessionSlots, SpoolReplayer
+from chargepath.store.base import DecideItem, Reversal, StoreUnavailableError
 from chargepath.store.connect import ReplicaWait
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.ledger import Ledger
@@ -285,3 +286,74 @@ def test_ledger_consume_refuses_a_bad_replica_wait(
     )
     assert done.returncode == 2
     assert named in done.stderr and "Traceback" not in done.stderr
+
+
+# -- a reversal is durable, or not done -------------------------------------------------------
+
+
+def _admit(rid: str) -> Usage:
+    return Usage(rid, Subject("acme", "s1", "k1"), "api.sms.send", 1, Mode.ADMIT)
+
+
+async def _recorded_reversal(url_store: RedisStore, rid: str) -> Reversal:
+    """An admit recorded by ``url_store`` (no wait), as the reversal of a refused caller."""
+    engine = await make_engine(url_store, OPEN)
+    usage = _admit(rid)
+    v = await engine.check(usage)
+    assert v.recorded, v
+    item = DecideItem(usage, engine.policy.resolve(usage.subject, usage.metric), v.decision_id, "")
+    told = v._replace(decision=Decision.DENY, reason=Reason.STORE_UNAVAILABLE, degraded=True)
+    return Reversal(item, told, engine.policy.version, v.decided_at_ms)
+
+
+async def test_a_reversal_short_of_replicas_is_not_done_and_is_tried_again(
+    redis_server: EmbeddedRedis, raw_redis: redis.Redis
+) -> None:
+    """A reversal's reply is trusted once a replica holds it: a node no replica follows (a
+    master a failover replaced) may answer 0 for a decision it never saw, and loses what it
+    writes. Short of replicas the store raises, and the engine tries again."""
+    plain = RedisStore.from_url(redis_server.url, connect_timeout=1.0)
+    waiting = RedisStore.from_url(
+        redis_server.url, connect_timeout=1.0, replica_wait=ReplicaWait(1, 20)
+    )
+    try:
+        rev = await _recorded_reversal(plain, "a-1")
+        with pytest.raises(StoreUnavailableError, match="reversal: not durable yet"):
+            await waiting.reverse("acme", [rev])
+        # this node wrote it (once, however often it is tried): not answered as done
+        with pytest.raises(StoreUnavailableError, match="reversal: not durable yet"):
+            await waiting.reverse("acme", [rev])
+        entries = ledger_entries(raw_redis, "acme")
+        assert [(e.request_id, e.reversal) for e in entries] == [("a-1", False), ("a-1", True)]
+        # a node that never saw the decision answers 0: not taken for "reversed already"
+        unknown = await _recorded_reversal(plain, "a-2")
+        raw_redis.delete("cp:{acme}:d:a-2")
+        with pytest.raises(StoreUnavailableError, match="reversal: not durable yet"):
+            await waiting.reverse("acme", [unknown])
+        # reversals are no decisions: the unreplicated count stays as it was
+        assert waiting.replica_wait is not None
+        assert waiting.replica_wait.unreplicated_usages == 0
+    finally:
+        await plain.close()
+        await waiting.close()
+
+
+async def test_with_a_replica_a_reversal_is_done_once_the_replica_holds_it(
+    replicated: SentinelDeployment,
+) -> None:
+    plain = RedisStore.connect(replicated.target, connect_timeout=1.0)
+    waiting = RedisStore.connect(
+        replicated.target, connect_timeout=1.0, replica_wait=ReplicaWait(1, 1000)
+    )
+    replica = replicated.replicas[0].client()
+    try:
+        rev = await _recorded_reversal(plain, "a-1")
+        assert await waiting.reverse("acme", [rev]) == [True]
+        # read on the replica right after the answer: the reversal is there
+        assert [e.reversal for e in ledger_entries(replica, "acme")] == [False, True]
+        assert await waiting.reverse("acme", [rev]) == [False]  # written once
+        assert len(ledger_entries(replica, "acme")) == 2
+    finally:
+        replica.close()
+        await plain.close()
+        await waiting.close()

@@ -250,3 +250,50 @@ async def test_min_replicas_to_write_narrows_the_forced_failover_window(tmp_path
         deployment.stop()
     # what WAIT did not see replicated was answered by the failure policy, not recorded
     assert run.missing == set()
+
+
+async def test_a_connection_left_on_the_old_master_is_dropped_when_released(
+    deployment: SentinelDeployment,
+) -> None:
+    """After a failover every write goes to the new master, also through a connection that was
+    being opened to the old one while the client switched (the old master keeps taking writes
+    until Sentinel reconfigures it, seconds later, and those writes are lost)."""
+    from chargepath.store.connect import connect
+
+    client = connect(deployment.target, pool_size=4)
+    try:
+        assert await client.set("before", 1)
+        pool = client.connection_pool
+        old = deployment.master_port()
+        deployment.failover()
+        new = deployment.wait_for_new_master(old)
+
+        deadline = time.monotonic() + 10  # the client's watch asks every 0.25 s
+        while pool.master_address is None or pool.master_address[1] != new:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the client did not switch to the new master"
+            await asyncio.sleep(0.05)
+        # a connection opened to the old master, as one racing the switch is
+        stale = await pool.get_connection()
+        await stale.disconnect()
+        await stale.connect_to(("127.0.0.1", old))
+        assert (stale.port, await _port_of(stale)) == (old, old)
+        await pool.release(stale)
+        assert not stale.is_connected, "released to the pool still connected to the old master"
+        # every connection of the pool now writes to the new master
+        ports = set()
+        for _ in range(20):
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.execute_command("INFO", "server")
+                pipe.set("after", 1)
+                info, _ = await pipe.execute()
+            ports.add(int(info["tcp_port"]))
+        assert ports == {new}
+    finally:
+        await client.aclose()
+
+
+async def _port_of(connection: object) -> int:
+    await connection.send_command("INFO", "server")  # type: ignore[attr-defined]
+    info = await connection.read_response()  # type: ignore[attr-defined]
+    text = info if isinstance(info, str) else info.decode()
+    return int(text.split("tcp_port:")[1].split()[0])

@@ -11,7 +11,10 @@ export and consumer groups, API keys) builds its client here, from a :class:`Red
   ``SENTINEL_CHECK_S``: once they name another master, idle connections are dropped and busy
   ones are dropped when released, so writes stop going to a demoted master within that
   period, not only when Sentinel finally reconfigures it (seconds later: until then an old
-  master keeps accepting writes that the new one will never see).
+  master keeps accepting writes that the new one will never see). A connection released
+  while connected to any node but the master the pool knows is dropped too: one that was
+  being opened (to the old master) while the watch switched is not left in the pool for
+  those seconds.
 
 :class:`ReplicaWait` is the optional ``WAIT numreplicas timeout`` after each decision batch.
 """
@@ -265,6 +268,19 @@ class SentinelMasterPool(SentinelConnectionPool):
                 await self.get_master_address()  # type: ignore[no-untyped-call]
                 await self.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
 
+    async def release(self, connection: Any) -> None:
+        # a connection to a node that is no longer the master (opened while the watch
+        # switched, or before a switch it was busy through): dropped, it reconnects to the
+        # master the sentinels name on its next use
+        master = self.master_address
+        if (
+            master is not None
+            and connection.is_connected
+            and (connection.host, connection.port) != tuple(master)
+        ):
+            connection.mark_for_reconnect()
+        await super().release(connection)
+
     async def stop_watch(self) -> None:
         task, self._watch = self._watch, None
         if task is not None:
@@ -374,7 +390,8 @@ class ReplicaWait:
     ) -> tuple[Any, int]:  # fmt: skip
         """``script`` (EVALSHA, loaded again on NOSCRIPT: a promoted replica has not seen it),
         then WAIT on the same connection; the script's reply and the number of replicas that
-        acknowledged it."""
+        acknowledged it. ``usages``: how many usages the batch decided, counted as unreplicated
+        if too few replicas acknowledged it (0: another write, e.g. a reversal: not counted)."""
         if isinstance(client, RedisCluster):
             raise TypeError("WAIT after a decision is not supported on Redis Cluster")
         for attempt in (1, 2):
@@ -391,7 +408,7 @@ class ReplicaWait:
             break
         if isinstance(acked, Exception):
             raise acked
-        if int(acked) < self.numreplicas:
+        if int(acked) < self.numreplicas and usages:
             self._unreplicated(int(acked), usages)
         return reply, int(acked)
 

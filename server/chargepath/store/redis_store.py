@@ -200,7 +200,22 @@ class RedisStore:
         try:
             for r in reversals:
                 keys, args = encode_reversal(tenant, r, self.session_window, self.clock_offset_ms)
-                out.append(bool(int(await self._reverse(keys=keys, args=args))))
+                if self.replica_wait is None:
+                    out.append(bool(int(await self._reverse(keys=keys, args=args))))
+                    continue
+                # HA: a reversal is done once the replicas hold it, as a decision is recorded
+                # once they hold it. Its reply is trusted only then: a node that a failover
+                # has replaced (no replica follows it any more) answers 0 for a decision it
+                # never saw, and a reversal it writes is lost with it. Not acknowledged: the
+                # engine tries again (a reversal applied twice writes once).
+                wait = self.replica_wait
+                reply, acked = await wait.run(self.client, self._reverse, keys, args, 0)
+                if acked < wait.numreplicas:
+                    raise StoreUnavailableError(
+                        f"WAIT: {acked} of {wait.numreplicas} replica(s) "
+                        "acknowledged a reversal: not durable yet"
+                    )
+                out.append(bool(int(reply)))
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         return out
