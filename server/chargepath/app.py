@@ -8,7 +8,6 @@ nothing here imports it."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import logging
 import subprocess
@@ -44,11 +43,12 @@ from chargepath.jobs import (
     RedisMemory,
     SpoolReplay,
     StoreProbe,
+    StoreTimeoutSizing,
 )
 from chargepath.leasing import Leasing
 from chargepath.policy_sync import PLANS_MODES, PlansMode, apply_plan_file
 from chargepath.room_watch import RoomWatch
-from chargepath.settings import Settings, store_timeout_ms_for
+from chargepath.settings import Settings
 from chargepath.spool_replay import RedisSessionSlots, SpoolReplayer
 from chargepath.status.board import BoardLimits, BoardSources, StatusBoard
 from chargepath.status.http import StatusGate, StatusServer, server_tls
@@ -216,6 +216,8 @@ class Components:
     key_service: KeyServicer
     server: grpc.aio.Server
     jobs: tuple[Job, ...]
+    #: Sizes the store timeout from how Redis persists (one of ``jobs``; also run at start).
+    timeout_sizing: StoreTimeoutSizing
     #: The status page (``http_port``), served by worker 0 only; None otherwise.
     status: StatusServer | None = None
 
@@ -377,6 +379,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
         consumer=process_identity(),
     )
     serving.listeners.append(webhooks.on_serving)
+    timeout_sizing = StoreTimeoutSizing(store.persistence, engine, configured_ms=s.store_timeout_ms)
     jobs: tuple[Job, ...] = (
         StoreProbe(
             store,
@@ -391,6 +394,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
         LeaseSweep(lease_store, engine),
         gateway_leases,
         RedisMemory(store.memory, telemetry, period_s=s.redis_memory_interval_ms / 1000),
+        timeout_sizing,
         webhooks,
         *spool_jobs,
         *overlimit_jobs,
@@ -449,6 +453,7 @@ def build(settings: Settings, telemetry: Telemetry | None = None, worker: int = 
         key_service=KeyServicer(keys),
         server=server,
         jobs=jobs,
+        timeout_sizing=timeout_sizing,
         status=status,
     )
 
@@ -524,7 +529,8 @@ class Gateway:
         else:
             log.info("using Redis at %s", parts.redis_target.describe())
         await _wait_for_store(parts.store)
-        await self._size_store_timeout(parts)
+        # without --store-timeout-ms: sized from how Redis persists (again every minute)
+        await parts.timeout_sizing.size()
         # scripts loaded and connections open before the first Check (the gateway serves,
         # and reports SERVING, only after this)
         await parts.store.prepare()
@@ -535,31 +541,6 @@ class Gateway:
             log.warning(
                 "no policy in the store: every usage is DENY NO_ENTITLEMENT until one is published"
             )
-
-    async def _size_store_timeout(self, parts: Components) -> None:
-        """Without ``--store-timeout-ms``, size the store timeout from Redis' own word on its
-        writes: with ``appendfsync always`` every decision waits for a disk flush, whose tail
-        (tens of milliseconds) is not a failure (settings.store_timeout_ms_for). The breaker's
-        probe gets at least as long: a PING waits behind the same flush."""
-        configured = self.settings.store_timeout_ms
-        every_write = None if configured else await parts.store.fsyncs_every_write()
-        timeout_ms = store_timeout_ms_for(configured, every_write)
-        engine = parts.engine
-        engine.settings = dataclasses.replace(
-            engine.settings,
-            store_timeout_s=timeout_ms / 1000,
-            store_probe_timeout_s=max(engine.settings.store_probe_timeout_s, timeout_ms / 1000),
-        )
-        why = (
-            "--store-timeout-ms"
-            if configured
-            else "Redis fsyncs every write (appendfsync always)"
-            if every_write
-            else "Redis does not fsync every write"
-            if every_write is not None
-            else "Redis refused CONFIG GET, so its appendfsync is unknown"
-        )
-        log.info("store timeout %d ms (%s)", timeout_ms, why)
 
     async def _open_keys(self, parts: Components) -> None:
         """With authentication: make sure the data dir holds a valid operator key (the CLI on

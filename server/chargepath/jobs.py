@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -21,6 +22,7 @@ from redis.exceptions import RedisError
 
 from chargepath.core.model import LimitKind, Scope, Subject
 from chargepath.engine import Engine
+from chargepath.settings import store_timeout_ms_for
 from chargepath.spool_replay import SpoolReplayer
 from chargepath.store.base import (
     LeaseStore,
@@ -28,6 +30,7 @@ from chargepath.store.base import (
     MeteringStore,
     StateStore,
     StoreMemory,
+    StorePersistence,
     StoreUnavailableError,
 )
 from chargepath.telemetry import QuotaLevel, Telemetry
@@ -259,6 +262,66 @@ class RedisMemory:
                         memory.policy,
                     )
             await asyncio.sleep(self.period_s)
+
+
+class StoreTimeoutSizing:
+    """Without ``--store-timeout-ms`` (``configured_ms`` 0): size the store timeout from how
+    Redis persists (``settings.store_timeout_ms_for``), once at start (:meth:`size`, before the
+    gateway serves) and every ``period_s`` after: a data set that grows makes Redis' forks
+    longer, and an operator may turn ``appendfsync always`` on or off. The breaker's probe
+    waits at least as long as the timeout (a PING waits behind the same fork or flush). Each
+    change is logged with its reason; a failed read keeps the timeout as it is."""
+
+    name = "store-timeout-sizing"
+
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[StorePersistence]],
+        engine: Engine,
+        *,
+        configured_ms: int,
+        period_s: float = 60.0,
+    ) -> None:
+        self.read = read
+        self.engine = engine
+        self.configured_ms = configured_ms
+        self.period_s = period_s
+        self.timeout_ms = 0  # not sized yet
+
+    async def size(self) -> int:
+        """Read Redis (unless configured), apply the timeout if it changed; the timeout."""
+        persistence: StorePersistence | None = None
+        if not self.configured_ms:
+            try:
+                persistence = await asyncio.wait_for(self.read(), 2.0)
+            except (StoreUnavailableError, TimeoutError):
+                if self.timeout_ms:
+                    return self.timeout_ms  # keep it: Redis did not answer this time
+        timeout_ms, why = store_timeout_ms_for(self.configured_ms, persistence)
+        if timeout_ms != self.timeout_ms:
+            settings = self.engine.settings
+            self.engine.settings = dataclasses.replace(
+                settings,
+                store_timeout_s=timeout_ms / 1000,
+                store_probe_timeout_s=max(settings.store_probe_timeout_s, timeout_ms / 1000),
+            )
+            log.info(
+                "store timeout %d ms (%s)%s",
+                timeout_ms,
+                why,
+                f", was {self.timeout_ms} ms" if self.timeout_ms else "",
+            )
+            self.timeout_ms = timeout_ms
+        return timeout_ms
+
+    async def run(self, draining: asyncio.Event) -> None:
+        if self.configured_ms:
+            return
+        while not draining.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(draining.wait(), self.period_s)
+                return
+            await self.size()
 
 
 class SpoolReplay:

@@ -8,29 +8,59 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
+    from chargepath.store.base import StorePersistence
     from chargepath.store.connect import RedisTarget
 
 AUTH_MODES: Final = ("keys", "none")
 
 
-#: The store timeout when Redis answers a write before it reaches the disk (``appendfsync
-#: everysec`` or ``no``, or no AOF): Redis answers in well under a millisecond, so 50 ms is
-#: far past any healthy reply and short enough to answer from the failure policy inline.
+#: The store timeout when Redis neither fsyncs each write nor forks (no AOF, no RDB ``save``
+#: rules): it answers in well under a millisecond, so 50 ms is far past any healthy reply and
+#: short enough to answer from the failure policy inline.
 STORE_TIMEOUT_MS = 50
+#: The store timeout when Redis persists in the background (AOF with ``appendfsync everysec``
+#: or ``no``, or RDB snapshots), or does not say how (CONFIG refused): it forks now and then
+#: (an AOF rewrite, a snapshot), and the fork stops its main thread while the kernel copies its
+#: page tables, on top of whatever else the machine does then. On this project's VM, a fork
+#: of 25 ms in a 10-minute run at 80 % of the highest rate coincided with Checks taking up to
+#: 63 ms, 4 of them past a 50 ms timeout (loadtest/figures/healthy-run-everysec-2765-after-gc).
+STORE_TIMEOUT_FORKS_MS = 100
 #: The store timeout when Redis fsyncs its AOF before it answers each write (``appendonly
 #: yes`` with ``appendfsync always``): every decision then waits for the disk, and a disk
 #: flush now and then takes tens of milliseconds (up to 60 ms measured on this project's VM,
 #: more during an AOF rewrite), which is Redis doing what it was told, not Redis failing.
 STORE_TIMEOUT_FSYNC_ALWAYS_MS = 200
+#: A fork's stall grows with the data set (about 10 to 20 ms per GB of memory on a VM): the
+#: timeout is at least this many times Redis' latest fork, plus :data:`STORE_TIMEOUT_MS`.
+FORK_FACTOR = 2
+#: ... and at most this (a larger stall is an outage to the callers, whatever its cause).
+STORE_TIMEOUT_AUTO_MAX_MS = 1_000
 
 
-def store_timeout_ms_for(configured: int, fsyncs_every_write: bool | None) -> int:
-    """The store timeout a gateway uses: ``configured`` (``--store-timeout-ms``) when set (> 0);
-    else :data:`STORE_TIMEOUT_FSYNC_ALWAYS_MS` if Redis fsyncs every write, and
-    :data:`STORE_TIMEOUT_MS` if it does not or does not say (None: CONFIG refused)."""
+def store_timeout_ms_for(configured: int, persistence: StorePersistence | None) -> tuple[int, str]:
+    """The store timeout a gateway uses, and why: ``configured`` (``--store-timeout-ms``) when
+    set (> 0); else by how Redis persists (:class:`~chargepath.store.base.StorePersistence`;
+    None: Redis did not answer): :data:`STORE_TIMEOUT_FSYNC_ALWAYS_MS` if it fsyncs every
+    write, :data:`STORE_TIMEOUT_FORKS_MS` if it forks or does not say,
+    :data:`STORE_TIMEOUT_MS` if neither; never below :data:`FORK_FACTOR` times its latest
+    fork plus :data:`STORE_TIMEOUT_MS`, never above :data:`STORE_TIMEOUT_AUTO_MAX_MS`."""
     if configured > 0:
-        return configured
-    return STORE_TIMEOUT_FSYNC_ALWAYS_MS if fsyncs_every_write else STORE_TIMEOUT_MS
+        return configured, "--store-timeout-ms"
+    if persistence is None:
+        return STORE_TIMEOUT_FORKS_MS, "Redis did not say how it persists"
+    if persistence.fsyncs_every_write:
+        ms, why = STORE_TIMEOUT_FSYNC_ALWAYS_MS, "Redis fsyncs every write (appendfsync always)"
+    elif persistence.forks:
+        ms, why = STORE_TIMEOUT_FORKS_MS, "Redis persists in the background, forking to do so"
+    elif persistence.forks is None:
+        ms, why = STORE_TIMEOUT_FORKS_MS, "Redis refused CONFIG GET, so how it persists is unknown"
+    else:
+        ms, why = STORE_TIMEOUT_MS, "Redis neither fsyncs every write nor forks"
+    fork = persistence.latest_fork_ms
+    if fork and FORK_FACTOR * fork + STORE_TIMEOUT_MS > ms:
+        ms = min(FORK_FACTOR * fork + STORE_TIMEOUT_MS, STORE_TIMEOUT_AUTO_MAX_MS)
+        why += f"; its latest fork stopped it {fork} ms"
+    return ms, why
 
 
 @dataclass(slots=True)
@@ -70,8 +100,10 @@ class Settings:
     #: "replace" makes the file win wholesale.
     plans_mode: str = "merge"
     #: Bound on every store call for one usage: past it the tenant's failure policy decides.
-    #: 0: chosen at start from what Redis says (:func:`store_timeout_ms_for`): 50 ms, or
-    #: 200 ms when Redis fsyncs its AOF before answering each write (``appendfsync always``).
+    #: 0: chosen from what Redis says of its persistence, at start and every minute after
+    #: (:func:`store_timeout_ms_for`): 200 ms when it fsyncs its AOF before answering each
+    #: write (``appendfsync always``), 100 ms when it forks to persist (AOF, RDB snapshots),
+    #: 50 ms when it does neither; at least twice its latest fork plus 50 ms.
     store_timeout_ms: int = 0
     #: Added to the bound per further usage of a batch (a batch of 64: 50 + 63 x 0.5 ms),
     #: since a batch's script takes longer.

@@ -1,10 +1,13 @@
-"""The store timeout is sized from Redis' own word on its writes (issue #13, item 3): with
-``appendfsync always`` every decision waits for a disk flush, whose tail is not a failure, so a
-gateway without ``--store-timeout-ms`` waits 200 ms there and 50 ms elsewhere; an explicit
-value always wins; a Redis that refuses CONFIG GET gets the 50 ms default."""
+"""The store timeout is sized from Redis' own word on how it persists (issue #13, item 3): with
+``appendfsync always`` every decision waits for a disk flush, and a Redis that persists in the
+background forks now and then, stopping for the fork; neither is a failure. A gateway without
+``--store-timeout-ms`` waits 200 ms, 100 ms, or 50 ms for a Redis that does neither, at least
+twice Redis' latest fork plus 50 ms, and sizes it again every minute; an explicit value always
+wins; a Redis that refuses CONFIG GET gets 100 ms."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,11 +18,14 @@ import redis
 
 from chargepath.app import Gateway
 from chargepath.settings import (
+    STORE_TIMEOUT_AUTO_MAX_MS,
+    STORE_TIMEOUT_FORKS_MS,
     STORE_TIMEOUT_FSYNC_ALWAYS_MS,
     STORE_TIMEOUT_MS,
     Settings,
     store_timeout_ms_for,
 )
+from chargepath.store.base import StorePersistence
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.redis_store import RedisStore
 
@@ -56,36 +62,83 @@ async def always_store(always_redis: EmbeddedRedis) -> AsyncIterator[RedisStore]
     await store.close()
 
 
-async def test_the_store_says_whether_it_fsyncs_every_write(
+async def test_the_store_says_how_it_persists(
     always_store: RedisStore, store: RedisStore, no_config_url: str
 ) -> None:
-    assert await always_store.fsyncs_every_write() is True
-    assert await store.fsyncs_every_write() is False  # the session's Redis: everysec
+    always = await always_store.persistence()
+    assert (always.fsyncs_every_write, always.forks) == (True, True)
+    everysec = await store.persistence()  # the session's Redis: AOF, everysec
+    assert (everysec.fsyncs_every_write, everysec.forks) == (False, True)
     refused = RedisStore.from_url(no_config_url, connect_timeout=1.0)
     try:
         await refused.ping()  # the user works...
-        assert await refused.fsyncs_every_write() is None  # ...but CONFIG is not its to read
+        unknown = await refused.persistence()  # ...but CONFIG is not its to read
+        assert (unknown.fsyncs_every_write, unknown.forks) == (None, None)
     finally:
         await refused.close()
 
 
-async def test_appendonly_off_is_not_fsync_always(
+async def test_a_redis_that_neither_flushes_each_write_nor_forks(
     always_redis: EmbeddedRedis, always_store: RedisStore
 ) -> None:
     client = redis.Redis.from_url(always_redis.url, decode_responses=True)
+    save = client.config_get("save")["save"]
     try:
         client.config_set("appendonly", "no")
-        assert await always_store.fsyncs_every_write() is False
+        assert (await always_store.persistence()).fsyncs_every_write is False
+        assert (await always_store.persistence()).forks is False or save.strip()
+        client.config_set("save", "")
+        p = await always_store.persistence()
+        assert (p.fsyncs_every_write, p.forks) == (False, False)
+        client.config_set("save", "3600 1")  # RDB snapshots fork too
+        assert (await always_store.persistence()).forks is True
     finally:
+        client.config_set("save", save)
         client.config_set("appendonly", "yes")
         client.close()
 
 
-def test_an_explicit_timeout_wins_and_unknown_means_the_default() -> None:
-    assert store_timeout_ms_for(0, True) == STORE_TIMEOUT_FSYNC_ALWAYS_MS == 200
-    assert store_timeout_ms_for(0, False) == STORE_TIMEOUT_MS == 50
-    assert store_timeout_ms_for(0, None) == STORE_TIMEOUT_MS
-    assert store_timeout_ms_for(75, True) == 75
+async def test_the_latest_fork_is_read_from_redis(
+    always_redis: EmbeddedRedis, always_store: RedisStore
+) -> None:
+    client = redis.Redis.from_url(always_redis.url, decode_responses=True)
+    try:
+        client.set("something", "to rewrite")
+        try:
+            client.bgrewriteaof()
+        except redis.ResponseError as exc:  # one already runs (AOF turned on again): it forks
+            assert "already in progress" in str(exc)
+        usec = 0
+        for _ in range(200):
+            usec = int(client.info("stats")["latest_fork_usec"])
+            if usec and not int(client.info("persistence")["aof_rewrite_in_progress"]):
+                break
+            await asyncio.sleep(0.05)
+        assert usec > 0, "the AOF rewrite did not fork"
+        assert (await always_store.persistence()).latest_fork_ms == -(-usec // 1000)
+    finally:
+        client.close()
+
+
+def test_the_timeout_follows_how_redis_persists_and_an_explicit_one_wins() -> None:
+    def ms(configured: int, p: StorePersistence | None) -> int:
+        return store_timeout_ms_for(configured, p)[0]
+
+    assert ms(0, StorePersistence(True, True)) == STORE_TIMEOUT_FSYNC_ALWAYS_MS == 200
+    assert ms(0, StorePersistence(False, True)) == STORE_TIMEOUT_FORKS_MS == 100
+    assert ms(0, StorePersistence(False, False)) == STORE_TIMEOUT_MS == 50
+    assert ms(0, StorePersistence(None, None)) == STORE_TIMEOUT_FORKS_MS  # CONFIG refused
+    assert ms(0, None) == STORE_TIMEOUT_FORKS_MS  # Redis did not answer
+    # a fork that stops Redis longer than the base allows for: twice it, plus 50 ms
+    assert ms(0, StorePersistence(False, True, 80)) == 210
+    assert ms(0, StorePersistence(True, True, 80)) == 210
+    assert ms(0, StorePersistence(True, True, 30)) == 200
+    assert ms(0, StorePersistence(False, False, 10)) == 70  # a replica's full sync forks too
+    assert ms(0, StorePersistence(False, True, 5_000)) == STORE_TIMEOUT_AUTO_MAX_MS
+    assert store_timeout_ms_for(0, StorePersistence(False, True, 80))[1].endswith(
+        "its latest fork stopped it 80 ms"
+    )
+    assert ms(75, StorePersistence(True, True, 80)) == 75
     with pytest.raises(ValueError, match="--store-timeout-ms: -1 is negative"):
         Settings.from_env({"CHARGEPATH_STORE_TIMEOUT_MS": "-1"})
 
@@ -94,7 +147,7 @@ def test_an_explicit_timeout_wins_and_unknown_means_the_default() -> None:
     ("fsync", "configured", "expected_ms", "why"),
     [
         ("always", 0, 200, "Redis fsyncs every write (appendfsync always)"),
-        ("everysec", 0, 50, "Redis does not fsync every write"),
+        ("everysec", 0, 100, "Redis persists in the background, forking to do so"),
         ("always", 80, 80, "--store-timeout-ms"),
     ],
 )
@@ -126,7 +179,38 @@ async def test_a_gateway_sizes_its_store_timeout_at_start(
         await gateway.stop()
 
 
-async def test_a_redis_that_refuses_config_gets_the_default(
+async def test_a_running_gateway_follows_a_change_of_persistence(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sizing job reads Redis again (every minute; here called at once): an operator who
+    turns ``appendfsync always`` on gets the longer timeout without a restart, and back."""
+    settings = Settings(port=0, data_dir=str(tmp_path / "gateway"))
+    caplog.set_level("INFO", logger="chargepath")
+    gateway = Gateway(settings)
+    await gateway.start()
+    try:
+        parts = gateway.parts
+        assert parts is not None and parts.embedded is not None
+        assert parts.engine.settings.store_timeout_s == 0.1
+        client = redis.Redis.from_url(parts.embedded.url, decode_responses=True)
+        try:
+            client.config_set("appendfsync", "always")
+            assert await parts.timeout_sizing.size() == 200
+            assert parts.engine.settings.store_timeout_s == 0.2
+            assert (
+                "store timeout 200 ms (Redis fsyncs every write (appendfsync always)), was "
+                "100 ms" in caplog.text
+            )
+            client.config_set("appendfsync", "everysec")
+            assert await parts.timeout_sizing.size() == 100
+            assert parts.engine.settings.store_timeout_s == 0.1
+        finally:
+            client.close()
+    finally:
+        await gateway.stop()
+
+
+async def test_a_redis_that_refuses_config_gets_the_forking_timeout(
     no_config_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = Settings(port=0, redis_url=no_config_url, data_dir=str(tmp_path / "gateway"))
@@ -135,7 +219,7 @@ async def test_a_redis_that_refuses_config_gets_the_default(
     await gateway.start()
     try:
         assert gateway.parts is not None
-        assert gateway.parts.engine.settings.store_timeout_s == STORE_TIMEOUT_MS / 1000
-        assert "store timeout 50 ms (Redis refused CONFIG GET" in caplog.text
+        assert gateway.parts.engine.settings.store_timeout_s == STORE_TIMEOUT_FORKS_MS / 1000
+        assert "store timeout 100 ms (Redis refused CONFIG GET" in caplog.text
     finally:
         await gateway.stop()

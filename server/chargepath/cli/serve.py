@@ -45,7 +45,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--store-timeout-ms",
         type=int,
-        help="bound on every store call (default 50, or 200 when Redis says appendfsync always)",
+        help="bound on every store call (default: from how Redis persists, 50 to 200; see README)",
     )
     p.add_argument("--dedup-window-s", type=int, help="request id dedup window (default 600)")
     p.add_argument(

@@ -119,6 +119,23 @@ class Reversal(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class StorePersistence:
+    """How Redis persists, as it says (``CONFIG GET`` of ``appendonly``, ``appendfsync`` and
+    ``save``; ``INFO stats``), for sizing the store timeout. On a cluster: any node.
+
+    ``fsyncs_every_write``: AOF with ``appendfsync always`` (every write waits for the disk).
+    ``forks``: AOF on or RDB ``save`` rules, so Redis forks now and then (an AOF rewrite, a
+    snapshot) and the fork stops its main thread. Both None when CONFIG is refused (ACL users
+    without ``+config``, managed services that rename it). ``latest_fork_ms``: how long
+    Redis' latest fork stopped it (``latest_fork_usec``, rounded up; 0: none yet, or INFO
+    refused)."""
+
+    fsyncs_every_write: bool | None
+    forks: bool | None
+    latest_fork_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class StoreMemory:
     """The store's memory as its server reports it (Redis INFO memory): bytes used, the
     limit (0: none) and what happens past it (``noeviction``: writes are refused)."""

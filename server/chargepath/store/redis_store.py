@@ -29,6 +29,7 @@ restart). The quota's granted units live in a hash of their own (``cp:{T}:g:...`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -45,6 +46,7 @@ from chargepath.store.base import (
     PublishedPolicy,
     Reversal,
     StoreMemory,
+    StorePersistence,
     StoreUnavailableError,
     StoreUnreplicatedError,
 )
@@ -305,6 +307,34 @@ class RedisStore:
             raise StoreUnavailableError("INFO memory: no used_memory in the reply")
         return max(readings, key=lambda m: (m.utilization or 0.0, m.used_bytes))
 
+    async def persistence(self) -> StorePersistence:
+        """How Redis persists (:class:`~chargepath.store.base.StorePersistence`): ``CONFIG
+        GET`` of ``append*`` and ``save`` (fields None when refused) and ``INFO stats``'
+        ``latest_fork_usec`` (0 when refused); on a cluster, any node (the largest fork)."""
+        every_write = await self.fsyncs_every_write()
+        forks: bool | None = None
+        try:
+            appendonly = _per_node(await self.client.config_get("appendonly"), "appendonly")
+            save = _per_node(await self.client.config_get("save"), "save")
+        except (RedisError, OSError):
+            appendonly = save = []
+        if appendonly and save:
+            forks = any(v == "yes" for v in appendonly) or any(v.strip() for v in save)
+        fork_ms = 0
+        try:
+            info = await self.client.info("stats")
+        except (RedisError, OSError):
+            info = {}
+        nodes = (
+            [info]
+            if "latest_fork_usec" in info
+            else [v for v in info.values() if isinstance(v, dict)]
+        )
+        for n in nodes:
+            with contextlib.suppress(TypeError, ValueError):
+                fork_ms = max(fork_ms, -(-int(n.get("latest_fork_usec", 0)) // 1000))
+        return StorePersistence(every_write, forks, fork_ms)
+
     async def fsyncs_every_write(self) -> bool | None:
         """Whether Redis flushes its AOF to disk before it answers each write (``appendonly
         yes`` with ``appendfsync always``; on a cluster, any node), so that every decision
@@ -351,3 +381,14 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _per_node(reply: Any, name: str) -> list[str]:
+    """A CONFIG GET reply's values of ``name``: one per node on a cluster (a reply by node);
+    [] when the reply has none."""
+    if not isinstance(reply, dict):
+        return []
+    values: dict[Any, Any] = reply
+    if name in values:
+        return [str(values[name])]
+    return [str(v[name]) for v in values.values() if isinstance(v, dict) and name in v]
