@@ -121,7 +121,7 @@ PY
   echo "--- redis INFO commandstats:"; rcli info commandstats | grep -E "evalsha|cmdstat_ping|script"
   echo "--- gateway store metrics:"; metrics
   echo "--- gateway log lines about the store:"
-  grep -E 'breaker|store unavailable|late store|waiting for the store' "$DATA/serve.log" | cut -c1-300 | tail -40
+  grep -E 'store timeout|breaker|store unavailable|late store|waiting for the store' "$DATA/serve.log" | cut -c1-300 | tail -40
 } | tee -a "$TXT"
 kill -TERM "$SUP"; wait "$SUP"
 rm -rf "$DATA"

@@ -193,6 +193,7 @@ class Engine:
         #: store calls in flight (admission: see EngineSettings.store_max_in_flight)
         self._admission = asyncio.Semaphore(settings.store_max_in_flight)
         self._probe_task: asyncio.Future[None] | None = None
+        self._closing = False  # close() was called: no new probe, a running one ends
         #: set when a store call that timed out got its reply: wakes a waiting probe
         self._store_answered = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -502,11 +503,21 @@ class Engine:
     # -- admission and the breaker's probe ------------------------------------------------
 
     async def close(self) -> None:
-        """Stop the breaker's probe, if one runs (before the store is closed)."""
+        """Stop the breaker's probe, if one runs (before the store is closed). A PING in
+        flight is let finish (it is bounded by the probe timeout) rather than cancelled: a
+        second cancellation of a store call already cancelled by its deadline can interrupt
+        redis-py while it gives the connection back, and the pool, which holds busy
+        connections weakly, then loses the socket unclosed."""
+        self._closing = True
         task, self._probe_task = self._probe_task, None
-        if task is not None and not task.done():
+        if task is None or task.done():
+            return
+        self._store_answered.set()  # out of the cooldown's wait at once
+        bound = 2 * self.settings.store_probe_timeout_s + 1.0  # a PING and one extension
+        _, pending = await asyncio.wait({task}, timeout=bound)
+        if pending:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(task, return_exceptions=True)
 
     async def _admit(self) -> bool:
         """Take an admission slot (a store call in flight), waiting at most
@@ -548,7 +559,7 @@ class Engine:
     def _suspect(self) -> None:
         """A store call failed or timed out: unless a probe runs already, start one, which
         opens the breaker only if the store does not answer a PING of its own in time."""
-        if self.breaker.suspect():
+        if not self._closing and self.breaker.suspect():
             self._probe_task = asyncio.ensure_future(self._probe())
 
     async def _probe(self) -> None:
@@ -571,6 +582,8 @@ class Engine:
                             self.settings.store_probe_timeout_s * 1000,
                             str(exc) or "timeout",
                         )
+                    if self._closing:
+                        return
                     # the next probe: after the cooldown, or as soon as a store call that
                     # timed out gets its reply (the store answers again)
                     self._store_answered.clear()
@@ -578,6 +591,8 @@ class Engine:
                         await asyncio.wait_for(
                             self._store_answered.wait(), self.settings.breaker_cooldown_s
                         )
+                    if self._closing:
+                        return
                     continue
                 if self.breaker.state is not BreakerState.CLOSED:
                     log.warning("circuit breaker closed: the store answers a probe again")

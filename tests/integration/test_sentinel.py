@@ -297,3 +297,34 @@ async def _port_of(connection: object) -> int:
     info = await connection.read_response()  # type: ignore[attr-defined]
     text = info if isinstance(info, str) else info.decode()
     return int(text.split("tcp_port:")[1].split()[0])
+
+
+async def test_concurrent_discoveries_keep_every_sentinel(
+    deployment: SentinelDeployment,
+) -> None:
+    """redis-py's discover_master reorders its sentinels across an await: 50 discoveries at
+    once, with the first sentinel down (each then moves the second to the front), dropped one
+    of the three from its list before discoveries were made one at a time."""
+    from chargepath.store.connect import SerialSentinel
+
+    master = deployment.master_port()
+    deployment.sentinels[0].kill()
+    manager = SerialSentinel(
+        [("127.0.0.1", n.port) for n in deployment.sentinels],
+        sentinel_kwargs={"socket_connect_timeout": 0.5},
+    )
+    try:
+
+        def ports() -> list[int]:
+            return sorted(c.connection_pool.connection_kwargs["port"] for c in manager.sentinels)
+
+        before = ports()
+        found = await bounded(
+            asyncio.gather(*(manager.discover_master(MASTER_NAME) for _ in range(50))),
+            30,
+            "50 discoveries",
+        )
+        assert {port for _, port in found} == {master}
+        assert ports() == before
+    finally:
+        await manager.aclose()

@@ -294,6 +294,23 @@ class BlockingSentinelMasterPool(SentinelMasterPool, BlockingConnectionPool):
     :class:`BlockingConnectionPool`) instead of failing past ``max_connections``."""
 
 
+class SerialSentinel(Sentinel):
+    """redis-py's :class:`Sentinel`, asking the sentinels for the master one discovery at a
+    time. Its ``discover_master`` moves the sentinel that answered to the front of its list,
+    with indices taken before an ``await``: two discoveries at once (every connection being
+    reopened after a failover asks) can write one sentinel over another, which then drops out
+    of the list (never asked again, its connections left unclosed). One at a time they
+    cannot; each takes a round trip or a refused connection, and a failover is rare."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._discovery = asyncio.Lock()
+
+    async def discover_master(self, service_name: str) -> Any:
+        async with self._discovery:
+            return await super().discover_master(service_name)
+
+
 class SentinelRedis(aioredis.Redis):
     """The master's client; :meth:`aclose` also closes the sentinels' connections and the
     watch (redis-py leaves both to the caller)."""
@@ -324,7 +341,7 @@ def _sentinel_master(
         master_kwargs["username"] = target.username
     if target.password:
         master_kwargs["password"] = target.password
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = SerialSentinel(
         list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **master_kwargs
     )
     if pool_size is None:
