@@ -27,8 +27,9 @@ STORE_TIMEOUT_MS = 50
 STORE_TIMEOUT_FORKS_MS = 100
 #: The store timeout when Redis fsyncs its AOF before it answers each write (``appendonly
 #: yes`` with ``appendfsync always``): every decision then waits for the disk, and a disk
-#: flush now and then takes tens of milliseconds (up to 60 ms measured on this project's VM,
-#: more during an AOF rewrite), which is Redis doing what it was told, not Redis failing.
+#: flush now and then takes tens of milliseconds (up to 60 ms in one quiet 10-minute run on
+#: this project's VM, more during an AOF rewrite; 231 ms once in the next), which is Redis
+#: doing what it was told, not Redis failing.
 STORE_TIMEOUT_FSYNC_ALWAYS_MS = 200
 #: A fork's stall grows with the data set (about 10 to 20 ms per GB of memory on a VM): the
 #: timeout is at least this many times Redis' latest fork, plus :data:`STORE_TIMEOUT_MS`.
