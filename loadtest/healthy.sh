@@ -43,6 +43,12 @@ serve() {  # start the gateway; return once both workers serve (a restart: serve
     sleep 0.1
   done
   say "$(date -u +%T.%N | cut -c1-12) serving ($(grep -c '"serving chargepath.v1' "$DATA/serve.log") serving lines in the log)"
+  if [ "$(grep -c '"serving chargepath.v1' "$DATA/serve.log")" -lt $((${before:-0} + 2)) ]; then
+    say "the gateway's two workers did not both serve within 60 s; its log:"
+    tail -c 6000 "$DATA/serve.log" | tee -a "$TXT"
+    kill -TERM "$SUP" 2>/dev/null; wait "$SUP" 2>/dev/null; rm -rf "$DATA"
+    exit 3
+  fi
   REDIS_PORT=$(sed -E 's#.*:([0-9]+)/.*#\1#' "$DATA/redis/url")
   rcli config set latency-monitor-threshold 10 > /dev/null
 }

@@ -642,16 +642,28 @@ async def _settle_late_replies(engine: Engine, bound_s: float = LATE_DRAIN_S) ->
         )
 
 
+#: A PING at start that takes longer than this is tried again (and logged): a store that
+#: accepts connections but does not answer must not hang a starting gateway in silence.
+START_PING_S = 2.0
+
+
 async def _wait_for_store(store: RedisStore, attempts: int = 100) -> None:
     for i in range(attempts):
         try:
-            await store.ping()
+            await asyncio.wait_for(store.ping(), START_PING_S)
             return
-        except StoreUnavailableError as exc:
+        except (StoreUnavailableError, TimeoutError) as exc:
             if i == attempts - 1:
+                if isinstance(exc, TimeoutError):
+                    raise StoreUnavailableError(
+                        f"no answer to PING within {START_PING_S:.0f} s"
+                    ) from None
                 raise
             if i % 10 == 0:
-                log.warning("waiting for the store: %s", exc)
+                log.warning(
+                    "waiting for the store: %s",
+                    exc if isinstance(exc, StoreUnavailableError) else "PING not answered",
+                )
             await asyncio.sleep(0.1)
 
 
