@@ -309,52 +309,32 @@ class RedisStore:
 
     async def persistence(self) -> StorePersistence:
         """How Redis persists (:class:`~chargepath.store.base.StorePersistence`): ``CONFIG
-        GET`` of ``append*`` and ``save`` (fields None when refused) and ``INFO stats``'
+        GET`` of ``append*`` and ``save`` (fields None when refused, by ACL users without
+        ``+config`` or managed services that rename it) and ``INFO stats``'
         ``latest_fork_usec`` (0 when refused); on a cluster, any node (the largest fork)."""
-        every_write = await self.fsyncs_every_write()
+        every_write: bool | None = None
         forks: bool | None = None
         try:
-            appendonly = _per_node(await self.client.config_get("appendonly"), "appendonly")
-            save = _per_node(await self.client.config_get("save"), "save")
+            append = _nodes(await self.client.config_get("append*"), "appendfsync")
+            save = _nodes(await self.client.config_get("save"), "save")
         except (RedisError, OSError):
-            appendonly = save = []
-        if appendonly and save:
-            forks = any(v == "yes" for v in appendonly) or any(v.strip() for v in save)
+            append = save = []
+        if append and save:
+            every_write = any(
+                n.get("appendonly") == "yes" and n.get("appendfsync") == "always" for n in append
+            )
+            forks = any(n.get("appendonly") == "yes" for n in append) or any(
+                str(n["save"]).strip() for n in save
+            )
         fork_ms = 0
         try:
             info = await self.client.info("stats")
         except (RedisError, OSError):
             info = {}
-        nodes = (
-            [info]
-            if "latest_fork_usec" in info
-            else [v for v in info.values() if isinstance(v, dict)]
-        )
-        for n in nodes:
+        for n in _nodes(info, "latest_fork_usec"):
             with contextlib.suppress(TypeError, ValueError):
-                fork_ms = max(fork_ms, -(-int(n.get("latest_fork_usec", 0)) // 1000))
+                fork_ms = max(fork_ms, -(-int(n["latest_fork_usec"]) // 1000))
         return StorePersistence(every_write, forks, fork_ms)
-
-    async def fsyncs_every_write(self) -> bool | None:
-        """Whether Redis flushes its AOF to disk before it answers each write (``appendonly
-        yes`` with ``appendfsync always``; on a cluster, any node), so that every decision
-        waits for the disk. None when Redis does not say: CONFIG refused (ACL users without
-        ``+config``, managed services that rename it) or an unreadable reply."""
-        try:
-            reply = await self.client.config_get("append*")
-        except (RedisError, OSError):
-            return None
-        if not isinstance(reply, dict):
-            return None
-        values: dict[Any, Any] = reply
-        nodes: list[dict[Any, Any]] = (
-            [values]
-            if "appendfsync" in values
-            else [v for v in values.values() if isinstance(v, dict) and "appendfsync" in v]
-        )
-        if not nodes:
-            return None
-        return any(n.get("appendonly") == "yes" and n.get("appendfsync") == "always" for n in nodes)
 
     async def prepare(self, connections: int = POOL_SIZE // 2) -> None:
         """Ready the store for traffic before the gateway serves: register every script
@@ -383,12 +363,12 @@ class RedisStore:
         await self.client.aclose()
 
 
-def _per_node(reply: Any, name: str) -> list[str]:
-    """A CONFIG GET reply's values of ``name``: one per node on a cluster (a reply by node);
-    [] when the reply has none."""
+def _nodes(reply: Any, name: str) -> list[dict[Any, Any]]:
+    """The per-node parts of a CONFIG GET or INFO reply that hold ``name``: the reply itself
+    from one Redis, one dict per node from a cluster (a reply by node); [] when none does."""
     if not isinstance(reply, dict):
         return []
     values: dict[Any, Any] = reply
     if name in values:
-        return [str(values[name])]
-    return [str(v[name]) for v in values.values() if isinstance(v, dict) and name in v]
+        return [values]
+    return [v for v in values.values() if isinstance(v, dict) and name in v]
