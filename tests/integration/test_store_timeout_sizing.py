@@ -17,6 +17,8 @@ import pytest_asyncio
 import redis
 
 from chargepath.app import Gateway
+from chargepath.engine import Engine, EngineSettings
+from chargepath.jobs import StoreTimeoutSizing
 from chargepath.settings import (
     STORE_TIMEOUT_AUTO_MAX_MS,
     STORE_TIMEOUT_FORKS_MS,
@@ -25,9 +27,10 @@ from chargepath.settings import (
     Settings,
     store_timeout_ms_for,
 )
-from chargepath.store.base import StorePersistence
+from chargepath.store.base import StorePersistence, StoreUnavailableError
 from chargepath.store.embedded import EmbeddedRedis
 from chargepath.store.redis_store import RedisStore
+from chargepath.telemetry import Telemetry
 
 pytestmark = pytest.mark.integration
 
@@ -223,3 +226,28 @@ async def test_a_redis_that_refuses_config_gets_the_forking_timeout(
         assert "store timeout 100 ms (Redis refused CONFIG GET" in caplog.text
     finally:
         await gateway.stop()
+
+
+async def test_an_outage_keeps_the_timeout_as_it_was(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis gone when the sizing job reads it again: an outage says nothing about the disk,
+    so the timeout stays (it was 200 ms for ``always``; read as "unknown" it would drop to
+    100 ms in the middle of the outage)."""
+    server = EmbeddedRedis(tmp_path / "redis", fsync="always")
+    server.start()
+    store = RedisStore.from_url(server.url, connect_timeout=0.5)
+    engine = Engine(store, EngineSettings(), Telemetry())
+    sizing = StoreTimeoutSizing(store.persistence, engine, configured_ms=0)
+    try:
+        assert await sizing.size() == 200
+        server.kill()
+        with pytest.raises(StoreUnavailableError):
+            await store.persistence()
+        caplog.set_level("INFO", logger="chargepath")
+        assert await sizing.size() == 200
+        assert engine.settings.store_timeout_s == 0.2
+        assert "store timeout" not in caplog.text  # no change, nothing logged
+    finally:
+        await store.close()
+        server.stop()

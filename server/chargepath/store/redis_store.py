@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from chargepath.core.audit import AuditEvent
 from chargepath.core.model import Verdict
@@ -311,14 +311,23 @@ class RedisStore:
         """How Redis persists (:class:`~chargepath.store.base.StorePersistence`): ``CONFIG
         GET`` of ``append*`` and ``save`` (fields None when refused, by ACL users without
         ``+config`` or managed services that rename it) and ``INFO stats``'
-        ``latest_fork_usec`` (0 when refused); on a cluster, any node (the largest fork)."""
+        ``latest_fork_usec`` (0 when refused); on a cluster, any node (the largest fork).
+        Raises :class:`StoreUnavailableError` when Redis does not answer (a refusal is an
+        answer; an outage says nothing about the disk and must not change the timeout)."""
+        try:
+            try:
+                append = _nodes(await self.client.config_get("append*"), "appendfsync")
+                save = _nodes(await self.client.config_get("save"), "save")
+            except ResponseError:  # CONFIG refused
+                append = save = []
+            try:
+                info = await self.client.info("stats")
+            except ResponseError:  # INFO refused
+                info = {}
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
         every_write: bool | None = None
         forks: bool | None = None
-        try:
-            append = _nodes(await self.client.config_get("append*"), "appendfsync")
-            save = _nodes(await self.client.config_get("save"), "save")
-        except (RedisError, OSError):
-            append = save = []
         if append and save:
             every_write = any(
                 n.get("appendonly") == "yes" and n.get("appendfsync") == "always" for n in append
@@ -327,10 +336,6 @@ class RedisStore:
                 str(n["save"]).strip() for n in save
             )
         fork_ms = 0
-        try:
-            info = await self.client.info("stats")
-        except (RedisError, OSError):
-            info = {}
         for n in _nodes(info, "latest_fork_usec"):
             with contextlib.suppress(TypeError, ValueError):
                 fork_ms = max(fork_ms, -(-int(n["latest_fork_usec"]) // 1000))
