@@ -1,14 +1,16 @@
 """The store timeout is sized from Redis' own word on how it persists (issue #13, item 3): with
 ``appendfsync always`` every decision waits for a disk flush, and a Redis that persists in the
 background forks now and then, stopping for the fork; neither is a failure. A gateway without
-``--store-timeout-ms`` waits 200 ms, 100 ms, or 50 ms for a Redis that does neither, at least
-twice Redis' latest fork plus 50 ms, and sizes it again every minute; an explicit value always
-wins; a Redis that refuses CONFIG GET gets 100 ms."""
+``--store-timeout-ms`` waits 500 ms, 100 ms, or 50 ms for a Redis that does neither, at least
+twice Redis' latest fork (and, with ``always``, its worst recorded flush) plus 50 ms, and sizes
+it again every minute; an explicit value always wins; a Redis that refuses CONFIG GET gets
+100 ms."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from chargepath.settings import (
 )
 from chargepath.store.base import StorePersistence, StoreUnavailableError
 from chargepath.store.embedded import EmbeddedRedis
-from chargepath.store.redis_store import RedisStore
+from chargepath.store.redis_store import RedisStore, worst_flush_ms
 from chargepath.telemetry import Telemetry
 
 pytestmark = pytest.mark.integration
@@ -127,21 +129,30 @@ def test_the_timeout_follows_how_redis_persists_and_an_explicit_one_wins() -> No
     def ms(configured: int, p: StorePersistence | None) -> int:
         return store_timeout_ms_for(configured, p)[0]
 
-    assert ms(0, StorePersistence(True, True)) == STORE_TIMEOUT_FSYNC_ALWAYS_MS == 200
+    assert ms(0, StorePersistence(True, True)) == STORE_TIMEOUT_FSYNC_ALWAYS_MS == 500
     assert ms(0, StorePersistence(False, True)) == STORE_TIMEOUT_FORKS_MS == 100
     assert ms(0, StorePersistence(False, False)) == STORE_TIMEOUT_MS == 50
     assert ms(0, StorePersistence(None, None)) == STORE_TIMEOUT_FORKS_MS  # CONFIG refused
     assert ms(0, None) == STORE_TIMEOUT_FORKS_MS  # Redis did not answer
     # a fork that stops Redis longer than the base allows for: twice it, plus 50 ms
     assert ms(0, StorePersistence(False, True, 80)) == 210
-    assert ms(0, StorePersistence(True, True, 80)) == 210
-    assert ms(0, StorePersistence(True, True, 30)) == 200
+    assert ms(0, StorePersistence(True, True, 300)) == 650
+    assert ms(0, StorePersistence(True, True, 80)) == 500
     assert ms(0, StorePersistence(False, False, 10)) == 70  # a replica's full sync forks too
     assert ms(0, StorePersistence(False, True, 5_000)) == STORE_TIMEOUT_AUTO_MAX_MS
     assert store_timeout_ms_for(0, StorePersistence(False, True, 80))[1].endswith(
         "its latest fork stopped it 80 ms"
     )
-    assert ms(75, StorePersistence(True, True, 80)) == 75
+    # a disk whose worst flush (Redis' latency monitor, last 24 h) needs more than 500 ms
+    assert ms(0, StorePersistence(True, True, 0, 231)) == 512
+    assert ms(0, StorePersistence(True, True, 0, 120)) == 500
+    assert ms(0, StorePersistence(True, True, 300, 231)) == 650  # the longer stall counts
+    assert ms(0, StorePersistence(True, True, 0, 900)) == STORE_TIMEOUT_AUTO_MAX_MS
+    assert store_timeout_ms_for(0, StorePersistence(True, True, 0, 231))[1] == (
+        "Redis fsyncs every write (appendfsync always); "
+        "its worst flush of the last 24 h stopped it 231 ms"
+    )
+    assert ms(75, StorePersistence(True, True, 80, 231)) == 75
     with pytest.raises(ValueError, match="--store-timeout-ms: -1 is negative"):
         Settings.from_env({"CHARGEPATH_STORE_TIMEOUT_MS": "-1"})
 
@@ -149,7 +160,7 @@ def test_the_timeout_follows_how_redis_persists_and_an_explicit_one_wins() -> No
 @pytest.mark.parametrize(
     ("fsync", "configured", "expected_ms", "why"),
     [
-        ("always", 0, 200, "Redis fsyncs every write (appendfsync always)"),
+        ("always", 0, 500, "Redis fsyncs every write (appendfsync always)"),
         ("everysec", 0, 100, "Redis persists in the background, forking to do so"),
         ("always", 80, 80, "--store-timeout-ms"),
     ],
@@ -198,10 +209,10 @@ async def test_a_running_gateway_follows_a_change_of_persistence(
         client = redis.Redis.from_url(parts.embedded.url, decode_responses=True)
         try:
             client.config_set("appendfsync", "always")
-            assert await parts.timeout_sizing.size() == 200
-            assert parts.engine.settings.store_timeout_s == 0.2
+            assert await parts.timeout_sizing.size() == 500
+            assert parts.engine.settings.store_timeout_s == 0.5
             assert (
-                "store timeout 200 ms (Redis fsyncs every write (appendfsync always)), was "
+                "store timeout 500 ms (Redis fsyncs every write (appendfsync always)), was "
                 "100 ms" in caplog.text
             )
             client.config_set("appendfsync", "everysec")
@@ -232,7 +243,7 @@ async def test_an_outage_keeps_the_timeout_as_it_was(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis gone when the sizing job reads it again: an outage says nothing about the disk,
-    so the timeout stays (it was 200 ms for ``always``; read as "unknown" it would drop to
+    so the timeout stays (it was 500 ms for ``always``; read as "unknown" it would drop to
     100 ms in the middle of the outage)."""
     server = EmbeddedRedis(tmp_path / "redis", fsync="always")
     server.start()
@@ -240,14 +251,62 @@ async def test_an_outage_keeps_the_timeout_as_it_was(
     engine = Engine(store, EngineSettings(), Telemetry())
     sizing = StoreTimeoutSizing(store.persistence, engine, configured_ms=0)
     try:
-        assert await sizing.size() == 200
+        assert await sizing.size() == 500
         server.kill()
         with pytest.raises(StoreUnavailableError):
             await store.persistence()
         caplog.set_level("INFO", logger="chargepath")
-        assert await sizing.size() == 200
-        assert engine.settings.store_timeout_s == 0.2
+        assert await sizing.size() == 500
+        assert engine.settings.store_timeout_s == 0.5
         assert "store timeout" not in caplog.text  # no change, nothing logged
     finally:
         await store.close()
         server.stop()
+
+
+def test_the_worst_flush_counts_over_the_last_day() -> None:
+    now = 1_800_000_000
+    history = [[now - 90_000, 900], [now - 3_600, 231], [now - 5, 40]]
+    assert worst_flush_ms(history, now) == 231  # 900 ms was more than a day ago
+    assert worst_flush_ms([], now) == 0  # the latency monitor is off, or saw nothing
+    assert worst_flush_ms([[now, "x"], [now], None, [now, 12]], now) == 12
+    assert worst_flush_ms(b"ERR", now) == 0
+
+
+async def test_the_worst_flush_is_read_from_redis_latency_monitor(
+    always_redis: EmbeddedRedis, always_store: RedisStore
+) -> None:
+    """A Redis that flushes every write and records flushes of 1 ms or more: the store reads
+    its worst from ``LATENCY HISTORY aof-fsync-always``; with the monitor off (Redis' default)
+    or LATENCY refused to the gateway's user, there is none to read."""
+    client = redis.Redis.from_url(always_redis.url, decode_responses=True)
+    password = secrets.token_urlsafe(24)
+    try:
+        client.execute_command("LATENCY", "RESET")
+        assert (await always_store.persistence()).worst_fsync_ms == 0  # monitor off
+        client.config_set("latency-monitor-threshold", 1)
+        flushes: list[list[int]] = []
+        deadline = time.monotonic() + 5
+        while not flushes and time.monotonic() < deadline:
+            for i in range(200):  # each SET is a write, and each write a flush
+                client.set(f"flush-{i}", i)
+            flushes = client.execute_command("LATENCY", "HISTORY", "aof-fsync-always")
+        if not flushes:
+            pytest.skip("this disk flushed 5 s of writes in under 1 ms each")
+        expected = max(ms for _, ms in flushes)
+        assert (await always_store.persistence()).worst_fsync_ms == expected
+        client.execute_command(
+            "ACL", "SETUSER", USER, "reset", "on", f">{password}", "~*", "&*", "+@all", "-latency"
+        )
+        url = f"redis://{USER}:{password}@127.0.0.1:{always_redis.port}/0"
+        refused = RedisStore.from_url(url, connect_timeout=1.0)
+        try:
+            p = await refused.persistence()  # LATENCY is not its to read
+            assert (p.fsyncs_every_write, p.worst_fsync_ms) == (True, 0)
+        finally:
+            await refused.close()
+    finally:
+        client.config_set("latency-monitor-threshold", 0)
+        client.execute_command("LATENCY", "RESET")
+        client.execute_command("ACL", "DELUSER", USER)
+        client.close()

@@ -118,6 +118,11 @@ class Reversal(NamedTuple):
     decided_at_ms: int = 0
 
 
+#: How far back Redis' worst recorded AOF flush counts (:class:`StorePersistence`; Redis keeps
+#: the last 160 samples of each latency event).
+FSYNC_HISTORY_S = 24 * 3600
+
+
 @dataclass(frozen=True, slots=True)
 class StorePersistence:
     """How Redis persists, as it says (``CONFIG GET`` of ``appendonly``, ``appendfsync`` and
@@ -128,11 +133,14 @@ class StorePersistence:
     snapshot) and the fork stops its main thread. Both None when CONFIG is refused (ACL users
     without ``+config``, managed services that rename it). ``latest_fork_ms``: how long
     Redis' latest fork stopped it (``latest_fork_usec``, rounded up; 0: none yet, or INFO
-    refused)."""
+    refused). ``worst_fsync_ms``: with ``fsyncs_every_write``, the longest flush Redis'
+    latency monitor recorded in the last day (``LATENCY HISTORY aof-fsync-always``; 0: none,
+    the monitor is off (``latency-monitor-threshold 0``, its default), or LATENCY refused)."""
 
     fsyncs_every_write: bool | None
     forks: bool | None
     latest_fork_ms: int = 0
+    worst_fsync_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

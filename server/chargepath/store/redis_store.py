@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
@@ -40,6 +41,7 @@ from chargepath.core.plans import PUBLISHED, PolicyDocument
 from chargepath.store.audit import AUDIT_KEY, event_fields
 from chargepath.store.audit import MAX_ENTRIES as AUDIT_MAX_ENTRIES
 from chargepath.store.base import (
+    FSYNC_HISTORY_S,
     AppliedPlanFile,
     DecideItem,
     PolicyConflictError,
@@ -311,7 +313,9 @@ class RedisStore:
         """How Redis persists (:class:`~chargepath.store.base.StorePersistence`): ``CONFIG
         GET`` of ``append*`` and ``save`` (fields None when refused, by ACL users without
         ``+config`` or managed services that rename it) and ``INFO stats``'
-        ``latest_fork_usec`` (0 when refused); on a cluster, any node (the largest fork).
+        ``latest_fork_usec`` (0 when refused); with ``appendfsync always``, the worst flush of
+        ``LATENCY HISTORY aof-fsync-always`` in the last :data:`FSYNC_HISTORY_S` (0 when
+        refused or the latency monitor is off). On a cluster, any node (the largest fork).
         Raises :class:`StoreUnavailableError` when Redis does not answer (a refusal is an
         answer; an outage says nothing about the disk and must not change the timeout)."""
         try:
@@ -324,22 +328,29 @@ class RedisStore:
                 info = await self.client.info("stats")
             except ResponseError:  # INFO refused
                 info = {}
+            every_write: bool | None = None
+            forks: bool | None = None
+            if append and save:
+                every_write = any(
+                    n.get("appendonly") == "yes" and n.get("appendfsync") == "always"
+                    for n in append
+                )
+                forks = any(n.get("appendonly") == "yes" for n in append) or any(
+                    str(n["save"]).strip() for n in save
+                )
+            flushes: Any = []
+            if every_write:
+                with contextlib.suppress(ResponseError):  # LATENCY refused
+                    flushes = await self.client.execute_command(
+                        "LATENCY HISTORY", "aof-fsync-always"
+                    )
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-        every_write: bool | None = None
-        forks: bool | None = None
-        if append and save:
-            every_write = any(
-                n.get("appendonly") == "yes" and n.get("appendfsync") == "always" for n in append
-            )
-            forks = any(n.get("appendonly") == "yes" for n in append) or any(
-                str(n["save"]).strip() for n in save
-            )
         fork_ms = 0
         for n in _nodes(info, "latest_fork_usec"):
             with contextlib.suppress(TypeError, ValueError):
                 fork_ms = max(fork_ms, -(-int(n["latest_fork_usec"]) // 1000))
-        return StorePersistence(every_write, forks, fork_ms)
+        return StorePersistence(every_write, forks, fork_ms, worst_flush_ms(flushes, time.time()))
 
     async def prepare(self, connections: int = POOL_SIZE // 2) -> None:
         """Ready the store for traffic before the gateway serves: register every script
@@ -366,6 +377,19 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def worst_flush_ms(history: Any, now_s: float) -> int:
+    """The longest stall of a ``LATENCY HISTORY`` reply (``[[unix seconds, ms], ...]``) in
+    the last :data:`FSYNC_HISTORY_S` before ``now_s``; 0 for none (or a reply of another
+    shape)."""
+    worst = 0
+    if isinstance(history, list):
+        for sample in history:
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                if now_s - int(sample[0]) <= FSYNC_HISTORY_S:
+                    worst = max(worst, int(sample[1]))
+    return worst
 
 
 def _nodes(reply: Any, name: str) -> list[dict[Any, Any]]:
