@@ -3,9 +3,9 @@
 # plans, its embedded Redis with `--redis-fsync FSYNC`) under a mixed load (10 % Checks, the
 # rest StreamUsage in batches of 50 on 8 streams), with Redis' latency monitor on (10 ms), the
 # load average sampled every 10 s, and at the end: the degraded verdicts (the load generator's
-# table and its per-second series), Redis' LATENCY LATEST / HISTORY and INFO commandstats, and
-# the gateway's own store metrics (failures by cause, breaker openings, timeouts that ran
-# late, late replies).
+# table and its per-second series), Redis' LATENCY LATEST / HISTORY and INFO commandstats and
+# errorstats, and the gateway's own store metrics (failures by cause, breaker openings,
+# timeouts that ran late, late replies).
 #
 #   bash loadtest/healthy.sh run FSYNC RATE [SECONDS]      # a steady run (default 600 s)
 #   bash loadtest/healthy.sh restart FSYNC RATE [SECONDS]  # the gateway restarted at 1/3 of it
@@ -125,6 +125,8 @@ PY
     rcli latency history "$e" | paste - - | awk '$2 >= 20 {print strftime("%T", $1, 1), $2 " ms"}'
   done
   echo "--- redis INFO commandstats:"; rcli info commandstats | grep -E "evalsha|cmdstat_ping|script"
+  echo "--- redis INFO errorstats (the errors behind failed_calls):"
+  rcli info errorstats | grep -E "^errorstat_" || echo "none"
   echo "--- gateway store metrics:"; metrics
   echo "--- gateway log lines about the store:"
   grep -E 'store timeout|breaker|store unavailable|late store|waiting for the store' "$DATA/serve.log" | cut -c1-300 | tail -40

@@ -1,5 +1,6 @@
 """The same scripts on a real Redis Cluster (three masters started by the test): every key of a
-decision carries the tenant's hash tag, so a decision's keys are in one slot."""
+decision (and of its reversal) carries the tenant's hash tag, so a decision's keys are in one
+slot."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import random
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 import redis
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
 
 from chargepath.core.leases import LeaseAsk
 from chargepath.core.model import Decision, Mode, Reason, Subject, Usage
@@ -21,11 +26,14 @@ from chargepath.engine import Engine, EngineSettings
 from chargepath.leasing import Leasing
 from chargepath.policy_files import load_policy_file
 from chargepath.settings import Settings
+from chargepath.store.base import DecideItem, Reversal
 from chargepath.store.embedded import find_redis_server
 from chargepath.store.leases import RedisLeaseStore
 from chargepath.store.redis_store import RedisStore, ledger_key
 from chargepath.telemetry import Telemetry
+from tests.conftest import ledger_entries, make_engine
 from tests.integration.surfaces import check_every_surface, ledger_cli_lines, start_gateway
+from tests.integration.test_late_commits import late_counts, net_billed
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOTS = 16384
@@ -233,3 +241,83 @@ async def test_quota_leases_on_a_cluster(cluster: list[int]) -> None:
     finally:
         await store.close()
         await later.close()
+
+
+LATE_POLICY = """
+metrics: [{name: api.calls}]
+plans:
+  - name: p
+    limits:
+      - {name: burst, metric: api.calls, scope: key,
+         rate: {capacity: 10, refill: 1, per: minute}}
+      - {name: monthly, metric: api.calls, scope: tenant, quota: {amount: 100, per: month}}
+tenants:
+  - {name: late-strict, plan: p, failure_policy: {mode: deny}}
+"""
+
+
+async def test_a_refused_admit_committed_late_is_reversed_on_a_cluster(cluster: list[int]) -> None:
+    """reverse.lua on a cluster (issue #13, item 1): the tenant's node holds its replies past
+    the store timeout, so the fail-closed tenant's admit is refused while the script commits
+    afterwards; the late reply is reversed on that node: no net bill, the units back in the
+    bucket and the quota, the dedup record gone, and a second reversal writes nothing."""
+    url = f"redis://127.0.0.1:{cluster[0]}"
+    store = RedisStore.from_url(url, cluster=True, connect_timeout=2)
+    other = RedisStore.from_url(url, cluster=True, connect_timeout=2)
+    nodes = redis.RedisCluster(host="127.0.0.1", port=cluster[0], decode_responses=True)
+    owner = nodes.get_node_from_key(ledger_key("late-strict"))
+    node = redis.Redis(host=owner.host, port=owner.port)
+    subject = Subject("late-strict", key="k1")
+    quota_key = "cp:{late-strict}:q:monthly::"
+    try:
+        # the units taken before, on a store of their own: the engine's store has not read
+        # Redis' clock yet, so its call carries no deadline and commits after the pause
+        before = await (await make_engine(other, LATE_POLICY)).check(
+            Usage("before", subject, "api.calls", 4, Mode.ADMIT)
+        )
+        assert before.recorded
+        reader = InMemoryMetricReader()
+        telemetry = Telemetry(
+            TracerProvider(), MeterProvider(metric_readers=[reader]), tracing=False
+        )
+        engine = Engine(store, EngineSettings(store_timeout_s=0.05), telemetry)
+        await engine.reload_policy()
+        quota0 = nodes.hgetall(quota_key)
+        assert quota0["u"] == "4"
+
+        refused_usage = Usage("refused", subject, "api.calls", 3, Mode.ADMIT)
+        node.execute_command("CLIENT", "PAUSE", "300", "ALL")
+        try:
+            refused = await engine.check(refused_usage)
+            await engine.late_replies_settled()
+        finally:
+            await engine.close()
+        assert (refused.decision, refused.degraded, refused.recorded) == (
+            Decision.DENY,
+            True,
+            False,
+        )
+        assert late_counts(reader) == {"reversed": 1}
+        entries = ledger_entries(nodes, "late-strict")  # type: ignore[arg-type]
+        assert net_billed(entries) == Counter({"before": 1, "refused": 0})
+        late = next(e for e in entries if e.request_id == "refused" and not e.reversal)
+        back = next(e for e in entries if e.reversal)
+        assert (back.request_id, back.decision_id, back.billed_amount) == (
+            "refused",
+            late.decision_id,
+            -3,
+        )
+        assert nodes.hgetall(quota_key) == quota0  # the same period: the 3 units are back
+        assert not nodes.exists("cp:{late-strict}:d:refused")  # a resend is decided anew
+
+        item = DecideItem(
+            refused_usage, engine.policy.resolve(subject, "api.calls"), late.decision_id, ""
+        )
+        again = Reversal(item, refused, late.policy_version, late.decided_at_ms)
+        assert await store.reverse("late-strict", [again]) == [False]
+        assert ledger_entries(nodes, "late-strict") == entries  # type: ignore[arg-type]
+    finally:
+        node.close()
+        nodes.close()
+        await store.close()
+        await other.close()
