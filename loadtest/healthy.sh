@@ -125,8 +125,9 @@ PY
     rcli latency history "$e" | paste - - | awk '$2 >= 20 {print strftime("%T", $1, 1), $2 " ms"}'
   done
   echo "--- redis INFO commandstats:"; rcli info commandstats | grep -E "evalsha|cmdstat_ping|script"
-  echo "--- redis INFO errorstats (the errors behind failed_calls):"
+  echo "--- redis INFO errorstats (the errors behind failed_calls), and the commands that failed:"
   rcli info errorstats | grep -E "^errorstat_" || echo "none"
+  rcli info commandstats | grep -E "(rejected|failed)_calls=[1-9]" || true
   echo "--- gateway store metrics:"; metrics
   echo "--- gateway log lines about the store:"
   grep -E 'store timeout|breaker|store unavailable|late store|waiting for the store' "$DATA/serve.log" | cut -c1-300 | tail -40
