@@ -33,7 +33,7 @@ from chargepath.store.redis_store import RedisStore, ledger_key
 from chargepath.telemetry import Telemetry
 from tests.conftest import ledger_entries, make_engine
 from tests.integration.surfaces import check_every_surface, ledger_cli_lines, start_gateway
-from tests.integration.test_late_commits import late_counts, net_billed
+from tests.integration.test_late_commits import CREDIT_POLICY, late_counts, net_billed
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOTS = 16384
@@ -243,17 +243,8 @@ async def test_quota_leases_on_a_cluster(cluster: list[int]) -> None:
         await later.close()
 
 
-LATE_POLICY = """
-metrics: [{name: api.calls}]
-plans:
-  - name: p
-    limits:
-      - {name: burst, metric: api.calls, scope: key,
-         rate: {capacity: 10, refill: 1, per: minute}}
-      - {name: monthly, metric: api.calls, scope: tenant, quota: {amount: 100, per: month}}
-tenants:
-  - {name: late-strict, plan: p, failure_policy: {mode: deny}}
-"""
+# test_late_commits' policy for a tenant of its own on the shared cluster
+LATE_POLICY = CREDIT_POLICY.replace("{name: strict,", "{name: late-strict,")
 
 
 async def test_a_refused_admit_committed_late_is_reversed_on_a_cluster(cluster: list[int]) -> None:
