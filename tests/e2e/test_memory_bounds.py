@@ -167,11 +167,12 @@ async def test_two_thousand_streams_that_never_read_hold_bounded_memory(
     # 30 s of a run) are printed, not asserted: the bound is on the gateway.
     # The gateway still serves. Asked on a connection of its own (a local subchannel pool):
     # right after this process closed the streams' 20 channels, a Check on a new channel to
-    # the same address was answered CANCELLED twice in about twenty CI runs (once through the
-    # sync API, once through grpc.aio), with nothing in the gateway's log; a channel that
-    # shares the global pool may be handed a connection being torn down. If a Check is still
-    # refused, the next one, on a fresh connection, must be answered: a gateway that no longer
-    # serves fails all three.
+    # the same address was answered CANCELLED in two CI runs that we know of (once through
+    # the sync API, once through grpc.aio; CI kept no gateway log, and a local run's had
+    # nothing about streams or calls). A channel that shares the global pool may be handed a
+    # connection being torn down (a guess, not confirmed). If a Check is still refused, the
+    # next one, on a fresh connection, must be answered: a gateway that no longer serves
+    # fails all three.
     refused: list[str] = []
     for _ in range(3):
         options = [("grpc.use_local_subchannel_pool", 1)]
