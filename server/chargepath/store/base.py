@@ -126,7 +126,8 @@ FSYNC_HISTORY_S = 24 * 3600
 @dataclass(frozen=True, slots=True)
 class StorePersistence:
     """How Redis persists, as it says (``CONFIG GET`` of ``appendonly``, ``appendfsync`` and
-    ``save``; ``INFO stats``), for sizing the store timeout. On a cluster: any node.
+    ``save``; ``INFO stats``; ``LATENCY HISTORY``), for sizing the store timeout. On a
+    cluster: any node.
 
     ``fsyncs_every_write``: AOF with ``appendfsync always`` (every write waits for the disk).
     ``forks``: AOF on or RDB ``save`` rules, so Redis forks now and then (an AOF rewrite, a
